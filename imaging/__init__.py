@@ -1,0 +1,1 @@
+"""pxepeer: what an image is (chunks, manifests, signatures) and the netboot imaging environment."""

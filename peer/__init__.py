@@ -1,0 +1,1 @@
+"""pxepeer: how content moves between peers, and the daemon and CLI."""
