@@ -1,0 +1,170 @@
+"""The asyncio adapter around `pxe.dhcp`: sockets on ports 67 and 4011 of ONE interface.
+
+Nothing here decides anything. Sockets are bound to the named device (SO_BINDTODEVICE) so
+a responder never hears or answers DHCP on an interface it was not given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from pxe.dhcp import (
+    PXE_PORT,
+    SERVER_PORT,
+    BootTargets,
+    ClientInfo,
+    DhcpMode,
+    MalformedPacket,
+    Reply,
+    decide,
+    encode_reply,
+    parse_client,
+)
+from pxe.leases import LeasePool
+
+log = logging.getLogger("pxepeer.dhcp")
+
+
+@dataclass
+class DhcpStats:
+    received: int = 0
+    malformed_dropped: int = 0
+    ignored: int = 0
+    replies_sent: int = 0
+    send_errors: int = 0
+
+
+DecisionHook = Callable[[ClientInfo, Reply | None, int], None]
+
+
+def open_dhcp_socket(device: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    # Bound to the device: broadcasts to 255.255.255.255 leave through it and no other.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+    sock.bind(("0.0.0.0", port))
+    sock.setblocking(False)
+    return sock
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, server: DhcpResponder, port: int):
+        self.server, self.port = server, port
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.server.handle_datagram(self, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dhcp socket error on port %d: %s", self.port, exc)
+
+
+class DhcpResponder:
+    """Answers PXE clients on one interface, in proxy or full-DHCP mode."""
+
+    def __init__(
+        self,
+        device: str,
+        targets: BootTargets,
+        mode: DhcpMode,
+        *,
+        pool: LeasePool | None = None,
+        ports: tuple[int, ...] = (SERVER_PORT, PXE_PORT),
+        on_decision: DecisionHook | None = None,
+        enabled: Callable[[], bool] = lambda: True,
+    ):
+        if mode is DhcpMode.FULL and pool is None:
+            raise ValueError("full-DHCP mode needs a lease pool")
+        self.device, self.targets, self.mode, self.pool = device, targets, mode, pool
+        self.ports = ports
+        self.on_decision = on_decision
+        # The daemon may hold a responder open while another peer is the elected one.
+        self.enabled = enabled
+        self.stats = DhcpStats()
+        self._endpoints: list[_Endpoint] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for port in self.ports:
+            sock = open_dhcp_socket(self.device, port)
+            _, endpoint = await loop.create_datagram_endpoint(
+                lambda port=port: _Endpoint(self, port), sock=sock
+            )
+            self._endpoints.append(endpoint)
+        log.info(
+            "DHCP %s mode on %s ports %s, server %s",
+            self.mode.value,
+            self.device,
+            ",".join(map(str, self.ports)),
+            self.targets.server_ip,
+        )
+
+    async def stop(self) -> None:
+        for endpoint in self._endpoints:
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+        self._endpoints.clear()
+
+    def handle_datagram(self, endpoint: _Endpoint, data: bytes, addr: tuple[str, int]) -> None:
+        self.stats.received += 1
+        try:
+            info = parse_client(data)
+        except MalformedPacket as exc:
+            self.stats.malformed_dropped += 1
+            log.debug("dropped malformed DHCP packet from %s: %s", addr, exc)
+            return
+        if not self.enabled():
+            self.stats.ignored += 1
+            return
+        try:
+            reply = self._decide(info, endpoint.port, addr)
+        except Exception:  # a bug in one decision must not take the responder down
+            self.stats.malformed_dropped += 1
+            log.exception("DHCP decision failed for %s", info.mac)
+            return
+        fields = " ".join(f"{k}={v}" for k, v in info.log_fields().items())
+        if reply is None:
+            self.stats.ignored += 1
+            log.debug("ignored port=%d %s", endpoint.port, fields)
+        else:
+            log.info(
+                "%s to %s:%d file=%s port=%d %s (%s)",
+                reply.message_type.name,
+                *reply.destination,
+                reply.file.decode(errors="replace"),
+                endpoint.port,
+                fields,
+                reply.reason,
+            )
+            self._send(endpoint, reply)
+        if self.on_decision is not None:
+            self.on_decision(info, reply, endpoint.port)
+
+    def _decide(self, info: ClientInfo, port: int, addr: tuple[str, int]) -> Reply | None:
+        lease = None
+        if self.mode is DhcpMode.FULL and port == SERVER_PORT:
+            assert self.pool is not None
+            lease = self.pool.handle(info, self.targets.server_ip, time.monotonic())
+        source = (IPv4Address(addr[0]), addr[1])
+        return decide(info, self.targets, self.mode, port=port, source=source, lease=lease)
+
+    def _send(self, endpoint: _Endpoint, reply: Reply) -> None:
+        if endpoint.transport is None:
+            return
+        host, port = reply.destination
+        try:
+            endpoint.transport.sendto(encode_reply(reply), (str(host), port))
+            self.stats.replies_sent += 1
+        except OSError as exc:
+            self.stats.send_errors += 1
+            log.warning("could not send DHCP reply to %s:%d: %s", host, port, exc)
