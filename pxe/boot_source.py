@@ -103,6 +103,4 @@ class DirectoryBootSource:
         return LocalBootFile(fd=fd, size=info.st_size)
 
     def names(self) -> list[str]:
-        return sorted(
-            str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()
-        )
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())

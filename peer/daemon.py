@@ -1,0 +1,209 @@
+"""The `pxepeer serve` daemon: one asyncio loop running HTTP, TFTP and the DHCP responder.
+
+Each server is a thin adapter over a core in `pxe/`; this module wires them to the
+content store, the trusted keys and the boot-progress record, and stops them cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from aiohttp import web
+
+from imaging.signing import KeyFileError, TrustedKeys, load_public_key
+from peer.boot_progress import BootProgress, Stage
+from peer.http_server import HttpContext, build_app
+from peer.image_library import ImageLibrary
+from peer.store import ContentStore
+from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
+from pxe.boot_source import BootFileError, DirectoryBootSource
+from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
+from pxe.dhcp_server import DhcpResponder
+from pxe.leases import LeasePool
+from pxe.tftp_server import TftpEvent, TftpServer
+
+log = logging.getLogger("pxepeer.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    interface: str | None
+    address: IPv4Interface | None
+    mtu: int | None
+    cache_dir: Path
+    trusted_keys: tuple[Path, ...]
+    dhcp_mode: DhcpMode | None
+    pool: tuple[IPv4Address, IPv4Address] | None
+    http_port: int
+    tftp_port: int
+    ipxe_dir: Path
+    boot_default: str = LOCAL_BOOT
+    menu_timeout_ms: int = 5000
+
+
+def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
+    keys = []
+    for path in paths:
+        try:
+            keys.append(load_public_key(path))
+        except KeyFileError as exc:
+            raise StartupError(str(exc)) from None
+    return TrustedKeys(keys)
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.store = ContentStore(config.cache_dir)
+        self.library = ImageLibrary(self.store, _load_trust(config.trusted_keys))
+        self.progress = BootProgress()
+        self.boot_source: DirectoryBootSource | None = None
+        self.first_stages = {}
+        if config.interface is not None:
+            try:
+                self.boot_source = DirectoryBootSource(config.ipxe_dir)
+                self.first_stages = resolve_first_stages(self.boot_source.names())
+            except (BootFileError, NoFirstStage) as exc:
+                raise StartupError(f"{exc} (--ipxe-dir {config.ipxe_dir})") from None
+        self.dhcp: DhcpResponder | None = None
+        self.tftp: TftpServer | None = None
+        self._runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+
+    # -- boot progress hooks -------------------------------------------------------------
+
+    def _on_dhcp(self, info: ClientInfo, reply: Reply | None, port: int) -> None:
+        if reply is None:
+            return
+        if int(info.ciaddr):
+            self.progress.learn_ip(info.mac, str(info.ciaddr))
+        if int(reply.yiaddr) and reply.message_type is MessageType.ACK:
+            self.progress.learn_ip(info.mac, str(reply.yiaddr))
+        if reply.file:
+            self.progress.record(
+                Stage.OFFER,
+                mac=info.mac,
+                arch=info.arch.name if info.arch is not None else None,
+                detail=f"{reply.message_type.name} port {port}: {reply.file.decode()}",
+            )
+
+    def _on_tftp(self, event: TftpEvent) -> None:
+        self.progress.record(
+            Stage.TFTP,
+            ip=event.client[0],
+            detail=f"{event.filename} {event.kind.value} ({event.bytes_sent} bytes)",
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _targets(self) -> BootTargets:
+        assert self.config.address is not None
+        base = f"http://{self.config.address.ip}:{self.config.http_port}"
+        return BootTargets(
+            server_ip=self.config.address.ip,
+            first_stage=self.first_stages,
+            script_url=f"{base}/boot.ipxe?mac={{mac}}",
+            http_first_stage_base=f"{base}/boot/",
+        )
+
+    async def start(self) -> None:
+        self.library.refresh()
+        cfg = self.config
+        context = HttpContext(
+            store=self.store,
+            library=self.library,
+            progress=self.progress,
+            boot_source=self.boot_source,
+            boot_default=cfg.boot_default,
+            menu_timeout_ms=cfg.menu_timeout_ms,
+            status=self.status,
+        )
+        self._runner = web.AppRunner(build_app(context), access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host=None, port=cfg.http_port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise StartupError(f"cannot listen on HTTP port {cfg.http_port}: {exc.strerror}") from None
+        log.info("HTTP on port %d, %d image(s) trusted", cfg.http_port, len(self.library.images()))
+
+        if cfg.interface is None or cfg.address is None:
+            log.warning("no --interface: serving HTTP only, no DHCP or TFTP")
+            return
+        assert self.boot_source is not None
+        blksize_cap = (cfg.mtu or 1500) - 32
+        self.tftp = TftpServer(
+            self.boot_source,
+            host=str(cfg.address.ip),
+            port=cfg.tftp_port,
+            device=cfg.interface,
+            blksize_cap=blksize_cap,
+            on_event=self._on_tftp,
+        )
+        try:
+            await self.tftp.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on TFTP port {cfg.tftp_port}: {exc.strerror}") from None
+
+        if cfg.dhcp_mode is not None:
+            pool = None
+            if cfg.dhcp_mode is DhcpMode.FULL:
+                assert cfg.pool is not None
+                pool = LeasePool(
+                    cfg.pool[0], cfg.pool[1], cfg.address.network, reserved=(cfg.address.ip,)
+                )
+            self.dhcp = DhcpResponder(
+                cfg.interface, self._targets(), cfg.dhcp_mode, pool=pool, on_decision=self._on_dhcp
+            )
+            try:
+                await self.dhcp.start()
+            except OSError as exc:
+                raise StartupError(f"cannot open DHCP ports on {cfg.interface}: {exc.strerror}") from None
+        log.info("PXE on %s (%s): first stages %s", cfg.interface, cfg.address,
+                 {a.name: f for a, f in self.first_stages.items()})
+
+    async def stop(self) -> None:
+        if self.dhcp is not None:
+            await self.dhcp.stop()
+        if self.tftp is not None:
+            await self.tftp.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self.start()
+            print("pxepeer: serving; Ctrl-C stops", flush=True)
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            await self.stop()
+
+    def status(self) -> dict[str, object]:
+        cfg = self.config
+        return {
+            "interface": cfg.interface,
+            "address": str(cfg.address) if cfg.address else None,
+            "http_port": cfg.http_port,
+            "dhcp": {
+                "mode": cfg.dhcp_mode.value if cfg.dhcp_mode else "off",
+                **(vars(self.dhcp.stats) if self.dhcp else {}),
+            },
+            "tftp": vars(self.tftp.stats) if self.tftp else None,
+            "first_stages": {a.name: f for a, f in self.first_stages.items()},
+            "boot_default": cfg.boot_default,
+            "images": self.library.describe(),
+            "machines": self.progress.snapshot(),
+        }

@@ -1,0 +1,276 @@
+"""HTTP for booting machines and for the API: iPXE scripts, kernels, initrds and disk
+images streamed straight from verified chunks (Range supported), first stages for UEFI
+HTTP boot, chunks for peers, and status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from imaging.manifest import FileEntry, ImageKind
+from peer.boot_progress import BootProgress, Stage
+from peer.image_library import ImageLibrary, ServedImage
+from peer.store import ChunkCorrupt, ContentStore
+from pxe.boot_policy import LOCAL_BOOT, choose_boot
+from pxe.boot_source import BootFileError, BootSource
+from pxe.ipxe import LinuxBoot, MenuItem, render_linux_boot, render_local_boot, render_menu
+
+log = logging.getLogger("pxepeer.http")
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MAC = re.compile(r"^([0-9a-f]{2}[:-]){5}[0-9a-f]{2}$")
+WRITE_SLICE = 1 << 20
+ROLE_STAGE = {"kernel": Stage.KERNEL, "initrd": Stage.INITRD}
+
+
+@dataclass
+class HttpContext:
+    store: ContentStore
+    library: ImageLibrary
+    progress: BootProgress
+    boot_source: BootSource | None
+    boot_default: str
+    menu_timeout_ms: int
+    status: Callable[[], dict[str, object]]
+
+
+CONTEXT = web.AppKey("context", HttpContext)
+
+
+def _ipxe(text: str) -> web.Response:
+    return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+def _base_url(request: web.Request) -> str:
+    # The address the client reached us on: right on every interface, no name lookups.
+    return f"http://{request.host}"
+
+
+def _client_mac(request: web.Request) -> str | None:
+    mac = request.query.get("mac", "").lower()
+    return mac.replace("-", ":") if MAC.match(mac) else None
+
+
+def _image_script(request: web.Request, image: ServedImage, mac: str | None) -> str:
+    base = _base_url(request)
+    boot = image.manifest.boot
+    if boot.kind not in (ImageKind.LINUX, ImageKind.IMAGER) or boot.kernel is None:
+        return render_local_boot(f"{image.title} is a {boot.kind.value} image, not bootable")
+    query = f"?mac={mac.replace(':', '-')}" if mac else ""
+    files = f"{base}/v1/images/{image.manifest_id}/files"
+    initrds = (f"{files}/initrd{query}",) if boot.initrd else ()
+    return render_linux_boot(
+        LinuxBoot(
+            title=image.title,
+            kernel_url=f"{files}/kernel{query}",
+            initrd_urls=initrds,
+            cmdline=boot.cmdline,
+        )
+    )
+
+
+async def boot_script(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    mac = _client_mac(request)
+    if mac is None:
+        # Reached without our DHCP's URL (e.g. chained from another iPXE script): ask again
+        # with the MAC so the per-machine assignment applies.
+        return _ipxe(f"#!ipxe\nchain {_base_url(request)}/boot.ipxe?mac=${{net0/mac:hexhyp}}\n")
+    ctx.library.refresh()
+    images = ctx.library.images()
+    choice = choose_boot(mac, ctx.store.assignments(), [i.manifest.name for i in images])
+    ctx.progress.record(Stage.SCRIPT, mac=mac, ip=request.remote, detail=choice.reason)
+    if choice.local:
+        return _ipxe(render_local_boot(choice.reason))
+    if choice.image is not None:
+        image = ctx.library.by_name(choice.image)
+        assert image is not None
+        ctx.progress.record(Stage.SCRIPT, mac=mac, image=image.title, detail="assigned image")
+        return _ipxe(_image_script(request, image, mac))
+    query = f"?mac={mac.replace(':', '-')}"
+    items = [
+        MenuItem(
+            key=f"img-{image.manifest_id[:12]}",
+            title=image.title,
+            script_url=f"{_base_url(request)}/v1/boot/{image.manifest_id}.ipxe{query}",
+        )
+        for image in images
+    ]
+    default_image = ctx.library.by_name(ctx.boot_default) if ctx.boot_default != LOCAL_BOOT else None
+    default_key = f"img-{default_image.manifest_id[:12]}" if default_image else "local"
+    return _ipxe(
+        render_menu(items, title="pxepeer", default_key=default_key, timeout_ms=ctx.menu_timeout_ms)
+    )
+
+
+async def image_script(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    image = ctx.library.by_id(request.match_info["manifest_id"])
+    if image is None:
+        raise web.HTTPNotFound(text="no such image here\n")
+    mac = _client_mac(request)
+    ctx.progress.record(Stage.SCRIPT, mac=mac, ip=request.remote, image=image.title, detail="menu")
+    return _ipxe(_image_script(request, image, mac))
+
+
+def _requested_range(request: web.Request, size: int, etag: str) -> tuple[int, int] | None:
+    """(start, end) half-open for a Range request, None for the whole file.
+
+    If-Range is honoured strictly: a validator that is not our ETag means "send it all",
+    so a resumed download can never splice bytes of two different files.
+    """
+    if "Range" not in request.headers:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range != etag:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"}) from None
+    start, stop = wanted.start, wanted.stop
+    if start is None and stop is None:
+        return None
+    if start is not None and start < 0:  # suffix range: the last N bytes
+        start, stop = max(0, size + start), size
+    start = start or 0
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def _write_range(
+    response: web.StreamResponse, store: ContentStore, entry: FileEntry, chunk_size: int,
+    start: int, stop: int,
+) -> None:
+    loop = asyncio.get_running_loop()
+    offset = 0
+    zeros = b""
+    for ref in entry.chunks:
+        chunk_start, chunk_stop = offset, offset + ref.size
+        offset = chunk_stop
+        if chunk_stop <= start:
+            continue
+        if chunk_start >= stop:
+            break
+        lo, hi = max(start, chunk_start) - chunk_start, min(stop, chunk_stop) - chunk_start
+        if ref.zero:
+            if len(zeros) < min(WRITE_SLICE, hi - lo):
+                zeros = bytes(min(WRITE_SLICE, chunk_size))
+            for pos in range(lo, hi, WRITE_SLICE):
+                await response.write(zeros[: min(WRITE_SLICE, hi - pos)])
+            continue
+        # Every chunk is hashed again on its way out: a bit flipped on this disk must not
+        # reach a machine. A bad chunk ends the response early, which clients see as failure.
+        data = await loop.run_in_executor(None, store.read_chunk, ref.sha256)
+        view = memoryview(data)
+        for pos in range(lo, hi, WRITE_SLICE):
+            await response.write(view[pos : min(hi, pos + WRITE_SLICE)])
+
+
+async def image_file(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    image = ctx.library.by_id(request.match_info["manifest_id"])
+    role = request.match_info["role"]
+    entry = image.file(role) if image is not None else None
+    if image is None or entry is None:
+        raise web.HTTPNotFound(text="no such image file here\n")
+    etag = f'"{entry.sha256}"'
+    byte_range = _requested_range(request, entry.size, etag)
+    start, stop = byte_range or (0, entry.size)
+    response = web.StreamResponse(status=206 if byte_range else 200)
+    response.headers.update({
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+        "Cache-Control": "public, max-age=31536000, immutable",
+    })
+    if byte_range:
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{entry.size}"
+    response.content_length = stop - start
+    stage = ROLE_STAGE.get(role)
+    if stage is not None and request.method == "GET":
+        ctx.progress.record(
+            stage, mac=_client_mac(request), ip=request.remote, image=image.title,
+            detail=f"{role} {stop - start} bytes",
+        )
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    try:
+        await _write_range(response, ctx.store, entry, image.manifest.chunk_size, start, stop)
+    except ChunkCorrupt as exc:
+        log.error("stopped sending %s/%s: %s", image.title, role, exc)
+        ctx.library.refresh()
+        raise
+    await response.write_eof()
+    return response
+
+
+async def first_stage(request: web.Request) -> web.StreamResponse:
+    """First stages over HTTP, for UEFI HTTP boot clients; same jail as TFTP."""
+    ctx = request.app[CONTEXT]
+    if ctx.boot_source is None:
+        raise web.HTTPNotFound()
+    try:
+        boot_file = ctx.boot_source.open_boot_file(request.match_info["name"])
+    except BootFileError as exc:
+        raise web.HTTPNotFound(text=f"{exc}\n") from None
+    try:
+        data = boot_file.read_at(0, boot_file.size)
+    finally:
+        boot_file.close()
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def chunk(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    sha = request.match_info["sha256"]
+    if not SHA256_HEX.match(sha) or not ctx.store.has_chunk(sha):
+        raise web.HTTPNotFound()
+    return web.FileResponse(ctx.store.chunk_path(sha), headers={"Cache-Control": "immutable"})
+
+
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    return web.json_response(ctx.status(), dumps=lambda o: json.dumps(o, indent=1, default=str))
+
+
+async def images(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    ctx.library.refresh()
+    return web.json_response(ctx.library.describe())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    snapshot = request.app[CONTEXT].status()
+    lines = []
+    for server in ("dhcp", "tftp"):
+        stats = snapshot.get(server)
+        if isinstance(stats, dict):
+            for key, value in stats.items():
+                if isinstance(value, int):
+                    lines.append(f"pxepeer_{server}_{key}_total {value}")
+    lines.append(f"pxepeer_images {len(snapshot.get('images') or [])}")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def build_app(context: HttpContext) -> web.Application:
+    app = web.Application()
+    app[CONTEXT] = context
+    app.router.add_get("/boot.ipxe", boot_script)
+    app.router.add_get("/v1/boot/{manifest_id:[0-9a-f]{64}}.ipxe", image_script)
+    app.router.add_get("/v1/images/{manifest_id:[0-9a-f]{64}}/files/{role}", image_file)
+    app.router.add_get("/boot/{name:.+}", first_stage)
+    app.router.add_get("/v1/chunks/{sha256}", chunk)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/images", images)
+    app.router.add_get("/metrics", metrics)
+    return app
