@@ -133,7 +133,9 @@ class Daemon:
             await web.TCPSite(self._runner, host=None, port=cfg.http_port).start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise StartupError(f"cannot listen on HTTP port {cfg.http_port}: {exc.strerror}") from None
+            raise StartupError(
+                f"cannot listen on HTTP port {cfg.http_port}: {exc.strerror}"
+            ) from None
         log.info("HTTP on port %d, %d image(s) trusted", cfg.http_port, len(self.library.images()))
 
         if cfg.interface is None or cfg.address is None:
@@ -152,7 +154,9 @@ class Daemon:
         try:
             await self.tftp.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on TFTP port {cfg.tftp_port}: {exc.strerror}") from None
+            raise StartupError(
+                f"cannot listen on TFTP port {cfg.tftp_port}: {exc.strerror}"
+            ) from None
 
         if cfg.dhcp_mode is not None:
             pool = None
@@ -167,9 +171,15 @@ class Daemon:
             try:
                 await self.dhcp.start()
             except OSError as exc:
-                raise StartupError(f"cannot open DHCP ports on {cfg.interface}: {exc.strerror}") from None
-        log.info("PXE on %s (%s): first stages %s", cfg.interface, cfg.address,
-                 {a.name: f for a, f in self.first_stages.items()})
+                raise StartupError(
+                    f"cannot open DHCP ports on {cfg.interface}: {exc.strerror}"
+                ) from None
+        log.info(
+            "PXE on %s (%s): first stages %s",
+            cfg.interface,
+            cfg.address,
+            {a.name: f for a, f in self.first_stages.items()},
+        )
 
     async def stop(self) -> None:
         if self.dhcp is not None:

@@ -102,7 +102,9 @@ async def boot_script(request: web.Request) -> web.Response:
         )
         for image in images
     ]
-    default_image = ctx.library.by_name(ctx.boot_default) if ctx.boot_default != LOCAL_BOOT else None
+    default_image = (
+        ctx.library.by_name(ctx.boot_default) if ctx.boot_default != LOCAL_BOOT else None
+    )
     default_key = f"img-{default_image.manifest_id[:12]}" if default_image else "local"
     return _ipxe(
         render_menu(items, title="pxepeer", default_key=default_key, timeout_ms=ctx.menu_timeout_ms)
@@ -133,7 +135,9 @@ def _requested_range(request: web.Request, size: int, etag: str) -> tuple[int, i
     try:
         wanted = request.http_range
     except ValueError:
-        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"}) from None
+        raise web.HTTPRequestRangeNotSatisfiable(
+            headers={"Content-Range": f"bytes */{size}"}
+        ) from None
     start, stop = wanted.start, wanted.stop
     if start is None and stop is None:
         return None
@@ -147,8 +151,12 @@ def _requested_range(request: web.Request, size: int, etag: str) -> tuple[int, i
 
 
 async def _write_range(
-    response: web.StreamResponse, store: ContentStore, entry: FileEntry, chunk_size: int,
-    start: int, stop: int,
+    response: web.StreamResponse,
+    store: ContentStore,
+    entry: FileEntry,
+    chunk_size: int,
+    start: int,
+    stop: int,
 ) -> None:
     loop = asyncio.get_running_loop()
     offset = 0
@@ -186,19 +194,24 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     byte_range = _requested_range(request, entry.size, etag)
     start, stop = byte_range or (0, entry.size)
     response = web.StreamResponse(status=206 if byte_range else 200)
-    response.headers.update({
-        "Content-Type": "application/octet-stream",
-        "Accept-Ranges": "bytes",
-        "ETag": etag,
-        "Cache-Control": "public, max-age=31536000, immutable",
-    })
+    response.headers.update(
+        {
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "ETag": etag,
+            "Cache-Control": "public, max-age=31536000, immutable",
+        }
+    )
     if byte_range:
         response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{entry.size}"
     response.content_length = stop - start
     stage = ROLE_STAGE.get(role)
     if stage is not None and request.method == "GET":
         ctx.progress.record(
-            stage, mac=_client_mac(request), ip=request.remote, image=image.title,
+            stage,
+            mac=_client_mac(request),
+            ip=request.remote,
+            image=image.title,
             detail=f"{role} {stop - start} bytes",
         )
     await response.prepare(request)

@@ -51,7 +51,9 @@ class ImageLibrary:
             except SignatureError as exc:
                 rejected[manifest_id] = str(exc)
                 if manifest_id not in self.rejected:
-                    log.warning("not serving %s (%s): %s", signed.manifest.name, manifest_id[:12], exc)
+                    log.warning(
+                        "not serving %s (%s): %s", signed.manifest.name, manifest_id[:12], exc
+                    )
                 continue
             complete = not self.store.missing_chunks(signed.manifest)
             by_id[manifest_id] = ServedImage(manifest_id, signed, complete)

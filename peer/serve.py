@@ -15,7 +15,9 @@ from pxe.leases import PoolError, parse_pool_range
 from pxe.netif import InterfaceError, interface_ipv4, interface_mtu
 
 
-class ServeUsageError(click.UsageError):
+class ServeUsageError(click.ClickException):
+    """Bad input: one line on stderr and exit code 2, no usage dump."""
+
     exit_code = 2
 
 

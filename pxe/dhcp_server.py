@@ -135,7 +135,13 @@ class DhcpResponder:
         fields = " ".join(f"{k}={v}" for k, v in info.log_fields().items())
         if reply is None:
             self.stats.ignored += 1
-            log.debug("ignored port=%d %s", endpoint.port, fields)
+            # PXE clients we stay silent to are worth a line (wrong architecture, a lease
+            # REQUEST meant for the router); every other DHCP client on the subnet is not.
+            log.log(
+                logging.INFO if info.is_pxe else logging.DEBUG,
+                "no reply port=%d kind=%s %s",
+                endpoint.port, info.kind.value, fields,
+            )
         else:
             log.info(
                 "%s to %s:%d file=%s port=%d %s (%s)",
