@@ -14,18 +14,18 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from aiohttp import web
+from pxe.tftp_server import TftpEvent, TftpServer
 
 from imaging.signing import KeyFileError, TrustedKeys, load_public_key
 from peer.boot_progress import BootProgress, Stage
 from peer.http_server import HttpContext, build_app
 from peer.image_library import ImageLibrary
-from peer.store import ContentStore
+from peer.store import ContentStore, StoreError
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
 from pxe.dhcp_server import DhcpResponder
 from pxe.leases import LeasePool
-from pxe.tftp_server import TftpEvent, TftpServer
 
 log = logging.getLogger("pxepeer.daemon")
 
@@ -63,7 +63,11 @@ def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
 class Daemon:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.store = ContentStore(config.cache_dir)
+        try:
+            self.store = ContentStore(config.cache_dir)
+            self.store.clean_tmp()
+        except (StoreError, OSError) as exc:
+            raise StartupError(str(exc)) from None
         self.library = ImageLibrary(self.store, _load_trust(config.trusted_keys))
         self.progress = BootProgress()
         self.boot_source: DirectoryBootSource | None = None

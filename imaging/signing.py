@@ -1,0 +1,200 @@
+"""Publisher keys: Ed25519 key pairs, signatures over canonical bytes, and the set of
+keys a peer trusts.
+
+A key is named by its *key id*, the first 16 hex digits of the SHA-256 of its raw
+public bytes, so a signature says which key made it and a peer can tell "signed by a
+key I do not trust" from "signature does not match".
+
+Files: the private key is PKCS#8 PEM (mode 0600); the public key is one line,
+`pxepeer-ed25519 <base64 raw key> <comment>`, easy to paste into configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+PUBLIC_KEY_TAG = "pxepeer-ed25519"
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable or not a pxepeer Ed25519 key."""
+
+
+class SignatureError(Exception):
+    """Data is unsigned, signed by an untrusted key, or its signature does not match."""
+
+
+def key_id_of(raw_public: bytes) -> str:
+    return hashlib.sha256(raw_public).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    raw: bytes
+    comment: str = ""
+
+    @property
+    def key_id(self) -> str:
+        return key_id_of(self.raw)
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
+        except InvalidSignature:
+            raise SignatureError(f"signature by key {self.key_id} does not match") from None
+
+    def to_line(self) -> str:
+        encoded = base64.b64encode(self.raw).decode()
+        return f"{PUBLIC_KEY_TAG} {encoded} {self.comment}".rstrip() + "\n"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> PublicKey:
+        raw = self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return PublicKey(raw)
+
+    @property
+    def key_id(self) -> str:
+        return self.public_key.key_id
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private.sign(data)
+
+
+def generate_keypair(out_dir: Path, name: str = "publisher") -> tuple[Path, Path]:
+    """Write NAME.key and NAME.pub into out_dir; never overwrites an existing key."""
+    private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyFileError(f"{path} already exists; not overwriting a key")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create {out_dir}: {exc.strerror}") from None
+    key = SigningKey(Ed25519PrivateKey.generate())
+    pem = key.private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        public_path.write_text(PublicKey(key.public_key.raw, name).to_line())
+    except OSError as exc:
+        private_path.unlink(missing_ok=True)
+        raise KeyFileError(f"cannot write key files in {out_dir}: {exc.strerror}") from None
+    return private_path, public_path
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such key file") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{path} is a directory, not a key file") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: {exc.strerror}") from None
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    data = _read(path)
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyFileError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(private, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} is not an Ed25519 key")
+    return SigningKey(private)
+
+
+def load_public_key(path: Path) -> PublicKey:
+    try:
+        text = _read(path).decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path} is not a pxepeer public key") from None
+    parts = text.split(None, 2)
+    if len(parts) < 2 or parts[0] != PUBLIC_KEY_TAG:
+        raise KeyFileError(f"{path} is not a pxepeer public key (want '{PUBLIC_KEY_TAG} ...')")
+    try:
+        raw = base64.b64decode(parts[1], validate=True)
+    except binascii.Error:
+        raise KeyFileError(f"{path}: the key is not valid base64") from None
+    if len(raw) != 32:
+        raise KeyFileError(f"{path}: an Ed25519 public key has 32 bytes, not {len(raw)}")
+    return PublicKey(raw, parts[2] if len(parts) > 2 else "")
+
+
+@dataclass(frozen=True)
+class Signature:
+    key_id: str
+    value: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {"key_id": self.key_id, "ed25519": base64.b64encode(self.value).decode()}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Signature:
+        if not isinstance(obj, dict):
+            raise SignatureError("malformed signature entry")
+        try:
+            value = base64.b64decode(str(obj["ed25519"]), validate=True)
+            return cls(str(obj["key_id"]), value)
+        except (KeyError, binascii.Error):
+            raise SignatureError("malformed signature entry") from None
+
+
+class TrustedKeys:
+    """The public keys a peer accepts signatures from."""
+
+    def __init__(self, keys: list[PublicKey] | tuple[PublicKey, ...] = ()):
+        self._by_id = {k.key_id: k for k in keys}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._by_id
+
+    def key_ids(self) -> list[str]:
+        return sorted(self._by_id)
+
+    def check(self, data: bytes, signatures: tuple[Signature, ...] | list[Signature]) -> str:
+        """The key id of a trusted key whose signature over `data` holds.
+
+        Raises SignatureError when there is none: the message tells unsigned, unknown key
+        and bad signature apart, because an admin acts differently on each.
+        """
+        if not signatures:
+            raise SignatureError("not signed")
+        mismatch = None
+        for sig in signatures:
+            key = self._by_id.get(sig.key_id)
+            if key is None:
+                continue
+            try:
+                key.verify(sig.value, data)
+                return sig.key_id
+            except SignatureError as exc:
+                mismatch = exc
+        if mismatch is not None:
+            raise mismatch
+        signers = ", ".join(s.key_id for s in signatures)
+        raise SignatureError(f"signed only by untrusted key(s) {signers}")

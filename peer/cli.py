@@ -1,0 +1,403 @@
+"""The `pxepeer` command. Subcommands are thin: they check input, call library code and
+print. Any bad input ends with one line on stderr and exit code 2, and changes nothing."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from imaging.builder import build_manifest
+from imaging.chunking import ChunkingError, file_size
+from imaging.manifest import BootSpec, ImageKind, SignedManifest
+from imaging.signing import (
+    KeyFileError,
+    PublicKey,
+    SignatureError,
+    TrustedKeys,
+    generate_keypair,
+    load_public_key,
+    load_signing_key,
+)
+from peer.progress_bar import ProgressBar
+from peer.serve import serve
+from peer.store import ContentStore, StoreError, normalize_mac
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+PROGRESS_THRESHOLD = 16 * 1024 * 1024  # files smaller than this finish before a bar helps
+KNOWN_KEYS_DIR = "keys"  # in the cache: public keys of the publishers that added images here
+
+
+class CliError(click.ClickException):
+    exit_code = 2
+
+
+class OneLineErrors(click.Group):
+    """Click prints usage errors as three lines; pxepeer prints every error as one."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("pxepeer: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            message = exc.format_message().strip().splitlines()
+            hint = f" (see '{exc.ctx.command_path} --help')" if _is_usage(exc) else ""
+            click.echo(f"pxepeer: error: {' '.join(message)}{hint}", err=True)
+            sys.exit(exc.exit_code)
+
+
+def _is_usage(exc: click.ClickException) -> bool:
+    return isinstance(exc, click.UsageError) and getattr(exc, "ctx", None) is not None
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="PXEPEER_CACHE_DIR",
+    default="/var/lib/pxepeer",
+    show_default=True,
+    help="The content store.",
+)
+
+
+def open_store(cache_dir: Path) -> ContentStore:
+    try:
+        return ContentStore(cache_dir)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def check_name(value: str, what: str) -> str:
+    if not NAME.match(value):
+        raise CliError(
+            f"{what} {value!r} must be 1-64 letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pxepeer", prog_name="pxepeer")
+def main() -> None:
+    """pxepeer: peer-to-peer network boot and OS imaging for sites without a server."""
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Publisher keys (Ed25519) that sign images."""
+
+
+@keys.command("new")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--name", default="publisher", show_default=True, help="File name stem.")
+def keys_new(out_dir: Path, name: str) -> None:
+    """Make a key pair: OUT/NAME.key (private, mode 0600) and OUT/NAME.pub."""
+    check_name(name, "key name")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"{out_dir} exists and is not a directory")
+    try:
+        private, public = generate_keypair(out_dir, name)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from None
+    key_id = load_public_key(public).key_id
+    click.echo(f"private key {private}\npublic key  {public}\nkey id      {key_id}")
+
+
+# -- image ------------------------------------------------------------------------------
+
+
+@main.group()
+def image() -> None:
+    """Images in the content store: add, list, verify, remove."""
+
+
+def _input_file(path: Path, option: str) -> int:
+    if path.is_dir():
+        raise CliError(f"{option} {path} is a directory, not a file")
+    try:
+        size = file_size(path)
+    except ChunkingError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    if size == 0:
+        raise CliError(f"{option} {path} is empty")
+    return size
+
+
+def _remember_publisher(store: ContentStore, public: PublicKey) -> None:
+    """Keep the signer's public key in the cache so `image verify` can check the
+    signature of locally added images without being told the key again."""
+    path = store.root / KNOWN_KEYS_DIR / f"{public.key_id}.pub"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(PublicKey(public.raw, "publisher").to_line())
+
+
+@image.command("add")
+@click.argument("name")
+@click.option("--kernel", type=click.Path(path_type=Path), help="Linux kernel (bzImage).")
+@click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
+@click.option("--cmdline", default="", help="Kernel command line.")
+@click.option("--disk", type=click.Path(path_type=Path), help="Raw disk image or block device.")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path))
+@click.option("--version", "version", default="1", show_default=True)
+@click.option(
+    "--kind",
+    type=click.Choice([k.value for k in ImageKind]),
+    help="How it boots (default: linux with --kernel, disk with only --disk).",
+)
+@cache_dir_option
+def image_add(
+    name: str,
+    kernel: Path | None,
+    initrd: Path | None,
+    cmdline: str,
+    disk: Path | None,
+    key_path: Path,
+    version: str,
+    kind: str | None,
+    cache_dir: Path,
+) -> None:
+    """Chunk the image's files into the store and write its signed manifest."""
+    check_name(name, "image name")
+    check_name(version, "version")
+    if kernel is None and disk is None:
+        raise CliError("an image needs --kernel (network-booted) or --disk (written to disk)")
+    if initrd is not None and kernel is None:
+        raise CliError("--initrd needs --kernel")
+    image_kind = ImageKind(kind) if kind else (ImageKind.LINUX if kernel else ImageKind.DISK)
+    if image_kind in (ImageKind.LINUX, ImageKind.IMAGER, ImageKind.WINPE) and kernel is None:
+        raise CliError(f"a {image_kind.value} image needs --kernel")
+    files = {
+        role: path
+        for role, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk))
+        if path is not None
+    }
+    sizes = {role: _input_file(path, f"--{role}") for role, path in files.items()}
+    try:
+        key = load_signing_key(key_path)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from None
+    store = open_store(cache_dir)
+    if store.find_images(name, version):
+        raise CliError(f"image {name} version {version} is already in the store")
+
+    boot = BootSpec(
+        image_kind,
+        kernel="kernel" if kernel else None,
+        initrd="initrd" if initrd else None,
+        cmdline=cmdline,
+    )
+    bars: dict[str, ProgressBar] = {}
+
+    def progress(role: str, done: int, total: int) -> None:
+        if total < PROGRESS_THRESHOLD:
+            return
+        bar = bars.setdefault(role, ProgressBar(role, total))
+        bar.update(done)
+        if done >= total:
+            bar.finish()
+
+    new_chunks: list[str] = []
+    try:
+        manifest = build_manifest(
+            store, name, version, files, sizes, boot, progress=progress, new_chunks=new_chunks
+        )
+        signed = SignedManifest.sign(manifest, key)
+        store.put_manifest(signed)
+        _remember_publisher(store, key.public_key)
+    except BaseException as exc:
+        # Leave the store as it was: the chunks this run stored belong to no manifest.
+        for sha in new_chunks:
+            store.remove_chunk(sha)
+        if isinstance(exc, (ChunkingError, StoreError)):
+            raise CliError(str(exc)) from None
+        if isinstance(exc, OSError):
+            raise CliError(f"cannot add image: {exc.strerror or exc}") from None
+        raise
+    stored = sum(f.stored_size for f in manifest.files)
+    click.echo(
+        f"added {name} {version}: {manifest.total_size} bytes in {len(manifest.chunk_refs())} "
+        f"stored chunks ({stored} bytes), {len(new_chunks)} new; id {manifest.manifest_id}"
+    )
+
+
+def _trusted(store: ContentStore, trust: tuple[Path, ...]) -> TrustedKeys:
+    try:
+        if trust:
+            return TrustedKeys([load_public_key(p) for p in trust])
+        known = sorted((store.root / KNOWN_KEYS_DIR).glob("*.pub"))
+        return TrustedKeys([load_public_key(p) for p in known])
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _select(store: ContentStore, name: str, version: str | None) -> list[SignedManifest]:
+    found = store.find_images(name, version)
+    if not found:
+        what = f"{name} version {version}" if version else name
+        raise CliError(f"no image {what} in {store.root}")
+    return found
+
+
+@image.command("list")
+@click.option("--trust", multiple=True, type=click.Path(path_type=Path), metavar="PUBKEY")
+@cache_dir_option
+def image_list(trust: tuple[Path, ...], cache_dir: Path) -> None:
+    """Images in the store, with their completeness and who signed them."""
+    store = open_store(cache_dir)
+    trusted = _trusted(store, trust)
+    rows = []
+    for signed in sorted(
+        store.signed_manifests(), key=lambda s: (s.manifest.name, s.manifest.created)
+    ):
+        m = signed.manifest
+        try:
+            signer = signed.verify(trusted)
+        except SignatureError:
+            signer = "UNTRUSTED"
+        refs = m.chunk_refs()
+        have = len(refs) - len(store.missing_chunks(m))
+        rows.append(
+            (
+                m.name,
+                m.version,
+                m.boot.kind.value,
+                f"{m.total_size / 2**20:.1f}MiB",
+                f"{have}/{len(refs)}",
+                signer,
+                m.manifest_id[:12],
+            )
+        )
+    if not rows:
+        click.echo(f"no images in {store.root}")
+        return
+    header = ("NAME", "VERSION", "KIND", "SIZE", "CHUNKS", "SIGNER", "ID")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@image.command("verify")
+@click.argument("name")
+@click.option("--version", "version", default=None)
+@click.option("--trust", multiple=True, type=click.Path(path_type=Path), metavar="PUBKEY")
+@cache_dir_option
+def image_verify(name: str, version: str | None, trust: tuple[Path, ...], cache_dir: Path) -> None:
+    """Check the signature and re-hash every chunk of an image (damaged ones are removed).
+
+    Exits 1 when the image is not intact."""
+    store = open_store(cache_dir)
+    trusted = _trusted(store, trust)
+    intact = True
+    for signed in _select(store, name, version):
+        m = signed.manifest
+        title = f"{m.name} {m.version} ({m.manifest_id[:12]})"
+        try:
+            signer = signed.verify(trusted)
+            click.echo(f"{title}: signature good, key {signer}")
+        except SignatureError as exc:
+            click.echo(f"{title}: signature BAD: {exc}")
+            intact = False
+        refs = m.chunk_refs()
+        total = sum(r.size for r in refs)
+        bar = ProgressBar("verify", total) if total >= PROGRESS_THRESHOLD else None
+        done = 0
+
+        def tick(ref, bar=bar) -> None:
+            nonlocal done
+            done += ref.size
+            if bar is not None:
+                bar.update(done)
+
+        problems = store.verify_image(m, tick)
+        if bar is not None:
+            bar.finish()
+        if problems:
+            intact = False
+            for p in problems[:10]:
+                click.echo(f"{title}: chunk {p.sha256[:16]} {p.problem}")
+            click.echo(f"{title}: {len(problems)} of {len(refs)} chunks missing or corrupt")
+        else:
+            click.echo(f"{title}: all {len(refs)} chunks verified ({total} bytes)")
+    if not intact:
+        sys.exit(1)
+
+
+@image.command("remove")
+@click.argument("name")
+@click.option("--version", "version", default=None)
+@cache_dir_option
+def image_remove(name: str, version: str | None, cache_dir: Path) -> None:
+    """Remove an image's manifest and the chunks no other image uses."""
+    store = open_store(cache_dir)
+    doomed = _select(store, name, version)
+    doomed_ids = {s.manifest.manifest_id for s in doomed}
+    keep = {
+        ref.sha256
+        for s in store.signed_manifests()
+        if s.manifest.manifest_id not in doomed_ids
+        for ref in s.manifest.chunk_refs()
+    }
+    for signed in doomed:
+        store.remove_manifest(signed.manifest.manifest_id)
+        freed = [r for r in signed.manifest.chunk_refs() if r.sha256 not in keep]
+        for ref in freed:
+            store.remove_chunk(ref.sha256)
+        click.echo(
+            f"removed {signed.manifest.name} {signed.manifest.version} ({len(freed)} chunks freed)"
+        )
+
+
+# -- assign -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("mac", required=False)
+@click.argument("image_name", metavar="IMAGE", required=False)
+@click.option("--clear", is_flag=True, help="Remove MAC's assignment.")
+@click.option("--list", "list_all", is_flag=True, help="Show all assignments.")
+@cache_dir_option
+def assign(
+    mac: str | None, image_name: str | None, clear: bool, list_all: bool, cache_dir: Path
+) -> None:
+    """Make machine MAC boot IMAGE without a keypress (or --clear, --list)."""
+    store = open_store(cache_dir)
+    if list_all:
+        if mac or image_name or clear:
+            raise CliError("--list takes no other arguments")
+        for assigned_mac, assigned in sorted(store.assignments().items()):
+            click.echo(f"{assigned_mac}  {assigned}")
+        return
+    if mac is None:
+        raise CliError("give MAC IMAGE, MAC --clear or --list")
+    try:
+        if clear:
+            if image_name:
+                raise CliError("--clear takes only a MAC")
+            found = store.unassign(mac)
+            click.echo(f"{normalize_mac(mac)}: " + ("cleared" if found else "was not assigned"))
+            return
+        if image_name is None:
+            raise CliError("give the IMAGE to assign (or --clear)")
+        if not store.find_images(image_name):
+            raise CliError(f"no image {image_name} in {store.root}")
+        store.assign(mac, image_name)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(f"{normalize_mac(mac)} -> {image_name}")
+
+
+main.add_command(serve)
+
+
+if __name__ == "__main__":
+    main(prog_name="pxepeer")
