@@ -24,6 +24,14 @@ HTTP_PORT = 8080
 IMAGE_NAME = "netboot-test"
 # No `quiet`: the kernel's first console line is a stage the bench times.
 CMDLINE = "console=ttyS0"
+# One fixed MAC per lab machine, so assignments need no keypress and logs are readable.
+MACS = {
+    "bios": "52:54:00:77:01:01",
+    "uefi": "52:54:00:77:02:01",
+    "edk2": "52:54:00:77:03:01",
+    "full": "52:54:00:77:04:01",
+    "reference": "52:54:00:77:0a:01",
+}
 # iPXE first stages the reference's TFTP offers (Debian's ipxe package).
 FIRST_STAGES = ("undionly.kpxe", "snponly.efi", "ipxe.efi")
 
