@@ -251,7 +251,7 @@ class SignedManifest:
     def from_bytes(cls, data: bytes) -> SignedManifest:
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ManifestError("not JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("signatures"), list):
             raise ManifestError("not a signed manifest")

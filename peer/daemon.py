@@ -14,18 +14,20 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from aiohttp import web
-from pxe.tftp_server import TftpEvent, TftpServer
 
 from imaging.signing import KeyFileError, TrustedKeys, load_public_key
 from peer.boot_progress import BootProgress, Stage
 from peer.http_server import HttpContext, build_app
 from peer.image_library import ImageLibrary
+from peer.peer_api import add_peer_routes
+from peer.site import Site, SiteConfig
 from peer.store import ContentStore, StoreError
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
 from pxe.dhcp_server import DhcpResponder
 from pxe.leases import LeasePool
+from pxe.tftp_server import TftpEvent, TftpServer
 
 log = logging.getLogger("pxepeer.daemon")
 
@@ -48,6 +50,13 @@ class ServeConfig:
     ipxe_dir: Path
     boot_default: str = LOCAL_BOOT
     menu_timeout_ms: int = 5000
+    site: str | None = None  # default: the interface's subnet
+    origin_url: str | None = None
+    static_peers: tuple[str, ...] = ()
+    wan_rate: float = 0.0  # bytes per second
+    responders: int = 1
+    mdns: bool = True
+    catalog_poll_seconds: float = 15.0
 
 
 def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
@@ -80,6 +89,22 @@ class Daemon:
                 raise StartupError(f"{exc} (--ipxe-dir {config.ipxe_dir})") from None
         self.dhcp: DhcpResponder | None = None
         self.tftp: TftpServer | None = None
+        self.site = Site(
+            SiteConfig(
+                site=config.site or (str(config.address.network) if config.address else "default"),
+                address=str(config.address.ip) if config.address else None,
+                http_port=config.http_port,
+                can_answer_pxe=config.interface is not None and config.dhcp_mode is not None,
+                origin_url=config.origin_url,
+                static_peers=config.static_peers,
+                wan_rate=config.wan_rate,
+                responders=config.responders,
+                mdns=config.mdns,
+                catalog_poll_seconds=config.catalog_poll_seconds,
+            ),
+            self.store,
+            self.library.trusted,
+        )
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
 
@@ -130,8 +155,11 @@ class Daemon:
             boot_default=cfg.boot_default,
             menu_timeout_ms=cfg.menu_timeout_ms,
             status=self.status,
+            on_chunk_served=self._count_served,
         )
-        self._runner = web.AppRunner(build_app(context), access_log=None)
+        app = build_app(context)
+        add_peer_routes(app, self.site)
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, host=None, port=cfg.http_port).start()
@@ -141,6 +169,7 @@ class Daemon:
                 f"cannot listen on HTTP port {cfg.http_port}: {exc.strerror}"
             ) from None
         log.info("HTTP on port %d, %d image(s) trusted", cfg.http_port, len(self.library.images()))
+        await self.site.start()
 
         if cfg.interface is None or cfg.address is None:
             log.warning("no --interface: serving HTTP only, no DHCP or TFTP")
@@ -170,7 +199,12 @@ class Daemon:
                     cfg.pool[0], cfg.pool[1], cfg.address.network, reserved=(cfg.address.ip,)
                 )
             self.dhcp = DhcpResponder(
-                cfg.interface, self._targets(), cfg.dhcp_mode, pool=pool, on_decision=self._on_dhcp
+                cfg.interface,
+                self._targets(),
+                cfg.dhcp_mode,
+                pool=pool,
+                on_decision=self._on_dhcp,
+                enabled=self.site.is_responder,
             )
             try:
                 await self.dhcp.start()
@@ -185,7 +219,11 @@ class Daemon:
             {a.name: f for a, f in self.first_stages.items()},
         )
 
+    def _count_served(self, size: int) -> None:
+        self.site.counters.lan_bytes_out += size
+
     async def stop(self) -> None:
+        await self.site.stop()
         if self.dhcp is not None:
             await self.dhcp.stop()
         if self.tftp is not None:
@@ -220,4 +258,5 @@ class Daemon:
             "boot_default": cfg.boot_default,
             "images": self.library.describe(),
             "machines": self.progress.snapshot(),
+            "site": self.site.status(),
         }

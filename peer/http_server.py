@@ -5,6 +5,7 @@ HTTP boot, chunks for peers, and status."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ class HttpContext:
     boot_default: str
     menu_timeout_ms: int
     status: Callable[[], dict[str, object]]
+    on_chunk_served: Callable[[int], None] = lambda size: None
 
 
 CONTEXT = web.AppKey("context", HttpContext)
@@ -248,6 +250,10 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     sha = request.match_info["sha256"]
     if not SHA256_HEX.match(sha) or not ctx.store.has_chunk(sha):
         raise web.HTTPNotFound()
+    # Sent as stored (sendfile): the receiver hashes every chunk before keeping it, and
+    # re-hashing 4 MiB here per request would halve what a peer can serve.
+    with contextlib.suppress(OSError):
+        ctx.on_chunk_served(ctx.store.chunk_path(sha).stat().st_size)
     return web.FileResponse(ctx.store.chunk_path(sha), headers={"Cache-Control": "immutable"})
 
 

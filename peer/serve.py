@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -13,6 +14,19 @@ from pxe.boot_policy import LOCAL_BOOT
 from pxe.dhcp import DhcpMode
 from pxe.leases import PoolError, parse_pool_range
 from pxe.netif import InterfaceError, interface_ipv4, interface_mtu
+
+PEER_ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgG]?)(bit|b|B|)(?:/s|ps)?$")
+
+
+def parse_rate(text: str) -> float:
+    """Bytes per second from '20Mbit', '2.5MB', '500k' (bytes), '0'."""
+    match = RATE.match(text.strip())
+    if not match:
+        raise ValueError(f"--wan-rate {text!r}: want e.g. 20Mbit or 2.5MB")
+    number, prefix, unit = match.groups()
+    value = float(number) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[prefix.lower()]
+    return value / 8 if unit == "bit" or unit == "b" else value
 
 
 class ServeUsageError(click.ClickException):
@@ -70,6 +84,26 @@ class ServeUsageError(click.ClickException):
     help="What an unassigned machine boots when nobody picks from the menu.",
 )
 @click.option("--menu-timeout", type=click.IntRange(0, 3600), default=5, show_default=True)
+@click.option("--site", "site", metavar="NAME", help="Site name (default: the subnet).")
+@click.option("--origin", "origin", metavar="URL", help="Origin to follow (catalog.json there).")
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A peer to contact directly (for networks that block multicast); repeatable.",
+)
+@click.option(
+    "--wan-rate",
+    metavar="RATE",
+    default="0",
+    help="Cap on origin downloads, e.g. 20Mbit, 2.5MB (per second); 0 = no cap.",
+)
+@click.option("--responders", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="How many peers answer PXE at once.")  # fmt: skip
+@click.option("--mdns/--no-mdns", default=True, show_default=True)
+@click.option("--catalog-poll", type=click.FloatRange(0.5, 86400), default=15.0,
+              show_default=True, help="Seconds between catalog checks at the origin.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
 def serve(
     interface: str | None,
@@ -82,6 +116,13 @@ def serve(
     ipxe_dir: Path,
     boot_default: str,
     menu_timeout: int,
+    site: str | None,
+    origin: str | None,
+    peers: tuple[str, ...],
+    wan_rate: str,
+    responders: int,
+    mdns: bool,
+    catalog_poll: float,
     log_level: str,
 ) -> None:
     """Serve boot files and images; answer PXE boots on --interface."""
@@ -122,6 +163,16 @@ def serve(
     elif pool:
         raise ServeUsageError("--pool only applies with --dhcp full")
 
+    try:
+        rate = parse_rate(wan_rate)
+    except ValueError as exc:
+        raise ServeUsageError(str(exc)) from None
+    for peer in peers:
+        if not PEER_ENDPOINT.match(peer):
+            raise ServeUsageError(f"--peer {peer!r}: want HOST:PORT")
+    if origin and not origin.startswith(("http://", "https://")):
+        raise ServeUsageError(f"--origin {origin!r}: want an http:// or https:// URL")
+
     config = ServeConfig(
         interface=interface,
         address=address,
@@ -135,6 +186,13 @@ def serve(
         ipxe_dir=ipxe_dir,
         boot_default=boot_default,
         menu_timeout_ms=menu_timeout * 1000,
+        site=site,
+        origin_url=origin,
+        static_peers=peers,
+        wan_rate=rate,
+        responders=responders,
+        mdns=mdns,
+        catalog_poll_seconds=catalog_poll,
     )
     try:
         daemon = Daemon(config)

@@ -1,0 +1,117 @@
+"""Which missing chunk to fetch next, and from where. Pure: the site adapter calls
+`plan` whenever something changed (a chunk arrived, a heartbeat, a have-notice).
+
+Rules, in order:
+1. A chunk some live, unshunned peer holds comes over the LAN from the holder with the
+   fewest of our requests in flight (spreading load, so a chunk fetched from the WAN is
+   relayed by several peers at once: the pipeline the site bound assumes).
+2. A chunk no peer holds is fetched from the origin only by its *WAN owner*: the first
+   of the rendezvous ranking over the peers that want the image and can reach the
+   origin. If the owner dies, the view changes and the next peer owns it. If the owner
+   lives but the chunk has not appeared for `takeover_after` seconds (its WAN link is
+   stuck), ownership passes down the ranking one step per period.
+3. Otherwise wait: someone else is fetching it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from imaging.manifest import ChunkRef
+from peer.membership import Hello
+from peer.ranking import rendezvous_rank
+
+ORIGIN = "origin"
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    manifest_id: str
+    index: int  # position in the manifest's chunk list (the have-bitmap index)
+    ref: ChunkRef
+
+
+@dataclass(frozen=True)
+class Fetch:
+    job: ChunkJob
+    source: str  # a node id, or ORIGIN
+
+
+@dataclass
+class Limits:
+    lan_in_flight: int = 6
+    per_peer_in_flight: int = 2
+    wan_in_flight: int = 2
+    takeover_after: float = 45.0
+
+
+@dataclass
+class SwarmPlanner:
+    node_id: str
+    limits: Limits = field(default_factory=Limits)
+    in_flight: dict[str, str] = field(default_factory=dict)  # sha -> source
+    first_wanted: dict[str, float] = field(default_factory=dict)  # sha -> since when
+
+    def load(self, source: str) -> int:
+        return sum(1 for s in self.in_flight.values() if s == source)
+
+    def wan_owner(
+        self, job: ChunkJob, live: list[Hello], self_wan_ok: bool, waited: float
+    ) -> str | None:
+        fetchers = [h.node_id for h in live if h.wan_ok and job.manifest_id in h.wants]
+        if self_wan_ok:
+            fetchers.append(self.node_id)
+        ranking = rendezvous_rank(job.ref.sha256, fetchers)
+        if not ranking:
+            return None
+        step = int(waited // self.limits.takeover_after) if self.limits.takeover_after else 0
+        return ranking[min(step, len(ranking) - 1)]
+
+    def plan(
+        self,
+        missing: list[ChunkJob],
+        live: list[Hello],
+        shunned: set[str],
+        self_wan_ok: bool,
+        now: float,
+    ) -> list[Fetch]:
+        """New fetches to start now (the caller marks them in flight with `started`)."""
+        fetches: list[Fetch] = []
+        lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
+        wan = len(self.in_flight) - lan
+        sources = [h for h in live if h.node_id not in shunned]
+        planned_load: dict[str, int] = {}
+        for job in missing:
+            sha = job.ref.sha256
+            if sha in self.in_flight or any(f.job.ref.sha256 == sha for f in fetches):
+                continue
+            since = self.first_wanted.setdefault(sha, now)
+            holders = [
+                h.node_id
+                for h in sources
+                if (bm := h.holdings.get(job.manifest_id)) is not None and job.index in bm
+            ]
+            if holders:
+                if lan >= self.limits.lan_in_flight:
+                    continue
+                holders.sort(key=lambda n: (self.load(n) + planned_load.get(n, 0), n))
+                best = holders[0]
+                if self.load(best) + planned_load.get(best, 0) >= self.limits.per_peer_in_flight:
+                    continue
+                planned_load[best] = planned_load.get(best, 0) + 1
+                fetches.append(Fetch(job, best))
+                lan += 1
+            elif wan < self.limits.wan_in_flight and self.wan_owner(
+                job, live, self_wan_ok, now - since
+            ) == self.node_id:
+                fetches.append(Fetch(job, ORIGIN))
+                wan += 1
+        return fetches
+
+    def started(self, fetch: Fetch) -> None:
+        self.in_flight[fetch.job.ref.sha256] = fetch.source
+
+    def finished(self, fetch: Fetch, stored: bool) -> None:
+        self.in_flight.pop(fetch.job.ref.sha256, None)
+        if stored:
+            self.first_wanted.pop(fetch.job.ref.sha256, None)
