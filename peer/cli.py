@@ -3,6 +3,7 @@ print. Any bad input ends with one line on stderr and exit code 2, and changes n
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -10,8 +11,11 @@ from pathlib import Path
 import click
 
 from imaging.builder import build_manifest
+from imaging.catalog import CatalogError
 from imaging.chunking import ChunkingError, file_size
 from imaging.manifest import BootSpec, ImageKind, SignedManifest
+from imaging.origin_layout import PublishError
+from imaging.origin_layout import publish as publish_image
 from imaging.signing import (
     KeyFileError,
     PublicKey,
@@ -394,6 +398,83 @@ def assign(
     except StoreError as exc:
         raise CliError(str(exc)) from None
     click.echo(f"{normalize_mac(mac)} -> {image_name}")
+
+
+# -- publish ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("image_name", metavar="IMAGE")
+@click.option("--to", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory a web server, CDN or S3 sync serves as the origin.")  # fmt: skip
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path))
+@click.option("--version", "version", default=None, help="Default: the newest in the store.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher goes first.")
+@click.option("--paused/--active", default=False, help="Publish paused (sites do not fetch it).")
+@click.option("--replicas", type=click.IntRange(0, 1000), default=0, show_default=True,
+              help="Peers per site that hold it; 0 = every peer.")  # fmt: skip
+@click.option("--expires-in", type=click.IntRange(60, 10 * 365 * 86400), default=7 * 86400,
+              show_default=True, help="Seconds until the catalog expires.")  # fmt: skip
+@cache_dir_option
+def publish(
+    image_name: str,
+    out_dir: Path,
+    key_path: Path,
+    version: str | None,
+    priority: int,
+    paused: bool,
+    replicas: int,
+    expires_in: int,
+    cache_dir: Path,
+) -> None:
+    """Put IMAGE from the store on an origin directory and sign a new catalog."""
+    store = open_store(cache_dir)
+    found = _select(store, image_name, version)
+    signed = max(found, key=lambda s: s.manifest.created)
+    try:
+        key = load_signing_key(key_path)
+        signed.verify(TrustedKeys([key.public_key]))
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from None
+    except SignatureError:
+        raise CliError(
+            f"{image_name} was not signed by {key_path}: the catalog and the manifest must "
+            "come from the same publisher"
+        ) from None
+    missing = store.missing_chunks(signed.manifest)
+    if missing:
+        raise CliError(f"{image_name}: {len(missing)} chunks are missing from the store")
+    try:
+        catalog = publish_image(
+            out_dir, signed, store.read_chunk, key,
+            priority=priority, paused=paused, replicas=replicas, lifetime=expires_in,
+        )  # fmt: skip
+    except (PublishError, CatalogError, StoreError) as exc:
+        raise CliError(str(exc)) from None
+    m = signed.manifest
+    click.echo(
+        f"published {m.name} {m.version} ({m.manifest_id[:12]}) to {out_dir}: "
+        f"catalog serial {catalog.serial}, {len(catalog.entries)} image(s), "
+        f"expires in {expires_in} s"
+    )
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True,
+              help="Any peer's HTTP address.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
+def status(url: str, as_json: bool) -> None:
+    """Show the site as one peer sees it: peers, responder, images per peer, WAN vs LAN."""
+    from peer.status_view import StatusUnavailable, fetch_status, render_status
+
+    try:
+        doc = fetch_status(url)
+    except StatusUnavailable as exc:
+        raise CliError(str(exc)) from None
+    click.echo(json.dumps(doc, indent=1) if as_json else render_status(doc))
 
 
 main.add_command(serve)

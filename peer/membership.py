@@ -73,6 +73,7 @@ class Hello:
     holdings: dict[str, ChunkBitmap] = field(default_factory=dict)  # manifest id -> bitmap
     wants: list[str] = field(default_factory=list)  # manifest ids it is collecting
     counters: dict[str, int] = field(default_factory=dict)
+    fetching: list[str] = field(default_factory=list)  # chunks it is pulling from the WAN
 
     @property
     def endpoint(self) -> str:
@@ -94,6 +95,7 @@ class Hello:
             "holdings": {m: b.encode() for m, b in self.holdings.items()},
             "wants": self.wants,
             "counters": self.counters,
+            "fetching": self.fetching,
         }
 
     @classmethod
@@ -117,6 +119,7 @@ class Hello:
                 wan_ok=bool(obj.get("wan_ok", False)),
                 holdings={str(m): ChunkBitmap.decode(str(b)) for m, b in holdings.items()},
                 wants=[str(w) for w in wants],
+                fetching=[str(f) for f in obj.get("fetching", [])][:256],
                 counters={str(k): int(v) for k, v in counters.items()}
                 if isinstance(counters, dict)
                 else {},

@@ -165,6 +165,7 @@ class Site:
             holdings={m: p.bitmap for m, p in self.images.items()},
             wants=self.wanted_ids(),
             counters=vars(self.counters),
+            fetching=self.planner.wan_fetching(),
         )
 
     def _wan_ok(self, now: float) -> bool:
@@ -418,7 +419,9 @@ class Site:
             live = self.membership.live(now)
             shunned = {h.node_id for h in live if self.reputation.is_shunned(h.node_id, now)}
             jobs = self._missing_jobs()
-            for fetch in self.planner.plan(jobs, live, shunned, self._wan_ok(now), now):
+            # Before the view has settled every peer would think it owns every chunk.
+            wan_ok = self._wan_ok(now) and self.settled()
+            for fetch in self.planner.plan(jobs, live, shunned, wan_ok, now):
                 self.planner.started(fetch)
                 task = asyncio.create_task(self._fetch(fetch))
                 self._fetches.add(task)
@@ -532,7 +535,7 @@ class Site:
             {
                 "node_id": self.node_id,
                 "self": True,
-                "address": self.config.address,
+                "address": self.config.address or "-",
                 "http_port": self.config.http_port,
                 "started": self.started,
                 "responder": self.node_id in self.responders,

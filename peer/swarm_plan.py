@@ -9,7 +9,9 @@ Rules, in order:
    of the rendezvous ranking over the peers that want the image and can reach the
    origin. If the owner dies, the view changes and the next peer owns it. If the owner
    lives but the chunk has not appeared for `takeover_after` seconds (its WAN link is
-   stuck), ownership passes down the ranking one step per period.
+   stuck), ownership passes down the ranking one step per period. A chunk another peer
+   says it is already fetching from the WAN is left to it (a peer joining mid-download
+   must not fetch the same chunk again).
 3. Otherwise wait: someone else is fetching it.
 """
 
@@ -80,6 +82,7 @@ class SwarmPlanner:
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
         sources = [h for h in live if h.node_id not in shunned]
+        elsewhere = {sha for h in live for sha in h.fetching}
         planned_load: dict[str, int] = {}
         for job in missing:
             sha = job.ref.sha256
@@ -101,12 +104,17 @@ class SwarmPlanner:
                 planned_load[best] = planned_load.get(best, 0) + 1
                 fetches.append(Fetch(job, best))
                 lan += 1
+            elif sha in elsewhere and now - since < self.limits.takeover_after:
+                continue
             elif wan < self.limits.wan_in_flight and self.wan_owner(
                 job, live, self_wan_ok, now - since
             ) == self.node_id:
                 fetches.append(Fetch(job, ORIGIN))
                 wan += 1
         return fetches
+
+    def wan_fetching(self) -> list[str]:
+        return [sha for sha, source in self.in_flight.items() if source == ORIGIN]
 
     def started(self, fetch: Fetch) -> None:
         self.in_flight[fetch.job.ref.sha256] = fetch.source
