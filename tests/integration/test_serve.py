@@ -83,7 +83,9 @@ def _wait_for_http(ns: Netns, url: str, proc: subprocess.Popen, log_path: Path) 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"serve exited: {log_path.read_text()}")
-        if ns.run("curl", "-sf", "-o", "/dev/null", url, check=False).returncode == 0:
+        result = ns.run("curl", "-sf", url, check=False)
+        # Up, and past the election settle time: only then does it answer DHCP.
+        if result.returncode == 0 and json.loads(result.stdout)["site"]["this_peer_responds"]:
             return
         time.sleep(0.2)
     raise AssertionError(f"serve did not come up: {log_path.read_text()}")
@@ -175,11 +177,16 @@ def test_unassigned_machine_gets_a_menu_defaulting_to_local_disk(site) -> None:
 
 
 def test_status_reports_images_and_counters(site) -> None:
+    before = status(site)["tftp"]
+    curl(site["cli"], f"tftp://{SERVER_IP}/undionly.kpxe")
     snapshot = status(site)
     assert snapshot["dhcp"]["mode"] == "proxy"
     assert snapshot["dhcp"]["replies_sent"] >= 1
     assert [i["name"] for i in snapshot["images"]] == ["demo"]
-    assert snapshot["tftp"]["transfers_completed"] >= 0
+    size = (IPXE_DIR / "undionly.kpxe").stat().st_size
+    assert snapshot["tftp"]["transfers_completed"] == before["transfers_completed"] + 1
+    assert snapshot["tftp"]["bytes_sent"] >= before["bytes_sent"] + size
+    assert snapshot["site"]["this_peer_responds"] is True
 
 
 def test_sigint_stops_serve_cleanly(site) -> None:
