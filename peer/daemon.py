@@ -31,6 +31,9 @@ from pxe.tftp_server import TftpEvent, TftpServer
 
 log = logging.getLogger("pxepeer.daemon")
 
+BOOT_SERVER_PORT = 4011
+BROADCAST = IPv4Address("255.255.255.255")
+
 
 class StartupError(Exception):
     """The daemon cannot start as configured; the message says what to change."""
@@ -117,6 +120,11 @@ class Daemon:
             self.progress.learn_ip(info.mac, str(info.ciaddr))
         if int(reply.yiaddr) and reply.message_type is MessageType.ACK:
             self.progress.learn_ip(info.mac, str(reply.yiaddr))
+        dest_ip = reply.destination[0]
+        if port == BOOT_SERVER_PORT and not dest_ip.is_unspecified and dest_ip != BROADCAST:
+            # A 4011 boot-server REQUEST comes from the address the store's DHCP server
+            # leased: the one the machine's TFTP requests will come from next.
+            self.progress.learn_ip(info.mac, str(dest_ip))
         if reply.file:
             self.progress.record(
                 Stage.OFFER,
