@@ -1,0 +1,113 @@
+"""The swarm planner: LAN first, WAN only by the chunk's owner, takeover when stuck."""
+
+from __future__ import annotations
+
+from imaging.manifest import ChunkRef
+from peer.membership import ChunkBitmap, Hello, Membership
+from peer.ranking import rendezvous_rank
+from peer.swarm_plan import ORIGIN, ChunkJob, Limits, SwarmPlanner
+
+MID = "m" * 64
+
+
+def jobs(n: int) -> list[ChunkJob]:
+    return [ChunkJob(MID, i, ChunkRef(f"{i:064x}", 4)) for i in range(n)]
+
+
+def hello(node: str, have: list[int] = (), n: int = 8, wan_ok: bool = True) -> Hello:
+    bitmap = ChunkBitmap(n)
+    for i in have:
+        bitmap.set(i)
+    return Hello(node, "s", "10.0.0.1", 8080, 1.0, False, 1, wan_ok, {MID: bitmap}, [MID])
+
+
+def test_chunk_held_by_a_peer_comes_over_the_lan() -> None:
+    planner = SwarmPlanner("me")
+    fetches = planner.plan(jobs(1), [hello("p1", [0])], set(), True, 0.0)
+    assert [(f.job.index, f.source) for f in fetches] == [(0, "p1")]
+
+
+def test_only_the_rendezvous_owner_fetches_from_the_origin() -> None:
+    live = [hello("p1"), hello("p2")]
+    all_jobs = jobs(8)
+    mine = SwarmPlanner("me").plan(all_jobs, live, set(), True, 0.0)
+    for job in all_jobs:
+        owner = rendezvous_rank(job.ref.sha256, ["me", "p1", "p2"])[0]
+        planned = [f for f in mine if f.job == job]
+        if owner != "me":
+            assert planned == []
+    assert all(f.source == ORIGIN for f in mine)
+    assert len(mine) <= Limits().wan_in_flight
+
+
+def test_every_chunk_has_exactly_one_wan_fetcher_across_the_site() -> None:
+    nodes = ["a", "b", "c", "d"]
+    limits = Limits(wan_in_flight=100)
+    planned: dict[int, list[str]] = {}
+    for node in nodes:
+        live = [hello(n) for n in nodes if n != node]
+        for f in SwarmPlanner(node, limits).plan(jobs(8), live, set(), True, 0.0):
+            planned.setdefault(f.job.index, []).append(node)
+    assert sorted(planned) == list(range(8))
+    assert all(len(v) == 1 for v in planned.values())
+
+
+def test_a_dead_owners_chunks_pass_to_the_next_in_the_ranking() -> None:
+    limits = Limits(wan_in_flight=100)
+    job = next(j for j in jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"])[0] == "p1")
+    assert SwarmPlanner("me", limits).plan([job], [hello("p1")], set(), True, 0.0) == []
+    # p1 has left the view: this peer owns the chunk now.
+    assert SwarmPlanner("me", limits).plan([job], [], set(), True, 0.0)[0].source == ORIGIN
+
+
+def test_a_stuck_owner_is_overtaken_after_the_takeover_period() -> None:
+    limits = Limits(wan_in_flight=100, takeover_after=30.0)
+    job = next(j for j in jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["p1", "me"])
+    planner = SwarmPlanner("me", limits)
+    assert planner.plan([job], [hello("p1")], set(), True, 0.0) == []
+    assert planner.plan([job], [hello("p1")], set(), True, 31.0)[0].source == ORIGIN
+
+
+def test_a_chunk_another_peer_is_pulling_from_the_wan_is_left_to_it() -> None:
+    limits = Limits(wan_in_flight=100)
+    other = hello("p1", wan_ok=False)
+    all_jobs = jobs(4)
+    other.fetching = [j.ref.sha256 for j in all_jobs]
+    assert SwarmPlanner("me", limits).plan(all_jobs, [other], set(), True, 0.0) == []
+
+
+def test_shunned_peers_are_not_asked() -> None:
+    planner = SwarmPlanner("me")
+    fetches = planner.plan(jobs(1), [hello("rogue", [0])], {"rogue"}, False, 0.0)
+    assert fetches == []
+
+
+def test_lan_load_is_spread_and_capped_per_peer() -> None:
+    planner = SwarmPlanner("me", Limits(lan_in_flight=10, per_peer_in_flight=2))
+    live = [hello("p1", range(8)), hello("p2", range(8))]
+    fetches = planner.plan(jobs(8), live, set(), False, 0.0)
+    sources = [f.source for f in fetches]
+    assert sources.count("p1") == 2 and sources.count("p2") == 2
+    for f in fetches:
+        planner.started(f)
+    assert planner.plan(jobs(8), live, set(), False, 0.0) == []
+    planner.finished(fetches[0], stored=True)
+    assert len(planner.plan(jobs(8), live, set(), False, 0.0)) == 1
+
+
+def test_membership_forgets_a_silent_peer_and_ignores_other_sites() -> None:
+    view = Membership("me", "s", timeout=6.0)
+    assert view.heard(hello("p1"), 0.0)
+    other_site = hello("p2")
+    other_site.site = "elsewhere"
+    assert not view.heard(other_site, 0.0)
+    assert [h.node_id for h in view.live(5.0)] == ["p1"]
+    assert view.expire(7.0) == ["p1"]
+    assert view.live(7.0) == []
+
+
+def test_hello_round_trips_through_json_with_its_bitmaps() -> None:
+    original = hello("p1", [0, 3, 7])
+    again = Hello.from_json(original.to_json())
+    assert again.holdings[MID].bits == original.holdings[MID].bits
+    assert [i for i in range(8) if i in again.holdings[MID]] == [0, 3, 7]

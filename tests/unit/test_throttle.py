@@ -1,0 +1,49 @@
+"""Rate limiting and delay-based backoff, driven by an explicit clock."""
+
+from __future__ import annotations
+
+from peer.reputation import Reputation
+from peer.throttle import DelayController, TokenBucket
+
+
+def test_token_bucket_holds_the_rate_over_time() -> None:
+    bucket = TokenBucket(rate=1000.0, burst=100.0)
+    now, sent = 0.0, 0
+    for _ in range(200):
+        now += bucket.delay_for(50, now)
+        sent += 50
+    # 10 000 bytes at 1000 B/s, less the initial burst.
+    assert 9.8 <= now <= 10.0
+
+
+def test_unlimited_bucket_never_delays() -> None:
+    assert TokenBucket(rate=0.0, burst=0.0).delay_for(10**9, 0.0) == 0.0
+
+
+def test_rising_round_trip_time_lowers_the_rate_and_falling_raises_it() -> None:
+    ctl = DelayController(max_rate=1_000_000.0, target=0.1)
+    now = 0.0
+    for _ in range(5):
+        now += 1
+        ctl.observe(0.04, now)  # base delay 40 ms
+    assert ctl.rate == 1_000_000.0
+    for _ in range(5):
+        now += 1
+        ctl.observe(0.4, now)  # 360 ms of queueing: back off
+    low = ctl.rate
+    assert low < 500_000.0
+    assert low >= 100_000.0  # never below the floor
+    for _ in range(40):
+        now += 1
+        ctl.observe(0.05, now)
+    assert ctl.rate == 1_000_000.0
+
+
+def test_reputation_shuns_after_three_strikes_and_forgives_later() -> None:
+    rep = Reputation(limit=3, shun_seconds=60)
+    assert not rep.strike("rogue", 0.0)
+    assert not rep.strike("rogue", 1.0)
+    assert rep.strike("rogue", 2.0)
+    assert rep.is_shunned("rogue", 30.0)
+    assert not rep.is_shunned("rogue", 63.0)
+    assert rep.snapshot(63.0)["rogue"] == {"bad_chunks": 3, "shunned": False}
