@@ -293,9 +293,15 @@ def install_signal_cleanup() -> None:
     """
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        # Once only: a second Ctrl-C (or the TERM demo.sh forwards) must not interrupt the
+        # teardown the first one started.
+        for other in signums:
+            signal.signal(other, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signums = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    for signum in signums:
         signal.signal(signum, handler)
 
 

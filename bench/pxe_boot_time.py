@@ -1,0 +1,167 @@
+"""Network-boot time of real QEMU firmware from `pxepeer serve` against dnsmasq + nginx,
+measured in the same virtual store in the same run.
+
+    sudo python -m bench.pxe_boot_time [--reps 3] [--firmware bios uefi edk2] [--json FILE]
+
+One store (bridge, router dnsmasq with plain DHCP and RAs) and two peer namespaces: one
+runs `pxepeer serve` in proxy mode, the other the reference (dnsmasq proxyDHCP + TFTP
+handing iPXE an HTTP script, nginx serving the same kernel and initrd). Only one of them
+runs at a time, so a VM never sees two proxies. For each firmware a warm-up boot is done
+first (the router's first offer to a new MAC waits ~3 s for its ARP ping; later boots of
+the same machine, like a store PC's, reuse the lease), then the servers alternate within
+each repetition so drift on the 2-core host hits both.
+
+Times are seconds from QEMU start, read from the serial console: `kernel` is the kernel's
+first line (the EFI stub's, or "Linux version" on BIOS), `marker` the test image's
+"booted" line. The table shows medians and pxepeer / reference ratios (target <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tests.lab.boot_servers import (
+    IMAGE_NAME,
+    MACS,
+    build_test_image,
+    prepare_pxepeer_store,
+    start_pxepeer,
+    start_reference,
+)
+from tests.lab.virtual_store import (
+    CONSOLE_STAGES,
+    Firmware,
+    LabError,
+    VirtualStore,
+    install_signal_cleanup,
+    lab_skip_reason,
+    remove_stale_namespaces,
+)
+
+SERVERS = ("pxepeer", "reference")
+MARKER = dict(CONSOLE_STAGES)["marker"]
+KERNEL = dict(CONSOLE_STAGES)["kernel"]
+BOOT_TIMEOUT = 240
+
+
+@dataclass
+class Boot:
+    firmware: str
+    server: str
+    rep: int
+    kernel: float
+    marker: float
+
+
+def boot_once(
+    lab: VirtualStore, firmware: Firmware, server: str, rep: int, *, peers, store, image, work
+) -> Boot:
+    if server == "pxepeer":
+        running = start_pxepeer(lab, peers["pxepeer"], store, name=f"pxepeer-{firmware}-{rep}")
+        stop = running.stop
+    else:
+        ref = start_reference(lab, peers["reference"], image, work / f"ref-{firmware}-{rep}")
+        stop = ref.stop
+    try:
+        vm = lab.boot_vm(f"{firmware}-{server}-{rep}", firmware, MACS[firmware.value])
+        try:
+            marker = vm.wait_for(MARKER, timeout=BOOT_TIMEOUT)
+            hit = vm.serial.first(KERNEL)
+            if hit is None:
+                raise LabError(f"no kernel line before the marker:\n{vm.serial.tail()}")
+            # Let the image power off by itself so the next boot starts on a quiet host.
+            vm.wait_exit(timeout=60)
+        finally:
+            vm.stop()
+    finally:
+        stop()
+    return Boot(firmware.value, server, rep, kernel=hit[0], marker=marker)
+
+
+def median(boots: list[Boot], firmware: str, server: str, field: str) -> float:
+    return statistics.median(
+        getattr(b, field) for b in boots if b.firmware == firmware and b.server == server
+    )
+
+
+def table(boots: list[Boot], firmwares: list[Firmware]) -> str:
+    rows = [
+        "| firmware | pxepeer kernel | reference kernel | ratio | pxepeer marker "
+        "| reference marker | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for fw in firmwares:
+        cells = []
+        for field in ("kernel", "marker"):
+            ours = median(boots, fw.value, "pxepeer", field)
+            ref = median(boots, fw.value, "reference", field)
+            cells += [f"{ours:.2f}", f"{ref:.2f}", f"{ours / ref:.3f}"]
+        rows.append(f"| {fw.value} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--firmware",
+        nargs="+",
+        default=["bios", "uefi", "edk2"],
+        choices=[f.value for f in Firmware],
+    )
+    parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write every boot as JSON here")
+    args = parser.parse_args(argv)
+
+    reason = lab_skip_reason()
+    if reason:
+        print(f"cannot run the lab: {reason}", file=sys.stderr)
+        return 2
+    install_signal_cleanup()
+    remove_stale_namespaces()
+    firmwares = [Firmware(f) for f in args.firmware]
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="pxepeer-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"logs in {work}", file=sys.stderr)
+
+    image = build_test_image(work / "image")
+    store = prepare_pxepeer_store(
+        work / "pxepeer", image, {MACS[f.value]: IMAGE_NAME for f in firmwares}
+    )
+    boots: list[Boot] = []
+    with VirtualStore(work / "lab") as lab:
+        lab.start_router()
+        peers = {"pxepeer": lab.add_peer("pxepeer"), "reference": lab.add_peer("ref")}
+        kw = {"peers": peers, "store": store, "image": image, "work": work}
+        for fw in firmwares:
+            started = time.monotonic()
+            warm = boot_once(lab, fw, "reference", 0, **kw)
+            print(f"{fw.value} warm-up: marker {warm.marker:.2f} s", file=sys.stderr)
+            for rep in range(1, args.reps + 1):
+                order = SERVERS if rep % 2 else SERVERS[::-1]
+                for server in order:
+                    boot = boot_once(lab, fw, server, rep, **kw)
+                    boots.append(boot)
+                    print(
+                        f"{fw.value} {server:9} rep {rep}: kernel {boot.kernel:6.2f} s, "
+                        f"marker {boot.marker:6.2f} s",
+                        file=sys.stderr,
+                    )
+            print(f"{fw.value}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+
+    print(f"\nmedians of {args.reps} boots, seconds from QEMU start (ratio = pxepeer / reference)")
+    print(table(boots, firmwares))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(b) for b in boots], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
