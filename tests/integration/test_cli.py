@@ -336,6 +336,10 @@ BAD_ADD: dict[str, list[str]] = {
     "missing-key-option": ["new", "--kernel", "{kernel}"],
     "missing-name": ["--kernel", "{kernel}", "--key", "{key}"],
     "option-without-value": ["new", "--kernel", "{kernel}", "--key"],
+    # the command line becomes one line of the iPXE boot script (pxe/ipxe.py:45); a newline
+    # in it would add iPXE commands of its own
+    "cmdline-with-newline": ["new", "--kernel", "{kernel}", "--cmdline", "quiet\nshell",
+                             "--key", "{key}"],
 }  # fmt: skip
 
 
@@ -636,3 +640,23 @@ def test_cache_dir_comes_from_the_environment(demo: Image, tmp_path: Path) -> No
     result = subprocess.run([*PXEPEER, "image", "list"], capture_output=True, text=True,
                             env=env, timeout=20)  # fmt: skip
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+# -- usage ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["frob"], ["image", "frob"], ["keys", "new", "--frob"]])
+def test_unknown_command_or_option_is_one_line_exit_2(args: list[str]) -> None:
+    result = pxepeer(*args)
+    assert_one_line_usage_error(result)
+    assert "--help" in result.stderr
+
+
+def test_group_without_a_command_shows_its_help_readably() -> None:
+    """`pxepeer image` with no subcommand: Click raises NoArgsIsHelpError (a UsageError),
+    and OneLineErrors (peer/cli.py:48-52) flattens the whole help text into one
+    'pxepeer: error: Usage: ...' line."""
+    result = pxepeer("image")
+    text = result.stdout + result.stderr
+    assert "error" not in text
+    assert any(line.split()[:1] == ["verify"] for line in text.splitlines()), text
