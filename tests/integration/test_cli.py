@@ -220,6 +220,16 @@ def test_add_shows_a_progress_bar_on_stderr_for_a_large_file(tmp_path: Path, key
     assert "100.0%" in lines[-1] and "20.0/20.0 MiB" in lines[-1]
 
 
+def test_progress_rate_counts_from_the_start_of_the_file(tmp_path: Path, keys: Keys) -> None:
+    """The bar is made on the first progress callback, after the first 4 MiB were already
+    read, hashed and stored (peer/cli.py:204), so its first rate is absurd."""
+    (tmp_path / "big").write_bytes(os.urandom(20 * MIB))
+    result = ok("image", "add", "big", "--kernel", tmp_path / "big", "--key", keys.key,
+                "--cache-dir", tmp_path / "cache")  # fmt: skip
+    rates = [float(line.split()[-2]) for line in result.stderr.splitlines()]
+    assert rates and max(rates) < 50_000, result.stderr  # MiB/s: beyond any real disk
+
+
 def make_sparse_disk(path: Path) -> tuple[bytes, int]:
     """1 GiB + 4097 bytes made with `truncate -s`, nearly all holes: written zeros in
     chunk 0, data in chunk 100 (which starts with a hole), and a final partial chunk
@@ -602,6 +612,13 @@ def test_assign_refuses_an_image_not_in_the_store(demo: Image) -> None:
     assert_one_line_usage_error(result)
     assert "no image ghost" in result.stderr
     assert snapshot(demo.cache) == before
+
+
+def test_assign_with_bad_input_does_not_create_a_store(tmp_path: Path) -> None:
+    """open_store runs before the arguments are checked (peer/cli.py:373), so a bad MAC
+    makes an empty store skeleton where there was nothing."""
+    assert_one_line_usage_error(pxepeer("assign", "not-a-mac", "x", "--cache-dir", tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(
