@@ -403,7 +403,8 @@ def test_add_refuses_a_fifo_as_input_without_blocking(populated: Image, keys: Ke
     before = snapshot(populated.cache)
     try:
         result = pxepeer("image", "add", "new", "--kernel", populated.kernel, "--initrd", fifo,
-                         "--key", keys.key, "--cache-dir", populated.cache, timeout=2)  # fmt: skip
+                         "--key", keys.key, "--cache-dir", populated.cache,
+                         timeout=1.5)  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail("pxepeer image add blocked opening a FIFO given as --initrd")
     assert_one_line_usage_error(result)
@@ -420,7 +421,8 @@ def test_add_refuses_a_fifo_with_a_writer_in_one_line(populated: Image, keys: Ke
     before = snapshot(populated.cache)
     try:
         result = pxepeer("image", "add", "new", "--kernel", populated.kernel, "--initrd", fifo,
-                         "--key", keys.key, "--cache-dir", populated.cache, timeout=2)  # fmt: skip
+                         "--key", keys.key, "--cache-dir", populated.cache,
+                         timeout=1.5)  # fmt: skip
     finally:
         os.close(writer)
     assert_one_line_usage_error(result)
