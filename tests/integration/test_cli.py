@@ -222,7 +222,7 @@ def test_add_shows_a_progress_bar_on_stderr_for_a_large_file(tmp_path: Path, key
 
 def test_progress_rate_counts_from_the_start_of_the_file(tmp_path: Path, keys: Keys) -> None:
     """The bar is made on the first progress callback, after the first 4 MiB were already
-    read, hashed and stored (peer/cli.py:204), so its first rate is absurd."""
+    read, hashed and stored (image_add's progress callback), so its first rate is absurd."""
     (tmp_path / "big").write_bytes(os.urandom(20 * MIB))
     result = ok("image", "add", "big", "--kernel", tmp_path / "big", "--key", keys.key,
                 "--cache-dir", tmp_path / "cache")  # fmt: skip
@@ -346,8 +346,8 @@ BAD_ADD: dict[str, list[str]] = {
     "missing-key-option": ["new", "--kernel", "{kernel}"],
     "missing-name": ["--kernel", "{kernel}", "--key", "{key}"],
     "option-without-value": ["new", "--kernel", "{kernel}", "--key"],
-    # the command line becomes one line of the iPXE boot script (pxe/ipxe.py:45); a newline
-    # in it would add iPXE commands of its own
+    # the command line becomes one line of the iPXE boot script (pxe/ipxe.render_linux_boot);
+    # a newline in it would add iPXE commands of its own
     "cmdline-with-newline": ["new", "--kernel", "{kernel}", "--cmdline", "quiet\nshell",
                              "--key", "{key}"],
 }  # fmt: skip
@@ -396,7 +396,7 @@ def test_add_refuses_a_cache_dir_that_is_a_file(tmp_path: Path, keys: Keys) -> N
 
 def test_add_refuses_a_fifo_as_input_without_blocking(populated: Image, keys: Keys) -> None:
     """A FIFO has no size and cannot be chunked twice; with no writer, opening it for
-    reading blocks forever (imaging/chunking.py:108 via peer/cli.py:127)."""
+    reading blocks forever (imaging.chunking.file_size via the CLI's _input_file)."""
     fifo = populated.cache.parent / "fifo-noreader"
     if not fifo.exists():
         os.mkfifo(fifo)
@@ -413,7 +413,7 @@ def test_add_refuses_a_fifo_as_input_without_blocking(populated: Image, keys: Ke
 
 def test_add_refuses_a_fifo_with_a_writer_in_one_line(populated: Image, keys: Keys) -> None:
     """With a writer present the open succeeds and lseek fails with ESPIPE, which
-    imaging/chunking.py:116 (file_size) lets escape as a traceback with exit 1."""
+    imaging.chunking.file_size lets escape as a traceback with exit 1."""
     fifo = populated.cache.parent / "fifo-writer"
     if not fifo.exists():
         os.mkfifo(fifo)
@@ -468,8 +468,9 @@ def test_add_failing_after_the_manifest_is_written_leaves_store_unchanged(
     tmp_path: Path, keys: Keys
 ) -> None:
     """A store whose keys/ entry is a file: remembering the publisher fails *after* the
-    manifest was written (peer/cli.py:215-216); the rollback removes the chunks but not
-    the manifest, leaving an image whose chunks are gone and blocking a retry."""
+    manifest was written (image_add: put_manifest, then _remember_publisher); the rollback
+    removes the chunks but not the manifest, leaving an image whose chunks are gone and
+    blocking a retry."""
     cache = tmp_path / "cache"
     ok("assign", MAC, "--clear", "--cache-dir", cache)  # creates the store
     (cache / "keys").write_text("in the way\n")
@@ -617,7 +618,7 @@ def test_assign_refuses_an_image_not_in_the_store(demo: Image) -> None:
 
 
 def test_assign_with_bad_input_does_not_create_a_store(tmp_path: Path) -> None:
-    """open_store runs before the arguments are checked (peer/cli.py:373), so a bad MAC
+    """open_store runs before the arguments are checked (in the assign command), so a bad MAC
     makes an empty store skeleton where there was nothing."""
     assert_one_line_usage_error(pxepeer("assign", "not-a-mac", "x", "--cache-dir", tmp_path / "c"))
     assert not (tmp_path / "c").exists()
@@ -649,7 +650,7 @@ def test_assign_with_bad_input_is_one_line_exit_2_and_changes_nothing(
 
 def test_assign_to_local_disk_needs_no_image(demo: Image) -> None:
     """README: `pxepeer assign MAC IMAGE` with `local` = boot the local disk, and
-    pxe/boot_policy.py treats the assignment "local" so. peer/cli.py:391 refuses it."""
+    pxe/boot_policy.py treats the assignment "local" so. The assign command refuses it."""
     ok("assign", MAC, "local", "--cache-dir", demo.cache)
     assert ok("assign", "--list", "--cache-dir", demo.cache).stdout == f"{MAC}  local\n"
 
@@ -673,7 +674,7 @@ def test_unknown_command_or_option_is_one_line_exit_2(args: list[str]) -> None:
 
 def test_group_without_a_command_shows_its_help_readably() -> None:
     """`pxepeer image` with no subcommand: Click raises NoArgsIsHelpError (a UsageError),
-    and OneLineErrors (peer/cli.py:48-52) flattens the whole help text into one
+    and OneLineErrors.main (peer/cli.py) flattens the whole help text into one
     'pxepeer: error: Usage: ...' line."""
     result = pxepeer("image")
     text = result.stdout + result.stderr

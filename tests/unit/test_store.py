@@ -162,7 +162,8 @@ def test_put_chunk_that_raises_has_not_stored_the_chunk(
     """The builder's callers roll back by the hashes put_chunk *returned*; a put_chunk that
     raises must therefore leave no chunk behind. Here the fsync of the chunk's directory
     (after the rename) fails: put_chunk raises, but the chunk is already in place
-    (peer/store.py:171-175 runs after os.replace and its OSError becomes StoreError)."""
+    (ContentStore._write_atomic fsyncs the directory after os.replace, and put_chunk
+    turns that OSError into StoreError)."""
     data = os.urandom(CS)
     fail_on(monkeypatch, "fsync", lambda fd: stat.S_ISDIR(os.fstat(fd).st_mode))
     with pytest.raises(StoreError):
