@@ -498,6 +498,13 @@ def test_list_shows_image_completeness_and_signer(demo: Image, keys: Keys) -> No
     assert row == ["demo", "1", "linux", "5.3MiB", "3/3", key_id, signed.manifest.manifest_id[:12]]
 
 
+def test_list_json_is_machine_readable(demo: Image, keys: Keys) -> None:
+    """README: `pxepeer image list [--json]`; the list command has no --json option."""
+    result = pxepeer("image", "list", "--json", "--cache-dir", demo.cache)
+    assert result.returncode == 0, result.stderr
+    assert "demo" in json.dumps(json.loads(result.stdout))
+
+
 def test_list_of_an_empty_store(tmp_path: Path) -> None:
     assert "no images" in ok("image", "list", "--cache-dir", tmp_path / "c").stdout
 

@@ -216,6 +216,27 @@ def test_verify_image_reports_corrupt_and_missing_chunks(store: ContentStore) ->
     assert store.missing_chunks(m) == [ChunkRef(sha(bad), len(bad)), ChunkRef(sha(gone), 10)]
 
 
+def test_verify_image_reports_a_chunk_that_cannot_be_read(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad sector under a chunk is what verify exists to find; read_chunk catches only
+    FileNotFoundError, so the EIO escapes verify_image (and `image verify` tracebacks)."""
+    good, bad = b"good chunk", b"unreadable chunk"
+    store.put_chunk(good)
+    store.put_chunk(bad)
+    victim = store.chunk_path(sha(bad))
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == victim:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    problems = store.verify_image(image(chunks=(good, bad)))
+    assert [p.sha256 for p in problems] == [sha(bad)]
+
+
 def test_clean_tmp_removes_only_old_temp_files(store: ContentStore) -> None:
     old, new = store.tmp_dir / "old", store.tmp_dir / "new"
     old.write_bytes(b"x")
