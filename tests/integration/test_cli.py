@@ -6,6 +6,7 @@ directory exactly as it was (compared file by file, by hash).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -544,6 +545,19 @@ def test_manifest_edited_on_disk_is_not_listed(demo: Image) -> None:
     assert result.stderr.splitlines()[-1].startswith("pxepeer: error: no image demo")
     refused = pxepeer("assign", MAC, "demo", "--cache-dir", demo.cache)
     assert refused.returncode == 2 and "no image demo" in refused.stderr
+
+
+def test_verify_reports_a_signature_altered_on_disk(demo: Image, keys: Keys) -> None:
+    [path] = (demo.cache / "manifests").iterdir()
+    doc = json.loads(path.read_bytes())
+    doc["signatures"][0]["ed25519"] = base64.b64encode(bytes(64)).decode()
+    path.write_text(json.dumps(doc))  # the manifest part, and so its id, are unchanged
+    key_id = load_public_key(keys.pub).key_id
+    assert list_rows(demo.cache)[1][5] == "UNTRUSTED"
+    result = pxepeer("image", "verify", "demo", "--cache-dir", demo.cache)
+    assert result.returncode == 1
+    assert f"signature BAD: signature by key {key_id} does not match" in result.stdout
+    assert "all 3 chunks verified" in result.stdout  # the chunks themselves are fine
 
 
 def test_image_signed_by_another_key_is_untrusted(
