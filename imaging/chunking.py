@@ -114,5 +114,7 @@ def file_size(path: Path) -> int:
         raise ChunkingError(f"{path}: {exc.strerror}") from None
     try:
         return source_size(fd)
+    except OSError as exc:
+        raise ChunkingError(f"{path}: cannot tell its size: {exc.strerror}") from None
     finally:
         os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from imaging.signing import (
 from peer.progress_bar import ProgressBar
 from peer.serve import serve
 from peer.store import ContentStore, StoreError, normalize_mac
+from pxe.boot_policy import LOCAL_BOOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 PROGRESS_THRESHOLD = 16 * 1024 * 1024  # files smaller than this finish before a bar helps
@@ -46,6 +48,10 @@ class OneLineErrors(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            assert exc.ctx is not None
+            click.echo(exc.ctx.get_help(), err=True)
+            sys.exit(2)
         except click.Abort:
             click.echo("pxepeer: interrupted", err=True)
             sys.exit(130)
@@ -125,8 +131,16 @@ def image() -> None:
 
 
 def _input_file(path: Path, option: str) -> int:
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CliError(f"{option}: {path}: no such file") from None
+    except OSError as exc:
+        raise CliError(f"{option}: {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
         raise CliError(f"{option} {path} is a directory, not a file")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise CliError(f"{option} {path} is not a regular file or block device")
     try:
         size = file_size(path)
     except ChunkingError as exc:
@@ -173,6 +187,8 @@ def image_add(
     """Chunk the image's files into the store and write its signed manifest."""
     check_name(name, "image name")
     check_name(version, "version")
+    if any(ord(c) < 32 or ord(c) == 127 for c in cmdline):
+        raise CliError("--cmdline must be one line without control characters")
     if kernel is None and disk is None:
         raise CliError("an image needs --kernel (network-booted) or --disk (written to disk)")
     if initrd is not None and kernel is None:
@@ -200,26 +216,35 @@ def image_add(
         initrd="initrd" if initrd else None,
         cmdline=cmdline,
     )
-    bars: dict[str, ProgressBar] = {}
+    # Made before chunking starts, so the first rate shown counts from the first byte.
+    bars = {
+        role: ProgressBar(role, size)
+        for role, size in sizes.items()
+        if size >= PROGRESS_THRESHOLD
+    }
 
     def progress(role: str, done: int, total: int) -> None:
-        if total < PROGRESS_THRESHOLD:
+        bar = bars.get(role)
+        if bar is None:
             return
-        bar = bars.setdefault(role, ProgressBar(role, total))
         bar.update(done)
         if done >= total:
             bar.finish()
 
     new_chunks: list[str] = []
+    written: str | None = None
     try:
+        _remember_publisher(store, key.public_key)
         manifest = build_manifest(
             store, name, version, files, sizes, boot, progress=progress, new_chunks=new_chunks
         )
         signed = SignedManifest.sign(manifest, key)
+        written = manifest.manifest_id
         store.put_manifest(signed)
-        _remember_publisher(store, key.public_key)
     except BaseException as exc:
         # Leave the store as it was: the chunks this run stored belong to no manifest.
+        if written is not None:
+            store.remove_manifest(written)
         for sha in new_chunks:
             store.remove_chunk(sha)
         if isinstance(exc, (ChunkingError, StoreError)):
@@ -254,12 +279,14 @@ def _select(store: ContentStore, name: str, version: str | None) -> list[SignedM
 
 @image.command("list")
 @click.option("--trust", multiple=True, type=click.Path(path_type=Path), metavar="PUBKEY")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
 @cache_dir_option
-def image_list(trust: tuple[Path, ...], cache_dir: Path) -> None:
+def image_list(trust: tuple[Path, ...], as_json: bool, cache_dir: Path) -> None:
     """Images in the store, with their completeness and who signed them."""
     store = open_store(cache_dir)
     trusted = _trusted(store, trust)
     rows = []
+    docs = []
     for signed in sorted(
         store.signed_manifests(), key=lambda s: (s.manifest.name, s.manifest.created)
     ):
@@ -270,6 +297,19 @@ def image_list(trust: tuple[Path, ...], cache_dir: Path) -> None:
             signer = "UNTRUSTED"
         refs = m.chunk_refs()
         have = len(refs) - len(store.missing_chunks(m))
+        docs.append(
+            {
+                "name": m.name,
+                "version": m.version,
+                "kind": m.boot.kind.value,
+                "size": m.total_size,
+                "chunks": len(refs),
+                "chunks_held": have,
+                "signer": None if signer == "UNTRUSTED" else signer,
+                "manifest_id": m.manifest_id,
+                "created": m.created,
+            }
+        )
         rows.append(
             (
                 m.name,
@@ -281,6 +321,9 @@ def image_list(trust: tuple[Path, ...], cache_dir: Path) -> None:
                 m.manifest_id[:12],
             )
         )
+    if as_json:
+        click.echo(json.dumps(docs, indent=1))
+        return
     if not rows:
         click.echo(f"no images in {store.root}")
         return
@@ -373,31 +416,38 @@ def image_remove(name: str, version: str | None, cache_dir: Path) -> None:
 def assign(
     mac: str | None, image_name: str | None, clear: bool, list_all: bool, cache_dir: Path
 ) -> None:
-    """Make machine MAC boot IMAGE without a keypress (or --clear, --list)."""
-    store = open_store(cache_dir)
+    """Make machine MAC boot IMAGE without a keypress (or --clear, --list).
+
+    IMAGE may be `local` to make the machine boot its own disk without a menu."""
     if list_all:
         if mac or image_name or clear:
             raise CliError("--list takes no other arguments")
-        for assigned_mac, assigned in sorted(store.assignments().items()):
+        for assigned_mac, assigned in sorted(open_store(cache_dir).assignments().items()):
             click.echo(f"{assigned_mac}  {assigned}")
         return
     if mac is None:
         raise CliError("give MAC IMAGE, MAC --clear or --list")
+    if clear and image_name:
+        raise CliError("--clear takes only a MAC")
+    if not clear and image_name is None:
+        raise CliError("give the IMAGE to assign (or --clear)")
+    try:
+        mac = normalize_mac(mac)  # checked before the store is touched
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    store = open_store(cache_dir)
     try:
         if clear:
-            if image_name:
-                raise CliError("--clear takes only a MAC")
             found = store.unassign(mac)
-            click.echo(f"{normalize_mac(mac)}: " + ("cleared" if found else "was not assigned"))
+            click.echo(f"{mac}: " + ("cleared" if found else "was not assigned"))
             return
-        if image_name is None:
-            raise CliError("give the IMAGE to assign (or --clear)")
-        if not store.find_images(image_name):
+        assert image_name is not None
+        if image_name != LOCAL_BOOT and not store.find_images(image_name):
             raise CliError(f"no image {image_name} in {store.root}")
         store.assign(mac, image_name)
     except StoreError as exc:
         raise CliError(str(exc)) from None
-    click.echo(f"{normalize_mac(mac)} -> {image_name}")
+    click.echo(f"{mac} -> {image_name}")
 
 
 # -- publish ----------------------------------------------------------------------------

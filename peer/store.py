@@ -95,11 +95,16 @@ class ContentStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        # The rename is durable once the directory is synced. If that fails the file is
+        # still whole and correct (its data was synced), so it is kept and not an error.
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            log.warning("cannot sync directory %s: %s", dest.parent, exc.strerror)
 
     # -- chunks ---------------------------------------------------------------------------
 
@@ -136,6 +141,9 @@ class ContentStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise StoreError(f"chunk {sha256[:16]} is not in the store") from None
+        except OSError as exc:
+            log.error("chunk %s unreadable: %s", sha256[:16], exc.strerror)
+            raise ChunkCorrupt(f"chunk {sha256[:16]} is unreadable: {exc.strerror}") from None
         if hashlib.sha256(data).hexdigest() != sha256:
             with contextlib.suppress(OSError):
                 path.unlink()
