@@ -139,6 +139,9 @@ class BootSpec:
                 raise ManifestError("boot file roles must be strings")
         if not isinstance(cmdline, str):
             raise ManifestError("cmdline must be a string")
+        if any(ord(c) < 32 or ord(c) == 127 for c in cmdline):
+            # It is pasted into an iPXE script: a newline would be a second command.
+            raise ManifestError("cmdline must not contain control characters")
         return cls(kind, kernel, initrd, cmdline)
 
 
