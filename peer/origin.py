@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -53,7 +54,7 @@ class OriginClient:
 
     async def _get(
         self, path: str, headers: dict[str, str] | None = None
-    ) -> tuple[int, bytes, dict]:
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         url = f"{self.base_url}/{path}"
         self.stats.requests += 1
         sent = time.monotonic()
@@ -66,7 +67,7 @@ class OriginClient:
                     self.bucket.set_rate(self.controller.observe(rtt, time.monotonic()))
                 if resp.status == 304:
                     self.stats.not_modified += 1
-                    return 304, b"", dict(resp.headers)
+                    return 304, b"", resp.headers.copy()
                 if resp.status != 200:
                     raise OriginError(f"{url}: HTTP {resp.status}")
                 parts = []
@@ -76,7 +77,8 @@ class OriginClient:
                     wait = self.bucket.delay_for(len(piece), time.monotonic())
                     if wait > 0:
                         await asyncio.sleep(wait)
-                return 200, b"".join(parts), dict(resp.headers)
+                # A case-insensitive copy: servers spell it ETag, aiohttp hands back Etag.
+                return 200, b"".join(parts), resp.headers.copy()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self.stats.failures += 1
             raise OriginError(f"{url}: {exc.__class__.__name__}: {exc}") from None

@@ -421,7 +421,8 @@ class Site:
             jobs = self._missing_jobs()
             # Before the view has settled every peer would think it owns every chunk.
             wan_ok = self._wan_ok(now) and self.settled()
-            for fetch in self.planner.plan(jobs, live, shunned, wan_ok, now):
+            serial = self.catalog.serial if self.catalog else 0
+            for fetch in self.planner.plan(jobs, live, shunned, wan_ok, now, serial):
                 self.planner.started(fetch)
                 task = asyncio.create_task(self._fetch(fetch))
                 self._fetches.add(task)

@@ -58,9 +58,22 @@ class SwarmPlanner:
         return sum(1 for s in self.in_flight.values() if s == source)
 
     def wan_owner(
-        self, job: ChunkJob, live: list[Hello], self_wan_ok: bool, waited: float
+        self,
+        job: ChunkJob,
+        live: list[Hello],
+        self_wan_ok: bool,
+        waited: float,
+        catalog_serial: int = 0,
     ) -> str | None:
-        fetchers = [h.node_id for h in live if h.wan_ok and job.manifest_id in h.wants]
+        # A peer on an older catalog than ours has not said yet whether it wants the
+        # image; it learns our catalog within a heartbeat, so count it. Otherwise two
+        # peers adopting a catalog a moment apart each think they alone want it, and
+        # both fetch the same chunks from the WAN.
+        fetchers = [
+            h.node_id
+            for h in live
+            if h.wan_ok and (job.manifest_id in h.wants or h.catalog_serial < catalog_serial)
+        ]
         if self_wan_ok:
             fetchers.append(self.node_id)
         ranking = rendezvous_rank(job.ref.sha256, fetchers)
@@ -76,6 +89,7 @@ class SwarmPlanner:
         shunned: set[str],
         self_wan_ok: bool,
         now: float,
+        catalog_serial: int = 0,
     ) -> list[Fetch]:
         """New fetches to start now (the caller marks them in flight with `started`)."""
         fetches: list[Fetch] = []
@@ -107,7 +121,7 @@ class SwarmPlanner:
             elif sha in elsewhere and now - since < self.limits.takeover_after:
                 continue
             elif wan < self.limits.wan_in_flight and self.wan_owner(
-                job, live, self_wan_ok, now - since
+                job, live, self_wan_ok, now - since, catalog_serial
             ) == self.node_id:
                 fetches.append(Fetch(job, ORIGIN))
                 wan += 1
