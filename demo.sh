@@ -39,9 +39,14 @@ venv=${PXEPEER_VENV:-/var/cache/pxepeer-lab/venv}
 stamp="$venv/.pxepeer-pyproject.sha256"
 if [ ! -x "$venv/bin/python" ] || ! sha256sum -c --status "$stamp" 2>/dev/null; then
   echo "setting up $venv (pip install -e .)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e .
+  log=$(mktemp)
+  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q --upgrade pip &&
+         "$venv/bin/pip" install -q -e .; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "pip install -e . failed (log above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   sha256sum "$PWD/pyproject.toml" >"$stamp"
 fi
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from tests.lab.boot_servers import (
     IMAGE_NAME,
     PxepeerServer,
+    PxepeerStore,
     build_test_image,
     prepare_pxepeer_store,
     start_pxepeer,
@@ -41,7 +42,7 @@ TIMEOUT = 300
 
 # Console lines worth showing, with the label printed before them.
 CONSOLE_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("firmware", re.compile(r"SeaBIOS \(version|>>Start PXE|iPXE \d\.\d|Press Ctrl-B")),
+    ("firmware", re.compile(r"SeaBIOS \(version|>>Start PXE|iPXE \d\.\d")),
     ("firmware", re.compile(r"Configuring \(net0|NBP file|^net0: \d")),
     ("firmware", re.compile(r"^(Next server|Filename):|https?://\S+\.\.\. ok")),
     ("kernel", re.compile(r"EFI stub: |Linux version \S+")),
@@ -60,7 +61,7 @@ SERVER_LABELS = {
 }
 
 
-@dataclass(order=True)
+@dataclass
 class Event:
     at: float  # seconds since QEMU started
     source: str
@@ -94,11 +95,14 @@ def follow_boot(server: PxepeerServer, vm: VM) -> bool:
         seen_lines += len(lines)
         for at, line in lines:
             for label, pattern in CONSOLE_LINES:
-                if pattern.search(line):
-                    events.append(Event(at, f"console {label}", line.strip()[:110]))
+                match = pattern.search(line)
+                if match:
+                    # From the match on: the kernel's first line shares the firmware's.
+                    shown = line[match.start() :] if label == "kernel" else line
+                    events.append(Event(at, f"console {label}", shown.strip()[:100]))
                     break
             booted = booted or "PXEPEER-TEST-IMAGE: booted" in line
-        for event in sorted(events):
+        for event in sorted(events, key=lambda e: e.at):  # stable: console order kept
             say(f"  [{event.at:6.2f} s] {event.source:16} {event.text}")
         if not vm.service.running():
             return booted
@@ -129,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     say("2. pxepeer keys new, image add, assign (this VM boots the image without a menu)")
     store = prepare_pxepeer_store(work / "pxepeer", image, {DEMO_MAC: IMAGE_NAME})
 
+    try:
+        return _run(work, firmware, store)
+    except SystemExit:
+        say("\ninterrupted: removing the VM, servers and namespaces")
+        raise
+
+
+def _run(work: Path, firmware: Firmware, store: PxepeerStore) -> int:
     with VirtualStore(work / "lab") as lab:
         say("3. virtual store: bridge 10.77.0.0/24, router dnsmasq with plain DHCP (no PXE)")
         lab.start_router()
