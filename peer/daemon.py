@@ -19,6 +19,7 @@ from imaging.signing import KeyFileError, TrustedKeys, load_public_key
 from peer.boot_progress import BootProgress, Stage
 from peer.http_server import HttpContext, build_app
 from peer.image_library import ImageLibrary
+from peer.imaging_api import add_imaging_routes
 from peer.peer_api import add_peer_routes
 from peer.site import Site, SiteConfig
 from peer.store import ContentStore, StoreError
@@ -167,6 +168,7 @@ class Daemon:
         )
         app = build_app(context)
         add_peer_routes(app, self.site)
+        self.imaging = add_imaging_routes(app, self.site, self.library, self.store, self.progress)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:
