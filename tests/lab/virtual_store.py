@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -275,6 +276,7 @@ class Peer:
 
 
 _live_stores: set[VirtualStore] = set()
+_store_numbers = itertools.count()
 
 
 def _close_all() -> None:
@@ -321,10 +323,12 @@ def remove_stale_namespaces() -> list[str]:
 class VirtualStore:
     """The lab network. Use as a context manager; `close()` is idempotent."""
 
-    def __init__(self, workdir: Path, *, tag: str | None = None):
+    def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.prefix = f"{NS_PREFIX}{os.getpid()}{tag or ''}"
+        # pxlab<pid>-<n>-<name>: unique per run and per store within a run; the pid lets
+        # remove_stale_namespaces() (and demo.sh) find what a dead run left behind.
+        self.prefix = f"{NS_PREFIX}{os.getpid()}-{next(_store_numbers)}"
         self.namespaces: list[str] = []
         self.services: list[Service] = []
         self.vms: list[VM] = []
