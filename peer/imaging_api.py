@@ -7,8 +7,10 @@
 The plan names, for every data chunk of the disk image, the peers that hold it right
 now (this peer and the live peers whose holdings bitmap has it), rotated per chunk and
 per plan so the machines of a site spread their downloads over every holder. A refused
-plan says why in the body and, for busybox wget which drops error bodies, in the
-X-Pxepeer-Error header; the refusal is also recorded as the machine's job.
+plan says why in one line of text (body and X-Pxepeer-Error header) and is recorded as
+the machine's job: 400 bad MAC, 404 no such image or no assignment, 409 not a disk
+image (final for the agent), 503 some chunk is held by no live peer right now (the
+agent asks again).
 """
 
 from __future__ import annotations
@@ -203,8 +205,10 @@ class ImagingApi:
         except NoDiskImage as exc:
             raise PlanRefused(web.HTTPConflict, str(exc)) from None
         except ChunksUnavailable as exc:
+            # 503, not 409: the peers holding the chunks may come back or finish their
+            # download, so the agent asks again; a 4xx answer is final for it.
             raise PlanRefused(
-                web.HTTPConflict, f"{manifest.name} {manifest.version}: {exc}"
+                web.HTTPServiceUnavailable, f"{manifest.name} {manifest.version}: {exc}"
             ) from None
         except PlanError as exc:
             raise PlanRefused(web.HTTPConflict, str(exc)) from None
