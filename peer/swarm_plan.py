@@ -121,7 +121,8 @@ class SwarmPlanner:
             elif sha in elsewhere and now - since < self.limits.takeover_after:
                 continue
             elif wan < self.limits.wan_in_flight and self.wan_owner(
-                job, live, self_wan_ok, now - since, catalog_serial
+                # Not a shunned peer: it may claim the chunk and never fetch it.
+                job, sources, self_wan_ok, now - since, catalog_serial
             ) == self.node_id:
                 fetches.append(Fetch(job, ORIGIN))
                 wan += 1
