@@ -1,0 +1,206 @@
+"""A machine with a blank disk PXE-boots the imager from a site of three peers, the agent
+writes the demo OS from several of them, and the machine then boots the demo OS from
+its own disk.
+
+The site: three `pxepeer serve` peers (each with its own copy of the same store: the
+demo OS disk image and the imager) in peer namespaces on the lab bridge, told of each
+other with --peer; the store router hands out addresses, one peer is elected to answer
+PXE. QEMU is started with -no-reboot, so the agent's final reboot ends the first QEMU;
+the test then starts the same disk again with `-boot c` and waits for the demo OS's
+marker. The disk is compared byte for byte with the image.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.lab.boot_servers import (
+    REPO,
+    PxepeerServer,
+    PxepeerStore,
+    pxepeer,
+    start_pxepeer,
+)
+from tests.lab.virtual_store import (
+    QEMU,
+    VM,
+    Firmware,
+    LabError,
+    SerialLog,
+    VirtualStore,
+)
+
+pytestmark = pytest.mark.lab
+
+DEMO_BUILD = REPO / "images" / "demo-os" / "build.sh"
+IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
+DEMO = "demo-os"
+IMAGER = "imager"
+PEERS = ("peer1", "peer2", "peer3")
+MACS = {"bios": "52:54:00:77:11:01", "bios2": "52:54:00:77:11:02", "uefi": "52:54:00:77:12:01"}
+IMAGING_TIMEOUT = 420  # TCG on a shared 2-core runner: boot ~30 s, writing 64 MiB ~30-90 s
+DISK_MB = 96  # bigger than the 64 MiB image, as real disks are
+DONE = "PXEPEER-IMAGING: done"
+DEMO_MARKER = "PXEPEER-DEMO-OS: booted from disk"
+
+
+@dataclass(frozen=True)
+class ImagingImages:
+    demo_disk: Path
+    imager_kernel: Path
+    imager_initrd: Path
+
+
+def _build(script: Path, outdir: Path) -> None:
+    result = subprocess.run(
+        ["bash", str(script), str(outdir)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise LabError(f"{script} failed:\n{result.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def imaging_images(tmp_path_factory: pytest.TempPathFactory) -> ImagingImages:
+    out = tmp_path_factory.mktemp("imaging-images")
+    _build(DEMO_BUILD, out / "demo")
+    _build(IMAGER_BUILD, out / "imager")
+    return ImagingImages(out / "demo" / "disk.raw", out / "imager" / "vmlinuz",
+                         out / "imager" / "initrd.img")  # fmt: skip
+
+
+def _site_store(workdir: Path, images: ImagingImages, macs: list[str]) -> PxepeerStore:
+    """One store with the demo OS and the imager, signed, and the machines assigned.
+
+    Until the boot script itself turns a disk-image assignment into an imager boot
+    (pxepeer.server and pxepeer.image on the imager's command line), the machines are
+    assigned the imager and its command line names the demo OS and a peer to ask.
+    """
+    cache, keys = workdir / "cache", workdir / "keys"
+    pxepeer("keys", "new", "--out", str(keys))
+    key = str(keys / "publisher.key")
+    pxepeer("image", "add", DEMO, "--disk", str(images.demo_disk), "--key", key,
+            "--cache-dir", str(cache))  # fmt: skip
+    cmdline = f"console=ttyS0 pxepeer.server=http://10.77.0.2:8080 pxepeer.image={DEMO}"
+    pxepeer(
+        "image", "add", IMAGER, "--kind", "imager", "--kernel", str(images.imager_kernel),
+        "--initrd", str(images.imager_initrd), "--cmdline", cmdline, "--key", key,
+        "--cache-dir", str(cache),
+    )  # fmt: skip
+    for mac in macs:
+        pxepeer("assign", mac, IMAGER, "--cache-dir", str(cache))
+    return PxepeerStore(cache=cache, keys=keys)
+
+
+@dataclass
+class Site:
+    lab: VirtualStore
+    servers: dict[str, PxepeerServer]
+    images: ImagingImages
+
+    def counters(self) -> dict[str, int]:
+        """Chunk bytes each peer has served, by peer name."""
+        out = {}
+        for name, server in self.servers.items():
+            if not server.service.running():
+                continue
+            site = server.status()["site"]
+            [me] = [p for p in site["peers"] if p["self"]]
+            out[name] = me["counters"]["lan_bytes_out"]
+        return out
+
+    def jobs(self) -> list[dict]:
+        return self.servers["peer1"].lab.http_json(f"{self.servers['peer1'].base_url}/v1/imaging")[
+            "jobs"
+        ]
+
+    def logs(self, lines: int = 40) -> str:
+        return "\n".join(
+            f"--- {name} ---\n" + "\n".join(s.service.log_text().splitlines()[-lines:])
+            for name, s in self.servers.items()
+        )
+
+
+def _start_site(lab: VirtualStore, store: PxepeerStore, images: ImagingImages) -> Site:
+    lab.start_router()
+    peers = [lab.add_peer(name) for name in PEERS]
+    servers = {}
+    for peer in peers:
+        own = PxepeerStore(cache=lab.workdir / f"cache-{peer.name}", keys=store.keys)
+        shutil.copytree(store.cache, own.cache)
+        others = [f"--peer={p.ip}:8080" for p in peers if p is not peer]
+        servers[peer.name] = start_pxepeer(
+            lab, peer, own, extra_args=("--no-mdns", *others), name=f"pxepeer-{peer.name}"
+        )
+    site = Site(lab, servers, images)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        views = [len(s.status()["site"]["peers"]) for s in servers.values()]
+        if all(v == len(PEERS) for v in views):
+            return site
+        time.sleep(0.5)
+    raise LabError(f"the peers never saw each other:\n{site.logs()}")
+
+
+@pytest.fixture
+def site(lab: VirtualStore, imaging_images: ImagingImages) -> Iterator[Site]:
+    store = _site_store(lab.workdir / "store", imaging_images, list(MACS.values()))
+    yield _start_site(lab, store, imaging_images)
+
+
+def boot_from_disk(lab: VirtualStore, vm: VM) -> VM:
+    """The imaged VM's disk started again, booting from it (no network at all)."""
+    serial = vm.workdir / "serial-disk.log"
+    serial.write_bytes(b"")
+    args = [
+        QEMU, "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
+        "-serial", f"file:{serial}", "-no-reboot", "-boot", "c", "-net", "none",
+        "-drive", f"file={vm.workdir / 'disk.raw'},format=raw,if=ide",
+    ]  # fmt: skip
+    started, started_wall = time.monotonic(), time.time()
+    service = lab.spawn(lab.store, f"qemu-{vm.name}-disk", args)
+    disk_vm = VM(f"{vm.name}-disk", vm.firmware, vm.mac, service, SerialLog(serial, started),
+                 started, started_wall, vm.workdir)  # fmt: skip
+    lab.vms.append(disk_vm)
+    return disk_vm
+
+
+def _same_as_image(vm: VM, image: Path) -> bool:
+    want = image.read_bytes()
+    with open(vm.workdir / "disk.raw", "rb") as f:
+        return f.read(len(want)) == want
+
+
+def _image_vm(site: Site, name: str, firmware: Firmware = Firmware.BIOS) -> VM:
+    vm = site.lab.boot_vm(name, firmware, MACS[name], disk_mb=DISK_MB)
+    return vm
+
+
+def _wait_imaged(site: Site, vm: VM) -> None:
+    try:
+        vm.wait_for(DONE, timeout=IMAGING_TIMEOUT)
+        vm.wait_exit(timeout=60)  # the agent's reboot ends QEMU (-no-reboot)
+    except LabError as exc:
+        raise AssertionError(f"{exc}\n{site.logs()}") from None
+
+
+def test_bios_machine_images_its_disk_from_several_peers_then_boots_it(site: Site) -> None:
+    vm = _image_vm(site, "bios")
+    _wait_imaged(site, vm)
+
+    assert _same_as_image(vm, site.images.demo_disk)
+    served = site.counters()
+    assert sum(1 for b in served.values() if b > 0) >= 2, served
+    [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
+    assert job["state"] == "done" and job["chunks_done"] == job["chunks_total"], job
+    assert len(job["peers_used"]) >= 2, job
+
+    disk_vm = boot_from_disk(site.lab, vm)
+    disk_vm.wait_for(DEMO_MARKER, timeout=120)
+    assert disk_vm.wait_exit(timeout=60) == 0
