@@ -1,0 +1,179 @@
+"""TFTP throughput of pxepeer's server against tftpd-hpa, measured in the same run on loopback.
+
+    sudo python -m bench.tftp_throughput [--size-mib 64] [--reps 3] [--clients 1 4]
+                                         [--blksize 1468] [--codec]
+
+Both servers serve the same random file from the same directory; the client is curl for
+both (tftp-hpa's client cannot negotiate blksize, so it is stuck at 512-byte blocks).
+N clients start together; MB/s (10^6 bytes/s) is N x size / wall time until the last one
+finishes; the table shows the median of the repetitions, the servers alternating within
+each repetition so load drift hits both. in.tftpd runs in the foreground (`-L`), started
+and killed here by PID; it drops to the `tftp` user, so the directory is world-readable.
+`--codec` also times parsing one ACK with tftpy's packet factory and with pxe.tftp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HOST = "127.0.0.1"
+FILENAME = "bench.bin"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def tftpd_hpa(root: Path) -> Iterator[int]:
+    port = free_udp_port()
+    proc = subprocess.Popen(
+        ["in.tftpd", "-L", "-s", str(root), "-a", f"{HOST}:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)  # it binds at once; no readiness line to wait for
+        if proc.poll() is not None:
+            raise RuntimeError(f"in.tftpd exited with {proc.returncode}")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def pxepeer(root: Path, blksize: int) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pxe.tftp_server", "--root", str(root), "--host", HOST,
+         "--port", "0", "--blksize-cap", str(max(blksize, 1468))],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"pxepeer TFTP server did not start: {line!r}")
+        yield int(line.split()[2])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def fetch_all(port: int, clients: int, blksize: int, out_dir: Path) -> float:
+    """Seconds for `clients` concurrent curl downloads; checks every copy's size."""
+    url = f"tftp://{HOST}:{port}/{FILENAME}"
+    outputs = [out_dir / f"got{i}" for i in range(clients)]
+    began = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["curl", "-sS", "--tftp-blksize", str(blksize), "-o", str(out), url],
+            stderr=subprocess.PIPE,
+        )
+        for out in outputs
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"curl failed ({proc.returncode}): {err.decode().strip()}")
+    elapsed = time.perf_counter() - began
+    for out in outputs:
+        out.unlink()
+    return elapsed
+
+
+def check_bytes(port: int, blksize: int, out_dir: Path, expected: str) -> None:
+    out = out_dir / "check"
+    url = f"tftp://{HOST}:{port}/{FILENAME}"
+    subprocess.run(["curl", "-sS", "--tftp-blksize", str(blksize), "-o", str(out), url], check=True)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    if digest != expected:
+        raise RuntimeError(f"server on port {port} sent different bytes")
+
+
+def codec_timings() -> None:
+    from tftpy.TftpPacketFactory import TftpPacketFactory
+
+    from pxe.tftp import encode_ack, parse_packet
+
+    ack = encode_ack(1234)
+    factory = TftpPacketFactory()
+    n = 100_000
+    tftpy_us = timeit.timeit(lambda: factory.parse(ack), number=n) / n * 1e6
+    ours_us = timeit.timeit(lambda: parse_packet(ack), number=n) / n * 1e6
+    print(f"parse one ACK: tftpy {tftpy_us:.2f} µs, pxe.tftp.parse_packet {ours_us:.2f} µs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--blksize", type=int, nargs="+", default=[1468])
+    parser.add_argument("--codec", action="store_true", help="also time the packet codecs")
+    args = parser.parse_args(argv)
+    for tool in ("in.tftpd", "curl"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (apt-get install tftpd-hpa curl)", file=sys.stderr)
+            return 2
+    if args.codec:
+        codec_timings()
+
+    with tempfile.TemporaryDirectory(prefix="tftp-bench-") as tmp:
+        root, out_dir = Path(tmp) / "root", Path(tmp) / "out"
+        root.mkdir()
+        out_dir.mkdir()
+        os.chmod(tmp, 0o755)
+        os.chmod(root, 0o755)
+        data = os.urandom(args.size_mib * 1024 * 1024)
+        (root / FILENAME).write_bytes(data)
+        os.chmod(root / FILENAME, 0o644)
+        expected = hashlib.sha256(data).hexdigest()
+        size = len(data)
+        del data
+
+        rows = []
+        for blksize in args.blksize:
+            with tftpd_hpa(root) as hpa_port, pxepeer(root, blksize) as ours_port:
+                check_bytes(hpa_port, blksize, out_dir, expected)
+                check_bytes(ours_port, blksize, out_dir, expected)
+                for clients in args.clients:
+                    rates: dict[str, list[float]] = {"hpa": [], "ours": []}
+                    for rep in range(args.reps):
+                        order = [("hpa", hpa_port), ("ours", ours_port)]
+                        for name, port in order if rep % 2 == 0 else order[::-1]:
+                            seconds = fetch_all(port, clients, blksize, out_dir)
+                            rates[name].append(clients * size / seconds / 1e6)
+                    hpa, ours = statistics.median(rates["hpa"]), statistics.median(rates["ours"])
+                    rows.append((f"blksize {blksize}, {clients} client(s)", hpa, ours))
+                    print(
+                        f"  {rows[-1][0]}: tftpd-hpa {rates['hpa']}, pxepeer {rates['ours']}",
+                        file=sys.stderr,
+                    )
+
+    print(f"\n{args.size_mib} MiB over loopback, curl, median of {args.reps}, MB/s\n")
+    print(f"| {'scenario':<28} | tftpd-hpa | pxepeer | ratio |")
+    print(f"|{'-' * 30}|----------:|--------:|------:|")
+    for scenario, hpa, ours in rows:
+        print(f"| {scenario:<28} | {hpa:9.1f} | {ours:7.1f} | {ours / hpa:5.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
