@@ -288,6 +288,12 @@ region_sha() { # region_sha OFFSET SIZE: SHA-256 of that region of the disk
 
 # --- one chunk --------------------------------------------------------------------------------
 
+# problem TEXT: one chunk's trouble, on the console at once and kept for the reports.
+problem() {
+    echo "$*" >>"$RUN/errors"
+    log "chunk $*"
+}
+
 # peer_order WHERE: the peer indexes to try, those that failed this run moved to the back.
 peer_order() {
     good= bad=
@@ -311,7 +317,7 @@ do_chunk() {
         # be faster but need not read back as zeros on every device.
         dd if=/dev/zero of="$disk" bs=$MIB seek="$offset" count="$size" \
             oflag=seek_bytes iflag=count_bytes conv=notrunc 2>/dev/null ||
-            { echo "$index write error at byte $offset" >>"$RUN/errors"; return 1; }
+            { problem "$index write error at byte $offset"; return 1; }
         echo "$index zero $size 0" >>"$out"
         return 0
     fi
@@ -324,7 +330,7 @@ do_chunk() {
             rm -f "$tmp"
             if ! timeout "$CHUNK_TIMEOUT" wget -q -O "$tmp" "$base/v1/chunks/$sha" 2>/dev/null; then
                 : >"$RUN/bad/$p"
-                echo "$index peer $base: download failed" >>"$RUN/errors"
+                problem "$index peer $base: download failed"
                 continue
             fi
             # Verified before it is written: a corrupt or truncated chunk never touches
@@ -332,13 +338,13 @@ do_chunk() {
             got=$(sha256sum <"$tmp" | cut -d' ' -f1)
             if [ "$got" != "$sha" ]; then
                 : >"$RUN/bad/$p"
-                echo "$index peer $base: corrupt chunk (sha256 ${got%"${got#????????????}"}...)" >>"$RUN/errors"
+                problem "$index peer $base: corrupt chunk (sha256 ${got%"${got#????????????}"}...)"
                 continue
             fi
             if ! dd if="$tmp" of="$disk" bs=$MIB seek="$offset" oflag=seek_bytes conv=notrunc \
                 2>/dev/null; then
                 rm -f "$tmp"
-                echo "$index write error at byte $offset" >>"$RUN/errors"
+                problem "$index write error at byte $offset"
                 return 1
             fi
             rm -f "$tmp"
@@ -347,7 +353,7 @@ do_chunk() {
         done
         sleep "$round"
     done
-    echo "$index no peer could supply chunk ${sha%"${sha#????????????????}"} (at byte $offset)" >>"$RUN/errors"
+    problem "$index no peer could supply chunk ${sha%"${sha#????????????????}"} (at byte $offset)"
     return 1
 }
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from peer.store import ContentStore
 from tests.lab.boot_servers import (
     REPO,
     PxepeerServer,
@@ -204,3 +205,76 @@ def test_bios_machine_images_its_disk_from_several_peers_then_boots_it(site: Sit
     disk_vm = boot_from_disk(site.lab, vm)
     disk_vm.wait_for(DEMO_MARKER, timeout=120)
     assert disk_vm.wait_exit(timeout=60) == 0
+
+
+def test_two_machines_image_at_once_from_the_same_site(site: Site) -> None:
+    vms = [_image_vm(site, "bios"), _image_vm(site, "bios2")]
+    for vm in vms:
+        _wait_imaged(site, vm)
+
+    for vm in vms:
+        assert _same_as_image(vm, site.images.demo_disk), vm.name
+    jobs = {j["mac"]: j for j in site.jobs()}
+    for vm in vms:
+        assert jobs[vm.mac]["state"] == "done", jobs[vm.mac]
+
+
+def test_uefi_machine_on_virtio_writes_a_verified_disk(site: Site) -> None:
+    # The demo OS boots on BIOS only (SYSLINUX in the MBR); UEFI is checked up to the disk.
+    vm = _image_vm(site, "uefi", Firmware.UEFI)
+    _wait_imaged(site, vm)
+
+    assert vm.serial.first(r"PXEPEER-IMAGING: writing to /dev/vda") is not None
+    assert _same_as_image(vm, site.images.demo_disk)
+
+
+def test_a_peer_killed_during_imaging_does_not_stop_the_machine(site: Site) -> None:
+    victim = site.servers["peer3"]
+    responder_log = site.servers["peer1"].service
+    vm = _image_vm(site, "bios")
+    # Killed (SIGKILL, no goodbye) the moment the plan naming it has been handed out,
+    # before the agent's first chunk download: its chunks must come from the others.
+    deadline = time.monotonic() + IMAGING_TIMEOUT
+    while f"imaging plan for {MACS['bios']}" not in responder_log.log_text():
+        if time.monotonic() > deadline or not vm.service.running():
+            raise AssertionError(f"no plan was handed out:\n{vm.serial.tail()}\n{site.logs()}")
+        time.sleep(0.02)
+    victim.service.proc.kill()
+    victim.service.proc.wait()
+    _wait_imaged(site, vm)
+
+    assert _same_as_image(vm, site.images.demo_disk)
+    assert vm.serial.first(rf"peer {victim.base_url}: download failed") is not None, vm.serial.tail(
+        60
+    )
+    [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
+    assert job["state"] == "done" and victim.base_url in job["plan_peers"], job
+    assert victim.base_url not in job["peers_used"], job
+
+
+@pytest.fixture
+def corrupt_site(lab: VirtualStore, imaging_images: ImagingImages) -> Iterator[Site]:
+    """The site, but peers 2 and 3 hold a damaged copy of every demo OS chunk (a bit
+    flipped on their disks), which they send as stored."""
+    store = _site_store(lab.workdir / "store", imaging_images, [MACS["bios"]])
+    site = _start_site(lab, store, imaging_images)
+    [signed] = ContentStore(store.cache).find_images(DEMO)
+    for name in ("peer2", "peer3"):
+        cache = ContentStore(lab.workdir / f"cache-{name}")
+        for ref in signed.manifest.chunk_refs():
+            path = cache.chunk_path(ref.sha256)
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+    yield site
+
+
+def test_corrupt_chunks_from_two_peers_never_reach_the_disk(corrupt_site: Site) -> None:
+    site = corrupt_site
+    vm = _image_vm(site, "bios")
+    _wait_imaged(site, vm)
+
+    assert vm.serial.first(r"corrupt chunk") is not None, vm.serial.tail(60)
+    assert _same_as_image(vm, site.images.demo_disk)  # byte for byte
+    [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
+    assert list(job["peers_used"]) == [site.servers["peer1"].base_url], job
