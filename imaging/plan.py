@@ -211,3 +211,20 @@ def rotated(items: Sequence[str], by: int) -> list[str]:
         return []
     k = by % len(items)
     return [*items[k:], *items[:k]]
+
+
+def imager_cmdline(cmdline: str, server_url: str, image: str | None = None) -> str:
+    """The imager's kernel command line for one boot: its own, plus where the agent asks
+    for its plan and (when the boot was for a disk image) which image to write.
+
+    Appended last because the agent takes the last value of each setting. `image` is best
+    the disk image's manifest id: it pins the exact version the boot decision chose.
+    """
+    if not _PEER_URL.fullmatch(server_url.rstrip("/")):
+        raise PlanError(f"server URL {server_url!r} cannot go on a command line")
+    parts = [cmdline.strip(), f"pxepeer.server={server_url.rstrip('/')}"]
+    if image is not None:
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+", image):
+            raise PlanError(f"image {image!r} cannot go on a command line")
+        parts.append(f"pxepeer.image={image}")
+    return " ".join(p for p in parts if p)

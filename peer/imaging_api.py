@@ -324,6 +324,14 @@ def _parse_peers(text: str) -> dict[str, int]:
 IMAGING = web.AppKey("imaging", ImagingApi)
 
 
+def imaging_done(app: web.Application, mac: str, manifest_id: str) -> bool:
+    """True when this machine's last imaging run wrote exactly this image and finished:
+    its boot script should then boot the local disk, not image it again (the agent's
+    reboot would otherwise loop back into the imager)."""
+    api = app.get(IMAGING)
+    return api is not None and api.completed(mac) == manifest_id
+
+
 def add_imaging_routes(
     app: web.Application,
     site: Site,

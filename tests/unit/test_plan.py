@@ -17,6 +17,7 @@ from imaging.plan import (
     PlanChunk,
     PlanError,
     build_plan,
+    imager_cmdline,
     rotated,
 )
 
@@ -150,3 +151,16 @@ def test_the_agent_reads_a_rendered_plan(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["chunks=5", "data=3", "peers=2", "size=18", "bytes=12"]
+
+
+def test_imager_cmdline_adds_server_and_image_last() -> None:
+    assert imager_cmdline("console=ttyS0 quiet", P1 + "/", "a" * 64) == (
+        f"console=ttyS0 quiet pxepeer.server={P1} pxepeer.image={'a' * 64}"
+    )
+    assert imager_cmdline("", P2) == f"pxepeer.server={P2}"
+
+
+@pytest.mark.parametrize(("server", "image"), [("http://x y", None), (P1, "a b"), (P1, "$(x)")])
+def test_imager_cmdline_refuses_what_could_split_or_inject(server: str, image: str | None) -> None:
+    with pytest.raises(PlanError):
+        imager_cmdline("console=ttyS0", server, image)
