@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,7 @@ class Boot:
     rep: int
     kernel: float
     marker: float
+    load: float  # 1-minute load average when the boot ended: a busy host skews the run
 
 
 def boot_once(
@@ -82,7 +84,8 @@ def boot_once(
             vm.stop()
     finally:
         stop()
-    return Boot(firmware.value, server, rep, kernel=hit[0], marker=marker)
+    load = os.getloadavg()[0]
+    return Boot(firmware.value, server, rep, kernel=hit[0], marker=marker, load=load)
 
 
 def median(boots: list[Boot], firmware: str, server: str, field: str) -> float:
@@ -151,13 +154,18 @@ def main(argv: list[str] | None = None) -> int:
                     boots.append(boot)
                     print(
                         f"{fw.value} {server:9} rep {rep}: kernel {boot.kernel:6.2f} s, "
-                        f"marker {boot.marker:6.2f} s",
+                        f"marker {boot.marker:6.2f} s (load {boot.load:.1f})",
                         file=sys.stderr,
                     )
             print(f"{fw.value}: {time.monotonic() - started:.0f} s", file=sys.stderr)
 
     print(f"\nmedians of {args.reps} boots, seconds from QEMU start (ratio = pxepeer / reference)")
     print(table(boots, firmwares))
+    loads = [b.load for b in boots]
+    print(f"host 1-min load average during the boots: {min(loads):.1f} to {max(loads):.1f}")
+    if max(loads) > (os.cpu_count() or 1) - 0.5:
+        # pxepeer is Python and the reference is C: CPU starvation slows ours more.
+        print("warning: the host was busy; other processes competed with the VM and servers")
     if args.json:
         args.json.write_text(json.dumps([asdict(b) for b in boots], indent=1))
     return 0
