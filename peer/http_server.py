@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from imaging.manifest import FileEntry, ImageKind
+from imaging.plan import PlanError, imager_cmdline
 from peer.boot_progress import BootProgress, Stage
 from peer.image_library import ImageLibrary, ServedImage
+from peer.imaging_api import imaging_done
 from peer.store import ChunkCorrupt, ContentStore
 from pxe.boot_policy import LOCAL_BOOT, choose_boot
 from pxe.boot_source import BootFileError, BootSource
@@ -59,22 +61,48 @@ def _client_mac(request: web.Request) -> str | None:
     return mac.replace("-", ":") if MAC.match(mac) else None
 
 
-def _image_script(request: web.Request, image: ServedImage, mac: str | None) -> str:
-    base = _base_url(request)
-    boot = image.manifest.boot
-    if boot.kind not in (ImageKind.LINUX, ImageKind.IMAGER) or boot.kernel is None:
-        return render_local_boot(f"{image.title} is a {boot.kind.value} image, not bootable")
+def _linux_script(request: web.Request, image: ServedImage, mac: str | None, cmdline: str) -> str:
+    files = f"{_base_url(request)}/v1/images/{image.manifest_id}/files"
     query = f"?mac={mac.replace(':', '-')}" if mac else ""
-    files = f"{base}/v1/images/{image.manifest_id}/files"
-    initrds = (f"{files}/initrd{query}",) if boot.initrd else ()
+    initrds = (f"{files}/initrd{query}",) if image.manifest.boot.initrd else ()
     return render_linux_boot(
         LinuxBoot(
             title=image.title,
             kernel_url=f"{files}/kernel{query}",
             initrd_urls=initrds,
-            cmdline=boot.cmdline,
+            cmdline=cmdline,
         )
     )
+
+
+def _image_script(request: web.Request, image: ServedImage, mac: str | None) -> str:
+    ctx = request.app[CONTEXT]
+    boot = image.manifest.boot
+    if boot.kind is ImageKind.DISK:
+        # A disk image is not booted: the imager is, told which image to write. Once
+        # this machine has written it, it boots its disk instead of imaging again.
+        if mac is not None and imaging_done(request.app, mac, image.manifest_id):
+            return render_local_boot(f"{image.title} already written to this machine's disk")
+        imager = ctx.library.newest_of_kind(ImageKind.IMAGER)
+        if imager is None or imager.manifest.boot.kernel is None:
+            return render_local_boot(f"no imager image here to write {image.title}")
+        try:
+            cmdline = imager_cmdline(
+                imager.manifest.boot.cmdline, _base_url(request), image.manifest_id
+            )
+        except PlanError as exc:
+            return render_local_boot(str(exc))
+        return _linux_script(request, imager, mac, cmdline)
+    if boot.kind is ImageKind.IMAGER and boot.kernel is not None:
+        # Booted from the menu: the agent asks for its plan here (the assignment decides).
+        try:
+            cmdline = imager_cmdline(boot.cmdline, _base_url(request))
+        except PlanError as exc:
+            return render_local_boot(str(exc))
+        return _linux_script(request, image, mac, cmdline)
+    if boot.kind is not ImageKind.LINUX or boot.kernel is None:
+        return render_local_boot(f"{image.title} is a {boot.kind.value} image, not bootable")
+    return _linux_script(request, image, mac, boot.cmdline)
 
 
 async def boot_script(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from imaging.manifest import FileEntry, Manifest, SignedManifest
+from imaging.manifest import FileEntry, ImageKind, Manifest, SignedManifest
 from imaging.signing import SignatureError, TrustedKeys
 from peer.store import ContentStore
 
@@ -69,6 +69,10 @@ class ImageLibrary:
     def by_id(self, manifest_id: str) -> ServedImage | None:
         image = self._by_id.get(manifest_id)
         return image if image is not None and image.complete else None
+
+    def newest_of_kind(self, kind: ImageKind) -> ServedImage | None:
+        candidates = [i for i in self.images() if i.manifest.boot.kind is kind]
+        return max(candidates, key=lambda i: i.manifest.created, default=None)
 
     def by_name(self, name: str) -> ServedImage | None:
         """The newest complete version of an image."""
