@@ -1,0 +1,200 @@
+"""Distributing an image to a site: pxepeer's swarm against its lower bound and against
+every peer downloading the image from the origin itself, in the same virtual site.
+
+    sudo python -m bench.site_distribution [--size-mib 64] [--peers 2 4 8]
+        [--wan-mbit 20] [--rtt-ms 40] [--lan-mbit 100] [--wan-rate 20Mbit] [--json FILE]
+
+The site is tests/integration/site_lab.py: N peer namespaces on a bridge, each veth
+shaped to B in both directions (htb), an nginx origin behind a WAN of rate W (htb) and
+the given round-trip time (a userspace delay line; this kernel has no netem).
+
+For each N: the peers run and follow a catalog in which the image is paused; then it
+is published active. Time runs from the moment the active catalog lands on the origin
+(its mtime) until the last peer stores its last chunk (the newest chunk file's mtime:
+chunks are written, fsynced, then renamed, so the file is complete when it appears).
+WAN bytes are what nginx sent from that moment (chunks, manifests, catalog polls).
+
+Lower bound, with S the image, p the chunk size (4 MiB) and N peers:
+    max(S/W, S/B) + p/W + (ceil(log2(N+1)) - 1) * p/B
+(the WAN must carry S once, one chunk must still be relayed after the last one arrives,
+and a chunk reaches N peers by doubling). Targets: pxepeer <= 1.15 x bound, WAN bytes
+<= 1.02 S. "naive" is every peer fetching the whole image from the origin with curl at
+once (N x S over the same WAN), measured in the same lab after the swarm run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from imaging.origin_layout import CATALOG
+from tests.integration.site_lab import (
+    MIB,
+    ORIGIN_IP,
+    BuiltImage,
+    SiteLab,
+    WanShape,
+    build_image,
+    lab_skip_reason,
+    pxepeer,
+    site_lab,
+)
+
+CHUNK = 4 * MIB
+
+
+@dataclass
+class Row:
+    peers: int
+    bound_s: float
+    pxepeer_s: float
+    ratio: float
+    wan_bytes_over_s: float
+    naive_s: float | None
+    first_peer_s: float
+    last_wan_chunk_s: float
+    duplicate_chunk_gets: int
+
+
+def lower_bound(size: int, peers: int, wan_bps: float, lan_bps: float) -> float:
+    w, b = wan_bps / 8, lan_bps / 8
+    return max(size / w, size / b) + CHUNK / w + (math.ceil(math.log2(peers + 1)) - 1) * CHUNK / b
+
+
+def last_chunk_time(lab: SiteLab, peer_index: int) -> float:
+    chunks = lab.peers[peer_index].cache / "chunks"
+    return max(p.stat().st_mtime for p in chunks.rglob("*") if p.is_file())
+
+
+def run_swarm(lab: SiteLab, image: BuiltImage, timeout: float) -> tuple[float, list[float], int]:
+    """(start time, each peer's completion time, WAN bytes since start)."""
+    image.publish(lab.origin_dir, "--paused")
+    lab.wait_up(timeout=60)
+    lab.wait_until(
+        "every peer to follow the paused catalog",
+        lambda: all((st := lab.try_status(p)) and st["catalog"] for p in lab.peers),
+        60,
+    )
+    time.sleep(1.5)  # a heartbeat round with everyone on the paused catalog
+    image.publish(lab.origin_dir, "--active")
+    start = (lab.origin_dir / CATALOG).stat().st_mtime
+    lab.wait_complete(image.manifest_id, timeout=timeout)
+    done = [last_chunk_time(lab, i) for i in range(len(lab.peers))]
+    wan = sum(r.bytes_sent for r in lab.requests() if r.time >= start)
+    return start, done, wan
+
+
+def run_naive(lab: SiteLab, image_file: Path, timeout: float) -> float:
+    """Every peer namespace fetches the whole image from the origin at once."""
+    for p in lab.peers:
+        p.stop()
+    start = time.monotonic()
+    procs = [
+        p.ns.popen(
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            str(int(timeout)),
+            f"http://{ORIGIN_IP}/{image_file.name}",
+        )
+        for p in lab.peers
+    ]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise RuntimeError(f"naive curl failed: exit codes {codes}")
+    return time.monotonic() - start
+
+
+def bench_one(work: Path, image: BuiltImage, n: int, args: argparse.Namespace) -> Row:
+    wan = WanShape(rate=f"{args.wan_mbit}mbit", one_way_delay_ms=args.rtt_ms / 2)
+    wan_rate = None if args.wan_rate in ("0", "") else args.wan_rate
+    size = image.stored_bytes
+    with site_lab(
+        work, image.pub, n, wan=wan, lan_rate=f"{args.lan_mbit}mbit", wan_rate=wan_rate
+    ) as lab:
+        start, done, wan_bytes = run_swarm(
+            lab, image, timeout=10 * size / (args.wan_mbit * 1e6 / 8)
+        )
+        gets = lab.chunk_gets()
+        last_wan = max(r.time for r in lab.requests() if r.chunk)
+        naive = None
+        if not args.no_naive:
+            blob = lab.origin_dir / "image.bin"
+            with open(blob, "wb") as out:
+                for sha in image.chunks:
+                    out.write((image.cache / "chunks" / sha[:2] / sha).read_bytes())
+            blob.chmod(0o644)
+            naive = run_naive(lab, blob, timeout=20 * n * size / (args.wan_mbit * 1e6 / 8))
+    bound = lower_bound(size, n, args.wan_mbit * 1e6, args.lan_mbit * 1e6)
+    took = max(done) - start
+    return Row(
+        peers=n,
+        bound_s=round(bound, 2),
+        pxepeer_s=round(took, 2),
+        ratio=round(took / bound, 3),
+        wan_bytes_over_s=round(wan_bytes / size, 4),
+        naive_s=round(naive, 2) if naive is not None else None,
+        first_peer_s=round(min(done) - start, 2),
+        last_wan_chunk_s=round(last_wan - start, 2),
+        duplicate_chunk_gets=sum(c - 1 for c in gets.values()),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--peers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--wan-mbit", type=float, default=20.0)
+    parser.add_argument("--rtt-ms", type=float, default=40.0)
+    parser.add_argument("--lan-mbit", type=float, default=100.0)
+    parser.add_argument("--wan-rate", default="20Mbit", help="pxepeer --wan-rate (0: none)")
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    reason = lab_skip_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pxepeer-site-bench-") as tmp:
+        work = Path(tmp)
+        keys = work / "keys"
+        pxepeer("keys", "new", "--out", str(keys))
+        image = build_image(work, keys, "bench", args.size_mib * MIB, work / "publisher")
+        print(
+            f"image {args.size_mib} MiB ({len(image.chunks)} chunks), WAN {args.wan_mbit} Mbit/s "
+            f"RTT {args.rtt_ms} ms, LAN {args.lan_mbit} Mbit/s per peer, "
+            f"--wan-rate {args.wan_rate}",
+            flush=True,
+        )
+        for n in args.peers:
+            row = bench_one(work / f"n{n}", image, n, args)
+            print(f"  N={n}: {asdict(row)}", flush=True)
+            rows.append(row)
+
+    print()
+    print(f"{'N':>3} {'bound s':>8} {'pxepeer s':>10} {'ratio':>6} {'WAN/S':>7} {'naive s':>8}"
+          f"   first peer s  last WAN chunk s  dup GETs")  # fmt: skip
+    for r in rows:
+        naive = f"{r.naive_s:8.1f}" if r.naive_s is not None else f"{'-':>8}"
+        print(
+            f"{r.peers:>3} {r.bound_s:8.1f} {r.pxepeer_s:10.1f} {r.ratio:6.2f} "
+            f"{r.wan_bytes_over_s:7.3f} {naive}   {r.first_peer_s:12.1f}  "
+            f"{r.last_wan_chunk_s:16.1f}  {r.duplicate_chunk_gets:8d}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
