@@ -19,6 +19,7 @@ class Stage(Enum):
     SCRIPT = "script"  # iPXE fetched its boot script
     KERNEL = "kernel"
     INITRD = "initrd"
+    IMAGING = "imaging"  # the imaging agent's reports: plan, progress, done
     FAILED = "failed"
 
 

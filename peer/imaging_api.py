@@ -138,10 +138,8 @@ class ImagingApi:
         return job.manifest_id if job is not None and job.state == "done" else None
 
     def _stage(self, job: ImagingJob, detail: str) -> None:
-        # BootProgress may not know an imaging stage yet; then only failures go there.
-        stage = Stage.FAILED if job.state == "failed" else getattr(Stage, "IMAGING", None)
-        if stage is not None:
-            self.progress.record(stage, mac=job.mac, ip=job.ip, image=job.image, detail=detail)
+        stage = Stage.FAILED if job.state == "failed" else Stage.IMAGING
+        self.progress.record(stage, mac=job.mac, ip=job.ip, image=job.image, detail=detail)
 
     # -- the plan -----------------------------------------------------------------------
 
