@@ -42,7 +42,7 @@ if command -v file >/dev/null && file -L "$busybox" | grep -q 'dynamically linke
 fi
 [ "$disk_mb" -ge 32 ] || die "PXEPEER_DEMO_DISK_MB must be at least 32 (kernel + FAT overhead)"
 
-# shellcheck source=../imager/debian-kernel.sh
+# shellcheck source=SCRIPTDIR/../imager/debian-kernel.sh
 . "$here/../imager/debian-kernel.sh"
 debian_kernel
 

@@ -42,7 +42,7 @@ if command -v file >/dev/null && file -L "$busybox" | grep -q 'dynamically linke
 fi
 [ -f "$agent" ] || die "$agent is missing"
 
-# shellcheck source=debian-kernel.sh
+# shellcheck source=SCRIPTDIR/debian-kernel.sh
 . "$here/debian-kernel.sh"
 debian_kernel
 

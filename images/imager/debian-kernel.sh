@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2154 # sets variables for, and reads them from, its caller
 # Sourced by images/imager/build.sh and images/demo-os/build.sh (bash): fetch Debian's
 # kernel package with `apt-get download`, unpack it once with `dpkg-deb -x` (it is never
 # installed here) and run depmod on the unpacked tree. The same cache and file names as

@@ -54,7 +54,7 @@ parse_plan_lines() {
     plan=$1
     mkdir -p "$RUN"
     : >"$RUN/chunks"
-    npeers=0 nchunks=0 ndata=0 data_bytes=0 end= manifest= disk_size= chunk_size=
+    npeers=0 nchunks=0 ndata=0 data_bytes=0 end='' manifest='' disk_size='' chunk_size=''
     first=1
     while IFS= read -r line || [ -n "$line" ]; do
         if [ -n "$first" ]; then
@@ -101,9 +101,11 @@ parse_plan_lines() {
             *) log "unknown plan line: $line"; return 1 ;;
         esac
     done <"$plan"
-    [ -n "$end" ] && [ "$end" -eq "$nchunks" ] || { log "plan is cut short"; return 1; }
-    [ -n "$manifest" ] && [ -n "$disk_size" ] && [ -n "$chunk_size" ] || return 1
-    return 0
+    if [ -z "$end" ] || [ "$end" -ne "$nchunks" ]; then
+        log "plan is cut short"
+        return 1
+    fi
+    [ -n "$manifest" ] && [ -n "$disk_size" ] && [ -n "$chunk_size" ]
 }
 
 if [ "${1:-}" = "--check-plan" ]; then
@@ -140,7 +142,6 @@ mac=${PXEPEER_MAC:-}
 disk=${PXEPEER_DISK:-$(arg pxepeer.disk)}
 state=starting
 message=
-plan_ok=
 
 finish() { # finish: reboot into the new disk, or power off, or (tests) exit
     code=$1
@@ -290,6 +291,7 @@ region_is_zero() { # region_is_zero OFFSET SIZE: true when that region reads as 
     # tr drops the zeros; the first byte left over ends the pipe early. pipefail: a read
     # error must not pass for zeros (it is then "not zero", and the chunk is written).
     left=$(
+        # shellcheck disable=SC3040 # busybox ash has pipefail
         set -o pipefail
         dd if="$disk" bs=$MIB skip="$1" count="$2" iflag=skip_bytes,count_bytes 2>/dev/null |
             tr -d '\000' | head -c 1 | wc -c
@@ -306,7 +308,7 @@ problem() {
 
 # peer_order WHERE: the peer indexes to try, those that failed this run moved to the back.
 peer_order() {
-    good= bad=
+    good='' bad=''
     for i in $(echo "$1" | tr ',' ' '); do
         if [ -e "$RUN/bad/$i" ]; then bad="$bad $i"; else good="$good $i"; fi
     done
@@ -341,6 +343,7 @@ do_chunk() {
         return 0
     fi
     tmp="$RUN/tmp.$index"
+    base=''
     round=0
     while [ "$round" -lt "$ROUNDS" ]; do
         round=$((round + 1))
@@ -388,6 +391,7 @@ worker() { # worker N TODO: claims chunks of TODO one at a time (mkdir is atomic
 
 # tally: done_chunks done_bytes fetched_bytes peers_used, from the workers' logs
 tally() {
+    # shellcheck disable=SC2046 # four words, split on purpose
     set -- $(cat "$RUN"/log.* 2>/dev/null | awk '
         { n++; bytes += $3; fetched += $4; if ($2 ~ /^p/) used[substr($2, 2)]++ }
         END { s = ""; for (p in used) s = s (s ? "," : "") p "=" used[p]
@@ -492,7 +496,7 @@ if flag pxepeer.verify; then
 fi
 
 show_progress
-state=done
+state='done'
 elapsed=$(($(date +%s) - started))
 message="$nchunks chunks, $((data_bytes / MIB)) MiB of data in ${elapsed} s"
 report
