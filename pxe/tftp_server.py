@@ -1,19 +1,23 @@
-"""The adapter around `pxe.tftp`: requests in the asyncio loop, packets in worker processes.
+"""The adapter around `pxe.tftp`: requests in the asyncio loop, transfers in worker processes.
 
 Requests arrive on port 69 in the event loop, which parses them, opens the boot file (in
-an executor thread) and a new UDP socket (the server's transfer ID), and hands both file
-descriptors over SCM_RIGHTS to one of a few worker processes (`python -m pxe.tftp_server
---worker-fd N`). A worker moves the packets of all its transfers in one loop: epoll over
-their sockets, recvfrom/sendto, pread, and the sans-IO `ReadSession`. It reports each
-transfer's end; the event loop counts, logs one line and calls `on_event`.
+an executor thread) and a new UDP socket connect()ed to the client (the server's
+transfer ID), and hands the descriptors over SCM_RIGHTS to one of a few worker processes
+(`python -m pxe.tftp_server --worker-fd N`). There each transfer runs in a thread of its
+own, blocking on its socket: recv, `ReadSession.receive`, send, with SO_RCVTIMEO as the
+retransmission timer. The worker reports each transfer's end; the event loop counts,
+logs one line and calls `on_event`.
 
-Why processes: lock-step TFTP is one small syscall pair per 1468 bytes, and most of the
-cost is the kernel waking the client. Measured with bench/tftp_throughput.py, one Python
-thread (or several fighting over the GIL) reached ~0.6-0.8x tftpd-hpa with 4 clients,
-while tftpd-hpa forks a process per transfer and uses every core; a pool of processes
-does the same without a fork per request. Files without a descriptor (a BootSource that
-is not a directory) and netascii transfers are pumped by a thread in this process, which
-is also the fallback when no worker can be started.
+Why, measured on this machine (bench/tftp_throughput.py and micro-benchmarks): lock-step
+TFTP is one syscall pair per block and most of its cost is in the kernel, so every extra
+call shows. An asyncio endpoint pays a loop iteration per datagram (~30 µs); an epoll
+pump adds ~2.8 µs per packet; recvfrom(65536) costs ~3.4 µs more than recv(1024) (a 64
+KiB allocation); sendto ~0.7 µs more than send on a connected socket. Threads of one
+process fight over the GIL once several clients are served, while tftpd-hpa forks a
+process per transfer and uses every core; a small pool of processes does the same
+without a fork per request. Files without a descriptor (a BootSource that is not a
+directory) and netascii transfers run in threads of this process, which is also the
+fallback when no worker can be started.
 
 Nothing a client sends can stop the server: malformed datagrams are dropped and counted,
 bad names get a TFTP ERROR, a crashed worker fails only its own transfers.
@@ -33,6 +37,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -73,6 +78,8 @@ log = logging.getLogger("pxepeer.tftp")
 NETASCII_MAX = 64 * 1024 * 1024  # netascii is converted in memory; boot files are binary
 SHUTTING_DOWN = "server shutting down"
 _CONTROL_MAX = 64 * 1024  # bytes of one control message (JSON) between server and worker
+# Worker processes: enough that a few concurrent clients each get one to themselves.
+DEFAULT_WORKERS = min(max(os.cpu_count() or 1, 2), 4)
 
 
 class TftpEventKind(Enum):
@@ -109,13 +116,17 @@ class TftpStats:
 EventHook = Callable[[TftpEvent], None]
 
 
-def _udp_socket(host: str, port: int, device: str | None) -> socket.socket:
+def _udp_socket(
+    host: str, port: int, device: str | None, *, reuse_port: bool = False
+) -> socket.socket:
     family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
         if device:
             # Serve that interface only, whatever else the host is attached to.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -123,8 +134,33 @@ def _udp_socket(host: str, port: int, device: str | None) -> socket.socket:
     return sock
 
 
+def _transfer_sockets(
+    host: str, device: str | None, client: tuple[str, int]
+) -> tuple[socket.socket, socket.socket]:
+    """The transfer's socket, connect()ed to the client, and its unconnected twin.
+
+    Both are bound to the same new port (SO_REUSEPORT). Linux delivers the client's packets
+    to the connected socket and everything else to the twin, so the hot path gets cheap
+    recv/send calls while packets from a wrong TID still reach us and get error 5.
+    """
+    sock = _udp_socket(host, 0, device, reuse_port=True)
+    try:
+        twin = _udp_socket(host, sock.getsockname()[1], device, reuse_port=True)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        sock.connect(client)
+        twin.setblocking(False)
+    except BaseException:
+        sock.close()
+        twin.close()
+        raise
+    return sock, twin
+
+
 # ---------------------------------------------------------------------------------------
-# The packet pump: the inner loop of a worker process and of the in-process fallback
+# One transfer: a thread blocking on its own socket
 
 
 @dataclass(frozen=True)
@@ -144,184 +180,105 @@ class _Report:
 @dataclass(eq=False)
 class _Active:
     key: int
-    sock: socket.socket
+    sock: socket.socket  # connected to the client, blocking
+    twin: socket.socket  # same port, unconnected: strays from other TIDs
     client: tuple[str, int]
     session: ReadSession
     close_file: Callable[[], None]
-    began: float
     errors_sent: int = 0
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        # Wakes the thread blocked in recv (it then returns b"").
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
 
 
-_INF = float("inf")
+_RECV_MAX = 1024  # ACKs are 4 bytes, ERRORs short; a bigger buffer costs a 64 KiB malloc each
 
 
-class _Pump:
-    """Moves the packets of many transfers in one thread: epoll over their sockets.
+def _set_timer(sock: socket.socket, seconds: float) -> None:
+    seconds = max(seconds, 0.001)  # zero would mean "wait forever"
+    whole = int(seconds)
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+        struct.pack("ll", whole, int((seconds - whole) * 1_000_000)),
+    )  # fmt: skip
 
-    Control descriptors (a wake-up socket, a worker's pipe to the server) are watched in
-    the same epoll; their handlers run in the pump's thread and may admit transfers.
+
+def _serve_transfer(active: _Active) -> _Report:
+    """Run one session to its end on its blocking socket; closes the socket and the file.
+
+    SO_RCVTIMEO is the retransmission timer: a blocking recv returns EAGAIN once the client
+    has been silent that long. Per packet that is two syscalls (recv, send) and no poll.
     """
-
-    def __init__(self, on_end: Callable[[_Report], None]):
-        self.on_end = on_end
-        self.stopping = False
-        self._epoll = select.epoll()
-        self._active: dict[int, _Active] = {}
-        self._controls: dict[int, Callable[[], None]] = {}
-        # No transfer's deadline is earlier than this: deadlines only ever move later.
-        self._next_check = _INF
-
-    def __len__(self) -> int:
-        return len(self._active)
-
-    def watch(self, fd: int, handler: Callable[[], None]) -> None:
-        self._controls[fd] = handler
-        self._epoll.register(fd, select.EPOLLIN)
-
-    def admit(self, active: _Active) -> None:
-        fd = active.sock.fileno()
-        self._active[fd] = active
-        self._epoll.register(fd, select.EPOLLIN)
-        self._send(active, active.session.start(time.monotonic()))
-        if active.session.done:
-            self._end(active)
-        else:
-            self._next_check = min(self._next_check, active.session.deadline)
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        finally:
-            for active in list(self._active.values()):
-                self._end(active, SHUTTING_DOWN)
-            self._epoll.close()
-
-    def _loop(self) -> None:
-        poll, monotonic = self._epoll.poll, time.monotonic
-        active_by_fd, controls = self._active, self._controls
-        error_5 = encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
-        while not self.stopping:
-            wait = self._next_check - monotonic()
-            for fd, _ in poll(-1 if wait == _INF else max(wait, 0.0)):
-                active = active_by_fd.get(fd)
-                if active is None:
-                    handler = controls.get(fd)
-                    if handler is not None:
-                        handler()
-                    continue
-                try:
-                    data, addr = active.sock.recvfrom(65536)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self._end(active, f"socket error: {exc.strerror or exc}")
-                    continue
-                if addr != active.client:
-                    # RFC 1350: another port's packets get error 5, the transfer goes on.
-                    active.errors_sent += 1
-                    with contextlib.suppress(OSError):
-                        active.sock.sendto(error_5, addr)
-                    continue
-                session = active.session
-                self._send(active, session.receive(data, monotonic()))
-                if session.done:
-                    self._end(active)
-            now = monotonic()
-            if now >= self._next_check:
-                self._next_check = _INF
-                for active in list(active_by_fd.values()):
-                    session = active.session
-                    if session.deadline <= now:
-                        self._send(active, session.tick(now))
-                    if session.done:
-                        self._end(active)
-                    else:
-                        self._next_check = min(self._next_check, session.deadline)
-
-    def _send(self, active: _Active, packets: list[bytes]) -> None:
-        sock, client = active.sock, active.client
-        try:
-            for packet in packets:
-                sock.sendto(packet, client)
-        except BlockingIOError:
-            pass  # send buffer full (a large window): as if lost, the timer resends
-        except OSError as exc:
-            self._end(active, f"socket error: {exc.strerror or exc}")
-
-    def abandon(self, active: _Active, reason: str) -> None:
-        """End a transfer that was never admitted (the pump is already stopping)."""
-        self._active[active.sock.fileno()] = active
-        self._end(active, reason)
-
-    def _end(self, active: _Active, reason: str = "") -> None:
-        fd = active.sock.fileno()
-        if self._active.pop(fd, None) is None:
-            return
-        session = active.session
-        if reason:
-            for packet in session.cancel(reason):
-                with contextlib.suppress(OSError):
-                    active.sock.sendto(packet, active.client)
-                    active.errors_sent += 1
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.unregister(fd)
-        active.sock.close()
-        active.close_file()
-        outcome = session.outcome or Outcome.FAILED
-        report = _Report(
-            active.key, outcome.value, session.reason, session.bytes_acknowledged,
-            session.retransmits, session.malformed, active.errors_sent,
-            time.monotonic() - active.began,
-        )  # fmt: skip
-        try:
-            self.on_end(report)
-        except Exception:
-            log.exception("TFTP transfer report failed")
+    sock, session = active.sock, active.session
+    began = time.monotonic()
+    timeout = session.timeout
+    armed = timeout
+    recv, send, receive, monotonic = sock.recv, sock.send, session.receive, time.monotonic
+    try:
+        _set_timer(sock, armed)
+        for packet in session.start(began):
+            send(packet)
+        while not session.done and not active.cancelled:
+            try:
+                data = recv(_RECV_MAX)
+            except BlockingIOError:  # the timer fired
+                if active.cancelled:
+                    break
+                now = monotonic()
+                # Treat it as the deadline even if the kernel woke us a hair early.
+                out = session.tick(max(now, session.deadline))
+            else:
+                if not data and active.cancelled:
+                    break
+                now = monotonic()
+                out = receive(data, now)
+                if not out and now >= session.deadline:
+                    out = session.tick(now)
+            for packet in out:
+                send(packet)
+            # After a send the whole timeout is ahead; after a packet that changed nothing
+            # (a duplicate ACK, junk) only what is left of it.
+            want = timeout if out else session.deadline - monotonic()
+            if want != armed and not session.done:
+                armed = want
+                _set_timer(sock, armed)
+    except ConnectionRefusedError:
+        # ICMP port unreachable on the connected socket: the client has gone away.
+        session.cancel("client port closed")
+    except OSError as exc:
+        session.cancel(f"socket error: {exc.strerror or exc}")
+    if active.cancelled and not session.done:
+        for packet in session.cancel(SHUTTING_DOWN):
+            with contextlib.suppress(OSError):
+                send(packet)
+                active.errors_sent += 1
+    sock.close()
+    active.close_file()
+    outcome = session.outcome or Outcome.FAILED
+    return _Report(
+        active.key, outcome.value, session.reason, session.bytes_acknowledged,
+        session.retransmits, session.malformed, active.errors_sent, time.monotonic() - began,
+    )  # fmt: skip
 
 
-class _PumpThread:
-    """A pump in a thread of this process, fed through a queue and a wake-up socket."""
+_ERROR_5 = encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
 
-    def __init__(self, on_end: Callable[[_Report], None]):
-        self.pump = _Pump(on_end)
-        self._incoming: deque[_Active] = deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.pump.watch(self._wake_r.fileno(), self._admit)
-        self._thread = threading.Thread(target=self._run, name="tftp-pump", daemon=True)
-        self._thread.start()
 
-    def add(self, active: _Active) -> None:
-        self._incoming.append(active)
-        self._wake()
-
-    def stop(self) -> None:
-        self.pump.stopping = True
-        self._wake()
-        self._thread.join(5.0)
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # already signalled, or already stopped
-            self._wake_w.send(b"\0")
-
-    def _admit(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self._wake_r.recv(4096):
-                pass
-        while self._incoming and not self.pump.stopping:
-            self.pump.admit(self._incoming.popleft())
-
-    def _run(self) -> None:
-        try:
-            self.pump.run()
-        except Exception:
-            log.exception("TFTP pump thread crashed")
-        finally:
-            while self._incoming:  # handed over while stopping: never started
-                self.pump.abandon(self._incoming.popleft(), SHUTTING_DOWN)
-            self._wake_r.close()
-            self._wake_w.close()
+def _answer_stray(active: _Active) -> None:
+    """The twin socket is readable: a packet from another TID gets error 5 (RFC 1350)."""
+    try:
+        _, addr = active.twin.recvfrom(_RECV_MAX)
+    except OSError:
+        return
+    if addr[:2] == active.client:
+        return  # only after the transfer's socket closed; the transfer is over anyway
+    with contextlib.suppress(OSError):
+        active.twin.sendto(_ERROR_5, addr)
+        active.errors_sent += 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,46 +286,82 @@ class _PumpThread:
 
 
 def _worker_main(control_fd: int) -> int:
-    """A worker process: transfers arrive as (socket, file) descriptors plus JSON."""
+    """A worker process: transfers arrive as descriptors (socket, twin, file) plus JSON,
+    each runs in a thread of its own; the main thread watches the twins and the control."""
     control = socket.socket(fileno=control_fd)
-    control.setblocking(False)
+    epoll = select.epoll()
+    epoll.register(control.fileno(), select.EPOLLIN)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    epoll.register(wake_r.fileno(), select.EPOLLIN)
+    actives: dict[int, _Active] = {}  # by key
+    strays: dict[int, _Active] = {}  # by twin fd
+    finished: deque[_Active] = deque()
+    threads: list[threading.Thread] = []
 
-    def report(result: _Report) -> None:
+    def run(active: _Active) -> None:
+        try:
+            report = _serve_transfer(active)
+        except Exception as exc:  # a bug costs this transfer, never the worker
+            log.exception("TFTP transfer crashed")
+            report = _Report(active.key, "failed", f"internal error: {exc!r}", 0, 0, 0, 0, 0)
         with contextlib.suppress(OSError):
-            control.send(json.dumps({"op": "end", **asdict(result)}).encode())
+            control.send(json.dumps(asdict(report)).encode())
+        finished.append(active)
+        with contextlib.suppress(OSError):
+            wake_w.send(b"\0")
 
-    pump = _Pump(report)
-
-    def on_control() -> None:
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(control, _CONTROL_MAX, 2)
-            except BlockingIOError:
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:  # the server closed its end (stopped or died): end everything
-                pump.stopping = True
-                return
-            message = json.loads(data)
-            if message["op"] == "stop":
-                pump.stopping = True
-                return
-            if message["op"] == "start" and len(fds) == 2:
-                pump.admit(_active_from_message(message, fds[0], fds[1]))
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    pump.watch(control.fileno(), on_control)
-    pump.run()
+    stopping = False
+    while not stopping:
+        for fd, _ in epoll.poll():
+            if fd == control.fileno():
+                try:
+                    data, fds, _, _ = socket.recv_fds(control, _CONTROL_MAX, 3)
+                except OSError:
+                    data, fds = b"", []
+                message = json.loads(data) if data else {"op": "stop"}
+                if message["op"] == "start" and len(fds) == 3:
+                    active = _active_from_message(message, *fds)
+                    actives[active.key] = active
+                    strays[active.twin.fileno()] = active
+                    epoll.register(active.twin.fileno(), select.EPOLLIN)
+                    thread = threading.Thread(target=run, args=(active,), daemon=True)
+                    threads.append(thread)
+                    thread.start()
+                else:
+                    for extra in fds:
+                        os.close(extra)
+                    # "stop", or the server closed its end (stopped or died).
+                    stopping = message["op"] == "stop" or not data
+            elif fd == wake_r.fileno():
+                with contextlib.suppress(BlockingIOError):
+                    while wake_r.recv(4096):
+                        pass
+                while finished:
+                    active = finished.popleft()
+                    actives.pop(active.key, None)
+                    strays.pop(active.twin.fileno(), None)
+                    with contextlib.suppress(OSError, ValueError):
+                        epoll.unregister(active.twin.fileno())
+                    active.twin.close()
+                threads = [t for t in threads if t.is_alive()]
+            elif fd in strays:
+                _answer_stray(strays[fd])
+    for active in list(actives.values()):
+        active.cancel()
+    for thread in threads:
+        thread.join(5.0)
     control.close()
     return 0
 
 
-def _active_from_message(message: dict[str, Any], sock_fd: int, file_fd: int) -> _Active:
+def _active_from_message(
+    message: dict[str, Any], sock_fd: int, twin_fd: int, file_fd: int
+) -> _Active:
     sock = socket.socket(fileno=sock_fd)
-    sock.setblocking(False)
+    twin = socket.socket(fileno=twin_fd)
+    sock.setblocking(True)
+    twin.setblocking(False)
 
     def read_at(offset: int, length: int) -> bytes:
         return os.pread(file_fd, length, offset)
@@ -378,9 +371,7 @@ def _active_from_message(message: dict[str, Any], sock_fd: int, file_fd: int) ->
     )
     session = ReadSession(read_at, message["size"], options, message["retries"])
     client = (message["client"][0], message["client"][1])
-    return _Active(
-        message["key"], sock, client, session, lambda: os.close(file_fd), time.monotonic()
-    )
+    return _Active(message["key"], sock, twin, client, session, lambda: os.close(file_fd))
 
 
 class _Worker:
@@ -412,9 +403,9 @@ class _Worker:
         self.control = ours
         loop.add_reader(ours.fileno(), self._readable)
 
-    def submit(self, message: dict[str, Any], sock: socket.socket, file_fd: int) -> None:
+    def submit(self, message: dict[str, Any], fds: list[int]) -> None:
         """Hand a transfer over; raises OSError if the worker cannot take it."""
-        socket.send_fds(self.control, [json.dumps(message).encode()], [sock.fileno(), file_fd])
+        socket.send_fds(self.control, [json.dumps(message).encode()], fds)
         self.keys.add(message["key"])
 
     def request_stop(self) -> None:
@@ -422,7 +413,7 @@ class _Worker:
             self.control.send(json.dumps({"op": "stop"}).encode())
 
     def _readable(self) -> None:
-        while True:
+        while self.alive:
             try:
                 data = self.control.recv(_CONTROL_MAX)
             except BlockingIOError:
@@ -451,9 +442,7 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()  # ours, by PID
             await asyncio.to_thread(self.proc.wait)
-        # Reports written just before the exit are still in the socket.
-        if self.alive:
-            self._readable()
+        self._readable()  # reports written just before the exit are still in the socket
         if self.alive:
             self._gone()
 
@@ -464,16 +453,22 @@ class _Worker:
 
 @dataclass
 class _Opened:
-    """A transfer ready to start: its socket, file and negotiated options."""
+    """A transfer ready to start: its sockets, file and negotiated options."""
 
     client: tuple[str, int]
     filename: str
     sock: socket.socket
+    twin: socket.socket
     file: BootFile
     size: int
     options: TransferOptions
     read_at: Callable[[int, int], bytes]
     file_fd: int | None  # set when a worker process can read the file itself
+
+    def close(self) -> None:
+        self.sock.close()
+        self.twin.close()
+        self.file.close()
 
 
 @dataclass
@@ -482,6 +477,15 @@ class _Running:
     filename: str
     size: int
     options: TransferOptions
+
+
+@dataclass
+class _Refusal:
+    client: tuple[str, int]
+    filename: str
+    code: ErrorCode
+    message: str
+    sock: socket.socket | None
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -501,7 +505,7 @@ class _Listener(asyncio.DatagramProtocol):
 class TftpServer:
     """Serves boot files read-only over TFTP on one address (and optionally one device).
 
-    `workers` processes move the packets (0: a thread in this process does).
+    `workers` processes carry the transfers (0: threads of this process do).
     """
 
     def __init__(
@@ -524,16 +528,17 @@ class TftpServer:
         self.limits = ServerLimits(blksize_cap, windowsize_cap, timeout, retries)
         self.on_event = on_event
         self.max_sessions = max_sessions
-        self.workers = min(os.cpu_count() or 1, 4) if workers is None else max(0, workers)
+        self.workers = DEFAULT_WORKERS if workers is None else max(0, workers)
         self.stats = TftpStats()
         # Everything below is touched only in the event loop's thread.
         self._slots = 0  # transfers being opened or running, bounded by max_sessions
         self._running: dict[int, _Running] = {}
+        self._local: dict[int, tuple[_Active, threading.Thread]] = {}
         self._next_key = 0
         self._transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pump_thread: _PumpThread | None = None
         self._workers: list[_Worker] = []
+        self._started = False
         self._stopping = False
 
     async def start(self) -> None:
@@ -548,12 +553,12 @@ class TftpServer:
             sock.close()
             raise
         self._transport = transport  # type: ignore[assignment]
-        self._pump_thread = _PumpThread(self._report_from_thread)
+        self._started = True
         for _ in range(self.workers):
             try:
                 self._workers.append(_Worker(loop, self._on_report))
             except OSError as exc:
-                log.warning("TFTP worker process did not start (%s); using a thread", exc)
+                log.warning("TFTP worker process did not start (%s); using threads", exc)
                 break
         log.info(
             "TFTP on %s:%d%s, blksize up to %d, windowsize up to %d, %d worker processes",
@@ -570,11 +575,15 @@ class TftpServer:
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.request_stop()
-        if self._pump_thread is not None:
-            pump_thread, self._pump_thread = self._pump_thread, None
-            await asyncio.to_thread(pump_thread.stop)
+        local = list(self._local.values())
+        for active, _ in local:
+            active.cancel()
+        for _, thread in local:
+            await asyncio.to_thread(thread.join, 5.0)
         for worker in workers:
             await worker.wait(5.0)
+        await asyncio.sleep(0)  # let the threads' last reports run
+        self._started = False
 
     # -- requests on the listening socket (event loop thread) --------------------------
 
@@ -610,12 +619,11 @@ class TftpServer:
         future.add_done_callback(self._opened)
 
     def _open(self, client: tuple[str, int], request: Request) -> _Opened | _Refusal:
-        """Executor thread: the file, a socket of its own and the options, or a refusal."""
-        sock: socket.socket | None = None
+        """Executor thread: the file, sockets of its own and the options, or a refusal."""
+        sockets: tuple[socket.socket, socket.socket] | None = None
         file: BootFile | None = None
         try:
-            sock = _udp_socket(self.host, 0, self.device)
-            sock.setblocking(False)
+            sockets = _transfer_sockets(self.host, self.device, client)
             file = self.boot_source.open_boot_file(request.filename)
             size, read_at = file.size, file.read_at
             fd = getattr(file, "fd", None)
@@ -627,18 +635,22 @@ class TftpServer:
                 size, file_fd = len(converted), None
                 read_at = _bytes_reader(converted)
             options = negotiate(request.options, size, self.limits)
-            opened = _Opened(client, request.filename, sock, file, size, options, read_at, file_fd)
-            sock = file = None  # owned by `opened` now
+            opened = _Opened(client, request.filename, *sockets, file, size, options, read_at,
+                             file_fd)  # fmt: skip
+            sockets = file = None  # owned by `opened` now
             return opened
         except BootFileError as exc:
-            return _Refusal(client, request.filename, _error_code(exc), str(exc), sock)
+            code, message = _error_code(exc), str(exc)
         except Exception as exc:  # e.g. a symlink loop, EMFILE: refuse, never crash
             log.warning("TFTP cannot serve %r: %r", request.filename, exc)
-            return _Refusal(client, request.filename, ErrorCode.ACCESS_VIOLATION,
-                            "cannot open file", sock)  # fmt: skip
+            code, message = ErrorCode.ACCESS_VIOLATION, "cannot open file"
         finally:
             if file is not None:
                 file.close()
+            if sockets is not None:
+                sockets[1].close()
+        # The error goes out from the transfer's port, as tftpd-hpa does.
+        return _Refusal(client, request.filename, code, message, sockets and sockets[0])
 
     def _opened(self, future: asyncio.Future[_Opened | _Refusal]) -> None:
         exc = future.exception()
@@ -653,9 +665,8 @@ class TftpServer:
             if result.sock is not None:
                 result.sock.close()
             return
-        if self._stopping or self._pump_thread is None:
-            result.sock.close()
-            result.file.close()
+        if self._stopping or not self._started:
+            result.close()
             self._slots -= 1
             return
         self._start(result)
@@ -676,20 +687,43 @@ class TftpServer:
                 "retries": self.limits.retries,
             }  # fmt: skip
             try:
-                worker.submit(message, opened.sock, opened.file_fd)
+                worker.submit(message, [opened.sock.fileno(), opened.twin.fileno(), opened.file_fd])
             except OSError as exc:
                 log.warning("TFTP worker did not take a transfer (%s); using a thread", exc)
             else:
-                # The worker holds its own copies of both descriptors now.
-                opened.sock.close()
-                opened.file.close()
+                opened.close()  # the worker holds its own copies of the descriptors
                 return
-        assert self._pump_thread is not None
+        self._start_thread(key, opened)
+
+    def _start_thread(self, key: int, opened: _Opened) -> None:
+        assert self._loop is not None
         session = ReadSession(opened.read_at, opened.size, opened.options, self.limits.retries)
-        active = _Active(
-            key, opened.sock, opened.client, session, opened.file.close, time.monotonic()
+        opened.sock.setblocking(True)
+        opened.twin.setblocking(False)
+        active = _Active(key, opened.sock, opened.twin, opened.client, session, opened.file.close)
+        self._loop.add_reader(active.twin.fileno(), _answer_stray, active)
+        thread = threading.Thread(
+            target=self._thread_main, args=(active,), name=f"tftp-{key}", daemon=True
         )
-        self._pump_thread.add(active)
+        self._local[key] = (active, thread)
+        thread.start()
+
+    def _thread_main(self, active: _Active) -> None:
+        try:
+            report = _serve_transfer(active)
+        except Exception as exc:
+            log.exception("TFTP transfer crashed")
+            report = _Report(active.key, "failed", f"internal error: {exc!r}", 0, 0, 0, 0, 0)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._thread_ended, active, report)
+
+    def _thread_ended(self, active: _Active, report: _Report) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(active.twin.fileno())
+        active.twin.close()
+        self._local.pop(active.key, None)
+        self._on_report(asdict(report))
 
     def _pick_worker(self) -> _Worker | None:
         alive = [w for w in self._workers if w.alive]
@@ -698,7 +732,7 @@ class TftpServer:
             self._workers = alive
             with contextlib.suppress(OSError):
                 self._workers.append(_Worker(self._loop, self._on_report))
-                alive = self._workers
+            alive = self._workers
         return min(alive, key=lambda w: len(w.keys), default=None)
 
     def _refuse(
@@ -708,7 +742,7 @@ class TftpServer:
         packet = encode_error(code, message)
         try:
             if sock is not None:
-                sock.sendto(packet, client)
+                sock.send(packet)
                 self.stats.errors_sent += 1
             elif self._transport is not None:
                 self._transport.sendto(packet, client)
@@ -721,13 +755,8 @@ class TftpServer:
 
     # -- transfer ends (event loop thread) ---------------------------------------------
 
-    def _report_from_thread(self, report: _Report) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                self._loop.call_soon_threadsafe(self._on_report, asdict(report))
-
     def _on_report(self, fields: dict[str, Any]) -> None:
-        report = _Report(**{k: v for k, v in fields.items() if k != "op"})
+        report = _Report(**fields)
         running = self._running.pop(report.key, None)
         if running is None:
             return
@@ -763,15 +792,6 @@ class TftpServer:
             self.on_event(event)
         except Exception:
             log.exception("TFTP event hook failed")
-
-
-@dataclass
-class _Refusal:
-    client: tuple[str, int]
-    filename: str
-    code: ErrorCode
-    message: str
-    sock: socket.socket | None
 
 
 def _bytes_reader(data: bytes) -> Callable[[int, int], bytes]:
