@@ -78,8 +78,8 @@ log = logging.getLogger("pxepeer.tftp")
 NETASCII_MAX = 64 * 1024 * 1024  # netascii is converted in memory; boot files are binary
 SHUTTING_DOWN = "server shutting down"
 _CONTROL_MAX = 64 * 1024  # bytes of one control message (JSON) between server and worker
-# Worker processes: enough that a few concurrent clients each get one to themselves.
-DEFAULT_WORKERS = min(max(os.cpu_count() or 1, 2), 4)
+# Worker processes: measured best when a few concurrent clients each get one to themselves.
+DEFAULT_WORKERS = 4
 
 
 class TftpEventKind(Enum):
