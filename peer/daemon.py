@@ -26,6 +26,7 @@ from peer.store import ContentStore, StoreError
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
+from pxe.dhcp_probe import PROBE_USER_CLASS
 from pxe.dhcp_server import DhcpResponder
 from pxe.leases import LeasePool
 from pxe.tftp_server import TftpEvent, TftpServer
@@ -61,6 +62,7 @@ class ServeConfig:
     responders: int = 1
     mdns: bool = True
     catalog_poll_seconds: float = 15.0
+    offer_check_seconds: float = 30.0
 
 
 def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
@@ -105,6 +107,8 @@ class Daemon:
                 responders=config.responders,
                 mdns=config.mdns,
                 catalog_poll_seconds=config.catalog_poll_seconds,
+                interface=config.interface,
+                probe_seconds=config.offer_check_seconds,
             ),
             self.store,
             self.library.trusted,
@@ -115,7 +119,7 @@ class Daemon:
     # -- boot progress hooks -------------------------------------------------------------
 
     def _on_dhcp(self, info: ClientInfo, reply: Reply | None, port: int) -> None:
-        if reply is None:
+        if reply is None or PROBE_USER_CLASS in info.user_classes:
             return
         if int(info.ciaddr):
             self.progress.learn_ip(info.mac, str(info.ciaddr))

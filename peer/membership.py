@@ -74,6 +74,7 @@ class Hello:
     wants: list[str] = field(default_factory=list)  # manifest ids it is collecting
     counters: dict[str, int] = field(default_factory=dict)
     fetching: list[str] = field(default_factory=list)  # chunks it is pulling from the WAN
+    offers_seen: bool | None = None  # its probe saw the responder's PXE offer
 
     @property
     def endpoint(self) -> str:
@@ -96,6 +97,7 @@ class Hello:
             "wants": self.wants,
             "counters": self.counters,
             "fetching": self.fetching,
+            "offers_seen": self.offers_seen,
         }
 
     @classmethod
@@ -120,6 +122,7 @@ class Hello:
                 holdings={str(m): ChunkBitmap.decode(str(b)) for m, b in holdings.items()},
                 wants=[str(w) for w in wants],
                 fetching=[str(f) for f in obj.get("fetching", [])][:256],
+                offers_seen=None if obj.get("offers_seen") is None else bool(obj["offers_seen"]),
                 counters={str(k): int(v) for k, v in counters.items()}
                 if isinstance(counters, dict)
                 else {},

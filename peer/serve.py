@@ -104,6 +104,9 @@ class ServeUsageError(click.ClickException):
 @click.option("--mdns/--no-mdns", default=True, show_default=True)
 @click.option("--catalog-poll", type=click.FloatRange(0.5, 86400), default=15.0,
               show_default=True, help="Seconds between catalog checks at the origin.")  # fmt: skip
+@click.option("--offer-check", type=click.FloatRange(0, 86400), default=30.0, show_default=True,
+              help="Seconds between checks that the responder's PXE offers reach this peer "
+              "(DHCP snooping); 0 = never.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
 def serve(
     interface: str | None,
@@ -123,6 +126,7 @@ def serve(
     responders: int,
     mdns: bool,
     catalog_poll: float,
+    offer_check: float,
     log_level: str,
 ) -> None:
     """Serve boot files and images; answer PXE boots on --interface."""
@@ -193,6 +197,7 @@ def serve(
         responders=responders,
         mdns=mdns,
         catalog_poll_seconds=catalog_poll,
+        offer_check_seconds=offer_check,
     )
     try:
         daemon = Daemon(config)

@@ -33,6 +33,7 @@ from peer.ranking import elect_responders, rendezvous_rank
 from peer.reputation import Reputation
 from peer.store import ChunkCorrupt, ContentStore, StoreError
 from peer.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
+from pxe.dhcp_probe import probe_for_offers
 
 log = logging.getLogger("pxepeer.site")
 
@@ -54,6 +55,8 @@ class SiteConfig:
     responders: int = 1
     mdns: bool = True
     catalog_poll_seconds: float = 15.0
+    interface: str | None = None  # for the DHCP-snooping probe
+    probe_seconds: float = 30.0
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Site:
         self._tasks: list[asyncio.Task] = []
         self._fetches: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        # Did this peer's probe DISCOVER get the responder's offer? None: not checked.
+        self.offers_seen: bool | None = None
+        self.offer_problem: str | None = None
         self._load_catalog_state()
         self._index_store()
 
@@ -120,14 +126,20 @@ class Site:
 
     def _load_catalog_state(self) -> None:
         path = self.store.state_dir / CATALOG_STATE
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                signed = SignedCatalog.from_bytes(path.read_bytes())
-                self.trusted.check(signed.catalog.canonical_bytes, signed.signatures)
-            except (CatalogError, SignatureError, OSError) as exc:
-                log.warning("ignoring stored catalog: %s", exc)
-                return
-            self.catalog, self.catalog_bytes = signed.catalog, path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("ignoring stored catalog: %s", exc)
+            return
+        try:
+            signed = SignedCatalog.from_bytes(data)
+            self.trusted.check(signed.catalog.canonical_bytes, signed.signatures)
+        except (CatalogError, SignatureError) as exc:
+            log.warning("ignoring stored catalog: %s", exc)
+            return
+        self.catalog, self.catalog_bytes = signed.catalog, data
 
     def _index_store(self) -> None:
         for signed in self.store.signed_manifests():
@@ -166,6 +178,7 @@ class Site:
             wants=self.wanted_ids(),
             counters=vars(self.counters),
             fetching=self.planner.wan_fetching(),
+            offers_seen=self.offers_seen,
         )
 
     def _wan_ok(self, now: float) -> bool:
@@ -208,7 +221,10 @@ class Site:
                 log.warning("mDNS unavailable (%s); use --peer HOST:PORT", exc)
                 self._discovery = None
         self._elect(time.monotonic())
-        for coro in (self._heartbeat_loop(), self._catalog_loop(), self._swarm_loop()):
+        loops = [self._heartbeat_loop(), self._catalog_loop(), self._swarm_loop()]
+        if self.config.interface and self.config.can_answer_pxe and self.config.probe_seconds:
+            loops.append(self._probe_loop())
+        for coro in loops:
             self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
@@ -265,6 +281,38 @@ class Site:
     def note_have(self, node_id: str, manifest_id: str, index: int, size: int) -> None:
         self.membership.note_chunk(node_id, manifest_id, index, size)
         self._wake.set()
+
+    # -- DHCP snooping check -----------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        """From a peer that is not the responder, check the responder's PXE offers arrive.
+
+        The responder cannot check itself (its own broadcast never crosses the switch);
+        any other peer on the subnet can, and its verdict reaches everyone's status
+        through its hello."""
+        assert self.config.interface is not None
+        await asyncio.sleep(SETTLE_SECONDS + 3)
+        while True:
+            now = time.monotonic()
+            others = [h for h in self.membership.live(now) if h.node_id in self.responders]
+            if others and not self.is_responder():
+                expected = {h.address for h in others}
+                try:
+                    servers = await probe_for_offers(self.config.interface)
+                except OSError as exc:
+                    if self.offer_problem != str(exc):
+                        log.warning("cannot run the DHCP offer probe: %s", exc)
+                    self.offer_problem = str(exc)
+                else:
+                    seen = {str(a) for a in servers} & expected
+                    if seen != expected and self.offers_seen is not False:
+                        log.warning(
+                            "probe DISCOVER got no PXE offer from responder %s: DHCP from "
+                            "peers may be filtered on this network (DHCP snooping?)",
+                            ", ".join(sorted(expected - seen)),
+                        )
+                    self.offers_seen = seen == expected
+            await asyncio.sleep(self.config.probe_seconds)
 
     # -- the catalog ------------------------------------------------------------------------
 
@@ -591,11 +639,21 @@ class Site:
             warnings.append(f"last catalog refused: {self.catalog_problem}")
         if self.origin is not None and not self._wan_ok(now):
             warnings.append("origin unreachable; retrying")
+        blind = [h.node_id for h in live if h.offers_seen is False]
+        if self.offers_seen is False:
+            blind.append(self.node_id)
+        if blind:
+            warnings.append(
+                f"PXE offers from the responder did not reach peer(s) {', '.join(blind)}: "
+                "switches may be dropping DHCP from access ports (DHCP snooping); machines "
+                "there cannot PXE boot"
+            )
         return {
             "site": self.config.site,
             "node_id": self.node_id,
             "responders": self.responders,
             "this_peer_responds": self.is_responder(),
+            "offers_seen": self.offers_seen,
             "peers": peers,
             "images": images,
             "catalog": {
