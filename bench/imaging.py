@@ -156,6 +156,10 @@ def main() -> int:
     parser.add_argument("--data-mb", type=int, default=300)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=4, help="agent's parallel chunk downloads")
+    parser.add_argument(
+        "--zeros", nargs="+", choices=("check", "skip"), default=["check"],
+        help="agent's zero-chunk modes to run (check: read and zero if needed; skip: seek)",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -229,14 +233,21 @@ def main() -> int:
         base = "console=ttyS0 quiet pxepeer.poweroff"
         agent = f"{base} pxepeer.server=http://{peers[0].ip}:{HTTP_PORT} pxepeer.image={IMAGE}"
         agent += f" pxepeer.jobs={args.jobs}"
-        plans = [("reference", None), ("pxepeer-1", 1), ("pxepeer-3", 3)]
+        plans: list[tuple[str, int | None, str]] = [("reference", None, "")]
+        for npeers in (1, 3):  # one peer's runs first: peers are only ever added
+            for mode in args.zeros:
+                suffix = "" if mode == "check" else f"-{mode}"
+                plans.append((f"pxepeer-{npeers}{suffix}", npeers, mode))
         for rep in range(args.reps):
-            for server, npeers in plans:
+            for server, npeers, mode in plans:
                 if npeers is not None:
+                    while len(servers) > npeers:  # next repetition: back to one peer
+                        servers.pop().stop()
                     while len(servers) < npeers:
                         start(len(servers))
                     wait_view(npeers)
-                    vm = image_vm(lab, f"{server}-{rep}", kernel, initrd, agent, disk_mb)
+                    append = f"{agent} pxepeer.zeros={mode}"
+                    vm = image_vm(lab, f"{server}-{rep}", kernel, initrd, append, disk_mb)
                 else:
                     url = f"http://{ref_peer.ip}:{HTTP_PORT}/disk.raw"
                     append = f"{base} pxepeer.reference={url}"
@@ -248,12 +259,12 @@ def main() -> int:
                       f"  (load {run.load:.1f})", flush=True)  # fmt: skip
                 vm.stop()
 
-    median = {s: statistics.median(r.seconds for r in runs if r.server == s) for s, _ in plans}
+    median = {s: statistics.median(r.seconds for r in runs if r.server == s) for s, _, _ in plans}
     ref = median["reference"]
     print(f"\nimaging {args.size_mb} MiB ({args.data_mb} MiB data), median of {args.reps}:")
-    print(f"  {'server':12} {'seconds':>8} {'vs reference':>13}")
-    for server, _ in plans:
-        print(f"  {server:12} {median[server]:8.1f} {median[server] / ref:12.2f}x")
+    print(f"  {'server':16} {'seconds':>8} {'vs reference':>13}")
+    for server, _, _ in plans:
+        print(f"  {server:16} {median[server]:8.1f} {median[server] / ref:12.2f}x")
     print("  targets: pxepeer-1 <= 1.10x, pxepeer-3 < 1.00x")
     if args.json:
         args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs],

@@ -18,8 +18,9 @@
 #
 # Kernel command line: pxepeer.server=http://IP:PORT (required), pxepeer.image=NAME (else
 # the machine's assignment decides), pxepeer.disk=/dev/X, pxepeer.jobs=N (parallel chunk
-# downloads, default 4), pxepeer.verify (re-read the whole disk after writing),
-# pxepeer.poweroff.
+# downloads, default 4), pxepeer.zeros=skip (a zero chunk is only a seek: for disks
+# known to be blank; by default a zero region is read and zeroed if it is not),
+# pxepeer.verify (re-read the whole disk after writing), pxepeer.poweroff.
 # Outside the imager (tests, benchmarks) the same settings come from the environment:
 # PXEPEER_CMDLINE (instead of /proc/cmdline), PXEPEER_MAC, PXEPEER_DISK (may be a file),
 # PXEPEER_AGENT_NET=0 (no DHCP), PXEPEER_AGENT_EXIT=1 (exit instead of reboot),
@@ -138,6 +139,8 @@ server=${server%/}
 image=$(arg pxepeer.image)
 jobs=${PXEPEER_JOBS:-$(arg pxepeer.jobs)}
 case $jobs in '' | *[!0-9]* | 0) jobs=4 ;; esac
+zeros=${PXEPEER_ZEROS:-$(arg pxepeer.zeros)}
+case $zeros in skip) ;; *) zeros=check ;; esac
 mac=${PXEPEER_MAC:-}
 disk=${PXEPEER_DISK:-$(arg pxepeer.disk)}
 state=starting
@@ -282,9 +285,10 @@ disk_bytes() {
     fi
 }
 
-region_sha() { # region_sha OFFSET SIZE: SHA-256 of that region of the disk
-    dd if="$disk" bs=$MIB skip="$1" count="$2" iflag=skip_bytes,count_bytes 2>/dev/null |
-        sha256sum | cut -d' ' -f1
+region_sha() { # region_sha OFFSET SIZE: $rsha = SHA-256 of that region of the disk
+    rsha=$(dd if="$disk" bs=$MIB skip="$1" count="$2" iflag=skip_bytes,count_bytes 2>/dev/null |
+        sha256sum)
+    rsha=${rsha%% *}
 }
 
 region_is_zero() { # region_is_zero OFFSET SIZE: true when that region reads as all zeros
@@ -320,6 +324,12 @@ peer_order() {
 # peer N).
 do_chunk() {
     index=$1 offset=$2 size=$3 sha=$4 where=$5 out=$6
+    if [ "$where" = zero ] && [ "$zeros" = skip ]; then
+        # pxepeer.zeros=skip: the disk is known to be blank (or what is left in the
+        # image's free space does not matter): a zero chunk is a seek, nothing more.
+        echo "$index zero $size 0" >>"$out"
+        return 0
+    fi
     # What the disk holds there decides: a zero test is ~20x cheaper than SHA-256 here
     # (which matters on a blank disk: every region is zeros), and only a region that is
     # not zero can already hold a data chunk, e.g. after a reboot mid-way.
@@ -338,18 +348,20 @@ do_chunk() {
         fi
         echo "$index zero $size 0" >>"$out"
         return 0
-    elif [ "$(region_sha "$offset" "$size")" = "$sha" ]; then
-        echo "$index disk $size 0" >>"$out"
-        return 0
+    else
+        region_sha "$offset" "$size"
+        if [ "$rsha" = "$sha" ]; then
+            echo "$index disk $size 0" >>"$out"
+            return 0
+        fi
     fi
-    tmp="$RUN/tmp.$index"
     base=''
     round=0
     while [ "$round" -lt "$ROUNDS" ]; do
         round=$((round + 1))
         for p in $(peer_order "$where"); do
             eval "base=\$peer_$p"
-            rm -f "$tmp"
+            # wget -O truncates: one download file per worker, reused, few processes.
             if ! timeout "$CHUNK_TIMEOUT" wget -q -O "$tmp" "$base/v1/chunks/$sha" 2>/dev/null; then
                 : >"$RUN/bad/$p"
                 problem "$index peer $base: download failed"
@@ -357,7 +369,8 @@ do_chunk() {
             fi
             # Verified before it is written: a corrupt or truncated chunk never touches
             # the disk, and the peer that sent it goes to the back of the line.
-            got=$(sha256sum <"$tmp" | cut -d' ' -f1)
+            got=$(sha256sum <"$tmp")
+            got=${got%% *}
             if [ "$got" != "$sha" ]; then
                 : >"$RUN/bad/$p"
                 problem "$index peer $base: corrupt chunk (sha256 ${got%"${got#????????????}"}...)"
@@ -365,11 +378,9 @@ do_chunk() {
             fi
             if ! dd if="$tmp" of="$disk" bs=$MIB seek="$offset" oflag=seek_bytes conv=notrunc \
                 2>/dev/null; then
-                rm -f "$tmp"
                 problem "$index write error at byte $offset"
                 return 1
             fi
-            rm -f "$tmp"
             echo "$index p$p $size $size" >>"$out"
             return 0
         done
@@ -381,12 +392,14 @@ do_chunk() {
 
 worker() { # worker N TODO: claims chunks of TODO one at a time (mkdir is atomic)
     out="$RUN/log.$1"
+    tmp="$RUN/download.$1"
     : >>"$out"
     while read -r index offset size sha where; do
         mkdir "$RUN/claim/$index" 2>/dev/null || continue
         do_chunk "$index" "$offset" "$size" "$sha" "$where" "$out" ||
             echo "$index" >>"$RUN/failed"
     done <"$2"
+    rm -f "$tmp"
 }
 
 # tally: done_chunks done_bytes fetched_bytes peers_used, from the workers' logs

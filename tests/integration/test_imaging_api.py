@@ -393,3 +393,21 @@ def test_agent_finishes_when_a_listed_peer_is_dead(site: Site, tmp_path: Path) -
     finally:
         site.start(2)
         site.wait_for_peers(3)
+
+
+def test_zeros_skip_only_seeks_over_zero_chunks(site: Site, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\xa5" * (40 * MIB))
+
+    result = site.run_agent(disk, env={"PXEPEER_ZEROS": "skip"})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    written, image = disk.read_bytes(), site.disk_image.read_bytes()
+    disk_entry = site.manifest.file("disk")
+    assert disk_entry is not None
+    for offset, ref in disk_entry.offsets():
+        region = written[offset : offset + ref.size]
+        if ref.zero:
+            assert region == b"\xa5" * ref.size  # left alone: told the disk was blank
+        else:
+            assert region == image[offset : offset + ref.size]
