@@ -80,6 +80,7 @@ SHUTTING_DOWN = "server shutting down"
 _CONTROL_MAX = 64 * 1024  # bytes of one control message (JSON) between server and worker
 # Worker processes: measured best when a few concurrent clients each get one to themselves.
 DEFAULT_WORKERS = 4
+WORKER_START = 20.0  # seconds a worker may take to start (a cold, busy machine)
 
 
 class TftpEventKind(Enum):
@@ -207,6 +208,18 @@ def _set_timer(sock: socket.socket, seconds: float) -> None:
     )  # fmt: skip
 
 
+def _send_all(send: Callable[[bytes], int], packets: list[bytes]) -> None:
+    try:
+        for packet in packets:
+            send(packet)
+    except ConnectionRefusedError:
+        raise
+    except OSError:
+        # Dropped on this host (ENOBUFS, EPERM from a firewall): the same as a loss on the
+        # wire, and the same cure, the retransmission timer.
+        pass
+
+
 def _serve_transfer(active: _Active) -> _Report:
     """Run one session to its end on its blocking socket; closes the socket and the file.
 
@@ -220,8 +233,7 @@ def _serve_transfer(active: _Active) -> _Report:
     recv, send, receive, monotonic = sock.recv, sock.send, session.receive, time.monotonic
     try:
         _set_timer(sock, armed)
-        for packet in session.start(began):
-            send(packet)
+        _send_all(send, session.start(began))
         while not session.done and not active.cancelled:
             try:
                 data = recv(_RECV_MAX)
@@ -238,8 +250,7 @@ def _serve_transfer(active: _Active) -> _Report:
                 out = receive(data, now)
                 if not out and now >= session.deadline:
                     out = session.tick(now)
-            for packet in out:
-                send(packet)
+            _send_all(send, out)
             # After a send the whole timeout is ahead; after a packet that changed nothing
             # (a duplicate ACK, junk) only what is left of it.
             want = timeout if out else session.deadline - monotonic()
@@ -291,6 +302,7 @@ def _worker_main(control_fd: int) -> int:
     control = socket.socket(fileno=control_fd)
     epoll = select.epoll()
     epoll.register(control.fileno(), select.EPOLLIN)
+    control.send(json.dumps({"op": "ready"}).encode())
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     epoll.register(wake_r.fileno(), select.EPOLLIN)
@@ -401,6 +413,7 @@ class _Worker:
             theirs.close()
         ours.setblocking(False)
         self.control = ours
+        self.ready: asyncio.Future[bool] = loop.create_future()
         loop.add_reader(ours.fileno(), self._readable)
 
     def submit(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -424,12 +437,18 @@ class _Worker:
                 self._gone()
                 return
             report = json.loads(data)
+            if report.pop("op", None) == "ready":
+                if not self.ready.done():
+                    self.ready.set_result(True)
+                continue
             self.keys.discard(report["key"])
             self._on_report(report)
 
     def _gone(self) -> None:
         """The worker exited: its unfinished transfers failed."""
         self.alive = False
+        if not self.ready.done():
+            self.ready.set_result(False)  # exited before it was ready
         self._loop.remove_reader(self.control.fileno())
         self.control.close()
         for key in sorted(self.keys):
@@ -554,17 +573,35 @@ class TftpServer:
             raise
         self._transport = transport  # type: ignore[assignment]
         self._started = True
-        for _ in range(self.workers):
-            try:
-                self._workers.append(_Worker(loop, self._on_report))
-            except OSError as exc:
-                log.warning("TFTP worker process did not start (%s); using threads", exc)
-                break
+        await self._start_workers(loop)
         log.info(
             "TFTP on %s:%d%s, blksize up to %d, windowsize up to %d, %d worker processes",
             self.host, self.port, f" ({self.device})" if self.device else "",
             self.limits.blksize_cap, self.limits.windowsize_cap, len(self._workers),
         )  # fmt: skip
+
+    async def _start_workers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the pool and wait until every worker listens, so the first client after
+        start() is not kept waiting for an interpreter to boot."""
+        workers = []
+        for _ in range(self.workers):
+            try:
+                workers.append(_Worker(loop, self._on_report))
+            except OSError as exc:
+                log.warning("TFTP worker process did not start (%s); using threads", exc)
+                break
+        if not workers:
+            return
+        done, pending = await asyncio.wait([w.ready for w in workers], timeout=WORKER_START)
+        for worker in workers:
+            if worker.ready in done and worker.ready.result():
+                self._workers.append(worker)
+            else:
+                log.warning("TFTP worker process %d not ready; using threads", worker.proc.pid)
+                worker.request_stop()
+                await worker.wait(1.0)
+        for future in pending:
+            future.cancel()
 
     async def stop(self) -> None:
         """Close the listener and end every transfer (clients get an ERROR)."""
@@ -731,6 +768,7 @@ class TftpServer:
             # Replace workers that died, so one crash does not cost the pool for good.
             self._workers = alive
             with contextlib.suppress(OSError):
+                # Not waited for: until it is ready, the control socket holds the request.
                 self._workers.append(_Worker(self._loop, self._on_report))
             alive = self._workers
         return min(alive, key=lambda w: len(w.keys), default=None)
