@@ -330,17 +330,13 @@ do_chunk() {
         echo "$index zero $size 0" >>"$out"
         return 0
     fi
-    # What the disk holds there decides: a zero test is ~20x cheaper than SHA-256 here
-    # (which matters on a blank disk: every region is zeros), and only a region that is
-    # not zero can already hold a data chunk, e.g. after a reboot mid-way.
-    if region_is_zero "$offset" "$size"; then
-        if [ "$where" = zero ]; then
+    if [ "$where" = zero ]; then
+        # Read and zeroed only if not zero already (an old OS, a half-written run);
+        # discard would be faster but need not read back as zeros on every device.
+        region_is_zero "$offset" "$size" && {
             echo "$index zero $size 0" >>"$out"
             return 0
-        fi
-    elif [ "$where" = zero ]; then
-        # An old OS, or a half-written run: zero it. Discard would be faster but need not
-        # read back as zeros on every device.
+        }
         if ! dd if=/dev/zero of="$disk" bs=$MIB seek="$offset" count="$size" \
             oflag=seek_bytes iflag=count_bytes conv=notrunc 2>/dev/null; then
             problem "$index write error at byte $offset"
@@ -348,7 +344,12 @@ do_chunk() {
         fi
         echo "$index zero $size 0" >>"$out"
         return 0
-    else
+    fi
+    # A data chunk: already on the disk (a reboot mid-way) only if its region hashes
+    # right. Hashing costs more than fetching under emulation, so a region whose first
+    # 4 KiB are zeros is not hashed: it is (almost always) not there, and if it is, the
+    # worst case is fetching and writing it again.
+    if ! region_is_zero "$offset" 4096; then
         region_sha "$offset" "$size"
         if [ "$rsha" = "$sha" ]; then
             echo "$index disk $size 0" >>"$out"
