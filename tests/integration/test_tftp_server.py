@@ -449,6 +449,23 @@ def test_sessions_beyond_the_limit_are_refused_politely(boot_dir: Path) -> None:
         running.stop()
 
 
+def test_a_crashed_worker_fails_only_its_transfers_and_is_replaced(boot_dir: Path) -> None:
+    running = ServerThread(boot_dir, workers=1)
+    try:
+        [worker] = running.server._workers
+        with udp_client() as sock:
+            sock.sendto(encode_request("snponly.efi"), running.address)
+            sock.recvfrom(70000)  # DATA 1, from the worker
+            worker.proc.kill()  # ours: started by this server, killed by PID
+            wait_until(lambda: TftpEventKind.FAILED in running.kinds("snponly.efi"))
+        got, _ = fetch_windowed(running.address, "snponly.efi", {"blksize": "1468"},
+                                retransmit=3.0)  # fmt: skip
+        assert got == (boot_dir / "snponly.efi").read_bytes()
+        assert running.server._workers[0] is not worker
+    finally:
+        running.stop()
+
+
 def test_transfer_events_carry_client_file_and_bytes(boot_dir: Path) -> None:
     running = ServerThread(boot_dir)
     try:
