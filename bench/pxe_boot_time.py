@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -50,6 +51,14 @@ SERVERS = ("pxepeer", "reference")
 MARKER = dict(CONSOLE_STAGES)["marker"]
 KERNEL = dict(CONSOLE_STAGES)["kernel"]
 BOOT_TIMEOUT = 240
+# Where the time goes, from iPXE's and OVMF's own console lines (an "... ok" is printed
+# when a download has finished). The URLs differ between the servers, the words do not.
+MILESTONES: tuple[tuple[str, str], ...] = (
+    ("dhcp", r"Configuring \(net0 .*ok|Station IP address"),
+    ("script", r"boot\.ipxe.*\.\.\. ok"),
+    ("kernel_fetched", r"(vmlinuz|files/kernel)\.\.\. ok"),
+    ("initrd_fetched", r"(initrd\.img|files/initrd)\.\.\. ok"),
+)
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Boot:
     kernel: float
     marker: float
     load: float  # 1-minute load average when the boot ended: a busy host skews the run
+    milestones: dict[str, float]
 
 
 def boot_once(
@@ -80,12 +90,18 @@ def boot_once(
                 raise LabError(f"no kernel line before the marker:\n{vm.serial.tail()}")
             # Let the image power off by itself so the next boot starts on a quiet host.
             vm.wait_exit(timeout=60)
+            milestones = {}
+            for name, pattern in MILESTONES:
+                # The last match: EDK2 runs DHCP twice (firmware, then iPXE).
+                hits = [at for at, line in vm.serial.lines if re.search(pattern, line)]
+                if hits:
+                    milestones[name] = hits[-1]
         finally:
             vm.stop()
     finally:
         stop()
     load = os.getloadavg()[0]
-    return Boot(firmware.value, server, rep, kernel=hit[0], marker=marker, load=load)
+    return Boot(firmware.value, server, rep, hit[0], marker, load, milestones)
 
 
 def median(boots: list[Boot], firmware: str, server: str, field: str) -> float:
@@ -107,6 +123,28 @@ def table(boots: list[Boot], firmwares: list[Firmware]) -> str:
             ref = median(boots, fw.value, "reference", field)
             cells += [f"{ours:.2f}", f"{ref:.2f}", f"{ours / ref:.3f}"]
         rows.append(f"| {fw.value} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def breakdown(boots: list[Boot], firmwares: list[Firmware]) -> str:
+    """Medians of each milestone per server: which stage a difference comes from."""
+    names = [name for name, _ in MILESTONES]
+    rows = [
+        "| firmware | server | " + " | ".join(names) + " | kernel | marker |",
+        "|---|---|" + "---:|" * (len(names) + 2),
+    ]
+    for fw in firmwares:
+        for server in SERVERS:
+            mine = [b for b in boots if b.firmware == fw.value and b.server == server]
+            cells = []
+            for name in names:
+                values = [b.milestones[name] for b in mine if name in b.milestones]
+                cells.append(f"{statistics.median(values):.2f}" if values else "-")
+            cells += [
+                f"{statistics.median(b.kernel for b in mine):.2f}",
+                f"{statistics.median(b.marker for b in mine):.2f}",
+            ]
+            rows.append(f"| {fw.value} | {server} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -161,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nmedians of {args.reps} boots, seconds from QEMU start (ratio = pxepeer / reference)")
     print(table(boots, firmwares))
+    print("\nwhere the time goes (medians, seconds from QEMU start)")
+    print(breakdown(boots, firmwares))
     loads = [b.load for b in boots]
     print(f"host 1-min load average during the boots: {min(loads):.1f} to {max(loads):.1f}")
     if max(loads) > (os.cpu_count() or 1) - 0.5:
