@@ -196,7 +196,8 @@ class _Active:
             self.sock.shutdown(socket.SHUT_RD)
 
 
-_RECV_MAX = 1024  # ACKs are 4 bytes, ERRORs short; a bigger buffer costs a 64 KiB malloc each
+# ACKs are 4 bytes and ERRORs short; recv(65536) would allocate 64 KiB per packet (~3 µs).
+_RECV_MAX = 1024
 
 
 def _set_timer(sock: socket.socket, seconds: float) -> None:
@@ -221,16 +222,28 @@ def _send_all(send: Callable[[bytes], int], packets: list[bytes]) -> None:
 
 
 def _serve_transfer(active: _Active) -> _Report:
-    """Run one session to its end on its blocking socket; closes the socket and the file.
-
-    SO_RCVTIMEO is the retransmission timer: a blocking recv returns EAGAIN once the client
-    has been silent that long. Per packet that is two syscalls (recv, send) and no poll.
-    """
+    """Run one session to its end on its blocking socket; closes the socket and the file."""
     sock, session = active.sock, active.session
     began = time.monotonic()
-    timeout = session.timeout
-    armed = timeout
+    try:
+        _pump(active, began)
+    finally:
+        sock.close()
+        active.close_file()
+    outcome = session.outcome or Outcome.FAILED
+    return _Report(
+        active.key, outcome.value, session.reason, session.bytes_acknowledged,
+        session.retransmits, session.malformed, active.errors_sent, time.monotonic() - began,
+    )  # fmt: skip
+
+
+def _pump(active: _Active, began: float) -> None:
+    """The per-packet loop. SO_RCVTIMEO is the retransmission timer: a blocking recv returns
+    EAGAIN once the client has been silent that long. Per packet: recv, send, and no poll."""
+    session, sock = active.session, active.sock
+    # Bound methods in locals: this loop runs once per packet.
     recv, send, receive, monotonic = sock.recv, sock.send, session.receive, time.monotonic
+    timeout = armed = session.timeout
     try:
         _set_timer(sock, armed)
         _send_all(send, session.start(began))
@@ -267,13 +280,6 @@ def _serve_transfer(active: _Active) -> _Report:
             with contextlib.suppress(OSError):
                 send(packet)
                 active.errors_sent += 1
-    sock.close()
-    active.close_file()
-    outcome = session.outcome or Outcome.FAILED
-    return _Report(
-        active.key, outcome.value, session.reason, session.bytes_acknowledged,
-        session.retransmits, session.malformed, active.errors_sent, time.monotonic() - began,
-    )  # fmt: skip
 
 
 _ERROR_5 = encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
