@@ -357,6 +357,13 @@ class ReadSession:
         self._finish(Outcome.FAILED, reason)
         return [encode_error(ErrorCode.NOT_DEFINED, reason)]
 
+    def client_gone(self, reason: str) -> None:
+        """The client's port is closed (ICMP port unreachable). Right after an OACK that is
+        a client that only wanted the size, like EDK2's probe: aborted, not failed."""
+        if self._state is not _State.DONE:
+            outcome = Outcome.ABORTED if self._state is _State.OACK_SENT else Outcome.FAILED
+            self._finish(outcome, reason)
+
     def _on_ack(self, wire_block: int, now: float) -> list[bytes]:
         state = self._state
         if state is _State.SENDING:

@@ -272,7 +272,7 @@ def _pump(active: _Active, began: float) -> None:
                 _set_timer(sock, armed)
     except ConnectionRefusedError:
         # ICMP port unreachable on the connected socket: the client has gone away.
-        session.cancel("client port closed")
+        session.client_gone("client port closed")
     except OSError as exc:
         session.cancel(f"socket error: {exc.strerror or exc}")
     if active.cancelled and not session.done:

@@ -329,6 +329,15 @@ def test_edk2_probe_then_windowed_fetch(server: ServerThread, boot_dir: Path) ->
                and TftpEventKind.COMPLETED in server.kinds("snponly.efi"))  # fmt: skip
 
 
+def test_a_size_probe_that_just_closes_its_port_counts_as_aborted(server: ServerThread) -> None:
+    with udp_client() as sock:
+        sock.sendto(encode_request("exact.bin", "octet", {"tsize": "0"}), server.address)
+        data, _ = sock.recvfrom(70000)
+        assert parse_packet(data) == OptionAck({"tsize": "4096"})
+    # The OACK's retransmission meets ICMP port unreachable: the client only wanted the size.
+    wait_until(lambda: TftpEventKind.ABORTED in server.kinds("exact.bin"))
+
+
 def test_packets_from_a_wrong_tid_get_error_5_and_the_transfer_goes_on(
     server: ServerThread, boot_dir: Path
 ) -> None:

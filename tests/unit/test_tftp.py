@@ -306,6 +306,18 @@ def test_edk2_probe_declined_with_error_0_is_also_aborted() -> None:
     assert session.outcome is Outcome.ABORTED
 
 
+def test_a_client_gone_after_the_oack_aborted_but_gone_mid_transfer_failed() -> None:
+    probe = session_for(b"x" * 5000, negotiate({"tsize": "0"}, 5000))
+    probe.start(0.0)
+    probe.client_gone("client port closed")
+    assert probe.outcome is Outcome.ABORTED
+    fetch = session_for(b"x" * 5000, negotiate({"tsize": "0"}, 5000))
+    fetch.start(0.0)
+    fetch.receive(encode_ack(0), 0.0)
+    fetch.client_gone("client port closed")
+    assert fetch.outcome is Outcome.FAILED and fetch.reason == "client port closed"
+
+
 def test_edk2_fetch_with_windowsize_4_sends_four_blocks_per_ack() -> None:
     request = parse_packet(EDK2_FETCH)
     assert isinstance(request, Request)
