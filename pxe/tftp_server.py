@@ -80,7 +80,7 @@ SHUTTING_DOWN = "server shutting down"
 _CONTROL_MAX = 64 * 1024  # bytes of one control message (JSON) between server and worker
 # Worker processes: measured best when a few concurrent clients each get one to themselves.
 DEFAULT_WORKERS = 4
-WORKER_START = 20.0  # seconds a worker may take to start (a cold, busy machine)
+MAX_WORKER_FAILURES = 10  # worker deaths after which transfers stay in threads for good
 
 
 class TftpEventKind(Enum):
@@ -112,6 +112,7 @@ class TftpStats:
     retransmits: int = 0
     malformed_dropped: int = 0
     errors_sent: int = 0
+    worker_processes: int = 0  # ready ones; the pool starts with the first transfer
 
 
 EventHook = Callable[[TftpEvent], None]
@@ -395,11 +396,15 @@ def _active_from_message(
 class _Worker:
     """The server's handle on one worker process."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_report: Callable[[dict], None]):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_report: Callable[[dict], None],
+        on_state: Callable[[], None],
+    ):  # fmt: skip
         self.keys: set[int] = set()
         self.alive = True
         self._loop = loop
         self._on_report = on_report
+        self._on_state = on_state  # called when the worker becomes ready or goes away
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # The worker may start from any directory: point it at this checkout or install.
@@ -446,6 +451,7 @@ class _Worker:
             if report.pop("op", None) == "ready":
                 if not self.ready.done():
                     self.ready.set_result(True)
+                    self._on_state()
                 continue
             self.keys.discard(report["key"])
             self._on_report(report)
@@ -460,6 +466,7 @@ class _Worker:
         for key in sorted(self.keys):
             self._on_report(asdict(_Report(key, "failed", "worker process exited", 0, 0, 0, 0, 0)))
         self.keys.clear()
+        self._on_state()
 
     async def wait(self, timeout: float) -> None:
         try:
@@ -563,6 +570,7 @@ class TftpServer:
         self._transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workers: list[_Worker] = []
+        self._worker_failures = 0
         self._started = False
         self._stopping = False
 
@@ -579,35 +587,11 @@ class TftpServer:
             raise
         self._transport = transport  # type: ignore[assignment]
         self._started = True
-        await self._start_workers(loop)
         log.info(
-            "TFTP on %s:%d%s, blksize up to %d, windowsize up to %d, %d worker processes",
+            "TFTP on %s:%d%s, blksize up to %d, windowsize up to %d, up to %d worker processes",
             self.host, self.port, f" ({self.device})" if self.device else "",
-            self.limits.blksize_cap, self.limits.windowsize_cap, len(self._workers),
+            self.limits.blksize_cap, self.limits.windowsize_cap, self.workers,
         )  # fmt: skip
-
-    async def _start_workers(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the pool and wait until every worker listens, so the first client after
-        start() is not kept waiting for an interpreter to boot."""
-        workers = []
-        for _ in range(self.workers):
-            try:
-                workers.append(_Worker(loop, self._on_report))
-            except OSError as exc:
-                log.warning("TFTP worker process did not start (%s); using threads", exc)
-                break
-        if not workers:
-            return
-        done, pending = await asyncio.wait([w.ready for w in workers], timeout=WORKER_START)
-        for worker in workers:
-            if worker.ready in done and worker.ready.result():
-                self._workers.append(worker)
-            else:
-                log.warning("TFTP worker process %d not ready; using threads", worker.proc.pid)
-                worker.request_stop()
-                await worker.wait(1.0)
-        for future in pending:
-            future.cancel()
 
     async def stop(self) -> None:
         """Close the listener and end every transfer (clients get an ERROR)."""
@@ -625,6 +609,7 @@ class TftpServer:
             await asyncio.to_thread(thread.join, 5.0)
         for worker in workers:
             await worker.wait(5.0)
+        self.stats.worker_processes = 0
         await asyncio.sleep(0)  # let the threads' last reports run
         self._started = False
 
@@ -769,15 +754,36 @@ class TftpServer:
         self._on_report(asdict(report))
 
     def _pick_worker(self) -> _Worker | None:
-        alive = [w for w in self._workers if w.alive]
-        if len(alive) < len(self._workers) and self._loop is not None:
-            # Replace workers that died, so one crash does not cost the pool for good.
-            self._workers = alive
-            with contextlib.suppress(OSError):
-                # Not waited for: until it is ready, the control socket holds the request.
-                self._workers.append(_Worker(self._loop, self._on_report))
-            alive = self._workers
-        return min(alive, key=lambda w: len(w.keys), default=None)
+        """The least busy ready worker, or None (then a thread of this process serves).
+
+        The pool starts with the first transfer, not with the server: most peers are never
+        the elected PXE responder. Until a worker has booted (~0.1-1 s), threads serve, so
+        no client waits for an interpreter to start. Dead workers are replaced, up to a
+        point: a machine that cannot run them keeps using threads.
+        """
+        if self.workers == 0 or self._loop is None:
+            return None
+        alive = []
+        for worker in self._workers:
+            if worker.alive:
+                alive.append(worker)
+            else:
+                self._worker_failures += 1
+        self._workers = alive
+        while len(self._workers) < self.workers and self._worker_failures < MAX_WORKER_FAILURES:
+            try:
+                self._workers.append(_Worker(self._loop, self._on_report, self._count_workers))
+            except OSError as exc:
+                self._worker_failures += 1
+                log.warning("TFTP worker process did not start (%s); using threads", exc)
+                break
+        return min(self._ready_workers(), key=lambda w: len(w.keys), default=None)
+
+    def _ready_workers(self) -> list[_Worker]:
+        return [w for w in self._workers if w.alive and w.ready.done() and w.ready.result()]
+
+    def _count_workers(self) -> None:
+        self.stats.worker_processes = len(self._ready_workers())
 
     def _refuse(
         self, client: tuple[str, int], filename: str, code: ErrorCode, message: str,

@@ -35,7 +35,7 @@ from pxe.tftp import (
     encode_request,
     parse_packet,
 )
-from pxe.tftp_server import TftpEvent, TftpEventKind, TftpServer
+from pxe.tftp_server import DEFAULT_WORKERS, TftpEvent, TftpEventKind, TftpServer
 from tests.netns import Netns, can_use_netns, link, namespaces
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +97,11 @@ class ServerThread:
     def kinds(self, filename: str) -> list[TftpEventKind]:
         return [e.kind for e in list(self.events) if e.filename == filename]
 
+    def warm_up(self, workers: int) -> None:
+        """The pool starts with the first transfer: make one, wait for the workers."""
+        fetch_windowed(self.address, "sub/deeper.efi", {}, retransmit=3.0)
+        wait_until(lambda: self.stats()["worker_processes"] == workers, timeout=30)
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(20)
@@ -130,6 +135,8 @@ def server(request: pytest.FixtureRequest, boot_dir: Path) -> Iterator[ServerThr
     """Each test runs against worker processes (the default) and threads of one process."""
     running = ServerThread(boot_dir, workers=None if request.param == "workers" else 0)
     try:
+        if request.param == "workers":
+            running.warm_up(DEFAULT_WORKERS)
         yield running
     finally:
         running.stop()
@@ -417,7 +424,7 @@ def test_huge_and_silly_option_values_are_clamped_or_ignored(server: ServerThrea
 def test_status_fields_the_daemon_shows_are_present(server: ServerThread) -> None:
     stats = server.stats()
     for name in ("requests", "transfers_completed", "transfers_failed", "bytes_sent",
-                 "malformed_dropped", "errors_sent"):  # fmt: skip
+                 "malformed_dropped", "errors_sent", "worker_processes"):  # fmt: skip
         assert isinstance(stats[name], int)
     assert stats["transfers_completed"] > 0 and stats["bytes_sent"] > 0
 
@@ -428,6 +435,8 @@ def test_status_fields_the_daemon_shows_are_present(server: ServerThread) -> Non
 @pytest.mark.parametrize("workers", [None, 0])
 def test_stop_ends_transfers_at_once_and_tells_the_client(boot_dir: Path, workers) -> None:
     running = ServerThread(boot_dir, workers=workers)
+    if workers is None:
+        running.warm_up(DEFAULT_WORKERS)
     with udp_client(timeout=5.0) as sock:
         sock.sendto(encode_request("snponly.efi"), running.address)
         data, tid = sock.recvfrom(70000)
@@ -461,6 +470,7 @@ def test_sessions_beyond_the_limit_are_refused_politely(boot_dir: Path) -> None:
 def test_a_crashed_worker_fails_only_its_transfers_and_is_replaced(boot_dir: Path) -> None:
     running = ServerThread(boot_dir, workers=1)
     try:
+        running.warm_up(1)
         [worker] = running.server._workers
         with udp_client() as sock:
             sock.sendto(encode_request("snponly.efi"), running.address)
@@ -470,6 +480,7 @@ def test_a_crashed_worker_fails_only_its_transfers_and_is_replaced(boot_dir: Pat
         got, _ = fetch_windowed(running.address, "snponly.efi", {"blksize": "1468"},
                                 retransmit=3.0)  # fmt: skip
         assert got == (boot_dir / "snponly.efi").read_bytes()
+        wait_until(lambda: running.stats()["worker_processes"] == 1)
         assert running.server._workers[0] is not worker
     finally:
         running.stop()
