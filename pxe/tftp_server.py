@@ -16,8 +16,8 @@ KiB allocation); sendto ~0.7 µs more than send on a connected socket. Threads o
 process fight over the GIL once several clients are served, while tftpd-hpa forks a
 process per transfer and uses every core; a small pool of processes does the same
 without a fork per request. Files without a descriptor (a BootSource that is not a
-directory) and netascii transfers run in threads of this process, which is also the
-fallback when no worker can be started.
+directory) and netascii transfers run in threads of this process, as do all transfers
+until the pool (started by the first transfer) is up, or when no worker can be started.
 
 Nothing a client sends can stop the server: malformed datagrams are dropped and counted,
 bad names get a TFTP ERROR, a crashed worker fails only its own transfers.
