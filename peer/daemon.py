@@ -119,7 +119,14 @@ class Daemon:
     # -- boot progress hooks -------------------------------------------------------------
 
     def _on_dhcp(self, info: ClientInfo, reply: Reply | None, port: int) -> None:
-        if reply is None or PROBE_USER_CLASS in info.user_classes:
+        if PROBE_USER_CLASS in info.user_classes:
+            return
+        if reply is None:
+            if info.is_pxe and info.requested_ip is not None:
+                # The lease REQUEST to the store's DHCP server (we stay silent) names the
+                # address this machine will TFTP from; firmware that needs no 4011
+                # round trip (EDK2 with our offer) tells us nothing else.
+                self.progress.learn_ip(info.mac, str(info.requested_ip))
             return
         if int(info.ciaddr):
             self.progress.learn_ip(info.mac, str(info.ciaddr))

@@ -115,14 +115,18 @@ async def boot_script(request: web.Request) -> web.Response:
     ctx.library.refresh()
     images = ctx.library.images()
     choice = choose_boot(mac, ctx.store.assignments(), [i.manifest.name for i in images])
-    ctx.progress.record(Stage.SCRIPT, mac=mac, ip=request.remote, detail=choice.reason)
+    assigned = ctx.library.by_name(choice.image) if choice.image is not None else None
+    ctx.progress.record(
+        Stage.SCRIPT,
+        mac=mac,
+        ip=request.remote,
+        image=assigned.title if assigned else None,
+        detail=choice.reason,
+    )
     if choice.local:
         return _ipxe(render_local_boot(choice.reason))
-    if choice.image is not None:
-        image = ctx.library.by_name(choice.image)
-        assert image is not None
-        ctx.progress.record(Stage.SCRIPT, mac=mac, image=image.title, detail="assigned image")
-        return _ipxe(_image_script(request, image, mac))
+    if assigned is not None:
+        return _ipxe(_image_script(request, assigned, mac))
     query = f"?mac={mac.replace(':', '-')}"
     items = [
         MenuItem(

@@ -123,11 +123,6 @@ def test_edk2_native_pxe_fetches_ipxe_over_tftp_then_boots_the_assigned_image(
     assert vm.wait_exit(timeout=60) == 0
 
     stages = [s["stage"] for s in machine["stages"]]
-    if "tftp" not in stages:
-        # Known gap in pxepeer (reported): in proxy mode the TFTP request comes from an
-        # address pxepeer has not yet tied to the MAC (the router's lease), so the stage
-        # is dropped from the machine's record. Everything else above has passed.
-        pytest.xfail("TFTP stage not attributed to the machine in proxy mode")
     assert stages.index("tftp") < stages.index("script")
 
 
