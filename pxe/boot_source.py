@@ -39,6 +39,11 @@ class BootFile(Protocol):
 
     def close(self) -> None: ...
 
+    def fileno(self) -> int | None:
+        """An OS file descriptor for the file when it has one (a worker process can
+        then read it directly), else None."""
+        ...
+
 
 class BootSource(Protocol):
     def open_boot_file(self, name: str) -> BootFile:
@@ -55,6 +60,9 @@ class LocalBootFile:
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
+
+    def fileno(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -654,8 +654,7 @@ class TftpServer:
             sockets = _transfer_sockets(self.host, self.device, client)
             file = self.boot_source.open_boot_file(request.filename)
             size, read_at = file.size, file.read_at
-            fd = getattr(file, "fd", None)
-            file_fd = fd if isinstance(fd, int) and fd >= 0 else None
+            file_fd = file.fileno()
             if request.mode == "netascii":
                 if size > NETASCII_MAX:
                     raise BootFileForbidden("file too large for netascii, use octet mode")
