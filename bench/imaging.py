@@ -128,10 +128,11 @@ def reference_initrd(imager_initrd: Path, out: Path) -> None:
 
 
 def image_vm(lab: VirtualStore, name: str, kernel: Path, initrd: Path, append: str,
-             disk_mb: int) -> VM:  # fmt: skip
+             disk_mb: int, smp: int) -> VM:  # fmt: skip
     return lab.boot_vm(
         name, Firmware.BIOS, MAC, memory_mb=512, disk_mb=disk_mb,
-        extra_args=("-kernel", str(kernel), "-initrd", str(initrd), "-append", append),
+        extra_args=("-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+                    "-smp", str(smp)),
     )  # fmt: skip
 
 
@@ -156,6 +157,7 @@ def main() -> int:
     parser.add_argument("--data-mb", type=int, default=300)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=4, help="agent's parallel chunk downloads")
+    parser.add_argument("--smp", type=int, default=1, help="vCPUs per VM (the same for all)")
     parser.add_argument(
         "--zeros", nargs="+", choices=("check", "skip"), default=["check"],
         help="agent's zero-chunk modes to run (check: read and zero if needed; skip: seek)",
@@ -247,11 +249,13 @@ def main() -> int:
                         start(len(servers))
                     wait_view(npeers)
                     append = f"{agent} pxepeer.zeros={mode}"
-                    vm = image_vm(lab, f"{server}-{rep}", kernel, initrd, append, disk_mb)
+                    vm = image_vm(lab, f"{server}-{rep}", kernel, initrd, append, disk_mb, args.smp)
                 else:
                     url = f"http://{ref_peer.ip}:{HTTP_PORT}/disk.raw"
                     append = f"{base} pxepeer.reference={url}"
-                    vm = image_vm(lab, f"{server}-{rep}", kernel, ref_initrd, append, disk_mb)
+                    vm = image_vm(
+                        lab, f"{server}-{rep}", kernel, ref_initrd, append, disk_mb, args.smp
+                    )
                 seconds, ok = timed(vm, want, size)
                 run = Run(server, rep, seconds, ok, os.getloadavg()[0])
                 runs.append(run)

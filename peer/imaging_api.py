@@ -70,6 +70,7 @@ class ImagingJob:
     message: str = ""
     plan_peers: list[str] = field(default_factory=list)  # offered in the last plan
     peers_used: dict[str, int] = field(default_factory=dict)  # URL -> chunks fetched
+    corrupt_from: dict[str, int] = field(default_factory=dict)  # URL -> corrupt chunks
     plans: int = 0
     started: float = 0.0
     updated: float = 0.0
@@ -90,6 +91,7 @@ class ImagingJob:
             "message": self.message,
             "plan_peers": list(self.plan_peers),
             "peers_used": dict(self.peers_used),
+            "corrupt_from": dict(self.corrupt_from),
             "plans": self.plans,
             "started": self.started,
             "updated": self.updated,
@@ -174,7 +176,7 @@ class ImagingApi:
         tracked = self.site.images.get(manifest.manifest_id)
         index_of = tracked.index_of if tracked is not None else {}
         now = time.monotonic()
-        others: list[tuple[str, ChunkBitmap]] = []
+        others: list[tuple[str, ChunkBitmap, bool]] = []
         for hello in sorted(self.site.membership.live(now), key=lambda h: h.node_id):
             bitmap = hello.holdings.get(manifest.manifest_id)
             if bitmap is None:
@@ -182,18 +184,20 @@ class ImagingApi:
             endpoint = self.site.endpoint_of.get(
                 hello.node_id, f"{hello.address}:{hello.http_port}"
             )
-            others.append((f"http://{endpoint}", bitmap))
+            shunned = self.site.reputation.is_shunned(hello.node_id, now)
+            others.append((f"http://{endpoint}", bitmap, shunned))
         start = next(self._rotation)
         holders: dict[int, list[str]] = {}
         for index, ref in enumerate(entry.chunks):
             if ref.zero:
                 continue
             urls = [self_url] if self.store.has_chunk(ref.sha256) else []
+            last: list[str] = []  # shunned peers (corrupt chunks): only if nobody else
             positions = index_of.get(ref.sha256, [])
-            for url, bitmap in others:
+            for url, bitmap, shunned in others:
                 if any(i in bitmap for i in positions):
-                    urls.append(url)
-            holders[index] = rotated(urls, start + index)
+                    (last if shunned else urls).append(url)
+            holders[index] = rotated(urls, start + index) + last
         return holders
 
     def make_plan(self, mac: str, wanted: str | None, self_url: str) -> Plan:
@@ -229,7 +233,8 @@ class ImagingApi:
         fresh = job.manifest_id != plan.manifest_id or job.state in FINAL_STATES
         if fresh:
             job.started = self._clock()
-            job.peers_used, job.fetched, job.done, job.bytes = {}, 0, 0, 0
+            job.peers_used, job.corrupt_from = {}, {}
+            job.fetched, job.done, job.bytes = 0, 0, 0
         job.image = f"{plan.name} {plan.version}"
         job.manifest_id = plan.manifest_id
         job.state, job.total, job.size = "planned", len(plan.chunks), plan.disk_size
@@ -279,12 +284,34 @@ class ImagingApi:
             job.message = fields["message"][:MAX_MESSAGE]
         if fields.get("peers"):
             job.peers_used = _parse_peers(fields["peers"])
+        if fields.get("corrupt"):
+            self._count_corrupt(job, _parse_peers(fields["corrupt"]))
         if state != before:
             detail = f"{state}: {job.message}" if job.message else state
             self._stage(job, detail)
             level = logging.WARNING if state == "failed" else logging.INFO
             log.log(level, "imaging %s (%s): %s", mac, job.image, detail)
         return web.Response(status=204)
+
+    def _count_corrupt(self, job: ImagingJob, reported: dict[str, int]) -> None:
+        """Corrupt chunks the agent caught count against the peer that sent them, as if
+        this peer had received them: enough of them and plans leave that peer last."""
+        node_of = {f"http://{e}": node for node, e in self.site.endpoint_of.items()}
+        now = time.monotonic()
+        for url, count in reported.items():
+            new = count - job.corrupt_from.get(url, 0)
+            if new <= 0:
+                continue
+            job.corrupt_from[url] = count
+            node = node_of.get(url)
+            log.warning(
+                "imaging %s: %d corrupt chunk(s) from %s%s", job.mac, new, url,
+                "" if node else " (not a peer this one knows)",
+            )  # fmt: skip
+            if node is not None:
+                for _ in range(new):
+                    self.site.reputation.strike(node, now)
+                self.site.counters.bad_chunks_received += new
 
     async def jobs(self, request: web.Request) -> web.Response:
         return web.json_response({"jobs": self.status()})

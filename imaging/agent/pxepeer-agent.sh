@@ -177,6 +177,7 @@ bytes=${done_bytes:-0}
 size=${disk_size:-0}
 fetched=${fetched_bytes:-0}
 peers=${peers_used:-}
+corrupt=$(sort "$RUN/corrupt" 2>/dev/null | uniq -c | awk '{ printf "%s%s=%s", s, $2, $1; s = "," }')
 message=$(echo "$message" | tr '\n\r' '  ')"
     timeout 10 wget -q -O /dev/null --post-data "$body" \
         "$server/v1/imaging/progress?mac=$mac" >/dev/null 2>&1 || true
@@ -374,6 +375,7 @@ do_chunk() {
             got=${got%% *}
             if [ "$got" != "$sha" ]; then
                 : >"$RUN/bad/$p"
+                echo "$base" >>"$RUN/corrupt" # reported: the site counts it against the peer
                 problem "$index peer $base: corrupt chunk (sha256 ${got%"${got#????????????}"}...)"
                 continue
             fi

@@ -385,6 +385,10 @@ def test_a_corrupt_chunk_from_one_peer_is_refused_and_fetched_from_another(
             disk.write_bytes(bytes(40 * MIB))
         else:
             pytest.fail("peer 1 was never asked for the corrupt chunk")
+        # Reported, and counted against peer 1 by the peer the agent reports to.
+        assert site.job()["corrupt_from"] == {site.url(1): 1}, site.job()
+        reputation = site.get_json(f"{site.url(0)}/v1/status")["site"]["reputation"]
+        assert [r["bad_chunks"] for r in reputation.values()] == [1], reputation
     finally:
         path.write_bytes(good)
 
