@@ -41,6 +41,7 @@ CATALOG_STATE = "catalog.json"
 HEARTBEAT_SECONDS = 1.0
 SETTLE_SECONDS = 2.5  # one heartbeat round and an mDNS answer before claiming the role
 PEER_TIMEOUT = 6.0
+MANIFEST_RETRY_FIRST, MANIFEST_RETRY_MAX = 5.0, 300.0  # after a manifest is refused
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Site:
         self._tasks: list[asyncio.Task] = []
         self._fetches: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        self._manifest_retry: dict[str, tuple[float, float]] = {}  # id -> (retry at, pause)
         # Did this peer's probe DISCOVER get the responder's offer? None: not checked.
         self.offers_seen: bool | None = None
         self.offer_problem: str | None = None
@@ -434,17 +436,30 @@ class Site:
             signed = SignedManifest.from_bytes(data)
             signed.verify(self.trusted)
         except (ManifestError, SignatureError) as exc:
-            log.warning("manifest %s from %s refused: %s", manifest_id[:12], source, exc)
+            self._refuse_manifest(manifest_id, source, str(exc))
             return None
         if signed.manifest.manifest_id != manifest_id:
-            log.warning("manifest from %s is not %s (catalog mismatch)", source, manifest_id[:12])
+            self._refuse_manifest(manifest_id, source, "not the manifest the catalog names")
             return None
+        self._manifest_retry.pop(manifest_id, None)
         try:
             self.store.put_manifest(signed)
         except StoreError as exc:
             log.error("%s", exc)
             return None
         return self._track(signed.manifest).manifest
+
+    def _refuse_manifest(self, manifest_id: str, source: str, reason: str) -> None:
+        """Ask for a refused manifest again only after a pause that doubles each time: the
+        catalog keeps naming it and the swarm loop runs twice a second, which would
+        otherwise mean a WAN request and a log line per peer every half second."""
+        pause = self._manifest_retry.get(manifest_id, (0.0, MANIFEST_RETRY_FIRST / 2))[1]
+        pause = min(pause * 2, MANIFEST_RETRY_MAX)
+        self._manifest_retry[manifest_id] = (time.monotonic() + pause, pause)
+        log.warning(
+            "manifest %s from %s refused: %s (asking again in %.0f s)",
+            manifest_id[:12], source, reason, pause,
+        )  # fmt: skip
 
     def _missing_jobs(self) -> list[ChunkJob]:
         jobs = []
@@ -461,7 +476,8 @@ class Site:
         while True:
             self._wake.clear()
             for manifest_id in self.wanted_ids():
-                if manifest_id not in self.images:
+                retry_at = self._manifest_retry.get(manifest_id, (0.0, 0.0))[0]
+                if manifest_id not in self.images and time.monotonic() >= retry_at:
                     await self._get_manifest(manifest_id)
             now = time.monotonic()
             live = self.membership.live(now)
