@@ -429,6 +429,46 @@ def shape_link(ns: Netns, dev: str, rate: str | None, queue_packets: int = 200) 
     )  # fmt: skip
 
 
+# -- avahi, as a user's tool sees the site --------------------------------------------------
+
+AVAHI_PROBE = """\
+set -u
+work=$1
+# Run under unshare -m --propagation private: a /run of our own (nothing on the host's
+# changes) holding a private system bus and avahi-daemon's socket.
+mount -t tmpfs tmpfs /run || exit 3
+mkdir -p /run/dbus /run/avahi-daemon
+printf '[server]\\nuse-ipv4=yes\\nuse-ipv6=no\\nallow-interfaces=eth0\\nenable-dbus=yes\\n' \\
+  > "$work/avahi.conf"
+printf '[publish]\\ndisable-publishing=yes\\n' >> "$work/avahi.conf"
+dbus-daemon --system --nofork --nopidfile & dbus=$!
+sleep 0.5
+avahi-daemon -f "$work/avahi.conf" --no-drop-root --no-chroot --no-rlimits \\
+  > "$work/avahi.log" 2>&1 & avahi=$!
+trap 'kill $avahi $dbus 2>/dev/null; wait' EXIT
+sleep 3
+kill -0 $avahi 2>/dev/null || exit 3
+timeout 20 avahi-browse -r _pxepeer._tcp -t -p
+"""
+
+
+def avahi_browse(ns: Netns, work: Path) -> list[str] | None:
+    """`avahi-browse -r _pxepeer._tcp -t -p` run in `ns` against an avahi-daemon started
+    there (and stopped, by PID) for the purpose; None when avahi cannot run here."""
+    tools = ("avahi-daemon", "avahi-browse", "dbus-daemon", "unshare")
+    if not all(shutil.which(t) for t in tools):
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    script = work / "avahi-probe.sh"
+    script.write_text(AVAHI_PROBE)
+    result = ns.run(
+        "unshare", "-m", "--propagation", "private", "sh", str(script), str(work), check=False
+    )
+    if result.returncode == 3:
+        return None
+    return result.stdout.splitlines()
+
+
 # -- the WAN delay line -------------------------------------------------------------------
 
 TUNSETIFF = 0x400454CA

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.integration.site_lab import (
     Peer,
     SiteLab,
     WanShape,
+    avahi_browse,
     build_image,
     lab_skip_reason,
     pxepeer,
@@ -361,6 +363,11 @@ def test_tampered_manifest_and_manifest_by_unknown_key_are_refused_and_nothing_f
         wait_logged(lab, f"manifest {foreign.manifest_id[:12]} from origin refused")
         time.sleep(2)
         assert not lab.chunk_gets(), "a chunk was fetched for a refused manifest"
+        # A refused manifest is not asked for again at every pass of the swarm loop.
+        asks = Counter(
+            (r.addr, r.path) for r in lab.requests() if r.path.startswith("/manifests/")
+        )
+        assert len(asks) == 4 and max(asks.values()) <= 3, asks
         for p in lab.peers:
             st = lab.status(p)
             assert st["catalog"]["serial"] == 1
@@ -476,10 +483,22 @@ def test_peers_find_each_other_by_mdns_and_a_killed_peer_leaves_the_view_within_
 ) -> None:
     trust = tmp_path / "keys" / "publisher.pub"
     pxepeer("keys", "new", "--out", str(tmp_path / "keys"))
-    with site_lab(tmp_path / "lab", trust, 3, wan=None, static_peers=False) as lab:
+    with site_lab(tmp_path / "lab", trust, 4, wan=None, static_peers=False, start=False) as lab:
+        observer = lab.peers[3]  # a namespace on the site LAN running no peer
+        for p in lab.peers[:3]:
+            p.start()
         lab.wait_up(timeout=60)
-        for p in lab.peers:
+        for p in lab.peers[:3]:
             assert "mDNS: found peer" in p.log_text()
+        # What a user's avahi-browse shows (when avahi-daemon can run in a namespace here).
+        browsed = avahi_browse(observer.ns, tmp_path / "avahi")
+        if browsed is not None:
+            resolved = [line.split(";") for line in browsed if line.startswith("=;")]
+            for p in lab.peers[:3]:
+                assert any(
+                    f"pxepeer-{p.node_id}" == r[3] and r[7] == p.ip and r[8] == "8080"
+                    for r in resolved
+                ), browsed
         victim, others = lab.peers[2], lab.peers[:2]
         gone = victim.node_id
         victim.kill9()
