@@ -25,6 +25,21 @@ fall below 1. Targets: pxepeer <= 1.15 x bound, WAN bytes <= 1.02 S.
 (N x S over the same WAN), measured once, in the same lab after the first swarm run.
 With --reps R each N runs R fresh sites and the table shows the median run (all runs'
 times in the last column): the host has 2 cores, and other work on it shows up.
+
+Measured 2026-11-25 (64 MiB, W 20 Mbit/s, RTT 40 ms, B 100 Mbit/s, 3 runs per N, host
+shared with QEMU labs of other sessions):
+
+    --wan-rate 20Mbit                        --wan-rate 0 (no limiter)
+    N  bound s  pxepeer s  ratio  WAN/S  naive s     pxepeer s  ratio  WAN/S
+    2   28.9     30.2      1.05   1.000    56.4       29.5      1.02   1.000
+    4   29.2     30.2      1.04   1.001   139.1       31.1      1.07   1.001
+    8   29.5     33.4      1.13   1.001   240.0       33.0      1.12   1.001
+
+Single runs on a busier host were slower (N=2 36.8 s, and 39.0 / 44.2 s for N=4 / 8 in
+an earlier one-run pass): the time goes to the WAN phase, i.e. the per-peer rate limiter
+and delay controller sharing the link. With N=8 about 3 s pass between the last WAN
+chunk and the last peer complete (the bound allows 1 s): each peer keeps two WAN
+fetches in flight, so several chunks land at the end together and must all be relayed.
 """
 
 from __future__ import annotations

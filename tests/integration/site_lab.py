@@ -66,6 +66,8 @@ def lab_skip_reason() -> str | None:
     for tool in ("nginx", "tc", "curl"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    if not Path("/dev/net/tun").exists():
+        return "no /dev/net/tun (the WAN delay line needs TUN devices)"
     if not (IPXE_DIR / "snponly.efi").exists():
         return "Debian's ipxe package is not installed (serve --interface needs it)"
     return None
