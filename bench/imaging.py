@@ -159,7 +159,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=4, help="agent's parallel chunk downloads")
     parser.add_argument("--smp", type=int, default=1, help="vCPUs per VM (the same for all)")
     parser.add_argument(
-        "--zeros", nargs="+", choices=("check", "skip"), default=["check"],
+        "--zeros", nargs="+", choices=("check", "skip"), default=["skip"],
         help="agent's zero-chunk modes to run (check: read and zero if needed; skip: seek)",
     )  # fmt: skip
     parser.add_argument("--workdir", type=Path)

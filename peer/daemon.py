@@ -19,7 +19,7 @@ from imaging.signing import KeyFileError, TrustedKeys, load_public_key
 from peer.boot_progress import BootProgress, Stage
 from peer.http_server import HttpContext, build_app
 from peer.image_library import ImageLibrary
-from peer.imaging_api import add_imaging_routes
+from peer.imaging_api import ImagingApi, add_imaging_routes
 from peer.peer_api import add_peer_routes
 from peer.site import Site, SiteConfig
 from peer.store import ContentStore, StoreError
@@ -95,6 +95,7 @@ class Daemon:
                 raise StartupError(f"{exc} (--ipxe-dir {config.ipxe_dir})") from None
         self.dhcp: DhcpResponder | None = None
         self.tftp: TftpServer | None = None
+        self.imaging: ImagingApi | None = None
         self.site = Site(
             SiteConfig(
                 site=config.site or (str(config.address.network) if config.address else "default"),
@@ -280,4 +281,5 @@ class Daemon:
             "images": self.library.describe(),
             "machines": self.progress.snapshot(),
             "site": self.site.status(),
+            "imaging": self.imaging.status() if self.imaging is not None else [],
         }

@@ -72,6 +72,18 @@ def render_status(doc: dict) -> str:
             lines.append(f"  {node:<18}{have:>6}/{total:<6} chunks  {pct:5.1f}%")
     for warning in site.get("warnings", []):
         lines.append(f"WARNING: {warning}")
+    jobs = doc.get("imaging") or []
+    if jobs:
+        lines.append("")
+        for job in jobs:
+            lines.append(
+                "imaging "
+                + "  ".join(
+                    f"{k}={job[k]}"
+                    for k in ("mac", "image", "state", "chunks_done", "chunks_total")
+                    if k in job
+                )
+            )
     machines = doc.get("machines") or []
     if machines:
         lines.append("")

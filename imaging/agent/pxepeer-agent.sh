@@ -18,8 +18,9 @@
 #
 # Kernel command line: pxepeer.server=http://IP:PORT (required), pxepeer.image=NAME (else
 # the machine's assignment decides), pxepeer.disk=/dev/X, pxepeer.jobs=N (parallel chunk
-# downloads, default 4), pxepeer.zeros=skip (a zero chunk is only a seek: for disks
-# known to be blank; by default a zero region is read and zeroed if it is not),
+# downloads, default 4), pxepeer.zeros=check (a zero chunk's region is read and zeroed
+# if it is not zero, so a used disk ends byte-identical to the image; by default a zero
+# chunk is only a seek, as free space in the image holds nothing the OS reads),
 # pxepeer.verify (re-read the whole disk after writing), pxepeer.poweroff.
 # Outside the imager (tests, benchmarks) the same settings come from the environment:
 # PXEPEER_CMDLINE (instead of /proc/cmdline), PXEPEER_MAC, PXEPEER_DISK (may be a file),
@@ -140,7 +141,7 @@ image=$(arg pxepeer.image)
 jobs=${PXEPEER_JOBS:-$(arg pxepeer.jobs)}
 case $jobs in '' | *[!0-9]* | 0) jobs=4 ;; esac
 zeros=${PXEPEER_ZEROS:-$(arg pxepeer.zeros)}
-case $zeros in skip) ;; *) zeros=check ;; esac
+case $zeros in check) ;; *) zeros=skip ;; esac
 mac=${PXEPEER_MAC:-}
 disk=${PXEPEER_DISK:-$(arg pxepeer.disk)}
 state=starting
@@ -326,13 +327,13 @@ peer_order() {
 do_chunk() {
     index=$1 offset=$2 size=$3 sha=$4 where=$5 out=$6
     if [ "$where" = zero ] && [ "$zeros" = skip ]; then
-        # pxepeer.zeros=skip: the disk is known to be blank (or what is left in the
-        # image's free space does not matter): a zero chunk is a seek, nothing more.
+        # The default: what is left in the image's free space does not matter (and
+        # reading every zero region of a large disk would cost more than the image).
         echo "$index zero $size 0" >>"$out"
         return 0
     fi
     if [ "$where" = zero ]; then
-        # Read and zeroed only if not zero already (an old OS, a half-written run);
+        # pxepeer.zeros=check: read, and zeroed only if not zero already (an old OS);
         # discard would be faster but need not read back as zeros on every device.
         region_is_zero "$offset" "$size" && {
             echo "$index zero $size 0" >>"$out"
