@@ -30,26 +30,18 @@ mbr_bin=${PXEPEER_SYSLINUX_MBR:-/usr/lib/syslinux/mbr/mbr.bin}
 part_start_sectors=2048 # 1 MiB: the usual alignment, and room for the MBR gap
 
 die() { echo "build.sh: $*" >&2; exit 1; }
-for tool in apt-get apt-cache dpkg-deb cpio gzip depmod sha256sum sfdisk mkfs.fat mcopy \
-    syslinux; do
-    command -v "$tool" >/dev/null ||
-        die "$tool is missing (apt-get install dpkg cpio gzip kmod fdisk dosfstools mtools syslinux)"
-done
+# shellcheck source=SCRIPTDIR/../lib/initramfs.sh
+. "$here/../lib/initramfs.sh"
+check_tools apt-get apt-cache dpkg-deb cpio gzip depmod sha256sum sfdisk mkfs.fat mcopy syslinux
 [ -f "$mbr_bin" ] || die "$mbr_bin is missing (apt-get install syslinux-common)"
-[ -x "$busybox" ] || die "$busybox is missing (apt-get install busybox-static)"
-if command -v file >/dev/null && file -L "$busybox" | grep -q 'dynamically linked'; then
-    die "$busybox is dynamically linked; the initramfs needs busybox-static"
-fi
 [ "$disk_mb" -ge 32 ] || die "PXEPEER_DEMO_DISK_MB must be at least 32 (kernel + FAT overhead)"
 
-# shellcheck source=SCRIPTDIR/../imager/debian-kernel.sh
-. "$here/../imager/debian-kernel.sh"
 debian_kernel
 
 mkdir -p "$out"
 key=$({
     echo "$deb $epoch $disk_mb"
-    sha256sum "$here/init" "$here/syslinux.cfg" "$0" "$here/../imager/debian-kernel.sh" \
+    sha256sum "$here/init" "$here/syslinux.cfg" "$0" "$here/../lib/initramfs.sh" \
         "$busybox" "$mbr_bin" "$(command -v syslinux)" | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 built="$cache/builds/demo-os-$key"
@@ -60,19 +52,8 @@ if [ ! -e "$built/.complete" ]; then
     # --- the initramfs: busybox and an init, nothing else (the demo OS needs no modules:
     # the serial console is built into Debian's kernel and it never touches a disk) ------
     root="$stage/root"
-    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev}
-    install -m 0755 "$busybox" "$root/bin/busybox"
-    for applet in $("$busybox" --list-full); do
-        [ "$applet" = bin/busybox ] || ln -sf /bin/busybox "$root/$applet"
-    done
-    install -m 0755 "$here/init" "$root/init"
-    if [ "$(id -u)" -eq 0 ]; then
-        mknod -m 0600 "$root/dev/console" c 5 1
-    fi
-    find "$root" -exec touch -h -d "@$epoch" {} +
-    (cd "$root" && find . -print0 | sort -z |
-        cpio --quiet --null --create --format=newc --owner=0:0 --reproducible) |
-        gzip -n -9 >"$stage/initrd.img"
+    busybox_root "$root" "$here/init"
+    pack_initramfs "$root" "$stage/initrd.img"
     install -m 0644 "$tree/boot/vmlinuz-$kver" "$stage/vmlinuz"
     touch -d "@$epoch" "$stage/vmlinuz" "$stage/initrd.img"
     cp "$here/syslinux.cfg" "$stage/syslinux.cfg"
