@@ -5,6 +5,7 @@ unknown key, or a manifest edited on disk, is never offered to a machine."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from imaging.manifest import FileEntry, ImageKind, Manifest, SignedManifest
@@ -40,6 +41,7 @@ class ImageLibrary:
         self.store, self.trusted = store, trusted
         self._by_id: dict[str, ServedImage] = {}
         self.rejected: dict[str, str] = {}
+        self._refreshed = 0.0
 
     def refresh(self) -> None:
         by_id: dict[str, ServedImage] = {}
@@ -58,6 +60,7 @@ class ImageLibrary:
             complete = not self.store.missing_chunks(signed.manifest)
             by_id[manifest_id] = ServedImage(manifest_id, signed, complete)
         self._by_id, self.rejected = by_id, rejected
+        self._refreshed = time.monotonic()
 
     def images(self) -> list[ServedImage]:
         """Complete images, newest version of each name first within the name order."""
@@ -68,6 +71,11 @@ class ImageLibrary:
 
     def by_id(self, manifest_id: str) -> ServedImage | None:
         image = self._by_id.get(manifest_id)
+        if (image is None or not image.complete) and time.monotonic() - self._refreshed > 1.0:
+            # Completed by the swarm (or added by the CLI) since the last look. At most one
+            # rescan a second, however many requests name unknown ids.
+            self.refresh()
+            image = self._by_id.get(manifest_id)
         return image if image is not None and image.complete else None
 
     def newest_of_kind(self, kind: ImageKind) -> ServedImage | None:

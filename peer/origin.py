@@ -52,6 +52,17 @@ class OriginClient:
     def current_rate(self) -> float:
         return self.bucket.rate
 
+    def set_share(self, peers_fetching: int) -> None:
+        """`--wan-rate` is the site's: with N peers pulling from the origin at once, each
+        takes 1/N of it, so the store's uplink sees the configured rate, not N times it."""
+        if self.wan_rate <= 0:
+            return
+        cap = self.wan_rate / max(peers_fetching, 1)
+        if cap != self.controller.max_rate:
+            self.controller.max_rate = cap
+            self.controller.rate = min(self.controller.rate, cap) or cap
+            self.bucket.set_rate(min(self.bucket.rate, cap) or cap)
+
     async def _get(
         self, path: str, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, Mapping[str, str]]:

@@ -277,6 +277,9 @@ class Site:
                 log.warning("peer %s left the view (silent for %.0f s)", node, PEER_TIMEOUT)
                 self.endpoint_of.pop(node, None)
             self._elect(now)
+            if self.origin is not None:
+                others = sum(1 for h in self.membership.live(now) if h.fetching)
+                self.origin.set_share(others + 1)
             self._wake.set()
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
@@ -377,7 +380,9 @@ class Site:
 
     def _origin_failed(self, exc: Exception) -> None:
         self._origin_failures += 1
-        delay = min(2.0 ** min(self._origin_failures, 5), 30.0)
+        # Capped at 8 s: after an outage the site should be back on the WAN within
+        # seconds, and a failed request costs the origin next to nothing.
+        delay = min(2.0 ** min(self._origin_failures, 3), 8.0)
         self._origin_backoff_until = time.monotonic() + delay
         self.counters.wan_failures += 1
         log.warning("origin: %s (retry in %.0f s)", exc, delay)

@@ -52,7 +52,11 @@ class SwarmPlanner:
     node_id: str
     limits: Limits = field(default_factory=Limits)
     in_flight: dict[str, str] = field(default_factory=dict)  # sha -> source
-    first_wanted: dict[str, float] = field(default_factory=dict)  # sha -> since when
+    # Takeover clocks. They start when the situation starts, not when the chunk was first
+    # wanted: after a 30 s WAN outage every chunk has been wanted "long", and counting
+    # from then would hand chunks down the ranking the moment the link comes back.
+    owner_since: dict[str, tuple[str, float]] = field(default_factory=dict)  # sha -> owner
+    elsewhere_since: dict[str, float] = field(default_factory=dict)  # sha -> seen in flight
 
     def load(self, source: str) -> int:
         return sum(1 for s in self.in_flight.values() if s == source)
@@ -62,7 +66,7 @@ class SwarmPlanner:
         job: ChunkJob,
         live: list[Hello],
         self_wan_ok: bool,
-        waited: float,
+        now: float,
         catalog_serial: int = 0,
     ) -> str | None:
         # A peer on an older catalog than ours has not said yet whether it wants the
@@ -79,6 +83,11 @@ class SwarmPlanner:
         ranking = rendezvous_rank(job.ref.sha256, fetchers)
         if not ranking:
             return None
+        first, since = self.owner_since.get(job.ref.sha256, ("", now))
+        if first != ranking[0]:
+            first, since = ranking[0], now
+            self.owner_since[job.ref.sha256] = (first, since)
+        waited = now - since
         step = int(waited // self.limits.takeover_after) if self.limits.takeover_after else 0
         return ranking[min(step, len(ranking) - 1)]
 
@@ -102,7 +111,6 @@ class SwarmPlanner:
             sha = job.ref.sha256
             if sha in self.in_flight or any(f.job.ref.sha256 == sha for f in fetches):
                 continue
-            since = self.first_wanted.setdefault(sha, now)
             holders = [
                 h.node_id
                 for h in sources
@@ -118,14 +126,20 @@ class SwarmPlanner:
                 planned_load[best] = planned_load.get(best, 0) + 1
                 fetches.append(Fetch(job, best))
                 lan += 1
-            elif sha in elsewhere and now - since < self.limits.takeover_after:
+            elif (
+                sha in elsewhere
+                and now - self.elsewhere_since.setdefault(sha, now) < self.limits.takeover_after
+            ):
                 continue
             elif wan < self.limits.wan_in_flight and self.wan_owner(
                 # Not a shunned peer: it may claim the chunk and never fetch it.
-                job, sources, self_wan_ok, now - since, catalog_serial
+                job, sources, self_wan_ok, now, catalog_serial
             ) == self.node_id:
                 fetches.append(Fetch(job, ORIGIN))
                 wan += 1
+        for sha in list(self.elsewhere_since):
+            if sha not in elsewhere:
+                del self.elsewhere_since[sha]
         return fetches
 
     def wan_fetching(self) -> list[str]:
@@ -137,4 +151,5 @@ class SwarmPlanner:
     def finished(self, fetch: Fetch, stored: bool) -> None:
         self.in_flight.pop(fetch.job.ref.sha256, None)
         if stored:
-            self.first_wanted.pop(fetch.job.ref.sha256, None)
+            self.owner_since.pop(fetch.job.ref.sha256, None)
+            self.elsewhere_since.pop(fetch.job.ref.sha256, None)

@@ -111,3 +111,18 @@ def test_hello_round_trips_through_json_with_its_bitmaps() -> None:
     again = Hello.from_json(original.to_json())
     assert again.holdings[MID].bits == original.holdings[MID].bits
     assert [i for i in range(8) if i in again.holdings[MID]] == [0, 3, 7]
+
+
+def test_after_a_wan_outage_the_first_owner_back_keeps_its_chunks() -> None:
+    """The takeover clock starts when the owner does, not when the chunk was first
+    wanted: a long outage must not hand every chunk down the ranking at once."""
+    limits = Limits(wan_in_flight=100, takeover_after=30.0)
+    job = next(j for j in jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["p1", "me"])
+    planner = SwarmPlanner("me", limits)
+    # The outage: nobody can reach the origin for 100 s.
+    assert planner.plan([job], [hello("p1", wan_ok=False)], set(), False, 0.0) == []
+    assert planner.plan([job], [hello("p1", wan_ok=False)], set(), False, 100.0) == []
+    # Back: p1 owns the chunk again and is given the full takeover period.
+    assert planner.plan([job], [hello("p1")], set(), True, 101.0) == []
+    assert planner.plan([job], [hello("p1")], set(), True, 125.0) == []
+    assert planner.plan([job], [hello("p1")], set(), True, 132.0)[0].source == ORIGIN
