@@ -142,6 +142,12 @@ def test_one_responder_answers_and_another_takes_over_when_it_dies(site: Site) -
 
     wait_until("three peers agreeing on one responder", all_agree, 30, site.logs)
     assert site.status("b")["responders"] == [site.node("a")]
+    wait_until(
+        "a to claim the role (past its settle time)",
+        lambda: (s := site.status("a")) is not None and s["this_peer_responds"],
+        10,
+        site.logs,
+    )
     # Exactly one offer per DISCOVER, from the responder.
     senders = site.offers()
     assert [s.split(":")[0] for s in senders] == [site.peer_ip("a")]
