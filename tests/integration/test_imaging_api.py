@@ -358,6 +358,19 @@ def test_agent_refuses_a_disk_smaller_than_the_image(site: Site, tmp_path: Path)
     assert job["state"] == "failed" and "too small" in job["message"]
 
 
+def test_agent_without_a_disk_fails_clearly_and_is_not_done(site: Site, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-disk"
+
+    result = site.run_agent(missing)
+
+    assert result.returncode == 1
+    assert "PXEPEER-IMAGING: FAILED no disk found" in result.stdout, result.stdout
+    assert "PXEPEER-IMAGING: done" not in result.stdout
+    assert not missing.exists()  # nothing created in its place
+    job = site.job()
+    assert job["state"] == "failed" and "no disk" in job["message"]
+
+
 def test_agent_fails_clearly_without_a_plan(site: Site, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     disk.write_bytes(b"")
