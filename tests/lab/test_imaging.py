@@ -310,3 +310,58 @@ def test_the_boot_script_images_an_assigned_disk_once_then_boots_the_disk(site: 
     # Its next network boot goes to the local disk, not into the imager again.
     script = site.lab.http_get(f"{responder.base_url}/boot.ipxe?mac={mac}").decode()
     assert "sanboot" in script and "pxepeer.server=" not in script, script
+
+
+def test_a_failed_run_is_never_done_and_the_next_boot_resumes_from_the_disk(
+    lab: VirtualStore, imaging_images: ImagingImages
+) -> None:
+    """Every peer holds one chunk damaged: the agent writes the rest, fails on that one
+    (and says so, in the status too). Once the peers have it right again, the machine is
+    powered on again with the same disk and fetches only what the disk still lacks."""
+    store = _site_store(lab.workdir / "store", imaging_images, [MACS["bios"]])
+    site = _start_site(lab, store, imaging_images)
+    [signed] = ContentStore(store.cache).find_images(DEMO)
+    damaged = signed.manifest.chunk_refs()[-1]
+    good_bytes = ContentStore(store.cache).read_chunk(damaged.sha256)
+    for name in PEERS:
+        path = ContentStore(lab.workdir / f"cache-{name}").chunk_path(damaged.sha256)
+        path.write_bytes(good_bytes[:-1] + bytes([good_bytes[-1] ^ 0xFF]))
+
+    vm = _image_vm(site, "bios")
+    try:
+        vm.wait_for(r"PXEPEER-IMAGING: FAILED", timeout=IMAGING_TIMEOUT)
+    except LabError as exc:
+        raise AssertionError(f"{exc}\n{site.logs()}") from None
+    assert vm.serial.first(DONE) is None
+    deadline = time.monotonic() + 30  # the report follows the console line
+    while True:
+        [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
+        if job["state"] != "writing" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert job["state"] == "failed", job
+    assert not _same_as_image(vm, site.images.demo_disk)
+    vm.stop()  # the technician power-cycles the machine
+
+    for name in PEERS:
+        ContentStore(lab.workdir / f"cache-{name}").chunk_path(damaged.sha256).write_bytes(
+            good_bytes
+        )
+    served_before = sum(site.counters().values())
+    again = site.lab.boot_vm("bios", Firmware.BIOS, MACS["bios"], disk_mb=DISK_MB, keep_disk=True)
+    _wait_imaged(site, again)
+
+    assert _same_as_image(again, site.images.demo_disk)
+    # The second time only the chunk that was missing crossed the network, plus (by the
+    # agent's design) data chunks starting with 4 KiB of zeros, which it fetches rather
+    # than hash on the disk.
+    cache = ContentStore(store.cache)
+    refetched = [
+        ref
+        for ref in signed.manifest.chunk_refs()
+        if ref == damaged or not any(cache.read_chunk(ref.sha256)[:4096])
+    ]
+    assert len(refetched) < len(signed.manifest.chunk_refs())
+    assert sum(site.counters().values()) - served_before == sum(r.size for r in refetched)
+    [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
+    assert job["state"] == "done", job

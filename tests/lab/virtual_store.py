@@ -493,8 +493,12 @@ class VirtualStore:
         memory_mb: int = 512,
         disk_mb: int = 64,
         extra_args: Sequence[str] = (),
+        keep_disk: bool = False,
     ) -> VM:
-        """Start a QEMU VM that network-boots on the bridge; returns at once."""
+        """Start a QEMU VM that network-boots on the bridge; returns at once.
+
+        keep_disk: power the same machine on again with the disk it had (a reboot after
+        a power cut), instead of a blank one."""
         firmware = Firmware(firmware)
         vmdir = self.workdir / name
         vmdir.mkdir(parents=True, exist_ok=True)
@@ -504,8 +508,9 @@ class VirtualStore:
         self.store.run("ip", "link", "set", tap, "master", BRIDGE, "up")
 
         disk = vmdir / "disk.raw"
-        with open(disk, "wb") as f:
-            f.truncate(disk_mb * 1024 * 1024)  # blank, sparse: a PC with an empty disk
+        if not (keep_disk and disk.exists()):
+            with open(disk, "wb") as f:
+                f.truncate(disk_mb * 1024 * 1024)  # blank, sparse: a PC with an empty disk
         serial = vmdir / "serial.log"
         serial.write_bytes(b"")
 
