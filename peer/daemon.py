@@ -63,6 +63,7 @@ class ServeConfig:
     mdns: bool = True
     catalog_poll_seconds: float = 15.0
     offer_check_seconds: float = 30.0
+    quota_bytes: int = 0
 
 
 def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
@@ -110,6 +111,7 @@ class Daemon:
                 catalog_poll_seconds=config.catalog_poll_seconds,
                 interface=config.interface,
                 probe_seconds=config.offer_check_seconds,
+                quota_bytes=config.quota_bytes,
             ),
             self.store,
             self.library.trusted,

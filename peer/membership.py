@@ -33,6 +33,10 @@ class ChunkBitmap:
         if 0 <= index < self.size:
             self.bits[index >> 3] |= 0x80 >> (index & 7)
 
+    def clear(self, index: int) -> None:
+        if 0 <= index < self.size:
+            self.bits[index >> 3] &= ~(0x80 >> (index & 7)) & 0xFF
+
     def __contains__(self, index: int) -> bool:
         return 0 <= index < self.size and bool(self.bits[index >> 3] & (0x80 >> (index & 7)))
 

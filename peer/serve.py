@@ -29,6 +29,19 @@ def parse_rate(text: str) -> float:
     return value / 8 if unit == "bit" or unit == "b" else value
 
 
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?B)?$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '200G', '512M', '1.5T' (binary multiples), '0'."""
+    match = SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"--quota {text!r}: want e.g. 200G or 512M")
+    number, prefix = match.groups()
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    return int(float(number) * 1024**power)
+
+
 class ServeUsageError(click.ClickException):
     """Bad input: one line on stderr and exit code 2, no usage dump."""
 
@@ -104,6 +117,9 @@ class ServeUsageError(click.ClickException):
 @click.option("--mdns/--no-mdns", default=True, show_default=True)
 @click.option("--catalog-poll", type=click.FloatRange(0.5, 86400), default=15.0,
               show_default=True, help="Seconds between catalog checks at the origin.")  # fmt: skip
+@click.option("--quota", "quota", metavar="SIZE", default="0", show_default=True,
+              help="Cache size limit, e.g. 200G; least recently used chunks no wanted or "
+              "assigned image needs are evicted. 0 = no limit.")  # fmt: skip
 @click.option("--offer-check", type=click.FloatRange(0, 86400), default=30.0, show_default=True,
               help="Seconds between checks that the responder's PXE offers reach this peer "
               "(DHCP snooping); 0 = never.")  # fmt: skip
@@ -126,6 +142,7 @@ def serve(
     responders: int,
     mdns: bool,
     catalog_poll: float,
+    quota: str,
     offer_check: float,
     log_level: str,
 ) -> None:
@@ -169,6 +186,7 @@ def serve(
 
     try:
         rate = parse_rate(wan_rate)
+        quota_bytes = parse_size(quota)
     except ValueError as exc:
         raise ServeUsageError(str(exc)) from None
     for peer in peers:
@@ -198,6 +216,7 @@ def serve(
         mdns=mdns,
         catalog_poll_seconds=catalog_poll,
         offer_check_seconds=offer_check,
+        quota_bytes=quota_bytes,
     )
     try:
         daemon = Daemon(config)

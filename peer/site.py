@@ -29,6 +29,7 @@ from imaging.signing import SignatureError, TrustedKeys
 from peer.discovery import MdnsDiscovery
 from peer.membership import ChunkBitmap, Hello, HelloError, Membership
 from peer.origin import OriginClient, OriginError
+from peer.quota import Quota
 from peer.ranking import elect_responders, rendezvous_rank
 from peer.reputation import Reputation
 from peer.store import ChunkCorrupt, ContentStore, StoreError
@@ -56,6 +57,7 @@ class SiteConfig:
     responders: int = 1
     mdns: bool = True
     catalog_poll_seconds: float = 15.0
+    quota_bytes: int = 0  # 0: no quota
     interface: str | None = None  # for the DHCP-snooping probe
     probe_seconds: float = 30.0
 
@@ -101,6 +103,8 @@ class Site:
         self.planner = SwarmPlanner(self.node_id)
         self.reputation = Reputation()
         self.counters = Counters()
+        self.quota = Quota(store, config.quota_bytes)
+        self._quota_full_until = 0.0
         self.endpoints: set[str] = set(config.static_peers)
         self.endpoint_of: dict[str, str] = {}  # node id -> endpoint we reach it on
         self.catalog: Catalog | None = None
@@ -491,7 +495,20 @@ class Site:
             # Before the view has settled every peer would think it owns every chunk.
             wan_ok = self._wan_ok(now) and self.settled()
             serial = self.catalog.serial if self.catalog else 0
-            for fetch in self.planner.plan(jobs, live, shunned, wan_ok, now, serial):
+            planned = []
+            if now >= self._quota_full_until:
+                planned = self.planner.plan(jobs, live, shunned, wan_ok, now, serial)
+            protected = self._protected_chunks() if planned and self.quota.limit else set()
+            for fetch in planned:
+                if not self.quota.reserve(fetch.job.ref.size, protected):
+                    self._quota_full_until = now + 30
+                    log.warning(
+                        "cache quota (%d bytes) reached: nothing more can be evicted; "
+                        "not downloading for 30 s",
+                        self.quota.limit,
+                    )
+                    break
+                self._forget_evicted()
                 self.planner.started(fetch)
                 task = asyncio.create_task(self._fetch(fetch))
                 self._fetches.add(task)
@@ -534,6 +551,7 @@ class Site:
                 self.counters.chunks_from_lan += 1
             self._stored(sha)
         finally:
+            self.quota.release(fetch.job.ref.size, stored)
             self.planner.finished(fetch, stored)
             self._wake.set()
 
@@ -554,6 +572,25 @@ class Site:
         except (TimeoutError, aiohttp.ClientError, OSError):
             self.counters.lan_failures += 1
             return None
+
+    def _protected_chunks(self) -> set[str]:
+        """Chunks the quota may not evict: of images this peer is to hold (the catalog's,
+        within replica targets) and of images a machine is assigned to."""
+        assigned = set(self.store.assignments().values())
+        wanted = set(self.wanted_ids())
+        return {
+            ref.sha256
+            for manifest_id, progress in self.images.items()
+            if manifest_id in wanted or progress.manifest.name in assigned
+            for ref in progress.manifest.chunk_refs()
+        }
+
+    def _forget_evicted(self) -> None:
+        for sha in self.quota.evicted:
+            for progress in self.images.values():
+                for index in progress.index_of.get(sha, ()):
+                    progress.bitmap.clear(index)
+        self.quota.evicted = []
 
     def _bad_chunk(self, source: str, sha: str) -> None:
         self.counters.bad_chunks_received += 1
@@ -660,6 +697,11 @@ class Site:
             warnings.append(f"last catalog refused: {self.catalog_problem}")
         if self.origin is not None and not self._wan_ok(now):
             warnings.append("origin unreachable; retrying")
+        if now < self._quota_full_until:
+            warnings.append(
+                f"cache quota of {self.quota.limit} bytes is full of images this peer must "
+                "keep: raise --quota or lower replica targets"
+            )
         blind = [h.node_id for h in live if h.offers_seen is False]
         if self.offers_seen is False:
             blind.append(self.node_id)
@@ -689,5 +731,6 @@ class Site:
             "wan_bytes": self.counters.wan_bytes,
             "lan_bytes_in": self.counters.lan_bytes_in,
             "reputation": self.reputation.snapshot(now),
+            "quota": self.quota.status(),
             "warnings": warnings,
         }
