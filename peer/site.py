@@ -112,7 +112,6 @@ class Site:
         self.catalog_problem: str | None = None
         self.images: dict[str, ImageProgress] = {}  # manifest id -> progress
         self.responders: list[str] = []
-        self.paused_locally: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
         self.origin: OriginClient | None = None
         self._origin_backoff_until = 0.0
@@ -404,7 +403,7 @@ class Site:
         live = [h.node_id for h in self.membership.live(time.monotonic())] + [self.node_id]
         wanted = []
         for entry in self.catalog.by_priority():
-            if entry.paused or entry.name in self.paused_locally:
+            if entry.paused:
                 continue
             if entry.replicas and self.node_id not in rendezvous_rank(
                 entry.manifest_id, live
@@ -681,7 +680,7 @@ class Site:
                     "manifest_id": manifest_id,
                     "in_catalog": entry is not None,
                     "priority": entry.priority if entry else None,
-                    "paused": bool(entry and entry.paused) or m.name in self.paused_locally,
+                    "paused": bool(entry and entry.paused),
                     "wanted": manifest_id in self.wanted_ids(),
                     "chunks": holders,
                 }
