@@ -13,6 +13,8 @@
 #   install_modules ROOT         the load_order modules (decompressed), load-order file and
 #                                a modules.dep of just those
 #   pack_initramfs ROOT OUT      a gzip'd newc cpio, byte-for-byte reproducible
+#   keep_netboot_build STAGE BUILT  STAGE/initrd.img plus the kernel, moved into the
+#                                cache directory BUILT and marked complete
 # Env: PXEPEER_LAB_KERNEL_PKG  kernel package (default: what linux-image-amd64 depends on)
 
 check_tools() {
@@ -133,4 +135,14 @@ pack_initramfs() {
         cpio --quiet --null --create --format=newc --owner=0:0 --reproducible) |
         gzip -n -9 >"$out"
     touch -d "@$epoch" "$out"
+}
+
+keep_netboot_build() {
+    local stage=$1 built=$2
+    install -m 0644 "$tree/boot/vmlinuz-$kver" "$stage/vmlinuz"
+    touch -d "@$epoch" "$stage/vmlinuz" "$stage/initrd.img"
+    mkdir -p "$built"
+    mv "$stage/vmlinuz" "$stage/initrd.img" "$built/"
+    echo "$kver" >"$built/kernel-version"
+    touch "$built/.complete"
 }

@@ -50,13 +50,7 @@ if [ ! -e "$built/.complete" ]; then
     install -m 0755 "$here/udhcpc.script" "$root/etc/udhcpc.script"
     install_modules "$root"
     pack_initramfs "$root" "$stage/initrd.img"
-    install -m 0644 "$tree/boot/vmlinuz-$kver" "$stage/vmlinuz"
-    touch -d "@$epoch" "$stage/vmlinuz" "$stage/initrd.img"
-
-    mkdir -p "$built"
-    mv "$stage/vmlinuz" "$stage/initrd.img" "$built/"
-    echo "$kver" >"$built/kernel-version"
-    touch "$built/.complete"
+    keep_netboot_build "$stage" "$built"
 fi
 
 cp -p "$built/vmlinuz" "$built/initrd.img" "$out/"
