@@ -28,7 +28,7 @@ from imaging.signing import (
 )
 from peer.progress_bar import ProgressBar
 from peer.serve import serve
-from peer.store import ContentStore, StoreError, normalize_mac
+from peer.store.content_store import ContentStore, StoreError, normalize_mac
 from pxe.boot_policy import LOCAL_BOOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")

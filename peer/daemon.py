@@ -16,13 +16,13 @@ from pathlib import Path
 from aiohttp import web
 
 from imaging.signing import KeyFileError, TrustedKeys, load_public_key
-from peer.boot_progress import BootProgress, Stage
-from peer.http_server import HttpContext, build_app
-from peer.image_library import ImageLibrary
-from peer.imaging_api import ImagingApi, add_imaging_routes
-from peer.peer_api import add_peer_routes
-from peer.site import Site, SiteConfig
-from peer.store import ContentStore, StoreError
+from peer.adapters.site import Site, SiteConfig
+from peer.api.http_server import HttpContext, build_app
+from peer.api.imaging_api import ImagingApi, add_imaging_routes
+from peer.api.peer_api import add_peer_routes
+from peer.core.boot_progress import BootProgress, Stage
+from peer.store.content_store import ContentStore, StoreError
+from peer.store.image_library import ImageLibrary
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply

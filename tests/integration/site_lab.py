@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imaging.manifest import Manifest
-from peer.store import ContentStore
+from peer.store.content_store import ContentStore
 from tests.netns import Netns, link, namespaces
 
 PXEPEER = [sys.executable, "-m", "peer.cli"]

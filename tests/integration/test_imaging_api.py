@@ -24,7 +24,7 @@ import pytest
 
 from imaging.manifest import Manifest
 from imaging.plan import Plan
-from peer.store import ContentStore
+from peer.store.content_store import ContentStore
 from tests.netns import Netns, can_use_netns, namespaces
 
 PXEPEER = [sys.executable, "-m", "peer.cli"]

@@ -18,7 +18,7 @@ import pytest
 from imaging.catalog import Catalog, CatalogEntry, SignedCatalog
 from imaging.origin_layout import CATALOG, chunk_path, manifest_path
 from imaging.signing import load_signing_key
-from peer.ranking import rendezvous_rank
+from peer.core.ranking import rendezvous_rank
 from tests.integration.site_lab import (
     MIB,
     BuiltImage,
@@ -316,7 +316,7 @@ def test_peer_serving_corrupt_chunks_is_shunned_and_good_peers_end_verified(
         garbage; it still lists them as held and sends them as stored."""
         if i != rogue_index:
             return
-        from peer.store import ContentStore
+        from peer.store.content_store import ContentStore
 
         store = ContentStore(cache)
         [signed] = ContentStore(mid.cache).find_images(mid.name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.store import ContentStore
+from peer.store.content_store import ContentStore
 from tests.lab.boot_servers import (
     REPO,
     PxepeerServer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.boot_progress import BootProgress, Stage
+from peer.core.boot_progress import BootProgress, Stage
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, choose_boot, resolve_first_stages
 from pxe.dhcp import Architecture
 from pxe.ipxe import LinuxBoot, MenuItem, render_linux_boot, render_local_boot, render_menu

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from peer.quota import Quota, pick_evictions
 from peer.serve import parse_size
-from peer.store import ContentStore
+from peer.store.content_store import ContentStore
+from peer.store.quota import Quota, pick_evictions
 
 
 def put(store: ContentStore, data: bytes, used_at: float) -> str:

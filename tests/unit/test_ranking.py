@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peer.ranking import Candidate, elect_responders, rendezvous_rank
+from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
 
 NODES = [f"node{i:02d}" for i in range(8)]
 

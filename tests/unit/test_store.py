@@ -19,8 +19,8 @@ from imaging.builder import build_manifest
 from imaging.chunking import ChunkingError
 from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest, SignedManifest
 from imaging.signing import SigningKey
-from peer import store as store_module
-from peer.store import ChunkCorrupt, ContentStore, StoreError, normalize_mac
+from peer.store import content_store as store_module
+from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError, normalize_mac
 
 CS = 4096
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from imaging.manifest import ChunkRef
-from peer.membership import ChunkBitmap, Hello, Membership
-from peer.ranking import rendezvous_rank
-from peer.swarm_plan import ORIGIN, ChunkJob, Limits, SwarmPlanner
+from peer.core.membership import ChunkBitmap, Hello, Membership
+from peer.core.ranking import rendezvous_rank
+from peer.core.swarm_plan import ORIGIN, ChunkJob, Limits, SwarmPlanner
 
 MID = "m" * 64
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peer.reputation import Reputation
-from peer.throttle import DelayController, TokenBucket
+from peer.core.reputation import Reputation
+from peer.core.throttle import DelayController, TokenBucket
 
 
 def test_token_bucket_holds_the_rate_over_time() -> None:

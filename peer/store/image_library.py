@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from imaging.manifest import FileEntry, ImageKind, Manifest, SignedManifest
 from imaging.signing import SignatureError, TrustedKeys
-from peer.store import ContentStore
+from peer.store.content_store import ContentStore
 
 log = logging.getLogger("pxepeer.images")
 

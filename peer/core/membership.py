@@ -13,7 +13,7 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 
-from peer.ranking import Candidate
+from peer.core.ranking import Candidate
 
 DEFAULT_TIMEOUT = 6.0
 

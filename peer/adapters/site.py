@@ -26,14 +26,14 @@ from imaging.catalog import (
 )
 from imaging.manifest import Manifest, ManifestError, SignedManifest
 from imaging.signing import SignatureError, TrustedKeys
-from peer.discovery import MdnsDiscovery
-from peer.membership import ChunkBitmap, Hello, HelloError, Membership
-from peer.origin import OriginClient, OriginError
-from peer.quota import Quota
-from peer.ranking import elect_responders, rendezvous_rank
-from peer.reputation import Reputation
-from peer.store import ChunkCorrupt, ContentStore, StoreError
-from peer.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
+from peer.adapters.discovery import MdnsDiscovery
+from peer.adapters.origin import OriginClient, OriginError
+from peer.core.membership import ChunkBitmap, Hello, HelloError, Membership
+from peer.core.ranking import elect_responders, rendezvous_rank
+from peer.core.reputation import Reputation
+from peer.core.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
+from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
+from peer.store.quota import Quota
 from pxe.dhcp_probe import probe_for_offers
 
 log = logging.getLogger("pxepeer.site")

@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from peer.store import ContentStore
+from peer.store.content_store import ContentStore
 
 log = logging.getLogger("pxepeer.quota")
 

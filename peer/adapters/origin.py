@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from imaging.origin_layout import CATALOG, chunk_path, manifest_path
-from peer.throttle import DelayController, TokenBucket
+from peer.core.throttle import DelayController, TokenBucket
 
 SLICE = 64 * 1024
 

@@ -8,8 +8,8 @@ import logging
 
 from aiohttp import web
 
-from peer.membership import HelloError
-from peer.site import Site
+from peer.adapters.site import Site
+from peer.core.membership import HelloError
 
 log = logging.getLogger("pxepeer.peer_api")
 

@@ -16,10 +16,10 @@ from aiohttp import web
 
 from imaging.manifest import FileEntry, ImageKind
 from imaging.plan import PlanError, imager_cmdline
-from peer.boot_progress import BootProgress, Stage
-from peer.image_library import ImageLibrary, ServedImage
-from peer.imaging_api import imaging_done
-from peer.store import ChunkCorrupt, ContentStore
+from peer.api.imaging_api import imaging_done
+from peer.core.boot_progress import BootProgress, Stage
+from peer.store.content_store import ChunkCorrupt, ContentStore
+from peer.store.image_library import ImageLibrary, ServedImage
 from pxe.boot_policy import LOCAL_BOOT, choose_boot
 from pxe.boot_source import BootFileError, BootSource
 from pxe.ipxe import LinuxBoot, MenuItem, render_linux_boot, render_local_boot, render_menu

@@ -35,11 +35,11 @@ from imaging.plan import (
     disk_entry,
     rotated,
 )
-from peer.boot_progress import BootProgress, Stage
-from peer.image_library import ImageLibrary
-from peer.membership import ChunkBitmap
-from peer.site import Site
-from peer.store import ContentStore, StoreError, normalize_mac
+from peer.adapters.site import Site
+from peer.core.boot_progress import BootProgress, Stage
+from peer.core.membership import ChunkBitmap
+from peer.store.content_store import ContentStore, StoreError, normalize_mac
+from peer.store.image_library import ImageLibrary
 
 log = logging.getLogger("pxepeer.imaging")
 

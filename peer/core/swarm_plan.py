@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imaging.manifest import ChunkRef
-from peer.membership import Hello
-from peer.ranking import rendezvous_rank
+from peer.core.membership import Hello
+from peer.core.ranking import rendezvous_rank
 
 ORIGIN = "origin"
 
