@@ -9,21 +9,55 @@ Acceptance is a pure function of the new catalog, the one we hold and the clock.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
-from imaging.manifest import canonical_json
-from imaging.signing import Signature, SignatureError, SigningKey, TrustedKeys
+from imaging import doc_fields, strict_json
+from imaging.doc_fields import FieldError
+from imaging.manifest import MAX_NAME_LEN, canonical_json
+from imaging.signing import MAX_SIGNATURES, Signature, SignatureError, SigningKey, TrustedKeys
 
 FORMAT = "pxepeer-catalog/1"
 
+# As SignedCatalog.to_bytes writes it, an entry with a 128-character (ASCII) name and
+# version and the longest numbers takes 458 bytes: MAX_ENTRIES of them and
+# MAX_SIGNATURES signatures take 938 KB, inside 1 MiB. `publish` refuses to write a
+# catalog over the cap, so what an origin serves is always readable.
+MAX_CATALOG_BYTES = 1024 * 1024
+MAX_ENTRIES = 2048
+MAX_SERIAL = (1 << 53) - 1  # exact as a JSON number in any reader, and in metrics
+MAX_TIME = 1 << 40  # unix seconds, year 36812: "never" without overflowing anything
+MAX_PRIORITY = 1_000_000  # either sign: higher goes first, 0 is the default
+MAX_REPLICAS = 1000
 
-class CatalogError(Exception):
-    """A catalog document is malformed."""
+_CATALOG_KEYS = frozenset({"format", "serial", "issued", "expires", "images"})
+_ENTRY_KEYS = frozenset({"name", "version", "manifest_id", "priority", "paused", "replicas"})
+_SIGNED_KEYS = frozenset({"catalog", "signatures"})
+
+
+class CatalogError(ValueError):
+    """A catalog document we refuse; `reason` is a short fixed label for metrics.
+
+    Reasons: strict_json's ("too large", "invalid utf-8", "invalid unicode", "not json",
+    "non-finite number", "number too long", "nested too deep"), the field checks of
+    imaging/doc_fields ("bad type", "unknown field", "missing field", "out of range",
+    "too long", "empty", "bad text", "bad hash", "too many"), and "not a catalog",
+    "expires before issued", "duplicate image", "not canonical", "bad signature entry".
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 class CatalogRejected(Exception):
-    """A well-formed catalog that must not be followed; the message is the logged reason."""
+    """A well-formed catalog that must not be followed; the message is the logged reason,
+    `reason` a short fixed label: "bad signature", "expired", "rollback" or "serial
+    reused"."""
+
+    def __init__(self, message: str, reason: str = "refused"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -47,22 +81,29 @@ class CatalogEntry:
 
     @classmethod
     def from_json(cls, obj: object) -> CatalogEntry:
-        if not isinstance(obj, dict):
-            raise CatalogError("catalog entry is not an object")
+        """One entry; CatalogError for anything we do not accept."""
         try:
-            entry = cls(
-                name=str(obj["name"]),
-                version=str(obj["version"]),
-                manifest_id=str(obj["manifest_id"]),
-                priority=int(obj.get("priority", 0)),
-                paused=bool(obj.get("paused", False)),
-                replicas=int(obj.get("replicas", 0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CatalogError(f"catalog entry malformed: {exc}") from None
-        if len(entry.manifest_id) != 64 or entry.replicas < 0:
-            raise CatalogError(f"catalog entry {entry.name}: bad manifest id or replicas")
-        return entry
+            return cls._parse(obj)
+        except FieldError as exc:
+            raise CatalogError(exc.reason, exc.detail) from None
+
+    @classmethod
+    def _parse(cls, obj: object) -> CatalogEntry:
+        fields = doc_fields.as_object(obj, "image", _ENTRY_KEYS)
+
+        def get(key: str) -> object:
+            return doc_fields.require(fields, key, "image")
+
+        return cls(
+            name=doc_fields.text(get("name"), "image.name", MAX_NAME_LEN),
+            version=doc_fields.text(get("version"), "image.version", MAX_NAME_LEN),
+            manifest_id=doc_fields.sha256_hex(get("manifest_id"), "image.manifest_id"),
+            priority=doc_fields.integer(
+                get("priority"), "image.priority", -MAX_PRIORITY, MAX_PRIORITY
+            ),
+            paused=doc_fields.boolean(get("paused"), "image.paused"),
+            replicas=doc_fields.integer(get("replicas"), "image.replicas", 0, MAX_REPLICAS),
+        )
 
 
 @dataclass(frozen=True)
@@ -101,20 +142,33 @@ class Catalog:
 
     @classmethod
     def from_json(cls, obj: object) -> Catalog:
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise CatalogError(f"not a {FORMAT} document")
-        images = obj.get("images")
-        if not isinstance(images, list):
-            raise CatalogError("images must be a list")
+        """A catalog from its parsed JSON; CatalogError for anything we do not accept."""
         try:
-            return cls(
-                serial=int(obj["serial"]),
-                issued=int(obj["issued"]),
-                expires=int(obj["expires"]),
-                entries=tuple(CatalogEntry.from_json(e) for e in images),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CatalogError(f"catalog malformed: {exc}") from None
+            return cls._parse(obj)
+        except FieldError as exc:
+            raise CatalogError(exc.reason, exc.detail) from None
+
+    @classmethod
+    def _parse(cls, obj: object) -> Catalog:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise CatalogError("not a catalog", f"not a {FORMAT} document")
+        fields = doc_fields.as_object(obj, "catalog", _CATALOG_KEYS)
+
+        def get(key: str) -> object:
+            return doc_fields.require(fields, key, "catalog")
+
+        serial = doc_fields.integer(get("serial"), "serial", 0, MAX_SERIAL)
+        issued = doc_fields.integer(get("issued"), "issued", 0, MAX_TIME)
+        expires = doc_fields.integer(get("expires"), "expires", 0, MAX_TIME)
+        if expires < issued:
+            raise CatalogError("expires before issued")
+        images = doc_fields.array(get("images"), "images", MAX_ENTRIES)
+        entries = tuple(CatalogEntry._parse(item) for item in images)
+        names = {e.name for e in entries}
+        if len(names) != len(entries):
+            # entry(name) would pick one of them; which one must not be up to an attacker.
+            raise CatalogError("duplicate image", "an image name appears twice")
+        return cls(serial=serial, issued=issued, expires=expires, entries=entries)
 
 
 @dataclass(frozen=True)
@@ -135,22 +189,28 @@ class SignedCatalog:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedCatalog:
+        """A signed catalog as served by an origin or a peer (at most MAX_CATALOG_BYTES),
+        signatures parsed but not checked. Raises CatalogError and nothing else."""
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise CatalogError("catalog is not JSON") from None
-        if not isinstance(doc, dict):
-            raise CatalogError("catalog is not a signed document")
-        catalog = Catalog.from_json(doc.get("catalog"))
-        if canonical_json(doc["catalog"]) != catalog.canonical_bytes:
-            raise CatalogError("catalog is not in canonical form (unknown or altered fields)")
-        sigs = doc.get("signatures")
-        if not isinstance(sigs, list):
-            raise CatalogError("catalog has no signature list")
+            doc = strict_json.loads(data, MAX_CATALOG_BYTES)
+        except strict_json.StrictJsonError as exc:
+            raise CatalogError(exc.reason, doc_fields.json_detail(exc)) from None
+        if not isinstance(doc, dict) or "catalog" not in doc:
+            raise CatalogError("not a catalog", "not a signed catalog")
         try:
-            return cls(catalog, tuple(Signature.from_json(s) for s in sigs))
+            doc_fields.as_object(doc, "document", _SIGNED_KEYS)
+            sigs = doc_fields.array(doc_fields.require(doc, "signatures", "document"),
+                                    "signatures", MAX_SIGNATURES)  # fmt: skip
+        except FieldError as exc:
+            raise CatalogError(exc.reason, exc.detail) from None
+        try:
+            signatures = tuple(Signature.from_json(s) for s in sigs)
         except SignatureError as exc:
-            raise CatalogError(str(exc)) from None
+            raise CatalogError("bad signature entry", str(exc)) from None
+        catalog = Catalog.from_json(doc["catalog"])
+        if canonical_json(doc["catalog"]) != catalog.canonical_bytes:
+            raise CatalogError("not canonical", "unknown or altered fields")
+        return cls(catalog, signatures)
 
 
 def accept_catalog(
@@ -164,31 +224,51 @@ def accept_catalog(
     try:
         trusted.check(candidate.catalog.canonical_bytes, candidate.signatures)
     except SignatureError as exc:
-        raise CatalogRejected(f"catalog signature: {exc}") from None
+        raise CatalogRejected(f"catalog signature: {exc}", "bad signature") from None
     cat = candidate.catalog
     if cat.expired(now):
-        raise CatalogRejected(f"catalog serial {cat.serial} expired at {cat.expires}")
+        raise CatalogRejected(f"catalog serial {cat.serial} expired at {cat.expires}", "expired")
     if current is not None:
         if cat.serial < current.serial:
             raise CatalogRejected(
                 f"catalog serial {cat.serial} is older than the one held ({current.serial}): "
-                "rollback refused"
+                "rollback refused",
+                "rollback",
             )
         if cat.serial == current.serial and cat.canonical_bytes != current.canonical_bytes:
-            raise CatalogRejected(f"catalog serial {cat.serial} changed without a new serial")
+            raise CatalogRejected(
+                f"catalog serial {cat.serial} changed without a new serial", "serial reused"
+            )
     return cat
 
 
+class SerialError(ValueError):
+    """A catalog serial that does not move forward from the one an origin holds."""
+
+
+def next_serial(held: int | None, requested: int | None = None) -> int:
+    """The serial for the next catalog: one above `held` (the serial the origin holds,
+    None when it holds none), or `requested` when that is above it (continuing a lost
+    origin's count). SerialError otherwise: peers that saw `held` would refuse
+    anything at or below it as a rollback."""
+    floor = 0 if held is None else held
+    serial = floor + 1 if requested is None else requested
+    if serial <= floor:
+        raise SerialError(f"serial {serial} is not above the serial the origin holds ({held})")
+    if serial > MAX_SERIAL:
+        raise SerialError(f"serial {serial} is above the largest a catalog may have")
+    return serial
+
+
 def next_catalog(
-    previous: Catalog | None, entry: CatalogEntry, now: int, lifetime: int
+    previous: Catalog | None,
+    entry: CatalogEntry,
+    now: int,
+    lifetime: int,
+    serial: int | None = None,
 ) -> Catalog:
-    """The catalog after publishing (or re-flagging) one image."""
-    if previous is None:
-        return Catalog(serial=1, issued=now, expires=now + lifetime, entries=(entry,))
-    return replace(
-        previous,
-        serial=previous.serial + 1,
-        issued=now,
-        expires=now + lifetime,
-        entries=previous.with_entry(entry),
-    )
+    """The catalog after publishing (or re-flagging) one image: `previous`'s images with
+    `entry`, under `serial` (default: one above `previous`'s; SerialError if not above)."""
+    serial = next_serial(None if previous is None else previous.serial, serial)
+    entries = (entry,) if previous is None else previous.with_entry(entry)
+    return Catalog(serial=serial, issued=now, expires=now + lifetime, entries=entries)

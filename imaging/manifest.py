@@ -14,15 +14,55 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 
+from imaging import doc_fields, strict_json
 from imaging.chunking import CHUNK_SIZE
-from imaging.signing import Signature, SignatureError, SigningKey, TrustedKeys
+from imaging.doc_fields import FieldError
+from imaging.signing import MAX_SIGNATURES, Signature, SignatureError, SigningKey, TrustedKeys
 
 FORMAT = "pxepeer-manifest/1"
 SHA256_HEX_LEN = 64
 
+# Bounds on what a manifest from the network may claim. They are checked before the
+# chunk list is built, so a small hostile document cannot make us allocate a big one.
+MIN_CHUNK_SIZE = 4096  # a page; smaller chunks only multiply requests and manifest size
+MAX_CHUNK_SIZE = 64 * 1024 * 1024  # a peer holds one chunk in memory while verifying it
+MAX_FILES = 64  # kernel, initrd, disk; WinPE adds a few (wimboot, BCD, boot.sdi, boot.wim)
+MAX_FILE_SIZE = 1 << 48  # 256 TiB: past any disk, and exact as a JSON number anywhere
+# Chunk references over all files: a 2 TiB disk at the default 4 MiB chunks (2^19
+# refs) plus 2^14 for kernels, initrds and the like. Bigger images use bigger chunks.
+MAX_CHUNKS = (1 << 19) + (1 << 14)
+# A manifest as written by SignedManifest.to_bytes (indent 1) spends about 131 bytes
+# per chunk reference, 141 with the zero flag. MAX_CHUNKS zero-flagged references take
+# 76 MB; 80 MiB (83.9 MB) covers that plus the rest of the document. Anything longer
+# cannot be a manifest we would accept, so it is refused before it is parsed.
+MAX_MANIFEST_BYTES = 80 * 1024 * 1024
+MAX_NAME_LEN = 128  # name and version: shown in menus and logs
+MAX_CMDLINE_LEN = 4096  # Linux's COMMAND_LINE_SIZE on x86 is 2048; room for the imager's
+MAX_CREATED_LEN = 64  # an ISO 8601 time stamp
 
-class ManifestError(Exception):
-    """A manifest document is malformed."""
+_MANIFEST_KEYS = frozenset({"format", "name", "version", "boot", "files", "chunk_size",
+                            "created", "extra"})  # fmt: skip
+_FILE_KEYS = frozenset({"role", "size", "sha256", "chunks"})
+_CHUNK_KEYS = frozenset({"sha256", "size", "zero"})
+_BOOT_KEYS = frozenset({"kind", "kernel", "initrd", "cmdline"})
+_SIGNED_KEYS = frozenset({"manifest", "signatures"})
+
+
+class ManifestError(ValueError):
+    """A manifest document we refuse; `reason` is a short fixed label for metrics.
+
+    Reasons: strict_json's ("too large", "invalid utf-8", "invalid unicode", "not json",
+    "non-finite number", "number too long", "nested too deep"), the field checks of
+    imaging/doc_fields ("bad type", "unknown field", "missing field", "out of range",
+    "too long", "empty", "bad text", "bad name", "bad hash", "too many"), and "not a
+    manifest", "unknown kind", "too many chunks", "chunk count mismatch", "chunk size
+    mismatch", "duplicate role", "unknown boot file", "not canonical", "bad signature
+    entry".
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 class ImageKind(Enum):
@@ -36,20 +76,9 @@ def canonical_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _sha(value: object, what: str) -> str:
-    if not isinstance(value, str) or len(value) != SHA256_HEX_LEN:
-        raise ManifestError(f"{what}: not a SHA-256 hex digest")
-    try:
-        int(value, 16)
-    except ValueError:
-        raise ManifestError(f"{what}: not a SHA-256 hex digest") from None
-    return value.lower()
-
-
-def _int(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ManifestError(f"{what}: not a non-negative integer")
-    return value
+def expected_chunks(size: int, chunk_size: int) -> int:
+    """How many chunks a file of `size` bytes is cut into (the last one may be short)."""
+    return -(-size // chunk_size)
 
 
 @dataclass(frozen=True)
@@ -65,9 +94,23 @@ class ChunkRef:
         return obj
 
     @classmethod
-    def from_json(cls, obj: dict) -> ChunkRef:
-        return cls(_sha(obj.get("sha256"), "chunk"), _int(obj.get("size"), "chunk size"),
-                   bool(obj.get("zero", False)))  # fmt: skip
+    def from_json(cls, obj: object) -> ChunkRef:
+        """One chunk reference; ManifestError for anything else."""
+        try:
+            return cls._parse(obj, "chunk")
+        except FieldError as exc:
+            raise ManifestError(exc.reason, exc.detail) from None
+
+    @classmethod
+    def _parse(cls, obj: object, what: str) -> ChunkRef:
+        fields = doc_fields.as_object(obj, what, _CHUNK_KEYS)
+        return cls(
+            doc_fields.sha256_hex(doc_fields.require(fields, "sha256", what), f"{what}.sha256"),
+            doc_fields.integer(
+                doc_fields.require(fields, "size", what), f"{what}.size", 1, MAX_CHUNK_SIZE
+            ),
+            doc_fields.boolean(fields.get("zero", False), f"{what}.zero"),
+        )
 
 
 @dataclass(frozen=True)
@@ -98,22 +141,47 @@ class FileEntry:
         }
 
     @classmethod
-    def from_json(cls, obj: dict) -> FileEntry:
-        role = obj.get("role")
-        if not isinstance(role, str) or not role:
-            raise ManifestError("file without a role")
-        chunks = obj.get("chunks")
-        if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
-            raise ManifestError(f"{role}: chunk list malformed")
-        entry = cls(
-            role,
-            _int(obj.get("size"), f"{role} size"),
-            _sha(obj.get("sha256"), role),
-            tuple(ChunkRef.from_json(c) for c in chunks),
+    def from_json(
+        cls, obj: object, chunk_size: int = CHUNK_SIZE, max_chunks: int = MAX_CHUNKS
+    ) -> FileEntry:
+        """One file of a manifest cut into `chunk_size` chunks; ManifestError for a file
+        whose chunk list is not exactly that cut, or holds more than `max_chunks`."""
+        try:
+            doc_fields.integer(chunk_size, "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+            return cls._parse(obj, chunk_size, max_chunks)
+        except FieldError as exc:
+            raise ManifestError(exc.reason, exc.detail) from None
+
+    @classmethod
+    def _parse(cls, obj: object, chunk_size: int, max_chunks: int) -> FileEntry:
+        fields = doc_fields.as_object(obj, "file", _FILE_KEYS)
+        role = doc_fields.token(doc_fields.require(fields, "role", "file"), "file role")
+        size = doc_fields.integer(
+            doc_fields.require(fields, "size", role), f"{role}.size", 0, MAX_FILE_SIZE
         )
-        if sum(c.size for c in entry.chunks) != entry.size:
-            raise ManifestError(f"{role}: chunk sizes do not add up to the file size")
-        return entry
+        whole = doc_fields.sha256_hex(doc_fields.require(fields, "sha256", role), f"{role}.sha256")
+        # The count is known from the size before one reference is built: a list longer
+        # or shorter than the cut is refused without looking at its items.
+        count = expected_chunks(size, chunk_size)
+        if count > max_chunks:
+            raise ManifestError("too many chunks", f"{role} needs {count} chunks")
+        chunks = doc_fields.require(fields, "chunks", role)
+        if not isinstance(chunks, list):
+            raise ManifestError("bad type", f"{role}.chunks is not a list")
+        if len(chunks) != count:
+            raise ManifestError(
+                "chunk count mismatch", f"{role}: {len(chunks)} chunks, size needs {count}"
+            )
+        last = size - (count - 1) * chunk_size
+        refs = []
+        for index, item in enumerate(chunks):
+            ref = ChunkRef._parse(item, f"{role}.chunks[{index}]")
+            # Every chunk but the last is exactly chunk_size (what chunking.iter_chunks
+            # cuts), so a chunk's offset is index * chunk_size and the sizes add up.
+            if ref.size != (last if index == count - 1 else chunk_size):
+                raise ManifestError("chunk size mismatch", f"{role}.chunks[{index}]")
+            refs.append(ref)
+        return cls(role, size, whole, tuple(refs))
 
 
 @dataclass(frozen=True)
@@ -128,21 +196,28 @@ class BootSpec:
                 "cmdline": self.cmdline}  # fmt: skip
 
     @classmethod
-    def from_json(cls, obj: dict) -> BootSpec:
+    def from_json(cls, obj: object) -> BootSpec:
         try:
-            kind = ImageKind(obj.get("kind"))
-        except ValueError:
-            raise ManifestError(f"unknown image kind {obj.get('kind')!r}") from None
-        kernel, initrd, cmdline = obj.get("kernel"), obj.get("initrd"), obj.get("cmdline", "")
-        for value in (kernel, initrd):
-            if value is not None and not isinstance(value, str):
-                raise ManifestError("boot file roles must be strings")
-        if not isinstance(cmdline, str):
-            raise ManifestError("cmdline must be a string")
-        if any(ord(c) < 32 or ord(c) == 127 for c in cmdline):
-            # It is pasted into an iPXE script: a newline would be a second command.
-            raise ManifestError("cmdline must not contain control characters")
-        return cls(kind, kernel, initrd, cmdline)
+            return cls._parse(obj)
+        except FieldError as exc:
+            raise ManifestError(exc.reason, exc.detail) from None
+
+    @classmethod
+    def _parse(cls, obj: object) -> BootSpec:
+        fields = doc_fields.as_object(obj, "boot", _BOOT_KEYS)
+        kind_value = doc_fields.require(fields, "kind", "boot")
+        kind = next((k for k in ImageKind if k.value == kind_value), None)
+        if kind is None:
+            raise ManifestError("unknown kind", "boot.kind")
+        roles = []
+        for key in ("kernel", "initrd"):
+            value = fields.get(key)
+            roles.append(None if value is None else doc_fields.token(value, f"boot.{key}"))
+        # Pasted into an iPXE script: a newline would be a second command.
+        cmdline = doc_fields.text(
+            fields.get("cmdline", ""), "boot.cmdline", MAX_CMDLINE_LEN, empty=True
+        )
+        return cls(kind, roles[0], roles[1], cmdline)
 
 
 @dataclass(frozen=True)
@@ -193,34 +268,47 @@ class Manifest:
 
     @classmethod
     def from_json(cls, obj: object) -> Manifest:
+        """A manifest from its parsed JSON; ManifestError for anything we do not accept."""
+        try:
+            return cls._parse(obj)
+        except FieldError as exc:
+            raise ManifestError(exc.reason, exc.detail) from None
+
+    @classmethod
+    def _parse(cls, obj: object) -> Manifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise ManifestError(f"not a {FORMAT} document")
-        name, version = obj.get("name"), obj.get("version")
-        if not isinstance(name, str) or not name or not isinstance(version, str) or not version:
-            raise ManifestError("name and version must be non-empty strings")
-        files = obj.get("files")
-        boot = obj.get("boot")
-        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-            raise ManifestError("files must be a list")
-        if not isinstance(boot, dict):
-            raise ManifestError("boot must be an object")
-        extra = obj.get("extra", {})
-        manifest = cls(
-            name=name,
-            version=version,
-            boot=BootSpec.from_json(boot),
-            files=tuple(FileEntry.from_json(f) for f in files),
-            chunk_size=_int(obj.get("chunk_size"), "chunk_size") or CHUNK_SIZE,
-            created=str(obj.get("created", "")),
-            extra=extra if isinstance(extra, dict) else {},
-        )
-        roles = [f.role for f in manifest.files]
+            raise ManifestError("not a manifest", f"not a {FORMAT} document")
+        fields = doc_fields.as_object(obj, "manifest", _MANIFEST_KEYS)
+        name = doc_fields.text(doc_fields.require(fields, "name", "manifest"), "name",
+                               MAX_NAME_LEN)  # fmt: skip
+        version = doc_fields.text(doc_fields.require(fields, "version", "manifest"), "version",
+                                  MAX_NAME_LEN)  # fmt: skip
+        chunk_size = doc_fields.integer(
+            doc_fields.require(fields, "chunk_size", "manifest"),
+            "chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
+        )  # fmt: skip
+        created = doc_fields.text(fields.get("created", ""), "created", MAX_CREATED_LEN,
+                                  empty=True)  # fmt: skip
+        extra = fields.get("extra", {})
+        if not isinstance(extra, dict):
+            raise ManifestError("bad type", "extra is not an object")
+        boot = BootSpec._parse(doc_fields.require(fields, "boot", "manifest"))
+        items = doc_fields.array(doc_fields.require(fields, "files", "manifest"), "files",
+                                 MAX_FILES)  # fmt: skip
+        if not items:
+            raise ManifestError("empty", "a manifest names at least one file")
+        files, budget = [], MAX_CHUNKS
+        for item in items:
+            entry = FileEntry._parse(item, chunk_size, budget)
+            budget -= len(entry.chunks)
+            files.append(entry)
+        roles = [f.role for f in files]
         if len(set(roles)) != len(roles):
-            raise ManifestError("a file role appears twice")
-        for role in (manifest.boot.kernel, manifest.boot.initrd):
+            raise ManifestError("duplicate role", "a file role appears twice")
+        for role in (boot.kernel, boot.initrd):
             if role is not None and role not in roles:
-                raise ManifestError(f"boot names file {role!r}, which the manifest lacks")
-        return manifest
+                raise ManifestError("unknown boot file", f"boot names {role}, which is not a file")
+        return cls(name, version, boot, tuple(files), chunk_size, created, extra)
 
 
 @dataclass(frozen=True)
@@ -252,19 +340,27 @@ class SignedManifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedManifest:
+        """A signed manifest as stored or received (at most MAX_MANIFEST_BYTES), with its
+        signatures parsed but not checked. Raises ManifestError and nothing else."""
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise ManifestError("not JSON") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("signatures"), list):
-            raise ManifestError("not a signed manifest")
-        manifest = Manifest.from_json(doc.get("manifest"))
+            doc = strict_json.loads(data, MAX_MANIFEST_BYTES)
+        except strict_json.StrictJsonError as exc:
+            raise ManifestError(exc.reason, doc_fields.json_detail(exc)) from None
+        if not isinstance(doc, dict) or "manifest" not in doc:
+            raise ManifestError("not a manifest", "not a signed manifest")
+        try:
+            doc_fields.as_object(doc, "document", _SIGNED_KEYS)
+            sigs = doc_fields.array(doc_fields.require(doc, "signatures", "document"),
+                                    "signatures", MAX_SIGNATURES)  # fmt: skip
+        except FieldError as exc:
+            raise ManifestError(exc.reason, exc.detail) from None
+        try:
+            signatures = tuple(Signature.from_json(s) for s in sigs)
+        except SignatureError as exc:
+            raise ManifestError("bad signature entry", str(exc)) from None
+        manifest = Manifest.from_json(doc["manifest"])
         # Round-trip check: a document with fields we would drop must not verify as if
         # those fields were never there.
         if canonical_json(doc["manifest"]) != manifest.canonical_bytes:
-            raise ManifestError("manifest is not in canonical form (unknown or altered fields)")
-        try:
-            signatures = tuple(Signature.from_json(s) for s in doc["signatures"])
-        except SignatureError as exc:
-            raise ManifestError(str(exc)) from None
+            raise ManifestError("not canonical", "unknown or altered fields")
         return cls(manifest, signatures)

@@ -10,18 +10,26 @@ so a peer polling mid-publish never sees a catalog that names what is not there 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imaging.catalog import Catalog, CatalogEntry, SignedCatalog, next_catalog
-from imaging.manifest import SignedManifest
+from imaging.catalog import (
+    MAX_CATALOG_BYTES,
+    MAX_TIME,
+    Catalog,
+    CatalogEntry,
+    CatalogError,
+    SerialError,
+    SignedCatalog,
+    next_catalog,
+)
+from imaging.durable import write_atomic
+from imaging.manifest import MAX_MANIFEST_BYTES, SignedManifest
 from imaging.signing import SigningKey
 
 CATALOG = "catalog.json"
+SERVED_MODE = 0o644  # read by a web server that runs as another user
 
 
 def manifest_path(manifest_id: str) -> str:
@@ -33,30 +41,37 @@ def chunk_path(sha256: str) -> str:
 
 
 class PublishError(Exception):
-    pass
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # served by a web server running as another user
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Publishing cannot go ahead; nothing of this publish is on the origin's catalog."""
 
 
 def read_catalog(out_dir: Path) -> SignedCatalog | None:
+    """The catalog the origin holds, None when it holds none. Its signature and expiry
+    are not checked: whoever signed it, peers that saw it hold its serial.
+    Raises CatalogError when it is garbled and OSError when it cannot be read."""
     path = out_dir / CATALOG
-    if not path.exists():
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CATALOG_BYTES + 1)  # one byte over: "too large", not a cut
+    except FileNotFoundError:
         return None
-    return SignedCatalog.from_bytes(path.read_bytes())
+    return SignedCatalog.from_bytes(data)
+
+
+def held_catalog(out_dir: Path, serial: int | None) -> Catalog | None:
+    """The catalog to build on, or None. A catalog that cannot be read would leave the
+    next serial unknown, so it is refused unless the publisher gives one (`serial`);
+    then it is replaced, and the images it listed are not carried over."""
+    try:
+        held = read_catalog(out_dir)
+    except (CatalogError, OSError) as exc:
+        if serial is not None:
+            return None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PublishError(
+            f"the origin's {out_dir / CATALOG} is unreadable ({why}); give a serial above "
+            "the last one peers saw (--serial N) to replace it"
+        ) from None
+    return None if held is None else held.catalog
 
 
 def publish(
@@ -70,22 +85,50 @@ def publish(
     replicas: int = 0,
     lifetime: int = 7 * 86400,
     now: int | None = None,
+    serial: int | None = None,
 ) -> Catalog:
-    """Put one image on the origin and sign a new catalog naming it."""
+    """Put one image on the origin and sign a new catalog naming it.
+
+    The catalog's serial is one above the one the origin holds, or `serial` when given
+    (to continue a lost origin's count); never at or below the held one, which peers
+    would refuse as a rollback. Everything is decided before the first write, so a
+    refused publish leaves the origin as it was.
+    """
     manifest = signed.manifest
+    previous = held_catalog(out_dir, serial)
+    entry = CatalogEntry(
+        manifest.name, manifest.version, manifest.manifest_id, priority, paused, replicas
+    )
+    stamp = int(time.time()) if now is None else now
+    if not 0 <= stamp <= stamp + lifetime <= MAX_TIME:
+        raise PublishError(f"a lifetime of {lifetime} s from {stamp} is out of range")
+    try:
+        catalog = next_catalog(previous, entry, stamp, lifetime, serial)
+    except SerialError as exc:
+        raise PublishError(str(exc)) from None
+    catalog_bytes = SignedCatalog.sign(catalog, key).to_bytes()
+    manifest_bytes = signed.to_bytes()
+    # Peers read at most this much: what they could not read must not be published.
+    if len(catalog_bytes) > MAX_CATALOG_BYTES:
+        raise PublishError(
+            f"the catalog would take {len(catalog_bytes)} bytes, over the "
+            f"{MAX_CATALOG_BYTES} peers read; remove images from it first"
+        )
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise PublishError(
+            f"the manifest takes {len(manifest_bytes)} bytes, over the {MAX_MANIFEST_BYTES} "
+            "peers read; use a bigger chunk size"
+        )
+    SignedCatalog.from_bytes(catalog_bytes)  # CatalogError if peers would refuse it
+    # Chunks, then the manifest, then the catalog: a peer polling mid-publish never
+    # sees a catalog that names what is not there yet. Each write is atomic and synced.
     try:
         for ref in manifest.chunk_refs():
             dest = out_dir / chunk_path(ref.sha256)
             if not dest.exists():
-                _write_atomic(dest, read_chunk(ref.sha256))
-        _write_atomic(out_dir / manifest_path(manifest.manifest_id), signed.to_bytes())
-        previous = read_catalog(out_dir)
-        entry = CatalogEntry(
-            manifest.name, manifest.version, manifest.manifest_id, priority, paused, replicas
-        )
-        stamp = int(time.time()) if now is None else now
-        catalog = next_catalog(previous.catalog if previous else None, entry, stamp, lifetime)
-        _write_atomic(out_dir / CATALOG, SignedCatalog.sign(catalog, key).to_bytes())
+                write_atomic(dest, read_chunk(ref.sha256), SERVED_MODE)
+        write_atomic(out_dir / manifest_path(manifest.manifest_id), manifest_bytes, SERVED_MODE)
+        write_atomic(out_dir / CATALOG, catalog_bytes, SERVED_MODE)
     except OSError as exc:
         raise PublishError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     return catalog

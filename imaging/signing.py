@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from imaging.durable import make_dirs, write_atomic
+
 PUBLIC_KEY_TAG = "pxepeer-ed25519"
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+ED25519_SIGNATURE_B64 = re.compile(r"[A-Za-z0-9+/]{86}==")  # 64 bytes
+# Signatures one document may carry: a few publishers during a key rotation. Each is
+# an Ed25519 verification, so a document cannot make us verify thousands.
+MAX_SIGNATURES = 16
 
 
 class KeyFileError(Exception):
@@ -30,7 +37,16 @@ class KeyFileError(Exception):
 
 
 class SignatureError(Exception):
-    """Data is unsigned, signed by an untrusted key, or its signature does not match."""
+    """Data is unsigned, signed by an untrusted key, or its signature does not match.
+
+    `reason` is a short fixed label for metrics: "not signed", "untrusted key",
+    "bad signature" (a trusted key's signature that does not match) or "bad signature
+    entry" (a signature entry that is not a key id and 64 bytes of base64).
+    """
+
+    def __init__(self, message: str, reason: str = "bad signature"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def key_id_of(raw_public: bytes) -> str:
@@ -83,7 +99,7 @@ def generate_keypair(out_dir: Path, name: str = "publisher") -> tuple[Path, Path
         if path.exists():
             raise KeyFileError(f"{path} already exists; not overwriting a key")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(out_dir)
     except OSError as exc:
         raise KeyFileError(f"cannot create {out_dir}: {exc.strerror}") from None
     key = SigningKey(Ed25519PrivateKey.generate())
@@ -92,13 +108,21 @@ def generate_keypair(out_dir: Path, name: str = "publisher") -> tuple[Path, Path
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    # Both files are written whole and synced before they get their names: a crash
+    # never leaves a truncated key, and the private key is 0600 from its first byte.
     try:
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        public_path.write_text(PublicKey(key.public_key.raw, name).to_line())
+        write_atomic(private_path, pem, 0o600, overwrite=False)
+    except FileExistsError:
+        raise KeyFileError(f"{private_path} already exists; not overwriting a key") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot write key files in {out_dir}: {exc.strerror}") from None
+    try:
+        line = PublicKey(key.public_key.raw, name).to_line().encode()
+        write_atomic(public_path, line, 0o644, overwrite=False)
     except OSError as exc:
         private_path.unlink(missing_ok=True)
+        if isinstance(exc, FileExistsError):
+            raise KeyFileError(f"{public_path} already exists; not overwriting a key") from None
         raise KeyFileError(f"cannot write key files in {out_dir}: {exc.strerror}") from None
     return private_path, public_path
 
@@ -152,13 +176,22 @@ class Signature:
 
     @classmethod
     def from_json(cls, obj: object) -> Signature:
-        if not isinstance(obj, dict):
-            raise SignatureError("malformed signature entry")
+        """One signature entry, exactly {"key_id": 16 hex digits, "ed25519": base64 of
+        64 bytes}; SignatureError (reason "bad signature entry") for anything else."""
+        if not isinstance(obj, dict) or obj.keys() != {"key_id", "ed25519"}:
+            raise SignatureError("malformed signature entry", "bad signature entry")
+        key_id, encoded = obj["key_id"], obj["ed25519"]
+        if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
+            raise SignatureError("malformed signature key id", "bad signature entry")
+        # Checked as text first: b64decode raises ValueError on non-ASCII str, and the
+        # length is known before anything is decoded.
+        if not isinstance(encoded, str) or not ED25519_SIGNATURE_B64.fullmatch(encoded):
+            raise SignatureError("malformed signature value", "bad signature entry")
         try:
-            value = base64.b64decode(str(obj["ed25519"]), validate=True)
-            return cls(str(obj["key_id"]), value)
-        except (KeyError, binascii.Error):
-            raise SignatureError("malformed signature entry") from None
+            value = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise SignatureError("malformed signature value", "bad signature entry") from None
+        return cls(key_id, value)
 
 
 class TrustedKeys:
@@ -183,7 +216,7 @@ class TrustedKeys:
         and bad signature apart, because an admin acts differently on each.
         """
         if not signatures:
-            raise SignatureError("not signed")
+            raise SignatureError("not signed", "not signed")
         mismatch = None
         for sig in signatures:
             key = self._by_id.get(sig.key_id)
@@ -197,4 +230,4 @@ class TrustedKeys:
         if mismatch is not None:
             raise mismatch
         signers = ", ".join(s.key_id for s in signatures)
-        raise SignatureError(f"signed only by untrusted key(s) {signers}")
+        raise SignatureError(f"signed only by untrusted key(s) {signers}", "untrusted key")

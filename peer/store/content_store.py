@@ -18,13 +18,12 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imaging.durable import write_atomic
 from imaging.manifest import ChunkRef, Manifest, ManifestError, SignedManifest
 
 log = logging.getLogger("pxepeer.store")
@@ -82,29 +81,13 @@ class ContentStore:
 
     # -- atomic files ---------------------------------------------------------------------
 
+    def write_atomic(self, dest: Path, data: bytes) -> None:
+        """Write a whole file so a crash leaves the old one or the new one, never half."""
+        self._write_atomic(dest, data)
+
     def _write_atomic(self, dest: Path, data: bytes) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=dest.name[:16] + ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # The rename is durable once the directory is synced. If that fails the file is
-        # still whole and correct (its data was synced), so it is kept and not an error.
-        try:
-            dir_fd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            log.warning("cannot sync directory %s: %s", dest.parent, exc.strerror)
+        # Temp file in tmp/ (emptied at open), fsync, rename, directory fsync.
+        write_atomic(dest, data, 0o600, tmp_dir=self.tmp_dir)
 
     # -- chunks ---------------------------------------------------------------------------
 
@@ -199,6 +182,26 @@ class ContentStore:
     def remove_manifest(self, manifest_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(manifest_id).unlink()
+
+    def manifest_ids(self) -> set[str]:
+        """The ids of the manifest files present (names only: cheap, nothing parsed)."""
+        return {
+            p.name[:-5]
+            for p in self.manifests_dir.glob("*.json")
+            if SHA256_HEX.match(p.name[:-5])
+        }
+
+    def read_manifest(self, manifest_id: str) -> SignedManifest:
+        """One stored manifest, parsed; StoreError unless its content matches its name."""
+        try:
+            signed = SignedManifest.from_bytes(self.manifest_path(manifest_id).read_bytes())
+        except OSError as exc:
+            raise StoreError(f"cannot read manifest {manifest_id[:12]}: {exc.strerror}") from None
+        except ManifestError as exc:
+            raise StoreError(f"manifest {manifest_id[:12]}: {exc}") from None
+        if signed.manifest.manifest_id != manifest_id:
+            raise StoreError(f"manifest {manifest_id[:12]}: content does not match its name")
+        return signed
 
     def signed_manifests(self) -> list[SignedManifest]:
         """Every well-formed manifest on disk whose content matches its file name.

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imaging.manifest import (
     FORMAT,
+    MIN_CHUNK_SIZE,
     BootSpec,
     ChunkRef,
     FileEntry,
@@ -22,18 +23,21 @@ from imaging.manifest import (
 )
 from imaging.signing import SigningKey, TrustedKeys
 
-A, B, C, Z = "a" * 64, "b" * 64, "c" * 64, hashlib.sha256(bytes(4)).hexdigest()
+CS = MIN_CHUNK_SIZE  # small chunks keep documents small; the rules do not depend on it
+A, B, C, Z = "a" * 64, "b" * 64, "c" * 64, hashlib.sha256(bytes(CS)).hexdigest()
 
 
 def sample() -> Manifest:
-    kernel = FileEntry("kernel", 10, A, (ChunkRef(A, 4), ChunkRef(Z, 4, zero=True), ChunkRef(B, 2)))
-    initrd = FileEntry("initrd", 6, C, (ChunkRef(A, 4), ChunkRef(C, 2)))
+    kernel = FileEntry(
+        "kernel", 2 * CS + 2, A, (ChunkRef(A, CS), ChunkRef(Z, CS, zero=True), ChunkRef(B, 2))
+    )
+    initrd = FileEntry("initrd", CS + 2, C, (ChunkRef(A, CS), ChunkRef(C, 2)))
     return Manifest(
         name="demo",
         version="1.0",
         boot=BootSpec(ImageKind.LINUX, kernel="kernel", initrd="initrd", cmdline="quiet é"),
         files=(kernel, initrd),
-        chunk_size=4,
+        chunk_size=CS,
         created="2024-05-01T10:00:00+00:00",
     )
 
@@ -121,10 +125,10 @@ def test_chunk_refs_are_distinct_stored_chunks_in_file_order() -> None:
 def test_offsets_and_stored_size_of_a_file() -> None:
     kernel = sample().file("kernel")
     assert kernel is not None
-    assert [o for o, _ in kernel.offsets()] == [0, 4, 8]
-    assert kernel.stored_size == 6
+    assert [o for o, _ in kernel.offsets()] == [0, CS, 2 * CS]
+    assert kernel.stored_size == CS + 2
     assert sample().file("disk") is None
-    assert sample().total_size == 16
+    assert sample().total_size == 3 * CS + 4
 
 
 def test_image_kinds_are_a_closed_set() -> None:
@@ -190,7 +194,7 @@ MALFORMED = {
     "file-size-negative": edit("manifest.files.0.size", -10),
     "file-size-float": edit("manifest.files.0.size", 10.0),
     "file-size-bool": edit("manifest.files.1.size", True),
-    "chunk-sizes-short": edit("manifest.files.0.size", 11),
+    "chunk-sizes-short": edit("manifest.files.0.size", 2 * CS + 3),
     "chunk-sizes-long": edit("manifest.files.0.chunks.2.size", 3),
     "chunk-hash-short": edit("manifest.files.0.chunks.0.sha256", "abc"),
     "chunk-hash-not-hex": edit("manifest.files.0.chunks.0.sha256", "g" * 64),
@@ -215,7 +219,7 @@ def test_malformed_document_is_rejected(case: str) -> None:
     "data",
     [b"", b"{", b"\xff\xfe", b"[]", b"null", b'"manifest"', b"[" * 100_000 + b"]" * 100_000],
     ids=["empty", "truncated", "not-utf8", "list", "null", "string", "deeply-nested"],
-)  # deeply-nested: json.loads raises RecursionError, which from_bytes lets escape (bug)
+)  # deeply-nested: refused by strict_json before the parser recurses
 def test_bytes_that_are_not_a_signed_manifest_are_a_manifest_error(data: bytes) -> None:
     with pytest.raises(ManifestError):
         SignedManifest.from_bytes(data)
@@ -228,7 +232,7 @@ def test_sample_document_itself_is_accepted() -> None:
 
 
 def test_boot_may_name_no_files_for_a_disk_image() -> None:
-    disk = FileEntry("disk", 4, Z, (ChunkRef(Z, 4, zero=True),))
-    m = Manifest("img", "1", BootSpec(ImageKind.DISK), (disk,), 4, "")
+    disk = FileEntry("disk", CS, Z, (ChunkRef(Z, CS, zero=True),))
+    m = Manifest("img", "1", BootSpec(ImageKind.DISK), (disk,), CS, "")
     parsed = SignedManifest.from_bytes(SignedManifest(m, ()).to_bytes()).manifest
     assert parsed == m and parsed.boot.kernel is None and parsed.chunk_refs() == []

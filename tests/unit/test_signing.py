@@ -31,6 +31,7 @@ from imaging.signing import (
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
+CS = 4096  # the smallest chunk size a manifest may have
 
 
 def new_key() -> SigningKey:
@@ -38,13 +39,13 @@ def new_key() -> SigningKey:
 
 
 def sample_manifest() -> Manifest:
-    kernel = FileEntry("kernel", 10, SHA_A, (ChunkRef(SHA_A, 6), ChunkRef(SHA_B, 4)))
+    kernel = FileEntry("kernel", CS + 4, SHA_A, (ChunkRef(SHA_A, CS), ChunkRef(SHA_B, 4)))
     return Manifest(
         name="demo",
         version="1",
         boot=BootSpec(ImageKind.LINUX, kernel="kernel", cmdline="console=ttyS0"),
         files=(kernel,),
-        chunk_size=6,
+        chunk_size=CS,
         created="2024-01-01T00:00:00+00:00",
     )
 
@@ -193,7 +194,7 @@ def test_signed_manifest_verifies_with_the_signing_key() -> None:
 def tampered_manifests() -> dict[str, Manifest]:
     m = sample_manifest()
     kernel = m.files[0]
-    other_chunk = (ChunkRef("c" * 64, 6), kernel.chunks[1])
+    other_chunk = (ChunkRef("c" * 64, CS), kernel.chunks[1])
     return {
         "cmdline": dataclasses.replace(m, boot=dataclasses.replace(m.boot, cmdline="init=/bin/sh")),
         "chunk-hash": dataclasses.replace(

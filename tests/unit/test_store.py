@@ -15,11 +15,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imaging import chunking
+from imaging import durable as durable_module  # where the store's file writes happen
 from imaging.builder import build_manifest
 from imaging.chunking import ChunkingError
 from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest, SignedManifest
 from imaging.signing import SigningKey
-from peer.store import content_store as store_module
 from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError, normalize_mac
 
 CS = 4096
@@ -117,7 +117,7 @@ def fail_on(
             raise OSError(errno.EIO, "Input/output error (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(store_module.os, name, failing)
+    monkeypatch.setattr(durable_module.os, name, failing)
 
 
 @pytest.mark.parametrize("call", ["fsync", "replace"])
@@ -149,7 +149,7 @@ def test_failed_write_of_file_contents_leaves_no_temp_file(
         f.write = full_disk  # type: ignore[method-assign]
         return f
 
-    monkeypatch.setattr(store_module.os, "fdopen", fdopen)
+    monkeypatch.setattr(durable_module.os, "fdopen", fdopen)
     with pytest.raises(StoreError, match="No space left"):
         store.put_chunk(b"data")
     assert list(store.tmp_dir.iterdir()) == []
