@@ -16,6 +16,7 @@ from aiohttp import web
 
 from imaging.manifest import FileEntry, ImageKind
 from imaging.plan import PlanError, imager_cmdline
+from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.imaging_api import imaging_done
 from peer.core.boot_progress import BootProgress, Stage
 from peer.store.content_store import ChunkCorrupt, ContentStore
@@ -156,32 +157,16 @@ async def image_script(request: web.Request) -> web.Response:
 
 
 def _requested_range(request: web.Request, size: int, etag: str) -> tuple[int, int] | None:
-    """(start, end) half-open for a Range request, None for the whole file.
-
-    If-Range is honoured strictly: a validator that is not our ETag means "send it all",
-    so a resumed download can never splice bytes of two different files.
-    """
-    if "Range" not in request.headers:
-        return None
-    if_range = request.headers.get("If-Range")
-    if if_range is not None and if_range != etag:
-        return None
+    """(start, end) half-open for a Range request, None for the whole file; the decision
+    is peer/api/byte_range.py's (strict If-Range, one range, bounded header)."""
     try:
-        wanted = request.http_range
-    except ValueError:
+        return parse_range(
+            request.headers.get("Range"), request.headers.get("If-Range"), etag, size
+        )
+    except RangeNotSatisfiable:
         raise web.HTTPRequestRangeNotSatisfiable(
             headers={"Content-Range": f"bytes */{size}"}
         ) from None
-    start, stop = wanted.start, wanted.stop
-    if start is None and stop is None:
-        return None
-    if start is not None and start < 0:  # suffix range: the last N bytes
-        start, stop = max(0, size + start), size
-    start = start or 0
-    stop = size if stop is None else min(stop, size)
-    if start >= size or start >= stop:
-        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
-    return start, stop
 
 
 async def _write_range(
