@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from imaging.signing import KeyFileError, TrustedKeys, load_public_key
+from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.site import Site, SiteConfig
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
@@ -61,6 +62,8 @@ class ServeConfig:
     wan_rate: float = 0.0  # bytes per second
     responders: int = 1
     mdns: bool = True
+    discovery_zone: str | None = None  # --discovery dns:ZONE
+    dns_servers: tuple[Nameserver, ...] = ()  # empty: /etc/resolv.conf's
     catalog_poll_seconds: float = 15.0
     offer_check_seconds: float = 30.0
     quota_bytes: int = 0
@@ -118,6 +121,7 @@ class Daemon:
         )
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
+        self.dns_discovery: DnsDiscovery | None = None
 
     # -- boot progress hooks -------------------------------------------------------------
 
@@ -246,7 +250,26 @@ class Daemon:
     def _count_served(self, size: int) -> None:
         self.site.counters.lan_bytes_out += size
 
+    async def _start_dns_discovery(self) -> None:
+        """--discovery dns:ZONE: endpoints from the store's DNS go to the site like mDNS
+        ones, and leave it when DNS stops listing them."""
+        cfg = self.config
+        if cfg.discovery_zone is None:
+            return
+        self.dns_discovery = DnsDiscovery(
+            self.site.node_id, self.site.config.site,
+            str(cfg.address.ip) if cfg.address else None, cfg.http_port,
+            self.site._on_discovered, zone=cfg.discovery_zone,
+            on_lost=self.site.endpoint_lost, servers=cfg.dns_servers,
+        )  # fmt: skip
+        try:
+            await self.dns_discovery.start()
+        except DnsConfigError as exc:
+            raise StartupError(str(exc)) from None
+
     async def stop(self) -> None:
+        if self.dns_discovery is not None:
+            await self.dns_discovery.stop()
         await self.site.stop()
         if self.dhcp is not None:
             await self.dhcp.stop()
@@ -261,6 +284,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         try:
             await self.start()
+            await self._start_dns_discovery()
             print("pxepeer: serving; Ctrl-C stops", flush=True)
             await self._stop.wait()
             log.info("stopping")
@@ -284,4 +308,5 @@ class Daemon:
             "machines": self.progress.snapshot(),
             "site": self.site.status(),
             "imaging": self.imaging.status() if self.imaging is not None else [],
+            "dns_discovery": self.dns_discovery.status() if self.dns_discovery else None,
         }

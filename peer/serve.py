@@ -10,6 +10,13 @@ from pathlib import Path
 
 import click
 
+from peer.adapters.dns_discovery import (
+    DnsConfigError,
+    Nameserver,
+    parse_nameserver,
+    system_nameservers,
+    validate_zone,
+)
 from pxe.boot_policy import LOCAL_BOOT
 from pxe.dhcp import DhcpMode
 from pxe.leases import PoolError, parse_pool_range
@@ -40,6 +47,30 @@ def parse_size(text: str) -> int:
     number, prefix = match.groups()
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
     return int(float(number) * 1024**power)
+
+
+def parse_discovery(
+    text: str, dns_servers: tuple[str, ...] = ()
+) -> tuple[str, str | None, tuple[Nameserver, ...]]:
+    """("mdns" | "dns" | "off", the zone for dns, the DNS servers to ask) from
+    --discovery and --dns-server; ValueError says what is wrong."""
+    kind, _, zone = text.strip().partition(":")
+    if kind not in ("mdns", "dns", "off") or bool(zone) != (kind == "dns"):
+        raise ValueError(f"--discovery {text!r}: want mdns, dns:ZONE or off")
+    if kind != "dns":
+        if dns_servers:
+            raise ValueError("--dns-server only applies with --discovery dns:ZONE")
+        return kind, None, ()
+    try:
+        zone = validate_zone(zone)
+        servers = tuple(parse_nameserver(s) for s in dns_servers)
+    except DnsConfigError as exc:
+        raise ValueError(f"--discovery {text!r}: {exc}") from None
+    if not servers and not system_nameservers():
+        raise ValueError(
+            f"--discovery {text!r}: /etc/resolv.conf names no DNS server; add --dns-server ADDR"
+        )
+    return kind, zone, servers
 
 
 class ServeUsageError(click.ClickException):
@@ -114,7 +145,15 @@ class ServeUsageError(click.ClickException):
 )
 @click.option("--responders", type=click.IntRange(1, 8), default=1, show_default=True,
               help="How many peers answer PXE at once.")  # fmt: skip
-@click.option("--mdns/--no-mdns", default=True, show_default=True)
+@click.option("--mdns/--no-mdns", default=True, show_default=True,
+              help="--no-mdns is --discovery off (kept for old command lines).")  # fmt: skip
+@click.option("--discovery", "discovery", metavar="mdns|dns:ZONE|off", default="mdns",
+              show_default=True, help="How peers find each other: mDNS on the LAN, or "
+              "unicast DNS-SD (_pxepeer._tcp.ZONE PTR/SRV/A records in the store's DNS) "
+              "where multicast is blocked.")  # fmt: skip
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="ADDR[:PORT]",
+              help="DNS server for --discovery dns:ZONE (default: /etc/resolv.conf's); "
+              "repeatable.")  # fmt: skip
 @click.option("--catalog-poll", type=click.FloatRange(0.5, 86400), default=15.0,
               show_default=True, help="Seconds between catalog checks at the origin.")  # fmt: skip
 @click.option("--quota", "quota", metavar="SIZE", default="0", show_default=True,
@@ -141,6 +180,8 @@ def serve(
     wan_rate: str,
     responders: int,
     mdns: bool,
+    discovery: str,
+    dns_servers: tuple[str, ...],
     catalog_poll: float,
     quota: str,
     offer_check: float,
@@ -194,6 +235,10 @@ def serve(
             raise ServeUsageError(f"--peer {peer!r}: want HOST:PORT")
     if origin and not origin.startswith(("http://", "https://")):
         raise ServeUsageError(f"--origin {origin!r}: want an http:// or https:// URL")
+    try:
+        discovery_kind, zone, nameservers = parse_discovery(discovery, dns_servers)
+    except ValueError as exc:
+        raise ServeUsageError(str(exc)) from None
 
     config = ServeConfig(
         interface=interface,
@@ -213,7 +258,9 @@ def serve(
         static_peers=peers,
         wan_rate=rate,
         responders=responders,
-        mdns=mdns,
+        mdns=mdns and discovery_kind == "mdns",
+        discovery_zone=zone,
+        dns_servers=nameservers,
         catalog_poll_seconds=catalog_poll,
         offer_check_seconds=offer_check,
         quota_bytes=quota_bytes,

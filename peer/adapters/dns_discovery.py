@@ -650,10 +650,12 @@ class DnsDiscovery:
     """Polls `_pxepeer._tcp.ZONE` and reports endpoints as they come and go.
 
     Mirrors MdnsDiscovery: constructed with `on_found(node_id, endpoint)` (node_id is ""
-    where TXT does not carry it), then `await start()` / `await stop()`. `on_lost(endpoint)`
-    is called when a complete answer no longer lists an endpoint; `endpoints()` gives
-    what is known now ({endpoint: node id}). Unlike mDNS it announces nothing: the
-    store's DNS records say where the peers are."""
+    where TXT does not carry it), then `await start()` / `await stop()`. After every
+    complete answer, `on_found` is called for every endpoint it lists (so it must be
+    idempotent: a repeat refreshes, it is not news) and `on_lost(endpoint)` for each one
+    it no longer lists; an unanswered poll calls neither. `endpoints()` gives what is
+    known now ({endpoint: node id}). Unlike mDNS it announces nothing: the store's DNS
+    records say where the peers are."""
 
     def __init__(
         self,
@@ -747,8 +749,13 @@ class DnsDiscovery:
             log.info("DNS-SD: %s (%s) no longer listed", f.endpoint, f.instance)
             if self.on_lost is not None:
                 self.on_lost(f.endpoint)
-        for f in changes.found:
-            log.info("DNS-SD: found peer %s at %s", f.node_id or "?", f.endpoint)
+        new = {f.endpoint for f in changes.found}
+        for f in self.table.endpoints().values():
+            if f.endpoint in new:
+                log.info("DNS-SD: found peer %s at %s", f.node_id or "?", f.endpoint)
+            # Every complete answer proposes every listed endpoint again, as mDNS
+            # re-announcements do: a consumer that forgot a long-silent endpoint gets it
+            # back while DNS still lists it.
             self.on_found(f.node_id, f.endpoint)
 
     async def _loop(self) -> None:
