@@ -1,4 +1,4 @@
-"""Boot policy: which first stage each architecture gets, and which image each machine boots.
+"""Boot policy: which first stage each architecture gets, and what each machine boots.
 
 The first-stage table is data: a list of candidate file names per architecture, first
 one present wins. Debian's `ipxe` package ships undionly.kpxe, snponly.efi and ipxe.efi
@@ -7,8 +7,9 @@ in /usr/lib/ipxe; other builds (arm64) are used when an admin drops them in --ip
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
 
 from pxe.dhcp import Architecture
 
@@ -49,29 +50,165 @@ def resolve_first_stages(available: Iterable[str]) -> dict[Architecture, str]:
     return table
 
 
+# -- what a machine boots ---------------------------------------------------------------
+#
+# One pure decision, asked once per boot script (pixiecore's Booter.BootSpec): the HTTP
+# handlers gather plain data (assignments, the complete images, what this machine last
+# finished imaging) and render the answer; a GRUB or UEFI HTTP boot front end would ask
+# the very same question and get the very same answer.
+
+
+class BootKind(Enum):
+    """How an image boots. The values are the manifest's `boot.kind` (pxe/ may not
+    import imaging/, so the adapter maps by value)."""
+
+    LINUX = "linux"  # kernel + initrd booted by iPXE
+    WINPE = "winpe"  # booted through wimboot (not rendered yet)
+    IMAGER = "imager"  # pxepeer's imaging environment, a Linux kernel + initrd
+    DISK = "disk"  # a raw disk image: written by the imager, never booted itself
+
+
 @dataclass(frozen=True)
-class BootChoice:
-    """What one machine boots: an image (by name), the local disk, or the menu."""
+class BootableImage:
+    """What the boot decision needs to know of one complete, verified image."""
 
-    image: str | None  # None with local=False means: show the menu
-    local: bool = False
-    reason: str = ""
+    name: str
+    version: str
+    manifest_id: str
+    kind: BootKind
+    has_kernel: bool = True  # the manifest names a kernel file to load
+    created: str = ""  # ISO 8601; newest wins among versions of a name
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} {self.version}"
 
 
-def choose_boot(
+class BootAction(Enum):
+    ASK_MAC = "ask-mac"  # chain back to ourselves with the MAC in the URL
+    LINUX = "linux"  # load `boot`'s kernel and initrd with its own command line
+    IMAGER = "imager"  # load the imager `boot`, told to write `write` (if any)
+    LOCAL = "local"  # boot the machine's own disk
+    MENU = "menu"  # the menu of `menu`, `default` chosen after the timeout
+
+
+@dataclass(frozen=True)
+class BootDecision:
+    action: BootAction
+    reason: str  # one line for logs and the machine's boot progress
+    boot: BootableImage | None = None  # LINUX/IMAGER: the image whose kernel is loaded
+    write: BootableImage | None = None  # IMAGER: the disk image to write (None: ask the plan)
+    about: BootableImage | None = None  # the image assigned or chosen, for logs and status
+    menu: tuple[BootableImage, ...] = ()  # MENU: the entries, in order
+    default: BootableImage | None = None  # MENU: chosen after the timeout; None = local disk
+
+
+def _newest(
+    images: Iterable[BootableImage], match: Callable[[BootableImage], bool]
+) -> BootableImage | None:
+    # Later entries win ties, so a caller listing images oldest first gets the last one.
+    best: BootableImage | None = None
+    for image in images:
+        if match(image) and (best is None or image.created >= best.created):
+            best = image
+    return best
+
+
+def decide_image_boot(
+    image: BootableImage,
+    images: Sequence[BootableImage],
+    *,
+    last_imaged: str | None = None,
+) -> BootDecision:
+    """What booting `image` means for a machine: the menu's choice, or its assignment.
+
+    `images` are the complete images here (to find the imager); `last_imaged` is the
+    manifest id of the disk image this machine's last imaging run wrote and finished.
+    """
+    if image.kind is BootKind.DISK:
+        if last_imaged == image.manifest_id:
+            # Written and verified: the agent reboots the machine, and its firmware comes
+            # back here first. Imaging again would loop forever; the disk is what it wants.
+            return BootDecision(
+                BootAction.LOCAL,
+                f"{image.title} already written to this machine's disk",
+                about=image,
+            )
+        imager = _newest(images, lambda i: i.kind is BootKind.IMAGER)
+        if imager is None or not imager.has_kernel:
+            # A disk image cannot be booted by itself; without an imager the safe thing is
+            # the disk the machine already has, never a half-written one.
+            return BootDecision(
+                BootAction.LOCAL, f"no imager image here to write {image.title}", about=image
+            )
+        # The imager is told the exact manifest id, so it writes the version decided here
+        # even if a newer one is published while it boots.
+        return BootDecision(
+            BootAction.IMAGER,
+            f"imaging with {imager.title} to write {image.title}",
+            boot=imager,
+            write=image,
+            about=image,
+        )
+    if image.kind is BootKind.IMAGER and image.has_kernel:
+        # Booted by hand from the menu: its agent asks for a plan, and the plan follows
+        # the machine's assignment (or pxepeer.image on the command line).
+        return BootDecision(
+            BootAction.IMAGER, f"{image.title} chosen: the plan decides", boot=image, about=image
+        )
+    if image.kind is not BootKind.LINUX or not image.has_kernel:
+        # Nothing we can render boots it (WinPE needs wimboot, not built yet): say so on
+        # the console and fall through to the disk rather than hang in iPXE.
+        return BootDecision(
+            BootAction.LOCAL,
+            f"{image.title} is a {image.kind.value} image, not bootable",
+            about=image,
+        )
+    return BootDecision(BootAction.LINUX, f"booting {image.title}", boot=image, about=image)
+
+
+def decide_boot(
     mac: str | None,
     assignments: Mapping[str, str],
-    available_images: Iterable[str],
-) -> BootChoice:
-    """An assigned machine boots its image with no keypress; any other gets the menu."""
-    if mac is not None:
-        assigned = assignments.get(mac)
-        if assigned == LOCAL_BOOT:
-            return BootChoice(image=None, local=True, reason=f"{mac} is assigned to local disk")
-        if assigned is not None:
-            if assigned in set(available_images):
-                return BootChoice(image=assigned, reason=f"{mac} is assigned {assigned}")
-            return BootChoice(
-                image=None, reason=f"{mac} is assigned {assigned}, which is not available here"
-            )
-    return BootChoice(image=None, reason="no assignment: menu")
+    images: Sequence[BootableImage],
+    *,
+    last_imaged: str | None = None,
+    boot_default: str = LOCAL_BOOT,
+) -> BootDecision:
+    """What the machine `mac` boots when its firmware asks for its boot script.
+
+    `assignments` maps MACs (lower case, colons) to an image name or `local`; `images`
+    are the complete, verified images here, listed oldest first within a name;
+    `last_imaged` is the manifest id this machine's last imaging run wrote and finished;
+    `boot_default` is the image name (or `local`) the menu picks after its timeout.
+    """
+    if mac is None:
+        # Reached without our DHCP's URL (e.g. chained from another iPXE script): the
+        # assignment is per machine, so ask again with the MAC rather than guess.
+        return BootDecision(BootAction.ASK_MAC, "no MAC in the request: asking again with it")
+    assigned = assignments.get(mac)
+    if assigned == LOCAL_BOOT:
+        # The admin's explicit word: this machine boots its disk, no menu, no keypress.
+        return BootDecision(BootAction.LOCAL, f"{mac} is assigned to local disk")
+    if assigned is not None:
+        image = _newest(images, lambda i: i.name == assigned)
+        if image is not None:
+            # An assigned machine boots (or images itself with) the newest complete
+            # version with no keypress: that is what unattended rollout means.
+            decision = decide_image_boot(image, images, last_imaged=last_imaged)
+            return replace(decision, reason=f"{mac} is assigned {assigned}: {decision.reason}")
+        # Not here yet (still downloading, or a typo): the menu and its default, so a
+        # machine never boots something else unattended and never re-images by accident.
+        return _menu(
+            images, boot_default, f"{mac} is assigned {assigned}, which is not available here"
+        )
+    return _menu(images, boot_default, "no assignment: menu")
+
+
+def _menu(images: Sequence[BootableImage], boot_default: str, reason: str) -> BootDecision:
+    # The default is only ever an image the admin named; anything else (including a
+    # default that is not here) falls to the local disk, which is always safe.
+    default = None
+    if boot_default != LOCAL_BOOT:
+        default = _newest(images, lambda i: i.name == boot_default)
+    return BootDecision(BootAction.MENU, reason, menu=tuple(images), default=default)

@@ -14,14 +14,22 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from imaging.manifest import FileEntry, ImageKind
+from imaging.manifest import FileEntry
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
-from peer.api.imaging_api import imaging_done
+from peer.api.imaging_api import last_imaged
 from peer.core.boot_progress import BootProgress, Stage
 from peer.store.content_store import ChunkCorrupt, ContentStore
 from peer.store.image_library import ImageLibrary, ServedImage
-from pxe.boot_policy import LOCAL_BOOT, choose_boot
+from pxe.boot_policy import (
+    LOCAL_BOOT,
+    BootableImage,
+    BootAction,
+    BootDecision,
+    BootKind,
+    decide_boot,
+    decide_image_boot,
+)
 from pxe.boot_source import BootFileError, BootSource
 from pxe.ipxe import LinuxBoot, MenuItem, render_linux_boot, render_local_boot, render_menu
 
@@ -62,6 +70,23 @@ def _client_mac(request: web.Request) -> str | None:
     return mac.replace("-", ":") if MAC.match(mac) else None
 
 
+def _bootable(image: ServedImage) -> BootableImage:
+    """The plain facts the boot policy decides on (pxe/ knows nothing of manifests)."""
+    manifest = image.manifest
+    return BootableImage(
+        name=manifest.name,
+        version=manifest.version,
+        manifest_id=image.manifest_id,
+        kind=BootKind(manifest.boot.kind.value),
+        has_kernel=manifest.boot.kernel is not None,
+        created=manifest.created,
+    )
+
+
+def _menu_key(image: BootableImage) -> str:
+    return f"img-{image.manifest_id[:12]}"
+
+
 def _linux_script(request: web.Request, image: ServedImage, mac: str | None, cmdline: str) -> str:
     files = f"{_base_url(request)}/v1/images/{image.manifest_id}/files"
     query = f"?mac={mac.replace(':', '-')}" if mac else ""
@@ -76,74 +101,70 @@ def _linux_script(request: web.Request, image: ServedImage, mac: str | None, cmd
     )
 
 
-def _image_script(request: web.Request, image: ServedImage, mac: str | None) -> str:
-    ctx = request.app[CONTEXT]
-    boot = image.manifest.boot
-    if boot.kind is ImageKind.DISK:
-        # A disk image is not booted: the imager is, told which image to write. Once
-        # this machine has written it, it boots its disk instead of imaging again.
-        if mac is not None and imaging_done(request.app, mac, image.manifest_id):
-            return render_local_boot(f"{image.title} already written to this machine's disk")
-        imager = ctx.library.newest_of_kind(ImageKind.IMAGER)
-        if imager is None or imager.manifest.boot.kernel is None:
-            return render_local_boot(f"no imager image here to write {image.title}")
-        try:
-            cmdline = imager_cmdline(
-                imager.manifest.boot.cmdline, _base_url(request), image.manifest_id
+def _image_script(
+    request: web.Request,
+    decision: BootDecision,
+    served: dict[str, ServedImage],
+    mac: str | None,
+) -> str:
+    """The iPXE script for a boot decision (pxe/boot_policy.py decided; this renders)."""
+    base = _base_url(request)
+    if decision.action is BootAction.ASK_MAC:
+        return f"#!ipxe\nchain {base}/boot.ipxe?mac=${{net0/mac:hexhyp}}\n"
+    if decision.action is BootAction.MENU:
+        query = f"?mac={mac.replace(':', '-')}" if mac else ""
+        items = [
+            MenuItem(
+                key=_menu_key(image),
+                title=image.title,
+                script_url=f"{base}/v1/boot/{image.manifest_id}.ipxe{query}",
             )
-        except PlanError as exc:
-            return render_local_boot(str(exc))
-        return _linux_script(request, imager, mac, cmdline)
-    if boot.kind is ImageKind.IMAGER and boot.kernel is not None:
-        # Booted from the menu: the agent asks for its plan here (the assignment decides).
+            for image in decision.menu
+        ]
+        ctx = request.app[CONTEXT]
+        default_key = _menu_key(decision.default) if decision.default else LOCAL_BOOT
+        return render_menu(
+            items, title="pxepeer", default_key=default_key, timeout_ms=ctx.menu_timeout_ms
+        )
+    boot = served.get(decision.boot.manifest_id) if decision.boot is not None else None
+    if decision.action is BootAction.LOCAL or boot is None:
+        return render_local_boot(decision.reason)
+    if decision.action is BootAction.IMAGER:
+        write = decision.write.manifest_id if decision.write is not None else None
         try:
-            cmdline = imager_cmdline(boot.cmdline, _base_url(request))
+            cmdline = imager_cmdline(boot.manifest.boot.cmdline, base, write)
         except PlanError as exc:
+            # The Host we were reached by cannot go on a kernel command line: the disk.
             return render_local_boot(str(exc))
-        return _linux_script(request, image, mac, cmdline)
-    if boot.kind is not ImageKind.LINUX or boot.kernel is None:
-        return render_local_boot(f"{image.title} is a {boot.kind.value} image, not bootable")
-    return _linux_script(request, image, mac, boot.cmdline)
+        return _linux_script(request, boot, mac, cmdline)
+    return _linux_script(request, boot, mac, boot.manifest.boot.cmdline)
 
 
 async def boot_script(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     mac = _client_mac(request)
     if mac is None:
-        # Reached without our DHCP's URL (e.g. chained from another iPXE script): ask again
-        # with the MAC so the per-machine assignment applies.
-        return _ipxe(f"#!ipxe\nchain {_base_url(request)}/boot.ipxe?mac=${{net0/mac:hexhyp}}\n")
+        # The policy needs nothing else to ask for the MAC: skip the library scan, so a
+        # request without one stays cheap whoever sends it.
+        decision = decide_boot(None, {}, ())
+        return _ipxe(_image_script(request, decision, {}, None))
     ctx.library.refresh()
-    images = ctx.library.images()
-    choice = choose_boot(mac, ctx.store.assignments(), [i.manifest.name for i in images])
-    assigned = ctx.library.by_name(choice.image) if choice.image is not None else None
+    served = {image.manifest_id: image for image in ctx.library.images()}
+    decision = decide_boot(
+        mac,
+        ctx.store.assignments(),
+        [_bootable(image) for image in served.values()],
+        last_imaged=last_imaged(request.app, mac),
+        boot_default=ctx.boot_default,
+    )
     ctx.progress.record(
         Stage.SCRIPT,
         mac=mac,
         ip=request.remote,
-        image=assigned.title if assigned else None,
-        detail=choice.reason,
+        image=decision.about.title if decision.about else None,
+        detail=decision.reason,
     )
-    if choice.local:
-        return _ipxe(render_local_boot(choice.reason))
-    if assigned is not None:
-        return _ipxe(_image_script(request, assigned, mac))
-    query = f"?mac={mac.replace(':', '-')}"
-    items = [
-        MenuItem(
-            key=f"img-{image.manifest_id[:12]}",
-            title=image.title,
-            script_url=f"{_base_url(request)}/v1/boot/{image.manifest_id}.ipxe{query}",
-        )
-        for image in images
-    ]
-    default_image = (
-        ctx.library.by_name(ctx.boot_default) if ctx.boot_default != LOCAL_BOOT else None
-    )
-    default_key = f"img-{default_image.manifest_id[:12]}" if default_image else "local"
-    return _ipxe(
-        render_menu(items, title="pxepeer", default_key=default_key, timeout_ms=ctx.menu_timeout_ms)
-    )
+    return _ipxe(_image_script(request, decision, served, mac))
 
 
 async def image_script(request: web.Request) -> web.Response:
@@ -153,7 +174,14 @@ async def image_script(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="no such image here\n")
     mac = _client_mac(request)
     ctx.progress.record(Stage.SCRIPT, mac=mac, ip=request.remote, image=image.title, detail="menu")
-    return _ipxe(_image_script(request, image, mac))
+    served = {i.manifest_id: i for i in ctx.library.images()}
+    served.setdefault(image.manifest_id, image)
+    decision = decide_image_boot(
+        _bootable(image),
+        [_bootable(i) for i in served.values()],
+        last_imaged=last_imaged(request.app, mac) if mac is not None else None,
+    )
+    return _ipxe(_image_script(request, decision, served, mac))
 
 
 def _requested_range(request: web.Request, size: int, etag: str) -> tuple[int, int] | None:

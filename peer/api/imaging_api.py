@@ -8,9 +8,15 @@ The plan names, for every data chunk of the disk image, the peers that hold it r
 now (this peer and the live peers whose holdings bitmap has it), rotated per chunk and
 per plan so the machines of a site spread their downloads over every holder. A refused
 plan says why in one line of text (body and X-Pxepeer-Error header) and is recorded as
-the machine's job: 400 bad MAC, 404 no such image or no assignment, 409 not a disk
-image (final for the agent), 503 some chunk is held by no live peer right now (the
-agent asks again).
+the machine's job: 400 bad MAC or image parameter, 404 no such image or no assignment,
+409 not a disk image (final for the agent), 503 some chunk is held by no live peer right
+now (the agent asks again).
+
+Reports come from anyone on the LAN. Each is parsed on its own by
+imaging/progress_report.py (bounded before anything is built), may move the machine's
+job only along REPORT_TRANSITIONS (409 otherwise), and costs a peer named in its
+`corrupt=` field at most one strike however large the count. Every refused plan
+request or report is counted by reason in `Rejections`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -35,21 +41,73 @@ from imaging.plan import (
     disk_entry,
     rotated,
 )
+from imaging.progress_report import (
+    MAX_BODY,
+    MAX_PEERS,
+    ProgressReport,
+    ReportError,
+    parse_report,
+)
 from peer.adapters.site import Site
 from peer.core.boot_progress import BootProgress, Stage
-from peer.core.membership import ChunkBitmap
+from peer.core.rejections import Rejections
 from peer.store.content_store import ContentStore, StoreError, normalize_mac
 from peer.store.image_library import ImageLibrary
 
 log = logging.getLogger("pxepeer.imaging")
 
-STATES = ("planned", "starting", "planning", "writing", "verifying", "done", "failed")
 FINAL_STATES = ("done", "failed")
-MAX_REPORT_BYTES = 16 * 1024
-MAX_MESSAGE = 300
+RUN_STARTS = frozenset({"starting", "planning"})  # what the agent reports as it boots
 MAX_JOBS = 1024
+MAX_IMAGE_PARAM = 200
+# Corrupt chunks counted per peer per report: far more than an agent can catch between
+# two reports (every 2 s), far less than a forged count could claim.
+MAX_CORRUPT_COUNTED = 1024
+PLAN_INPUT = "imaging_plan"  # Rejections kinds
+REPORT_INPUT = "imaging_report"
 _MANIFEST_ID = re.compile(r"[0-9a-f]{64}")
-_INT_FIELDS = ("total", "done", "bytes", "size", "fetched")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+# Which reported state may follow which (h11's _state.py, as data): a report whose
+# state is not listed for the job's current one is refused with 409 and counted.
+# `None` is a machine with no job here yet. The agent reports, in order: starting,
+# planning, (its plan request moves the job to `planned`), writing..., verifying, done;
+# or failed at any point. Why each row allows what it does:
+#  - a new run (starting/planning) may begin from any state: a machine can be power-cycled
+#    mid-run, or re-imaged after it finished;
+#  - `planned` is entered only through a plan this peer made, never by a report;
+#  - `writing` needs a plan, except for a job this peer does not know: after a daemon
+#    restart the agent carries on writing, and this peer must still learn it is done, or
+#    the machine's reboot would boot the imager again;
+#  - `verifying` only after writing, and `done` only after verifying: `done` makes the
+#    machine's next boot its local disk, so it must end a whole run;
+#  - a finished job (done/failed) changes only by a new run; repeating its state is a
+#    harmless retry.
+REPORT_TRANSITIONS: dict[str | None, frozenset[str]] = {
+    None: RUN_STARTS | {"writing", "failed"},
+    "planned": RUN_STARTS | {"writing", "failed"},
+    "starting": RUN_STARTS | {"failed"},
+    "planning": RUN_STARTS | {"failed"},
+    "writing": RUN_STARTS | {"writing", "verifying", "failed"},
+    "verifying": RUN_STARTS | {"verifying", "done", "failed"},
+    "done": RUN_STARTS | {"done"},
+    "failed": RUN_STARTS | {"failed"},
+}
+# Plans are this peer's own events: a plan made moves any job to `planned` (a new run, or
+# the agent asking again for what failed), a plan refused moves it to `failed`.
+
+
+def report_allowed(current: str | None, reported: str) -> bool:
+    """True when a report of `reported` may move a job that is in `current`."""
+    return reported in REPORT_TRANSITIONS.get(current, frozenset())
+
+
+class ReportRefused(Exception):
+    """A report that parsed but may not apply to this job; `reason` labels the metric."""
+
+    def __init__(self, status: type[web.HTTPException], reason: str, detail: str):
+        super().__init__(detail)
+        self.status, self.reason = status, reason
 
 
 @dataclass
@@ -112,13 +170,50 @@ class ImagingApi:
         store: ContentStore,
         progress: BootProgress,
         clock: Callable[[], float] = time.time,
+        rejections: Rejections | None = None,
     ):
         self.site, self.library, self.store, self.progress = site, library, store, progress
+        self.rejections = rejections if rejections is not None else Rejections()
         self._clock = clock
         self._jobs: OrderedDict[str, ImagingJob] = OrderedDict()
         # Each plan starts its rotation somewhere else, so two machines imaging at once
         # do not ask the same peer for the same chunk at the same moment.
         self._rotation = itertools.count()
+
+    # -- the site: everything this API reads or changes there, in these three methods ----
+
+    def _site_manifests(self) -> dict[str, Manifest]:
+        """Every manifest whose signature the site checked, held in full here or not."""
+        return {manifest_id: p.manifest for manifest_id, p in self.site.images.items()}
+
+    def _site_holders(self, manifest_id: str, now: float) -> list[tuple[str, Container[int], bool]]:
+        """(base URL, indexes into the manifest's chunk_refs() it holds, shunned) of each
+        live peer that holds some of the image, in node id order."""
+        holders: list[tuple[str, Container[int], bool]] = []
+        for hello in sorted(self.site.membership.live(now), key=lambda h: h.node_id):
+            bitmap = hello.holdings.get(manifest_id)
+            if bitmap is None:
+                continue
+            endpoint = self.site.endpoint_of.get(
+                hello.node_id, f"{hello.address}:{hello.http_port}"
+            )
+            shunned = self.site.reputation.is_shunned(hello.node_id, now)
+            holders.append((f"http://{endpoint}", bitmap, shunned))
+        return holders
+
+    def _site_charge(self, url: str, chunks: int, now: float) -> bool:
+        """Count `chunks` corrupt chunks against the peer at `url` as if this peer had
+        received them: one strike (never one per chunk: the count is the reporter's word),
+        the chunks in the counters. False when `url` is no peer this one knows."""
+        node = next(
+            (n for n, endpoint in self.site.endpoint_of.items() if f"http://{endpoint}" == url),
+            None,
+        )
+        if node is None:
+            return False
+        self.site.reputation.strike(node, now)
+        self.site.counters.bad_chunks_received += chunks
+        return True
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -159,7 +254,7 @@ class ImagingApi:
         # not (a plan can name other peers for the chunks this one lacks); the library
         # adds images put into the store since the daemon started.
         self.library.refresh()
-        known = {m: p.manifest for m, p in self.site.images.items()}
+        known = self._site_manifests()
         known.update((i.manifest_id, i.manifest) for i in self.library.images())
         if _MANIFEST_ID.fullmatch(name):
             if name not in known:
@@ -173,19 +268,9 @@ class ImagingApi:
     def _holders(self, manifest: Manifest, self_url: str) -> dict[int, list[str]]:
         """Disk chunk index -> base URLs of the peers that hold that chunk now."""
         entry = disk_entry(manifest)
-        tracked = self.site.images.get(manifest.manifest_id)
-        index_of = tracked.index_of if tracked is not None else {}
-        now = time.monotonic()
-        others: list[tuple[str, ChunkBitmap, bool]] = []
-        for hello in sorted(self.site.membership.live(now), key=lambda h: h.node_id):
-            bitmap = hello.holdings.get(manifest.manifest_id)
-            if bitmap is None:
-                continue
-            endpoint = self.site.endpoint_of.get(
-                hello.node_id, f"{hello.address}:{hello.http_port}"
-            )
-            shunned = self.site.reputation.is_shunned(hello.node_id, now)
-            others.append((f"http://{endpoint}", bitmap, shunned))
+        # Peers' bitmaps index the manifest's distinct data chunks in file order.
+        index_of = {ref.sha256: i for i, ref in enumerate(manifest.chunk_refs())}
+        others = self._site_holders(manifest.manifest_id, time.monotonic())
         start = next(self._rotation)
         holders: dict[int, list[str]] = {}
         for index, ref in enumerate(entry.chunks):
@@ -193,9 +278,9 @@ class ImagingApi:
                 continue
             urls = [self_url] if self.store.has_chunk(ref.sha256) else []
             last: list[str] = []  # shunned peers (corrupt chunks): only if nobody else
-            positions = index_of.get(ref.sha256, [])
+            position = index_of.get(ref.sha256)
             for url, bitmap, shunned in others:
-                if any(i in bitmap for i in positions):
+                if position is not None and position in bitmap:
                     (last if shunned else urls).append(url)
             holders[index] = rotated(urls, start + index) + last
         return holders
@@ -215,21 +300,47 @@ class ImagingApi:
         except PlanError as exc:
             raise PlanRefused(web.HTTPConflict, str(exc)) from None
 
-    async def plan(self, request: web.Request) -> web.Response:
-        mac = _mac(request)
+    def _plan_params(self, request: web.Request) -> tuple[str, str | None]:
+        """(MAC, wanted image) checked before anything else is looked at or allocated."""
+        mac = self._mac(request, PLAN_INPUT)
         wanted = request.query.get("image") or None
-        job = self._job(mac)
-        job.ip = request.remote
-        job.updated = self._clock()
-        job.plans += 1
+        if wanted is not None and len(wanted) > MAX_IMAGE_PARAM:
+            self.rejections.count(PLAN_INPUT, "image_too_long")
+            raise _bad_request(f"image parameter longer than {MAX_IMAGE_PARAM} characters")
+        if wanted is not None and _CONTROL.search(wanted):
+            self.rejections.count(PLAN_INPUT, "control_character")
+            raise _bad_request("image parameter holds control characters")
+        return mac, wanted
+
+    async def plan(self, request: web.Request) -> web.Response:
+        mac, wanted = self._plan_params(request)
         try:
             plan = self.make_plan(mac, wanted, f"http://{request.host}")
         except PlanRefused as exc:
-            job.state, job.message = "failed", f"no plan: {exc}"
-            self._stage(job, job.message)
-            log.warning("imaging plan for %s refused: %s", mac, exc)
+            self.plan_refused(mac, str(exc), request.remote)
             one_line = str(exc).replace("\n", " ")
             raise exc.status(text=f"{exc}\n", headers={"X-Pxepeer-Error": one_line}) from None
+        self.plan_made(mac, plan, request.remote)
+        return web.Response(
+            text=plan.render(), content_type="text/plain", headers={"Cache-Control": "no-store"}
+        )
+
+    def plan_refused(self, mac: str, why: str, ip: str | None) -> ImagingJob:
+        """A refused plan ends the machine's run, whatever state its job was in."""
+        job = self._job(mac)
+        job.ip, job.updated = ip, self._clock()
+        job.plans += 1
+        job.state, job.message = "failed", f"no plan: {why}"
+        self._stage(job, job.message)
+        log.warning("imaging plan for %s refused: %s", mac, why)
+        return job
+
+    def plan_made(self, mac: str, plan: Plan, ip: str | None) -> ImagingJob:
+        """A plan this peer made moves the machine's job to `planned`, from any state: a
+        new run, or the agent asking again for the chunks that failed (same image)."""
+        job = self._job(mac)
+        job.ip, job.updated = ip, self._clock()
+        job.plans += 1
         fresh = job.manifest_id != plan.manifest_id or job.state in FINAL_STATES
         if fresh:
             job.started = self._clock()
@@ -245,116 +356,142 @@ class ImagingApi:
         )
         self._stage(job, job.message)
         log.info("imaging plan for %s: %s, %s", mac, job.image, job.message)
-        return web.Response(
-            text=plan.render(), content_type="text/plain", headers={"Cache-Control": "no-store"}
-        )
+        return job
 
     # -- progress reports ------------------------------------------------------------------
 
     async def report(self, request: web.Request) -> web.Response:
-        mac = _mac(request)
-        if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
-            raise web.HTTPRequestEntityTooLarge(MAX_REPORT_BYTES, request.content_length)
-        body = await request.content.read(MAX_REPORT_BYTES + 1)
-        if len(body) > MAX_REPORT_BYTES:
-            raise web.HTTPRequestEntityTooLarge(MAX_REPORT_BYTES, len(body))
+        mac = self._mac(request, REPORT_INPUT)
+        body = await _read_bounded(request, MAX_BODY)
+        if body is None:
+            self.rejections.count(REPORT_INPUT, "too_big")
+            raise web.HTTPRequestEntityTooLarge(MAX_BODY, request.content_length or MAX_BODY + 1)
         try:
-            fields = _parse_report(body.decode("utf-8", errors="replace"))
-        except ValueError as exc:
-            raise web.HTTPBadRequest(text=f"bad progress report: {exc}\n") from None
-        job = self._job(mac)
-        before = job.state
-        job.ip = request.remote
-        job.updated = self._clock()
-        state = fields.get("state", job.state)
-        if state not in STATES:
-            raise web.HTTPBadRequest(text=f"unknown state {state!r}\n")
-        job.state = state
-        if _MANIFEST_ID.fullmatch(fields.get("manifest", "")):
-            job.manifest_id = fields["manifest"]
-        if fields.get("image", "").strip():
-            job.image = fields["image"].strip()
-        if fields.get("disk"):
-            job.disk = fields["disk"][:64]
-        for name in _INT_FIELDS:
-            value = fields.get(name, "")
-            if value.isdigit():
-                setattr(job, name, int(value))
-        if "message" in fields:
-            job.message = fields["message"][:MAX_MESSAGE]
-        if fields.get("peers"):
-            job.peers_used = _parse_peers(fields["peers"])
-        if fields.get("corrupt"):
-            self._count_corrupt(job, _parse_peers(fields["corrupt"]))
-        if state != before:
-            detail = f"{state}: {job.message}" if job.message else state
-            self._stage(job, detail)
-            level = logging.WARNING if state == "failed" else logging.INFO
-            log.log(level, "imaging %s (%s): %s", mac, job.image, detail)
+            report = parse_report(body)
+            self.apply_report(mac, report, request.remote)
+        except ReportError as exc:
+            self.rejections.count_error(REPORT_INPUT, exc)
+            raise _bad_request(f"bad progress report: {exc}") from None
+        except ReportRefused as exc:
+            self.rejections.count(REPORT_INPUT, exc.reason)
+            raise exc.status(
+                text=f"progress report refused: {exc}\n", headers={"X-Pxepeer-Error": str(exc)}
+            ) from None
         return web.Response(status=204)
+
+    def apply_report(self, mac: str, report: ProgressReport, ip: str | None) -> ImagingJob:
+        """Apply one parsed report to the machine's job; ReportRefused leaves it untouched."""
+        existing = self._jobs.get(mac)
+        current = existing.state if existing is not None else None
+        if not report_allowed(current, report.state):
+            raise ReportRefused(
+                web.HTTPConflict, "transition", f"{current or 'no job'} -> {report.state}"
+            )
+        if (
+            existing is not None
+            and report.manifest is not None
+            and existing.manifest_id not in (None, report.manifest)
+            and report.state not in RUN_STARTS
+        ):
+            # Mid-run, the image is the one the plan named: a report for another one is
+            # not about this run.
+            raise ReportRefused(
+                web.HTTPConflict, "manifest_mismatch", "not the image this machine's plan named"
+            )
+        job = self._job(mac)
+        before = existing.state if existing is not None else None
+        job.ip = ip
+        job.updated = self._clock()
+        job.state = report.state
+        if report.manifest is not None:
+            job.manifest_id = report.manifest
+        if report.image is not None:
+            job.image = report.image
+        if report.disk is not None:
+            job.disk = report.disk
+        for name in ("total", "done", "bytes", "size", "fetched"):
+            value = getattr(report, name)
+            if value is not None:
+                setattr(job, name, value)
+        if report.message is not None:
+            job.message = report.message
+        if report.peers:
+            job.peers_used = report.peers_used()
+        if report.corrupt:
+            self._count_corrupt(job, report.corrupt_from())
+        if report.state != before:
+            detail = f"{report.state}: {job.message}" if job.message else report.state
+            self._stage(job, detail)
+            level = logging.WARNING if report.state == "failed" else logging.INFO
+            log.log(level, "imaging %s (%s): %s", mac, job.image, detail)
+        return job
 
     def _count_corrupt(self, job: ImagingJob, reported: dict[str, int]) -> None:
         """Corrupt chunks the agent caught count against the peer that sent them, as if
-        this peer had received them: enough of them and plans leave that peer last."""
-        node_of = {f"http://{e}": node for node, e in self.site.endpoint_of.items()}
+        this peer had received them: enough of them and plans leave that peer last.
+
+        Bounded whatever the report says: counts are the agent's running totals, so only
+        the increase is new; a peer gets at most one strike per report (the report is one
+        witness, however many chunks it claims); the chunks counted are capped at the
+        image's chunk count and MAX_CORRUPT_COUNTED; a job remembers at most MAX_PEERS peers."""
         now = time.monotonic()
+        charged: list[str] = []
         for url, count in reported.items():
+            if url not in job.corrupt_from and len(job.corrupt_from) >= MAX_PEERS:
+                continue
             new = count - job.corrupt_from.get(url, 0)
             if new <= 0:
                 continue
             job.corrupt_from[url] = count
-            node = node_of.get(url)
-            log.warning(
-                "imaging %s: %d corrupt chunk(s) from %s%s", job.mac, new, url,
-                "" if node else " (not a peer this one knows)",
-            )  # fmt: skip
-            if node is not None:
-                for _ in range(new):
-                    self.site.reputation.strike(node, now)
-                self.site.counters.bad_chunks_received += new
+            chunks = min(new, max(job.total, 1), MAX_CORRUPT_COUNTED)
+            known = self._site_charge(url, chunks, now)
+            charged.append(f"{chunks} from {url}" + ("" if known else " (not a known peer)"))
+        if charged:
+            # One line per report, however many peers it names.
+            log.warning("imaging %s: corrupt chunks: %s", job.mac, ", ".join(charged))
 
     async def jobs(self, request: web.Request) -> web.Response:
         return web.json_response({"jobs": self.status()})
 
-
-def _mac(request: web.Request) -> str:
-    try:
-        return normalize_mac(request.query.get("mac", ""))
-    except StoreError as exc:
-        raise web.HTTPBadRequest(text=f"{exc}\n", headers={"X-Pxepeer-Error": str(exc)}) from None
-
-
-def _parse_report(text: str) -> dict[str, str]:
-    """key=value lines (what busybox wget can post without an encoder)."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"line {line[:40]!r} is not key=value")
-        fields[key] = value.strip()
-    return fields
+    def _mac(self, request: web.Request, kind: str) -> str:
+        try:
+            return normalize_mac(request.query.get("mac", "")[:64])
+        except StoreError as exc:
+            self.rejections.count(kind, "bad_mac")
+            raise _bad_request(str(exc)) from None
 
 
-def _parse_peers(text: str) -> dict[str, int]:
-    used: dict[str, int] = {}
-    for item in text.split(",")[:64]:
-        url, _, count = item.rpartition("=")
-        if url and count.isdigit():
-            used[url[:200]] = int(count)
-    return used
+def _bad_request(text: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=f"{text}\n", headers={"X-Pxepeer-Error": text})
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to be longer than `limit` (a declared
+    length is believed only when it is too long; a chunked body is counted as it comes)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        # read(n) may return less than n before the end: loop until EOF or past the limit.
+        part = await request.content.read(limit + 1 - size)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            return None
 
 
 IMAGING = web.AppKey("imaging", ImagingApi)
 
 
-def imaging_done(app: web.Application, mac: str, manifest_id: str) -> bool:
-    """True when this machine's last imaging run wrote exactly this image and finished:
-    its boot script should then boot the local disk, not image it again (the agent's
-    reboot would otherwise loop back into the imager)."""
+def last_imaged(app: web.Application, mac: str) -> str | None:
+    """The manifest id this machine's last imaging run wrote and finished, if any: the
+    boot policy then boots its disk rather than imaging it again (the agent's reboot
+    would otherwise loop back into the imager)."""
     api = app.get(IMAGING)
-    return api is not None and api.completed(mac) == manifest_id
+    return api.completed(mac) if api is not None else None
 
 
 def add_imaging_routes(
@@ -363,8 +500,9 @@ def add_imaging_routes(
     library: ImageLibrary,
     store: ContentStore,
     progress: BootProgress,
+    rejections: Rejections | None = None,
 ) -> ImagingApi:
-    api = ImagingApi(site, library, store, progress)
+    api = ImagingApi(site, library, store, progress, rejections=rejections)
     app[IMAGING] = api
     app.router.add_get("/v1/imaging/plan", api.plan)
     app.router.add_post("/v1/imaging/progress", api.report)

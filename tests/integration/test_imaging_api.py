@@ -242,6 +242,7 @@ def test_plan_refusals_say_why_in_body_and_header(site: Site) -> None:
         ("mac=52:54:00:77:0b:99&image=nope", 404, "no image named 'nope'"),
         ("mac=52:54:00:77:0b:99&image=netboot-only", 409, "has no disk image"),
         ("mac=not-a-mac&image=demo-disk", 400, "not a MAC address"),
+        ("mac=52:54:00:77:0b:99&image=" + "x" * 201, 400, "longer than 200 characters"),
     ]
     for query, status, text in cases:
         result = site.curl("-i", f"{site.url()}/v1/imaging/plan?{query}")
@@ -443,3 +444,51 @@ def test_by_default_zero_chunks_are_only_seeked_over(site: Site, tmp_path: Path)
             assert region == b"\xa5" * ref.size  # left alone: told the disk was blank
         else:
             assert region == image[offset : offset + ref.size]
+
+
+def test_a_report_claiming_billions_of_corrupt_chunks_is_one_strike_answered_at_once(
+    site: Site,
+) -> None:
+    # Kept last: it strikes peer 1, which the corrupt-chunk test above counts exactly.
+    status = site.get_json(f"{site.url(0)}/v1/status")["site"]
+    [peer1] = [p["node_id"] for p in status["peers"] if p["http_port"] == PORTS[1]]
+    strikes_before = status["reputation"].get(peer1, {}).get("bad_chunks", 0)
+    bad_before = site.counters(0)["bad_chunks_received"]
+    # Once, strikes were counted one by one on the event loop: this froze the daemon.
+    report = f"state=writing\ntotal=10\ncorrupt={site.url(1)}=99999999999\n"
+
+    started = time.monotonic()
+    result = site.curl(
+        "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", report,
+        f"{site.url(0)}/v1/imaging/progress?mac=52:54:00:77:0b:66",
+    )  # fmt: skip
+    answered = time.monotonic() - started
+
+    assert result.stdout == b"204" and answered < 2, (result.stdout, answered)
+    status = site.get_json(f"{site.url(0)}/v1/status")["site"]
+    assert status["reputation"][peer1]["bad_chunks"] == strikes_before + 1
+    assert site.counters(0)["bad_chunks_received"] - bad_before == 10  # the image's chunks
+
+
+def test_a_report_the_job_cannot_take_is_refused_and_changes_nothing(site: Site) -> None:
+    mac = "52:54:00:77:0b:67"
+    url = f"{site.url(0)}/v1/imaging/progress?mac={mac}"
+    # `done` out of nowhere would make the machine boot its disk instead of imaging it.
+    forged = site.curl(
+        "-i", "--data-binary", f"state=done\nmanifest={site.manifest.manifest_id}", url
+    )
+    assert forged.stdout.startswith(b"HTTP/1.1 409"), forged.stdout[:200]
+    bad = site.curl("-i", "--data-binary", "state=writing\nowner=me", url)
+    assert bad.stdout.startswith(b"HTTP/1.1 400") and b"unknown_key" in bad.stdout
+    jobs = site.get_json(f"{site.url(0)}/v1/imaging")["jobs"]
+    assert mac not in [j["mac"] for j in jobs]
+    # The daemon's /boot.ipxe for that machine still does what it did: the menu.
+    menu = site.curl("-f", f"{site.url(0)}/boot.ipxe?mac={mac}").stdout.decode()
+    assert "item local Boot from local disk" in menu
+
+
+def test_a_machine_whose_last_run_finished_boots_its_disk_not_the_imager(site: Site) -> None:
+    # The last agent run above wrote the image for MAC and reported done.
+    assert site.job()["state"] == "done"
+    script = site.curl("-f", f"{site.url(0)}/boot.ipxe?mac={MAC}").stdout.decode()
+    assert "already written to this machine" in script and "sanboot" in script

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from imaging.manifest import ImageKind
 from peer.core.boot_progress import BootProgress, Stage
-from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, choose_boot, resolve_first_stages
+from pxe.boot_policy import (
+    LOCAL_BOOT,
+    BootableImage,
+    BootAction,
+    BootKind,
+    NoFirstStage,
+    decide_boot,
+    decide_image_boot,
+    resolve_first_stages,
+)
 from pxe.dhcp import Architecture
 from pxe.ipxe import LinuxBoot, MenuItem, render_linux_boot, render_local_boot, render_menu
 
@@ -29,19 +39,106 @@ def test_no_first_stage_at_all_is_an_error_naming_the_fix() -> None:
         resolve_first_stages(["README"])
 
 
+MAC = "52:54:00:00:00:01"
+
+
+def image(name: str, kind: BootKind = BootKind.LINUX, version: str = "1", **kw) -> BootableImage:
+    manifest_id = (name + version).encode().hex().ljust(64, "0")[:64]
+    return BootableImage(name, version, manifest_id, kind, created=f"2024-01-0{version}", **kw)
+
+
+DEMO = image("demo")
+POS_V1 = image("pos", BootKind.DISK, "1", has_kernel=False)
+POS_V2 = image("pos", BootKind.DISK, "2", has_kernel=False)
+IMAGER = image("imager", BootKind.IMAGER)
+LIBRARY = (DEMO, IMAGER, POS_V1, POS_V2)  # by name, oldest first within a name
+
+
 def test_assigned_machine_boots_its_image_without_the_menu() -> None:
-    choice = choose_boot("52:54:00:00:00:01", {"52:54:00:00:00:01": "demo"}, ["demo"])
-    assert choice.image == "demo" and not choice.local
+    decision = decide_boot(MAC, {MAC: "demo"}, LIBRARY)
+    assert decision.action is BootAction.LINUX and decision.boot == DEMO
+    assert decision.about == DEMO and f"{MAC} is assigned demo" in decision.reason
 
 
 def test_assignment_to_a_missing_image_falls_back_to_the_menu() -> None:
-    choice = choose_boot("52:54:00:00:00:01", {"52:54:00:00:00:01": "gone"}, ["demo"])
-    assert choice.image is None and not choice.local and "not available" in choice.reason
+    decision = decide_boot(MAC, {MAC: "gone"}, LIBRARY)
+    assert decision.action is BootAction.MENU and "not available" in decision.reason
+    assert decision.default is None  # the local disk, never something else unattended
 
 
-def test_local_assignment_boots_the_disk() -> None:
-    choice = choose_boot("52:54:00:00:00:01", {"52:54:00:00:00:01": LOCAL_BOOT}, ["demo"])
-    assert choice.local
+def test_local_assignment_boots_the_disk_even_with_an_image_default() -> None:
+    decision = decide_boot(MAC, {MAC: LOCAL_BOOT}, LIBRARY, boot_default="demo")
+    assert decision.action is BootAction.LOCAL and decision.boot is None
+
+
+def test_a_request_without_a_mac_is_asked_again_with_it() -> None:
+    decision = decide_boot(None, {MAC: "demo"}, LIBRARY)
+    assert decision.action is BootAction.ASK_MAC
+
+
+def test_unassigned_machine_gets_every_image_in_the_menu_defaulting_to_local() -> None:
+    decision = decide_boot(MAC, {"52:54:00:00:00:02": "demo"}, LIBRARY)
+    assert decision.action is BootAction.MENU
+    assert decision.menu == LIBRARY and decision.default is None
+
+
+def test_menu_default_is_the_newest_version_of_the_named_image() -> None:
+    decision = decide_boot(MAC, {}, LIBRARY, boot_default="pos")
+    assert decision.default == POS_V2
+    assert decide_boot(MAC, {}, LIBRARY, boot_default="nope").default is None
+
+
+def test_assigned_disk_image_runs_the_imager_told_to_write_its_newest_version() -> None:
+    decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY)
+    assert decision.action is BootAction.IMAGER
+    assert decision.boot == IMAGER and decision.write == POS_V2 and decision.about == POS_V2
+
+
+def test_disk_image_already_written_to_this_machine_boots_its_disk() -> None:
+    decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY, last_imaged=POS_V2.manifest_id)
+    assert decision.action is BootAction.LOCAL and "already written" in decision.reason
+
+
+def test_a_newer_version_than_the_one_written_is_imaged_again() -> None:
+    decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY, last_imaged=POS_V1.manifest_id)
+    assert decision.action is BootAction.IMAGER and decision.write == POS_V2
+
+
+def test_disk_image_without_an_imager_here_boots_the_local_disk() -> None:
+    decision = decide_boot(MAC, {MAC: "pos"}, (DEMO, POS_V2))
+    assert decision.action is BootAction.LOCAL and "no imager" in decision.reason
+    kernelless = image("imager", BootKind.IMAGER, has_kernel=False)
+    decision = decide_boot(MAC, {MAC: "pos"}, (kernelless, POS_V2))
+    assert decision.action is BootAction.LOCAL
+
+
+def test_the_newest_imager_writes_disk_images() -> None:
+    newer = image("imager", BootKind.IMAGER, "2")
+    decision = decide_image_boot(POS_V1, (IMAGER, newer, POS_V1))
+    assert decision.boot == newer and decision.write == POS_V1
+
+
+def test_imager_chosen_from_the_menu_boots_with_no_image_to_write() -> None:
+    decision = decide_image_boot(IMAGER, LIBRARY)
+    assert decision.action is BootAction.IMAGER
+    assert decision.boot == IMAGER and decision.write is None
+
+
+def test_winpe_and_kernelless_images_are_not_booted_but_say_why() -> None:
+    for unbootable in (image("win", BootKind.WINPE), image("odd", has_kernel=False)):
+        decision = decide_image_boot(unbootable, LIBRARY)
+        assert decision.action is BootAction.LOCAL and "not bootable" in decision.reason
+
+
+def test_menu_choice_of_a_disk_image_follows_the_same_rules_as_an_assignment() -> None:
+    assert decide_image_boot(POS_V1, LIBRARY).action is BootAction.IMAGER
+    written = decide_image_boot(POS_V1, LIBRARY, last_imaged=POS_V1.manifest_id)
+    assert written.action is BootAction.LOCAL
+
+
+def test_every_manifest_kind_has_a_boot_kind() -> None:
+    # The HTTP adapter maps manifests to the policy's plain data by value.
+    assert {BootKind(kind.value).value for kind in ImageKind} == {k.value for k in ImageKind}
 
 
 def test_linux_script_names_the_initrd_on_the_command_line_for_uefi() -> None:
