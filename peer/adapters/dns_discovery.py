@@ -354,7 +354,6 @@ class BrowseRound:
         self._instances: dict[DNSLabel, _Instance] = {}
         self._hosts: dict[DNSLabel, list[tuple[IPv4Address, int]] | None] = {}  # None: asking
         self._host_failed: set[DNSLabel] = set()
-        self._ttls: list[int] = []
         self.rejected: Counter[str] = Counter()
 
     @property
@@ -821,6 +820,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.duration <= 0:
             if not discovery.servers:
                 discovery.servers = system_nameservers(discovery.resolv_conf)
+            if not discovery.servers:
+                raise DnsConfigError(f"no nameserver in {discovery.resolv_conf}: --dns-server")
             result = await discovery.poll_once()
             print(json.dumps({"event": "poll", **discovery.status()}), flush=True)
             return 0 if result.browsed else 1

@@ -634,3 +634,45 @@ def test_query_packets_ask_one_question_with_edns() -> None:
     assert record.header.id == 4242 and record.header.rd == 1
     assert record.questions == [DNSQuestion(SERVICE, QTYPE.PTR)]
     assert record.ar[0].rtype == QTYPE.OPT and record.ar[0].rclass == 1232
+
+
+# -- the serve options -------------------------------------------------------------------------
+
+
+def test_discovery_option_grammar() -> None:
+    from peer.serve import parse_discovery
+
+    assert parse_discovery("mdns") == ("mdns", None, ())
+    assert parse_discovery("off") == ("off", None, ())
+    assert parse_discovery("dns:Store42.example.", ("10.0.0.53", "10.0.0.54:5353")) == (
+        "dns", "Store42.example", (Nameserver("10.0.0.53"), Nameserver("10.0.0.54", 5353)),
+    )  # fmt: skip
+    bad_cases = [
+        ("dns", ()), ("dns:", ()), ("mdns:x", ()), ("DNS:a.example", ()), ("bogus", ()),
+        ("dns:a b", ("10.0.0.53",)), ("dns:a.example", ("resolver.example",)),
+        ("mdns", ("10.0.0.53",)),
+    ]  # fmt: skip
+    for bad, servers in bad_cases:
+        with pytest.raises(ValueError):
+            parse_discovery(bad, servers)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--discovery", "bogus"], "--discovery 'bogus': want mdns, dns:ZONE or off"),
+     (["--discovery", "dns:-bad"], "--discovery 'dns:-bad': DNS zone '-bad'"),
+     (["--dns-server", "10.0.0.53"], "--dns-server only applies with --discovery dns:ZONE"),
+     (["--discovery", "dns:a.example", "--dns-server", "x"], "DNS server 'x'")],
+)  # fmt: skip
+def test_a_bad_discovery_option_is_one_line_and_exit_2(tmp_path, args, message) -> None:
+    from click.testing import CliRunner
+
+    from peer.serve import serve
+
+    result = CliRunner().invoke(
+        serve, ["--trust", str(tmp_path / "k.pub"), "--cache-dir", str(tmp_path / "c"), *args]
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "c").exists()
