@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from imaging.builder import build_manifest
-from imaging.catalog import CatalogError
+from imaging.catalog import MAX_PRIORITY, MAX_REPLICAS, MAX_SERIAL, CatalogError
 from imaging.chunking import ChunkingError, file_size
 from imaging.manifest import BootSpec, ImageKind, SignedManifest
 from imaging.origin_layout import PublishError
@@ -459,12 +459,16 @@ def assign(
               help="Directory a web server, CDN or S3 sync serves as the origin.")  # fmt: skip
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path))
 @click.option("--version", "version", default=None, help="Default: the newest in the store.")
-@click.option("--priority", type=int, default=0, show_default=True, help="Higher goes first.")
+@click.option("--priority", type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY), default=0,
+              show_default=True, help="Higher goes first.")  # fmt: skip
 @click.option("--paused/--active", default=False, help="Publish paused (sites do not fetch it).")
-@click.option("--replicas", type=click.IntRange(0, 1000), default=0, show_default=True,
+@click.option("--replicas", type=click.IntRange(0, MAX_REPLICAS), default=0, show_default=True,
               help="Peers per site that hold it; 0 = every peer.")  # fmt: skip
 @click.option("--expires-in", type=click.IntRange(60, 10 * 365 * 86400), default=7 * 86400,
               show_default=True, help="Seconds until the catalog expires.")  # fmt: skip
+@click.option("--serial", type=click.IntRange(1, MAX_SERIAL), default=None,
+              help="Catalog serial to use, above any the peers saw: continues a lost or "
+                   "unreadable origin. Default: one above the origin's.")  # fmt: skip
 @cache_dir_option
 def publish(
     image_name: str,
@@ -475,9 +479,15 @@ def publish(
     paused: bool,
     replicas: int,
     expires_in: int,
+    serial: int | None,
     cache_dir: Path,
 ) -> None:
-    """Put IMAGE from the store on an origin directory and sign a new catalog."""
+    """Put IMAGE from the store on an origin directory and sign a new catalog.
+
+    The catalog's serial is always above the one the origin holds (peers refuse a lower
+    one as a rollback), whoever signed it and even if it expired."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--to {out_dir} exists and is not a directory")
     store = open_store(cache_dir)
     found = _select(store, image_name, version)
     signed = max(found, key=lambda s: s.manifest.created)
@@ -498,6 +508,7 @@ def publish(
         catalog = publish_image(
             out_dir, signed, store.read_chunk, key,
             priority=priority, paused=paused, replicas=replicas, lifetime=expires_in,
+            serial=serial,
         )  # fmt: skip
     except (PublishError, CatalogError, StoreError) as exc:
         raise CliError(str(exc)) from None

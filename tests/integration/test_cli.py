@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from imaging.catalog import Catalog, CatalogEntry, SignedCatalog
 from imaging.manifest import SignedManifest
-from imaging.signing import TrustedKeys, load_public_key
+from imaging.origin_layout import CATALOG, chunk_path, manifest_path
+from imaging.signing import TrustedKeys, load_public_key, load_signing_key
 
 MIB = 1024 * 1024
 CHUNK = 4 * MIB
@@ -162,6 +164,22 @@ def test_keys_new_refuses_a_file_as_out_dir_and_a_bad_name(tmp_path: Path) -> No
     assert_one_line_usage_error(pxepeer("keys", "new", "--out", tmp_path / "file"))
     assert_one_line_usage_error(pxepeer("keys", "new", "--out", tmp_path, "--name", "../up"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_keys_new_modes_do_not_depend_on_the_umask_and_no_temp_file_is_left(
+    tmp_path: Path,
+) -> None:
+    """Under umask 000 a plain write would leave the public key world-writable; the key
+    files get their modes before their first byte (imaging/durable.write_atomic)."""
+    result = subprocess.run(
+        [*PXEPEER, "keys", "new", "--out", str(tmp_path / "a" / "b")],
+        capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.umask(0),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "a" / "b"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"publisher.key": 0o600, "publisher.pub": 0o644}
 
 
 # -- image add --------------------------------------------------------------------------
@@ -681,6 +699,149 @@ def test_cache_dir_comes_from_the_environment(demo: Image, tmp_path: Path) -> No
     result = subprocess.run([*PXEPEER, "image", "list"], capture_output=True, text=True,
                             env=env, timeout=20)  # fmt: skip
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+# -- publish ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Image:
+    """A store holding demo 1 to publish from (publishing only reads it)."""
+    return add_demo(tmp_path_factory.mktemp("shop"), keys)
+
+
+def publish(
+    image: Image, keys: Keys, origin: Path, *extra: str | Path
+) -> subprocess.CompletedProcess[str]:
+    return pxepeer("publish", "demo", "--to", origin, "--key", keys.key,
+                   "--cache-dir", image.cache, *extra)  # fmt: skip
+
+
+def origin_catalog(origin: Path) -> Catalog:
+    return SignedCatalog.from_bytes((origin / CATALOG).read_bytes()).catalog
+
+
+def put_catalog(origin: Path, key: Path, serial: int, *, issued: int, expires: int) -> None:
+    origin.mkdir(parents=True, exist_ok=True)
+    old = Catalog(serial, issued, expires, (CatalogEntry("old", "1", "d" * 64),))
+    (origin / CATALOG).write_bytes(SignedCatalog.sign(old, load_signing_key(key)).to_bytes())
+
+
+def test_publish_writes_served_files_atomically_and_each_publish_grows_the_serial(
+    shop: Image, keys: Keys, tmp_path: Path
+) -> None:
+    origin = tmp_path / "www" / "origin"
+    result = publish(shop, keys, origin)
+    assert result.returncode == 0, result.stderr
+    assert "catalog serial 1," in result.stdout
+    signed = SignedCatalog.from_bytes((origin / CATALOG).read_bytes())
+    trusted = TrustedKeys([load_public_key(keys.pub)])
+    assert trusted.check(signed.catalog.canonical_bytes, signed.signatures)
+    [entry] = signed.catalog.entries
+    [manifest] = manifests(shop.cache)
+    assert entry.manifest_id == manifest.manifest.manifest_id
+    served = [origin / CATALOG, origin / manifest_path(entry.manifest_id)]
+    served += [origin / chunk_path(r.sha256) for r in manifest.manifest.chunk_refs()]
+    files = sorted(p for p in origin.rglob("*") if p.is_file())
+    assert files == sorted(served)  # no temp file left beside them
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}  # for the web server
+    assert publish(shop, keys, origin).returncode == 0
+    assert origin_catalog(origin).serial == 2
+
+
+def test_publish_counts_on_from_a_held_catalog_signed_by_another_key_and_expired(
+    shop: Image, keys: Keys, other_keys: Keys, tmp_path: Path
+) -> None:
+    """Peers that saw serial 7 refuse anything at or below it, whoever signed it."""
+    origin = tmp_path / "origin"
+    put_catalog(origin, other_keys.key, 7, issued=1000, expires=2000)
+    result = publish(shop, keys, origin)
+    assert result.returncode == 0, result.stderr
+    catalog = origin_catalog(origin)
+    assert catalog.serial == 8
+    assert sorted(e.name for e in catalog.entries) == ["demo", "old"]
+
+
+def test_publish_with_serial_continues_a_lost_origin(
+    shop: Image, keys: Keys, tmp_path: Path
+) -> None:
+    origin = tmp_path / "new-origin"
+    assert publish(shop, keys, origin, "--serial", "41").returncode == 0
+    assert origin_catalog(origin).serial == 41
+    assert publish(shop, keys, origin).returncode == 0
+    assert origin_catalog(origin).serial == 42
+
+
+@pytest.mark.parametrize("serial", ["5", "3"], ids=["equal", "below"])
+def test_publish_with_a_serial_not_above_the_held_one_is_refused_and_writes_nothing(
+    shop: Image, keys: Keys, tmp_path: Path, serial: str
+) -> None:
+    origin = tmp_path / "origin"
+    assert publish(shop, keys, origin, "--serial", "5").returncode == 0
+    before = snapshot(origin)
+    result = publish(shop, keys, origin, "--serial", serial)
+    assert_one_line_usage_error(result)
+    assert f"serial {serial} is not above the serial the origin holds (5)" in result.stderr
+    assert snapshot(origin) == before
+
+
+GARBLED_CATALOGS = {
+    "empty": b"",
+    "truncated": b'{"catalog": {"format": "pxepeer-catalog/1", "serial": 9',
+    "not-a-catalog": b'{"catalog": 1, "signatures": []}',
+    "non-finite-serial": b'{"catalog": {"serial": 1e999}, "signatures": []}',
+    "binary": bytes(range(256)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBLED_CATALOGS))
+def test_publish_refuses_a_garbled_origin_catalog_unless_given_a_serial(
+    shop: Image, keys: Keys, tmp_path: Path, case: str
+) -> None:
+    """Its serial is unknown, so no serial can be known to be above it."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / CATALOG).write_bytes(GARBLED_CATALOGS[case])
+    before = snapshot(origin)
+    result = publish(shop, keys, origin)
+    assert_one_line_usage_error(result)
+    assert "unreadable" in result.stderr and "--serial" in result.stderr
+    assert snapshot(origin) == before
+    assert publish(shop, keys, origin, "--serial", "12").returncode == 0
+    catalog = origin_catalog(origin)
+    assert catalog.serial == 12 and [e.name for e in catalog.entries] == ["demo"]
+
+
+def test_publish_refuses_an_origin_catalog_that_cannot_be_read(
+    shop: Image, keys: Keys, tmp_path: Path
+) -> None:
+    origin = tmp_path / "origin"
+    (origin / CATALOG).mkdir(parents=True)
+    result = publish(shop, keys, origin)
+    assert_one_line_usage_error(result)
+    assert "unreadable" in result.stderr
+    assert snapshot(origin) == {} and [p.name for p in origin.iterdir()] == [CATALOG]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--serial", "0"], ["--serial", "-3"], ["--serial", "x"], ["--serial", str(2**53)],
+     ["--priority", str(10**7)], ["--replicas", "-1"]],
+    ids=["serial-zero", "serial-negative", "serial-text", "serial-too-big", "priority-too-big",
+         "replicas-negative"],
+)  # fmt: skip
+def test_publish_with_out_of_range_options_is_refused_and_creates_no_origin(
+    shop: Image, keys: Keys, tmp_path: Path, args: list[str]
+) -> None:
+    assert_one_line_usage_error(publish(shop, keys, tmp_path / "origin", *args))
+    assert not (tmp_path / "origin").exists()
+
+
+def test_publish_to_a_file_is_refused(shop: Image, keys: Keys, tmp_path: Path) -> None:
+    (tmp_path / "origin").write_text("x")
+    result = publish(shop, keys, tmp_path / "origin")
+    assert_one_line_usage_error(result)
+    assert (tmp_path / "origin").read_text() == "x"
 
 
 # -- usage ------------------------------------------------------------------------------
