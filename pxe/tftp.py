@@ -15,7 +15,7 @@ case-sensitively; `parse_packet` raises only `MalformedPacket`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
@@ -24,6 +24,9 @@ MAX_BLKSIZE = 65464  # RFC 2348: the largest payload of one UDP datagram over IP
 DEFAULT_BLKSIZE = 512
 MAX_WINDOWSIZE = 65535  # RFC 7440
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 255  # RFC 2349, seconds
+# The most a client may make us wait between retransmissions. RFC 2349 allows up to 255 s;
+# 64 never-ACKing requests asking that held every session slot for ~25 minutes (6 tries).
+TIMEOUT_CAP = 5
 SUPPORTED_MODES = ("octet", "netascii")
 
 _HEADER = struct.Struct("!HH")
@@ -51,7 +54,20 @@ class ErrorCode(IntEnum):
 
 
 class MalformedPacket(ValueError):
-    """A datagram that is not a TFTP packet; the caller drops and counts it."""
+    """A datagram that is not a TFTP packet; the caller drops and counts it by `reason`.
+
+    `reason` is one of a few fixed short strings (a metric label); the message has details.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+# Reasons a datagram is dropped (the labels of the `dropped` counters).
+TRUNCATED = "truncated"
+BAD_OPCODE = "bad opcode"
+BAD_REQUEST = "bad request"  # an RRQ/WRQ without a NUL-terminated, non-empty name and mode
 
 
 @dataclass(frozen=True)
@@ -99,14 +115,14 @@ def parse_packet(data: bytes) -> Packet:
     """One datagram as a packet, or MalformedPacket (never any other exception)."""
     size = len(data)
     if size < 2:
-        raise MalformedPacket(f"{size}-byte datagram is too short for an opcode")
+        raise MalformedPacket(TRUNCATED, f"{size}-byte datagram is too short for an opcode")
     opcode = (data[0] << 8) | data[1]
     if opcode == 4 and size >= 4:  # ACK, the commonest by far
         return Ack((data[2] << 8) | data[3])
     if opcode == 1 or opcode == 2:
         return _parse_request(Opcode(opcode), data[2:])
     if 3 <= opcode <= 5 and size < 4:
-        raise MalformedPacket(f"truncated {Opcode(opcode).name} ({size} bytes)")
+        raise MalformedPacket(TRUNCATED, f"truncated {Opcode(opcode).name} ({size} bytes)")
     if opcode == 3:
         return Data((data[2] << 8) | data[3], bytes(data[4:]))
     if opcode == 5:
@@ -116,16 +132,18 @@ def parse_packet(data: bytes) -> Packet:
     if opcode == 6:
         fields, _ = _strings(data[2:])
         return OptionAck(_options(fields))
-    raise MalformedPacket(f"unknown opcode {opcode}")
+    raise MalformedPacket(BAD_OPCODE, f"unknown opcode {opcode}")
 
 
 def _parse_request(opcode: Opcode, body: bytes) -> Request:
     fields, _ = _strings(body)
     if len(fields) < 2:
-        raise MalformedPacket(f"{opcode.name} without a NUL-terminated filename and mode")
+        raise MalformedPacket(
+            BAD_REQUEST, f"{opcode.name} without a NUL-terminated filename and mode"
+        )
     raw_name, raw_mode = fields[0], fields[1]
     if not raw_name:
-        raise MalformedPacket(f"{opcode.name} with an empty filename")
+        raise MalformedPacket(BAD_REQUEST, f"{opcode.name} with an empty filename")
     # surrogateescape keeps the client's exact bytes, so a UTF-8 (or any) name on disk
     # still matches; the boot source decides whether it may be served.
     filename = raw_name.decode("utf-8", "surrogateescape")
@@ -181,6 +199,13 @@ class ServerLimits:
     windowsize_cap: int = 64
     default_timeout: float = 1.0  # seconds before a retransmission when no option says
     retries: int = 5  # retransmissions of one packet (or window) before giving up
+    timeout_cap: int = TIMEOUT_CAP  # the largest `timeout` option granted, seconds
+    # Wall time one transfer may take, whatever its ACKs and retransmissions do. Boot files
+    # served over TFTP are iPXE first stages (~0.1-1 MiB): 1 MiB at blksize 512 in 120 s is
+    # 17 blocks a second, 60 ms per lock-step round trip, far slower than any LAN client
+    # that works, and even the 32 MiB rollover test file takes a few seconds here. A client
+    # slower than that holds a slot others need; it gets an ERROR and may ask again.
+    transfer_deadline: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -209,10 +234,17 @@ def negotiate(
     """Grant what the server can of the client's options (RFC 2347-2349, 7440).
 
     An option is acknowledged only with a value the client can accept: blksize and
-    windowsize may be lowered (never raised), timeout is taken as asked or dropped, tsize
-    carries the real size. Invalid or unknown options are left out, never refused.
+    windowsize may be lowered (never raised), timeout is lowered to `limits.timeout_cap`,
+    tsize carries the real size. Invalid or unknown options are left out, never refused.
+
+    RFC 2349 has the server echo the timeout as asked or leave it out; echoing the clamped
+    value instead tells the client what the server really does (a client that cannot live
+    with it may decline the OACK, RFC 2347), and no client seen (curl asks 6, others
+    nothing) checks it. The value only sets the server's own retransmission interval.
     """
-    blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, limits.default_timeout
+    timeout_cap = max(MIN_TIMEOUT, limits.timeout_cap)
+    blksize, windowsize = DEFAULT_BLKSIZE, 1
+    timeout = min(limits.default_timeout, float(timeout_cap))
     acked: dict[str, str] = {}
     cap = max(MIN_BLKSIZE, min(MAX_BLKSIZE, limits.blksize_cap))
     for name, raw in requested.items():
@@ -229,8 +261,9 @@ def negotiate(
                 acked[name] = str(windowsize)
         elif name == "timeout":
             if value is not None and MIN_TIMEOUT <= value <= MAX_TIMEOUT:
-                timeout = float(value)
-                acked[name] = str(value)
+                granted = min(value, timeout_cap)
+                timeout = float(granted)
+                acked[name] = str(granted)
         elif name == "tsize":
             # RRQ carries 0 (RFC 2349); whatever it carries, the answer is the real size.
             if value is not None:
@@ -264,17 +297,27 @@ ReadAt = Callable[[int, int], bytes]
 _READ_AHEAD = 256 * 1024  # file bytes fetched per read_at call: few syscalls, fits in cache
 
 
+DEADLINE_MESSAGE = "transfer took too long"
+
+
 class ReadSession:
     """Sends one file to one client: call start(), then receive() per datagram from the
     client's TID and tick() when `deadline` passes; each returns the datagrams to send.
+
+    `max_seconds` bounds the whole transfer from start(): past it the session fails with
+    an ERROR to the client (`expired` is set), however the client paces its ACKs.
 
     Blocks are numbered from 1 internally without limit; on the wire they wrap at 65535
     to 0, the rollover every current client expects. The file is read through `read_at`
     (the adapter's file; tests pass a bytes slice), a large slice at a time.
     """
 
-    def __init__(self, read_at: ReadAt, size: int, options: TransferOptions, retries: int = 5):
+    def __init__(
+        self, read_at: ReadAt, size: int, options: TransferOptions, retries: int = 5,
+        max_seconds: float = float("inf"),
+    ):  # fmt: skip
         self.size = size
+        self.max_seconds = max_seconds
         self.options = options
         self.retries = retries
         self.blksize = options.blksize
@@ -284,9 +327,12 @@ class ReadSession:
         self.last_block = size // self.blksize + 1
         self.outcome: Outcome | None = None
         self.reason = ""
-        self.deadline = float("inf")
+        self.deadline = float("inf")  # when tick() must run next
+        self.expires = float("inf")  # the transfer's end at the latest; set by start()
+        self.expired = False
         self.retransmits = 0
         self.malformed = 0
+        self.dropped: dict[str, int] = {}  # malformed datagrams by MalformedPacket.reason
         self._read_at = read_at
         self._state = _State.SENDING
         self._acked = 0  # highest block the client acknowledged
@@ -306,9 +352,10 @@ class ReadSession:
         return min(self._acked * self.blksize, self.size)
 
     def start(self, now: float) -> list[bytes]:
+        self.expires = now + self.max_seconds
         if self.options.acknowledged:
             self._state = _State.OACK_SENT
-            self.deadline = now + self.timeout
+            self._arm(now)
             return [encode_oack(self.options.acknowledged)]
         # No option accepted: RFC 2347 says answer as plain RFC 1350, DATA 1 at once.
         return self._send_window(1, now)
@@ -321,8 +368,9 @@ class ReadSession:
             return []
         try:
             packet = parse_packet(data)
-        except MalformedPacket:
+        except MalformedPacket as exc:
             self.malformed += 1
+            self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
             return []
         if isinstance(packet, Ack):
             return self._on_ack(packet.block, now)  # an ACK with trailing bytes
@@ -339,6 +387,8 @@ class ReadSession:
         `retries` attempts."""
         if self._state is _State.DONE or now < self.deadline:
             return []
+        if now >= self.expires:
+            return self._expire()
         if self._tries >= self.retries:
             what = "OACK" if self._state is _State.OACK_SENT else f"block {self._acked + 1}"
             self._finish(Outcome.FAILED, f"no answer to {what} after {self._tries} retries")
@@ -346,7 +396,7 @@ class ReadSession:
         self._tries += 1
         self.retransmits += 1
         if self._state is _State.OACK_SENT:
-            self.deadline = now + self.timeout
+            self._arm(now)
             return [encode_oack(self.options.acknowledged)]
         return self._send_window(self._acked + 1, now)
 
@@ -366,6 +416,9 @@ class ReadSession:
 
     def _on_ack(self, wire_block: int, now: float) -> list[bytes]:
         state = self._state
+        if now >= self.expires and state is not _State.DONE:
+            # A client that keeps ACKing, just too slowly, never lets the timer fire.
+            return self._expire()
         if state is _State.SENDING:
             # The one block in (acked, last_sent] with these low 16 bits; windows are far
             # smaller than 65536 blocks, so the match is unique.
@@ -391,7 +444,7 @@ class ReadSession:
     def _send_window(self, first: int, now: float) -> list[bytes]:
         last = min(first + self.windowsize - 1, self.last_block)
         self._last_sent = last
-        self.deadline = now + self.timeout
+        self._arm(now)
         return [self._data_packet(block) for block in range(first, last + 1)]
 
     def _data_packet(self, block: int) -> bytes:
@@ -406,6 +459,15 @@ class ReadSession:
         start = index * self.blksize
         return _HEADER.pack(Opcode.DATA, block & 0xFFFF) + chunk[start : start + self.blksize]
 
+    def _arm(self, now: float) -> None:
+        deadline = now + self.timeout
+        self.deadline = deadline if deadline < self.expires else self.expires
+
+    def _expire(self) -> list[bytes]:
+        self.expired = True
+        self._finish(Outcome.FAILED, f"transfer deadline of {self.max_seconds:g} s passed")
+        return [encode_error(ErrorCode.NOT_DEFINED, DEADLINE_MESSAGE)]
+
     def _finish(self, outcome: Outcome, reason: str) -> None:
         self._state = _State.DONE
         self.outcome = outcome
@@ -416,3 +478,80 @@ class ReadSession:
 
 def _describe(error: Error) -> str:
     return f"{error.code} {error.message!r}" if error.message else str(error.code)
+
+
+# ---------------------------------------------------------------------------------------
+# Admission: who gets a session when requests outnumber what the server will carry
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """How many transfers at once, per client and in all, and how stalled is evictable."""
+
+    max_sessions: int = 64
+    # Per source address: a booting machine needs one transfer (two with EDK2's size
+    # probe); four leave room for retries while one address cannot take the server.
+    per_client: int = 4
+    # Slots only a client with no transfer yet may take: once the server is that close to
+    # full, addresses already being served wait, so a machine starting to boot gets in.
+    reserve: int = 8
+    # A transfer whose client confirmed nothing new for this long may be evicted to make
+    # room for a new client. On a LAN an ACK takes well under a millisecond and the
+    # retransmission timer is 1 s, so a second of silence is a client that is not there.
+    stall_after: float = 1.0
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """What admission needs to know of one admitted transfer."""
+
+    key: int
+    client: str  # source address
+    progressed_at: float  # when its client last confirmed new bytes (admission time at first)
+    bytes_acknowledged: int
+
+
+class Verdict(Enum):
+    ACCEPT = "accept"
+    REFUSE = "refuse"
+
+
+# Why a request was refused: TFTP error messages and metric labels at once.
+REFUSED_PER_CLIENT = "too many sessions"
+REFUSED_BUSY = "server busy, retry later"
+
+
+@dataclass(frozen=True)
+class Admission:
+    verdict: Verdict
+    reason: str = ""  # REFUSED_PER_CLIENT or REFUSED_BUSY for a refusal
+    evict: int | None = None  # the key of a transfer to end first, to make room
+
+
+def admit(
+    client: str, sessions: Sequence[SessionView], now: float, limits: AdmissionLimits
+) -> Admission:
+    """Whether a new read request from `client` gets a transfer, and whom it displaces.
+
+    1. An address already holding `per_client` transfers is refused.
+    2. Below `max_sessions - reserve` everyone else is accepted.
+    3. Above it, only an address with no transfer yet is accepted (the reserve is theirs).
+    4. At `max_sessions`, such a new client evicts the transfer that has gone longest
+       without progress (fewest bytes confirmed breaking ties), provided it has been
+       stalled for `stall_after`; with none stalled, it is refused (firmware asks again).
+    """
+    mine = sum(1 for s in sessions if s.client == client)
+    if mine >= limits.per_client:
+        return Admission(Verdict.REFUSE, REFUSED_PER_CLIENT)
+    total = len(sessions)
+    if total < limits.max_sessions - limits.reserve:
+        return Admission(Verdict.ACCEPT)
+    if mine > 0:
+        return Admission(Verdict.REFUSE, REFUSED_BUSY)
+    if total < limits.max_sessions:
+        return Admission(Verdict.ACCEPT)
+    stalled = [s for s in sessions if now - s.progressed_at >= limits.stall_after]
+    if not stalled:
+        return Admission(Verdict.REFUSE, REFUSED_BUSY)
+    victim = min(stalled, key=lambda s: (s.progressed_at, s.bytes_acknowledged, s.key))
+    return Admission(Verdict.ACCEPT, evict=victim.key)

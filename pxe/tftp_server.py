@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -44,7 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,11 @@ from pxe.boot_source import (
     DirectoryBootSource,
 )
 from pxe.tftp import (
+    REFUSED_BUSY,
+    REFUSED_PER_CLIENT,
     SUPPORTED_MODES,
+    Admission,
+    AdmissionLimits,
     ErrorCode,
     MalformedPacket,
     Opcode,
@@ -66,7 +71,10 @@ from pxe.tftp import (
     ReadSession,
     Request,
     ServerLimits,
+    SessionView,
     TransferOptions,
+    Verdict,
+    admit,
     encode_error,
     negotiate,
     parse_packet,
@@ -81,6 +89,14 @@ _CONTROL_MAX = 64 * 1024  # bytes of one control message (JSON) between server a
 # Worker processes: measured best when a few concurrent clients each get one to themselves.
 DEFAULT_WORKERS = 4
 MAX_WORKER_FAILURES = 10  # worker deaths after which transfers stay in threads for good
+# How often at most a transfer tells the server it progressed (for admission's stall test,
+# whose threshold is 1 s): one message per transfer per half second, nothing per packet.
+PROGRESS_INTERVAL = 0.5
+EVICTED = "evicted: no progress while another client waited"
+# Reasons for the `dropped` counters besides MalformedPacket's own.
+NOT_A_REQUEST = "not a request"  # DATA/ACK/ERROR/OACK sent to the request port
+INTERNAL_ERROR = "internal error"  # a bug while handling one datagram
+_ERROR_LOG_INTERVAL = 60.0  # seconds between two tracebacks of datagrams that hit a bug
 
 
 class TftpEventKind(Enum):
@@ -107,12 +123,17 @@ class TftpStats:
     transfers_failed: int = 0
     transfers_aborted: int = 0
     refused: int = 0
+    refused_per_client: int = 0  # an address already had its share of transfers
+    refused_busy: int = 0  # no slot, none stalled to evict (or shutting down)
+    evicted: int = 0  # stalled transfers ended to serve a new client
+    deadline_exceeded: int = 0  # transfers ended by their total time limit
     active: int = 0
     bytes_sent: int = 0
     retransmits: int = 0
-    malformed_dropped: int = 0
+    malformed_dropped: int = 0  # the sum of `dropped`
     errors_sent: int = 0
     worker_processes: int = 0  # ready ones; the pool starts with the first transfer
+    dropped: dict[str, int] = field(default_factory=dict)  # datagrams dropped, by reason
 
 
 EventHook = Callable[[TftpEvent], None]
@@ -177,6 +198,11 @@ class _Report:
     malformed: int
     errors_sent: int
     seconds: float
+    expired: bool = False
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+ProgressHook = Callable[[int, int], None]  # (key, bytes acknowledged); from any thread
 
 
 @dataclass(eq=False)
@@ -187,10 +213,13 @@ class _Active:
     client: tuple[str, int]
     session: ReadSession
     close_file: Callable[[], None]
+    on_progress: ProgressHook | None = None
     errors_sent: int = 0
     cancelled: bool = False
+    cancel_reason: str = SHUTTING_DOWN
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = SHUTTING_DOWN) -> None:
+        self.cancel_reason = reason
         self.cancelled = True
         # Wakes the thread blocked in recv (it then returns b"").
         with contextlib.suppress(OSError):
@@ -235,6 +264,7 @@ def _serve_transfer(active: _Active) -> _Report:
     return _Report(
         active.key, outcome.value, session.reason, session.bytes_acknowledged,
         session.retransmits, session.malformed, active.errors_sent, time.monotonic() - began,
+        session.expired, session.dropped,
     )  # fmt: skip
 
 
@@ -244,6 +274,8 @@ def _pump(active: _Active, began: float) -> None:
     session, sock = active.session, active.sock
     # Bound methods in locals: this loop runs once per packet.
     recv, send, receive, monotonic = sock.recv, sock.send, session.receive, time.monotonic
+    on_progress, key = active.on_progress, active.key
+    reported, reported_at = 0, -PROGRESS_INTERVAL
     timeout = armed = session.timeout
     try:
         _set_timer(sock, armed)
@@ -264,10 +296,19 @@ def _pump(active: _Active, began: float) -> None:
                 out = receive(data, now)
                 if not out and now >= session.deadline:
                     out = session.tick(now)
+                if on_progress is not None and now - reported_at >= PROGRESS_INTERVAL:
+                    acked = session.bytes_acknowledged
+                    if acked != reported:
+                        reported, reported_at = acked, now
+                        on_progress(key, acked)
             _send_all(send, out)
-            # After a send the whole timeout is ahead; after a packet that changed nothing
-            # (a duplicate ACK, junk) only what is left of it.
-            want = timeout if out else session.deadline - monotonic()
+            # After a send the whole timeout is ahead (unless the transfer's own deadline is
+            # nearer); after a packet that changed nothing (a duplicate ACK, junk) only what
+            # is left of it.
+            if out and session.deadline < session.expires:
+                want = timeout
+            else:
+                want = session.deadline - monotonic()
             if want != armed and not session.done:
                 armed = want
                 _set_timer(sock, armed)
@@ -277,7 +318,7 @@ def _pump(active: _Active, began: float) -> None:
     except OSError as exc:
         session.cancel(f"socket error: {exc.strerror or exc}")
     if active.cancelled and not session.done:
-        for packet in session.cancel(SHUTTING_DOWN):
+        for packet in session.cancel(active.cancel_reason):
             with contextlib.suppress(OSError):
                 send(packet)
                 active.errors_sent += 1
@@ -318,6 +359,10 @@ def _worker_main(control_fd: int) -> int:
     finished: deque[_Active] = deque()
     threads: list[threading.Thread] = []
 
+    def progress(key: int, acked: int) -> None:
+        with contextlib.suppress(OSError):
+            control.send(json.dumps({"op": "progress", "key": key, "acked": acked}).encode())
+
     def run(active: _Active) -> None:
         try:
             report = _serve_transfer(active)
@@ -339,8 +384,12 @@ def _worker_main(control_fd: int) -> int:
                 except OSError:
                     data, fds = b"", []
                 message = json.loads(data) if data else {"op": "stop"}
-                if message["op"] == "start" and len(fds) == 3:
+                if message["op"] == "cancel" and not fds:
+                    if message["key"] in actives:
+                        actives[message["key"]].cancel(message["reason"])
+                elif message["op"] == "start" and len(fds) == 3:
                     active = _active_from_message(message, *fds)
+                    active.on_progress = progress
                     actives[active.key] = active
                     strays[active.twin.fileno()] = active
                     epoll.register(active.twin.fileno(), select.EPOLLIN)
@@ -388,7 +437,9 @@ def _active_from_message(
     options = TransferOptions(
         message["blksize"], message["windowsize"], message["timeout"], message["acknowledged"]
     )
-    session = ReadSession(read_at, message["size"], options, message["retries"])
+    session = ReadSession(
+        read_at, message["size"], options, message["retries"], message["max_seconds"]
+    )
     client = (message["client"][0], message["client"][1])
     return _Active(message["key"], sock, twin, client, session, lambda: os.close(file_fd))
 
@@ -398,12 +449,13 @@ class _Worker:
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, on_report: Callable[[dict], None],
-        on_state: Callable[[], None],
+        on_state: Callable[[], None], on_progress: ProgressHook,
     ):  # fmt: skip
         self.keys: set[int] = set()
         self.alive = True
         self._loop = loop
         self._on_report = on_report
+        self._on_progress = on_progress
         self._on_state = on_state  # called when the worker becomes ready or goes away
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -436,6 +488,11 @@ class _Worker:
         with contextlib.suppress(OSError):
             self.control.send(json.dumps({"op": "stop"}).encode())
 
+    def cancel(self, key: int, reason: str) -> None:
+        """End one transfer (its client gets an ERROR); its report follows as usual."""
+        with contextlib.suppress(OSError):
+            self.control.send(json.dumps({"op": "cancel", "key": key, "reason": reason}).encode())
+
     def _readable(self) -> None:
         while self.alive:
             try:
@@ -448,10 +505,14 @@ class _Worker:
                 self._gone()
                 return
             report = json.loads(data)
-            if report.pop("op", None) == "ready":
+            op = report.pop("op", None)
+            if op == "ready":
                 if not self.ready.done():
                     self.ready.set_result(True)
                     self._on_state()
+                continue
+            if op == "progress":
+                self._on_progress(report["key"], report["acked"])
                 continue
             self.keys.discard(report["key"])
             self._on_report(report)
@@ -512,6 +573,15 @@ class _Running:
 
 
 @dataclass
+class _Admitted:
+    """A transfer counted against the limits, from its request until its report."""
+
+    client: str  # source address
+    progressed_at: float  # admission time, then when its client last confirmed new bytes
+    bytes_acknowledged: int = 0
+
+
+@dataclass
 class _Refusal:
     client: tuple[str, int]
     filename: str
@@ -528,7 +598,8 @@ class _Listener(asyncio.DatagramProtocol):
         try:
             self.server._on_request(data, addr[:2])
         except Exception:  # a bug must cost one request, never the listener
-            log.exception("TFTP request from %s:%d failed", *addr[:2])
+            self.server._drop(INTERNAL_ERROR)
+            self.server._log_bug("TFTP request from %s:%d failed", *addr[:2])
 
     def error_received(self, exc: Exception) -> None:
         log.debug("TFTP listening socket error: %s", exc)
@@ -554,16 +625,26 @@ class TftpServer:
         retries: int = 5,
         max_sessions: int = 64,
         workers: int | None = None,
+        per_client_sessions: int = 4,
+        transfer_deadline: float = 120.0,
+        stall_after: float = 1.0,
     ):
         self.boot_source = boot_source
         self.host, self.port, self.device = host, port, device
-        self.limits = ServerLimits(blksize_cap, windowsize_cap, timeout, retries)
+        self.limits = ServerLimits(
+            blksize_cap, windowsize_cap, timeout, retries, transfer_deadline=transfer_deadline
+        )
         self.on_event = on_event
         self.max_sessions = max_sessions
+        # The reserve is an eighth of the cap (8 of the default 64): none for tiny caps.
+        self.admission = AdmissionLimits(
+            max_sessions, max(1, per_client_sessions), min(8, max_sessions // 8), stall_after
+        )
         self.workers = DEFAULT_WORKERS if workers is None else max(0, workers)
         self.stats = TftpStats()
         # Everything below is touched only in the event loop's thread.
-        self._slots = 0  # transfers being opened or running, bounded by max_sessions
+        # Transfers being opened or running, by key: what admission counts and may evict.
+        self._admitted: dict[int, _Admitted] = {}
         self._running: dict[int, _Running] = {}
         self._local: dict[int, tuple[_Active, threading.Thread]] = {}
         self._next_key = 0
@@ -573,6 +654,7 @@ class TftpServer:
         self._worker_failures = 0
         self._started = False
         self._stopping = False
+        self._last_bug_log = -_ERROR_LOG_INTERVAL
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -619,12 +701,12 @@ class TftpServer:
         try:
             packet = parse_packet(data)
         except MalformedPacket as exc:
-            self.stats.malformed_dropped += 1
+            self._drop(exc.reason)
             log.debug("dropped malformed datagram from %s:%d: %s", *client, exc)
             return
         if not isinstance(packet, Request):
             # DATA/ACK/ERROR/OACK belong to a transfer's own port, never to port 69.
-            self.stats.malformed_dropped += 1
+            self._drop(NOT_A_REQUEST)
             log.debug("dropped %s on the request port from %s:%d", type(packet).__name__, *client)
             return
         self.stats.requests += 1
@@ -637,14 +719,30 @@ class TftpServer:
                 f"unsupported mode {packet.mode!r}",
             )  # fmt: skip
             return
-        if self._stopping or self._slots >= self.max_sessions:
-            self._refuse(client, packet.filename, ErrorCode.NOT_DEFINED, "server busy, retry later")
+        now = time.monotonic()
+        if self._stopping:
+            decision = Admission(Verdict.REFUSE, REFUSED_BUSY)
+        else:
+            views = [
+                SessionView(key, a.client, a.progressed_at, a.bytes_acknowledged)
+                for key, a in self._admitted.items()
+            ]  # fmt: skip
+            decision = admit(client[0], views, now, self.admission)
+        if decision.verdict is Verdict.REFUSE:
+            if decision.reason == REFUSED_PER_CLIENT:
+                self.stats.refused_per_client += 1
+            else:
+                self.stats.refused_busy += 1
+            self._refuse(client, packet.filename, ErrorCode.NOT_DEFINED, decision.reason)
             return
-        self._slots += 1
+        if decision.evict is not None:
+            self._evict(decision.evict)
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._admitted[key] = _Admitted(client[0], now)
         assert self._loop is not None
         # Opening may touch the disk (and netascii reads the whole file): not in the loop.
         future = self._loop.run_in_executor(None, self._open, client, packet)
-        future.add_done_callback(self._opened)
+        future.add_done_callback(functools.partial(self._opened, key))
 
     def _open(self, client: tuple[str, int], request: Request) -> _Opened | _Refusal:
         """Executor thread: the file, sockets of its own and the options, or a refusal."""
@@ -679,27 +777,26 @@ class TftpServer:
         # The error goes out from the transfer's port, as tftpd-hpa does.
         return _Refusal(client, request.filename, code, message, sockets and sockets[0])
 
-    def _opened(self, future: asyncio.Future[_Opened | _Refusal]) -> None:
+    def _opened(self, key: int, future: asyncio.Future[_Opened | _Refusal]) -> None:
         exc = future.exception()
         if exc is not None:
             log.error("TFTP could not set up a transfer: %r", exc)
-            self._slots -= 1
+            self._admitted.pop(key, None)
             return
         result = future.result()
         if isinstance(result, _Refusal):
-            self._slots -= 1
+            self._admitted.pop(key, None)
             self._refuse(result.client, result.filename, result.code, result.message, result.sock)
             if result.sock is not None:
                 result.sock.close()
             return
-        if self._stopping or not self._started:
+        if self._stopping or not self._started or key not in self._admitted:
             result.close()
-            self._slots -= 1
+            self._admitted.pop(key, None)
             return
-        self._start(result)
+        self._start(key, result)
 
-    def _start(self, opened: _Opened) -> None:
-        key, self._next_key = self._next_key, self._next_key + 1
+    def _start(self, key: int, opened: _Opened) -> None:
         self._running[key] = _Running(opened.client, opened.filename, opened.size, opened.options)
         self.stats.transfers_started += 1
         self.stats.active = len(self._running)
@@ -711,7 +808,7 @@ class TftpServer:
                 "op": "start", "key": key, "client": list(opened.client), "size": opened.size,
                 "blksize": opened.options.blksize, "windowsize": opened.options.windowsize,
                 "timeout": opened.options.timeout, "acknowledged": opened.options.acknowledged,
-                "retries": self.limits.retries,
+                "retries": self.limits.retries, "max_seconds": self.limits.transfer_deadline,
             }  # fmt: skip
             try:
                 worker.submit(message, [opened.sock.fileno(), opened.twin.fileno(), opened.file_fd])
@@ -724,10 +821,21 @@ class TftpServer:
 
     def _start_thread(self, key: int, opened: _Opened) -> None:
         assert self._loop is not None
-        session = ReadSession(opened.read_at, opened.size, opened.options, self.limits.retries)
+        session = ReadSession(
+            opened.read_at, opened.size, opened.options, self.limits.retries,
+            self.limits.transfer_deadline,
+        )  # fmt: skip
         opened.sock.setblocking(True)
         opened.twin.setblocking(False)
-        active = _Active(key, opened.sock, opened.twin, opened.client, session, opened.file.close)
+        loop = self._loop
+
+        def progress(key: int, acked: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self._on_progress, key, acked)
+
+        active = _Active(
+            key, opened.sock, opened.twin, opened.client, session, opened.file.close, progress
+        )
         self._loop.add_reader(active.twin.fileno(), _answer_stray, active)
         thread = threading.Thread(
             target=self._thread_main, args=(active,), name=f"tftp-{key}", daemon=True
@@ -771,7 +879,9 @@ class TftpServer:
         self._workers = alive
         while len(self._workers) < self.workers and self._worker_failures < MAX_WORKER_FAILURES:
             try:
-                self._workers.append(_Worker(self._loop, self._on_report, self._count_workers))
+                self._workers.append(
+                    _Worker(self._loop, self._on_report, self._count_workers, self._on_progress)
+                )
             except OSError as exc:
                 self._worker_failures += 1
                 log.warning("TFTP worker process did not start (%s); using threads", exc)
@@ -802,14 +912,50 @@ class TftpServer:
         log.info("TFTP %s:%d %r refused: %s", *client, filename, message)
         self._emit(TftpEvent(client, filename, TftpEventKind.REFUSED, 0))
 
+    def _evict(self, key: int) -> None:
+        """End a stalled transfer to make room: it stops counting at once, its client gets
+        an ERROR, and its report arrives like any other."""
+        self._admitted.pop(key, None)
+        self.stats.evicted += 1
+        running = self._running.get(key)
+        if running is not None:
+            log.info("TFTP %s:%d %r evicted: stalled while a new client waited",
+                     *running.client, running.filename)  # fmt: skip
+        local = self._local.get(key)
+        if local is not None:
+            local[0].cancel(EVICTED)
+            return
+        for worker in self._workers:
+            if key in worker.keys:
+                worker.cancel(key, EVICTED)
+                return
+
+    def _on_progress(self, key: int, acked: int) -> None:
+        admitted = self._admitted.get(key)
+        if admitted is not None and acked > admitted.bytes_acknowledged:
+            admitted.bytes_acknowledged = acked
+            admitted.progressed_at = time.monotonic()
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self.stats.malformed_dropped += count
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + count
+
+    def _log_bug(self, message: str, *args: object) -> None:
+        """A traceback for a datagram that hit a bug, at most once a minute: a flood of
+        such datagrams must not become a flood of log."""
+        now = time.monotonic()
+        if now - self._last_bug_log >= _ERROR_LOG_INTERVAL:
+            self._last_bug_log = now
+            log.exception(message, *args)
+
     # -- transfer ends (event loop thread) ---------------------------------------------
 
     def _on_report(self, fields: dict[str, Any]) -> None:
         report = _Report(**fields)
         running = self._running.pop(report.key, None)
+        self._admitted.pop(report.key, None)
         if running is None:
             return
-        self._slots -= 1
         stats = self.stats
         stats.active = len(self._running)
         kind = TftpEventKind(report.outcome)
@@ -821,7 +967,10 @@ class TftpServer:
             stats.transfers_failed += 1
         stats.bytes_sent += report.bytes_sent
         stats.retransmits += report.retransmits
-        stats.malformed_dropped += report.malformed
+        for reason, count in report.dropped.items():
+            self._drop(reason, count)
+        if report.expired:
+            stats.deadline_exceeded += 1
         stats.errors_sent += report.errors_sent
         seconds = report.seconds
         log.log(
@@ -873,6 +1022,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1.0, help="retransmission seconds")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--max-sessions", type=int, default=64)
+    parser.add_argument("--per-client-sessions", type=int, default=4,
+                        help="transfers at once from one address")  # fmt: skip
+    parser.add_argument("--transfer-deadline", type=float, default=120.0,
+                        help="seconds one transfer may take in all")  # fmt: skip
     parser.add_argument("--workers", type=int, help="worker processes (0: a thread)")
     parser.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -887,7 +1040,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         DirectoryBootSource(args.root), host=args.host, port=args.port, device=args.device,
         blksize_cap=args.blksize_cap, windowsize_cap=args.windowsize_cap,
         timeout=args.timeout, retries=args.retries, max_sessions=args.max_sessions,
-        workers=args.workers,
+        workers=args.workers, per_client_sessions=args.per_client_sessions,
+        transfer_deadline=args.transfer_deadline,
     )  # fmt: skip
     await server.start()
     # The line a test or benchmark waits for before it sends the first request.

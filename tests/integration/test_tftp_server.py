@@ -1,5 +1,6 @@
-"""pxepeer's TFTP server against real clients: curl and tftp-hpa, raw UDP for what they never
-send (EDK2's windowed sequence, wrong TIDs, garbage), and a lossy link between namespaces.
+"""pxepeer's TFTP server against real clients: curl, tftp-hpa and tftpy, raw UDP for what they
+never send (EDK2's windowed sequence, wrong TIDs, garbage, a flood of requests that never
+ACK), and a lossy link between namespaces.
 
 The server runs in-process on loopback (with worker processes, and with threads only), or
 as `python -m pxe.tftp_server` inside a namespace for the lossy link.
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import tftpy
 
 from pxe.boot_source import DirectoryBootSource
 from pxe.tftp import (
@@ -309,6 +311,16 @@ def test_file_over_32_mib_at_blksize_512_arrives_whole_across_the_rollover(
     out.unlink()
 
 
+@pytest.mark.parametrize("options", [{}, {"blksize": 1468}], ids=["plain", "blksize-1468"])
+def test_tftpy_client_downloads_the_exact_bytes(
+    server: ServerThread, boot_dir: Path, tmp_path: Path, options: dict[str, int]
+) -> None:
+    out = tmp_path / "got"
+    client = tftpy.TftpClient(LOCALHOST, server.address[1], options=dict(options))
+    client.download("snponly.efi", str(out), timeout=5, retries=3)
+    assert out.read_bytes() == (boot_dir / "snponly.efi").read_bytes()
+
+
 # -- what firmware and attackers send -------------------------------------------------------
 
 
@@ -404,6 +416,9 @@ def test_garbage_truncated_and_unknown_opcodes_are_dropped_and_counted(
     for raw in junk:
         assert ask(server.address, raw, timeout=0.3) is None
     wait_until(lambda: server.stats()["malformed_dropped"] >= before + len(junk))
+    dropped = server.stats()["dropped"]
+    assert {"truncated", "bad request", "bad opcode", "not a request"} <= set(dropped)
+    assert sum(dropped.values()) == server.stats()["malformed_dropped"]
     got, _ = fetch_windowed(server.address, "snponly.efi", {"blksize": "1468"})
     assert got == (server.root / "snponly.efi").read_bytes()
 
@@ -427,6 +442,8 @@ def test_status_fields_the_daemon_shows_are_present(server: ServerThread) -> Non
                  "malformed_dropped", "errors_sent", "worker_processes"):  # fmt: skip
         assert isinstance(stats[name], int)
     assert stats["transfers_completed"] > 0 and stats["bytes_sent"] > 0
+    # Dropped datagrams by reason: short fixed labels, for labelled metrics.
+    assert all(isinstance(k, str) and isinstance(v, int) for k, v in stats["dropped"].items())
 
 
 # -- lifecycle --------------------------------------------------------------------------------
@@ -464,6 +481,87 @@ def test_sessions_beyond_the_limit_are_refused_politely(boot_dir: Path) -> None:
         got, _ = fetch_windowed(running.address, "sub/deeper.efi", {})
         assert got == b"inside a directory"
     finally:
+        running.stop()
+
+
+HOSTILE_RRQ = encode_request("snponly.efi", "octet", {"tsize": "0", "timeout": "255"})
+
+
+def _hostile_requests(address: tuple[str, int], sources: list[str]) -> list[socket.socket]:
+    """One RRQ asking timeout=255 from each source address; the sockets stay open and never
+    ACK (an open socket also sends no ICMP that would end the session early)."""
+    sockets = []
+    for source in sources:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        sock.settimeout(3.0)
+        sock.sendto(HOSTILE_RRQ, address)
+        sockets.append(sock)
+    return sockets
+
+
+def _first_answers(sockets: list[socket.socket]) -> list[object]:
+    answers = []
+    for sock in sockets:
+        try:
+            answers.append(parse_packet(sock.recvfrom(70000)[0]))
+        except TimeoutError:
+            answers.append(None)
+    return answers
+
+
+@needs_curl
+@pytest.mark.parametrize("workers", [None, 0], ids=["workers", "threads"])
+def test_64_never_acking_requests_with_timeout_255_do_not_lock_out_a_real_client(
+    boot_dir: Path, tmp_path: Path, workers
+) -> None:
+    # The attack from issue 7: 64 read requests (the default session cap) asking timeout=255,
+    # from 64 different addresses so no per-client limit helps, none ever ACKed. Before the
+    # limits this locked TFTP out for 255 s x 6 tries, about 25 minutes.
+    running = ServerThread(boot_dir, workers=workers)
+    hostile = _hostile_requests(running.address, [f"127.0.0.{2 + i}" for i in range(64)])
+    try:
+        answers = _first_answers(hostile)
+        assert all(isinstance(a, OptionAck) for a in answers), answers
+        # Sessions that made no progress for a while are the ones a new client may evict.
+        time.sleep(1.5)
+        out = tmp_path / "got"
+        began = time.monotonic()
+        curl_get(running.address, "snponly.efi", out, "--max-time", "10")
+        elapsed = time.monotonic() - began
+        assert out.read_bytes() == (boot_dir / "snponly.efi").read_bytes()
+        assert elapsed < 4.0, f"the real client waited {elapsed:.1f} s"
+        # What was granted is what the server uses: at most 5 s between retransmissions.
+        assert {a.options["timeout"] for a in answers} == {"5"}  # type: ignore[union-attr]
+        # The new client got its slot by evicting a stalled hostile transfer.
+        assert running.stats()["evicted"] >= 1
+        wait_until(lambda: running.stats()["transfers_completed"] >= 1)
+    finally:
+        for sock in hostile:
+            sock.close()
+        running.stop()
+
+
+@needs_curl
+def test_one_address_gets_at_most_its_share_of_sessions_and_others_are_still_served(
+    boot_dir: Path, tmp_path: Path
+) -> None:
+    running = ServerThread(boot_dir, per_client_sessions=4)
+    hostile = _hostile_requests(running.address, ["127.0.0.2"] * 64)
+    try:
+        answers = _first_answers(hostile)
+        assert sum(isinstance(a, OptionAck) for a in answers) == 4
+        refused = [a for a in answers if isinstance(a, Error)]
+        assert len(refused) == 60 and {a.message for a in refused} == {"too many sessions"}
+        wait_until(lambda: running.stats()["refused_per_client"] == 60)
+        out = tmp_path / "got"
+        began = time.monotonic()
+        curl_get(running.address, "snponly.efi", out, "--max-time", "10")
+        assert time.monotonic() - began < 4.0
+        assert out.read_bytes() == (boot_dir / "snponly.efi").read_bytes()
+    finally:
+        for sock in hostile:
+            sock.close()
         running.stop()
 
 

@@ -9,7 +9,12 @@ import struct
 import pytest
 
 from pxe.tftp import (
+    DEADLINE_MESSAGE,
+    REFUSED_BUSY,
+    REFUSED_PER_CLIENT,
     Ack,
+    Admission,
+    AdmissionLimits,
     Data,
     Error,
     ErrorCode,
@@ -20,7 +25,10 @@ from pxe.tftp import (
     ReadSession,
     Request,
     ServerLimits,
+    SessionView,
     TransferOptions,
+    Verdict,
+    admit,
     encode_ack,
     encode_data,
     encode_error,
@@ -125,6 +133,25 @@ def test_malformed_datagrams_raise_malformed_packet(raw: bytes) -> None:
         parse_packet(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "truncated"),
+        (b"\x00", "truncated"),
+        (b"\x00\x04\x00", "truncated"),
+        (b"\x00\x03\x00", "truncated"),
+        (b"\x00\x07abc", "bad opcode"),
+        (b"\x00\x00\x00\x01", "bad opcode"),
+        (b"\x00\x01snponly.efi", "bad request"),
+        (b"\x00\x01\x00octet\x00", "bad request"),
+    ],
+)
+def test_malformed_packets_carry_a_short_fixed_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(MalformedPacket) as caught:
+        parse_packet(raw)
+    assert caught.value.reason == reason and str(caught.value)  # the message has the detail
+
+
 def test_random_garbage_raises_nothing_but_malformed_packet() -> None:
     rng = random.Random(2348)
     for _ in range(20_000):
@@ -176,9 +203,25 @@ def test_ipxe_blksize_below_the_cap_is_granted_as_asked() -> None:
     assert options.acknowledged == {"blksize": "1432", "tsize": "70000"}
 
 
-def test_curl_timeout_option_is_acknowledged_and_used() -> None:
+def test_curl_timeout_option_is_acknowledged_clamped_to_5_and_used() -> None:
     options = negotiate({"tsize": "0", "blksize": "1468", "timeout": "6"}, 5)
-    assert options.acknowledged["timeout"] == "6" and options.timeout == 6.0
+    assert options.acknowledged["timeout"] == "5" and options.timeout == 5.0
+
+
+@pytest.mark.parametrize(("asked", "granted"), [("1", "1"), ("3", "3"), ("5", "5"), ("6", "5"),
+                                                ("255", "5")])  # fmt: skip
+def test_timeout_is_clamped_to_5_seconds_and_the_oack_says_what_is_used(
+    asked: str, granted: str
+) -> None:
+    options = negotiate({"timeout": asked}, 1)
+    assert options.acknowledged == {"timeout": granted}
+    assert options.timeout == float(granted)
+
+
+def test_the_timeout_cap_also_bounds_the_servers_own_default() -> None:
+    limits = ServerLimits(default_timeout=30.0, timeout_cap=2)
+    assert negotiate({}, 1, limits).timeout == 2.0
+    assert negotiate({"timeout": "9"}, 1, limits).acknowledged == {"timeout": "2"}
 
 
 @pytest.mark.parametrize(
@@ -283,7 +326,7 @@ def test_curl_request_gets_oack_then_data_after_ack_0() -> None:
     data = payload(5000)
     session = session_for(data, negotiate(request.options, len(data)))
     [oack] = session.start(0.0)
-    assert parse_packet(oack) == OptionAck({"tsize": "5000", "blksize": "1468", "timeout": "6"})
+    assert parse_packet(oack) == OptionAck({"tsize": "5000", "blksize": "1468", "timeout": "5"})
     first = session.receive(encode_ack(0), 0.1)
     assert run_lockstep(session, first) == data
 
@@ -507,6 +550,7 @@ def test_garbage_and_unknown_opcodes_during_a_transfer_are_counted_and_ignored()
     assert session.receive(b"\x00\x03\x00\x01abc", 0.0) == []  # DATA from a reader
     assert session.receive(encode_request("other.efi"), 0.0) == []
     assert session.malformed == 5 and not session.done
+    assert sum(session.dropped.values()) == 5 and session.dropped["truncated"] >= 3
     assert len(session.receive(encode_ack(1), 0.0)) == 1
 
 
@@ -547,3 +591,124 @@ def test_file_is_read_in_large_slices_not_per_block() -> None:
 
 def test_netascii_turns_lf_into_crlf_and_cr_into_cr_nul() -> None:
     assert to_netascii(b"a\nb\r\nc\rd") == b"a\r\nb\r\0\r\nc\r\0d"
+
+
+# -- the total deadline of one transfer (fake clock) ---------------------------------------
+
+
+def test_a_never_acking_client_asking_timeout_255_is_done_within_the_retries_at_5_s() -> None:
+    # The issue-7 attack: before the clamp, 6 x 255 s per session.
+    session = session_for(payload(5000), negotiate({"timeout": "255", "tsize": "0"}, 5000))
+    session.start(0.0)
+    now = 0.0
+    while not session.done:
+        now = session.deadline
+        session.tick(now)
+    assert now == 30.0 and session.outcome is Outcome.FAILED  # 6 x 5 s
+
+
+def test_a_transfer_past_its_deadline_fails_with_an_error_even_if_acks_keep_coming() -> None:
+    data = payload(512 * 200)
+    session = ReadSession(lambda o, n: data[o : o + n], len(data), negotiate({}, len(data)),
+                          max_seconds=120.0)  # fmt: skip
+    session.start(1000.0)
+    assert session.expires == 1120.0
+    # A client that ACKs each block just before the 1 s retransmission timer: never silent,
+    # never a retry, and 200 blocks would take 180 s.
+    now, block = 1000.0, 0
+    out: list[bytes] = []
+    while not session.done:
+        now += 0.9
+        block += 1
+        out = session.receive(encode_ack(block), now)
+    assert 1120.0 <= now < 1121.0 and block < 200
+    assert session.outcome is Outcome.FAILED and session.expired
+    assert out == [encode_error(ErrorCode.NOT_DEFINED, DEADLINE_MESSAGE)]
+    assert "deadline of 120 s" in session.reason
+
+
+def test_the_retransmission_timer_never_runs_past_the_transfer_deadline() -> None:
+    data = payload(2000)
+    options = negotiate({"timeout": "5"}, len(data))
+    session = ReadSession(lambda o, n: data[o : o + n], len(data), options,
+                          retries=100, max_seconds=12.0)  # fmt: skip
+    session.start(0.0)
+    deadlines = []
+    while not session.done:
+        deadlines.append(session.deadline)
+        out = session.tick(session.deadline)
+    assert deadlines == [5.0, 10.0, 12.0]
+    assert session.expired and out == [encode_error(ErrorCode.NOT_DEFINED, DEADLINE_MESSAGE)]
+
+
+def test_a_transfer_inside_its_deadline_is_untouched_by_it() -> None:
+    data = payload(3000)
+    session = ReadSession(lambda o, n: data[o : o + n], len(data), negotiate({}, len(data)),
+                          max_seconds=120.0)  # fmt: skip
+    first = session.start(0.0)
+    assert run_lockstep(session, first) == data
+    assert session.outcome is Outcome.COMPLETED and not session.expired
+
+
+# -- admission: per-client limit, reserve, eviction of the stalled (fake clock) --------------
+
+LIMITS = AdmissionLimits(max_sessions=8, per_client=2, reserve=2, stall_after=1.0)
+
+
+def views(*specs: tuple[str, float, int]) -> list[SessionView]:
+    return [SessionView(key, client, at, acked) for key, (client, at, acked) in enumerate(specs)]
+
+
+def test_admission_accepts_while_there_is_room() -> None:
+    assert admit("10.0.0.9", [], 0.0, LIMITS) == Admission(Verdict.ACCEPT)
+    assert admit("10.0.0.9", views(("10.0.0.9", 0.0, 0)), 0.0, LIMITS) == Admission(Verdict.ACCEPT)
+
+
+def test_one_address_gets_at_most_its_per_client_share() -> None:
+    mine = views(("10.0.0.9", 0.0, 0), ("10.0.0.9", 0.0, 0))
+    assert admit("10.0.0.9", mine, 50.0, LIMITS) == Admission(Verdict.REFUSE, REFUSED_PER_CLIENT)
+    assert admit("10.0.0.8", mine, 50.0, LIMITS).verdict is Verdict.ACCEPT
+
+
+def test_the_reserve_is_for_addresses_not_yet_served() -> None:
+    six = views(*[(f"10.0.0.{i}", 0.0, 0) for i in range(6)])  # 8 - reserve 2
+    assert admit("10.0.0.0", six, 0.1, LIMITS) == Admission(Verdict.REFUSE, REFUSED_BUSY)
+    assert admit("10.0.0.99", six, 0.1, LIMITS) == Admission(Verdict.ACCEPT)
+
+
+def test_a_full_server_refuses_while_nobody_is_stalled() -> None:
+    full = views(*[(f"10.0.0.{i}", 10.0, 0) for i in range(8)])
+    assert admit("10.0.0.99", full, 10.5, LIMITS) == Admission(Verdict.REFUSE, REFUSED_BUSY)
+
+
+def test_a_new_client_evicts_the_transfer_stalled_longest() -> None:
+    full = views(
+        ("10.0.0.1", 9.8, 100),   # progressing
+        ("10.0.0.2", 3.0, 5000),  # stalled since 3.0
+        ("10.0.0.3", 1.0, 0),     # stalled since 1.0: the longest
+        ("10.0.0.4", 1.0, 900),   # as long, but it got further
+        *[(f"10.0.1.{i}", 9.9, 10) for i in range(4)],
+    )  # fmt: skip
+    assert admit("10.0.0.99", full, 10.0, LIMITS) == Admission(Verdict.ACCEPT, evict=2)
+
+
+def test_a_transfer_is_not_stalled_before_stall_after() -> None:
+    full = views(*[(f"10.0.0.{i}", 10.0, 0) for i in range(8)])
+    assert admit("10.0.0.99", full, 10.999, LIMITS).verdict is Verdict.REFUSE
+    assert admit("10.0.0.99", full, 11.0, LIMITS).evict == 0
+
+
+def test_an_address_already_served_never_evicts_others() -> None:
+    full = views(("10.0.0.99", 0.0, 0), *[(f"10.0.0.{i}", 0.0, 0) for i in range(7)])
+    assert admit("10.0.0.99", full, 100.0, LIMITS) == Admission(Verdict.REFUSE, REFUSED_BUSY)
+
+
+def test_64_silent_sessions_from_64_addresses_leave_room_for_the_65th() -> None:
+    limits = AdmissionLimits()  # the server's defaults: 64 sessions, 4 each, 8 in reserve
+    sessions: list[SessionView] = []
+    for i in range(64):
+        decision = admit(f"10.1.0.{i}", sessions, 0.0, limits)
+        assert decision.verdict is Verdict.ACCEPT and decision.evict is None
+        sessions.append(SessionView(i, f"10.1.0.{i}", 0.0, 0))
+    assert admit("10.9.9.9", sessions, 0.5, limits).verdict is Verdict.REFUSE
+    assert admit("10.9.9.9", sessions, 1.5, limits) == Admission(Verdict.ACCEPT, evict=0)
