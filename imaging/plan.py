@@ -97,7 +97,11 @@ class Plan:
     @classmethod
     def parse(cls, text: str) -> Plan:
         """The inverse of render(); strict, for tests and the benchmark."""
-        lines = text.splitlines()
+        # Lines end at "\n" only, as the agent's `read -r` sees them: splitlines() would
+        # also break at \x1c-\x1e, \x85 or \u2028 inside a name that build_plan let through.
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
         if not lines or lines[0] != FORMAT_LINE:
             raise PlanError(f"not a plan (first line is not {FORMAT_LINE!r})")
         fields: dict[str, list[str]] = {}

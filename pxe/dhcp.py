@@ -217,7 +217,9 @@ def _architecture(raw93: bytes | None, vendor_class: str) -> int | None:
         return int.from_bytes(raw93[:2], "big")
     # Older firmware only says it in option 60: "PXEClient:Arch:00007:UNDI:003016".
     parts = vendor_class.split(":")
-    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isdigit():
+    # A code is 16 bits (5 digits); the class can be kilobytes long (RFC 3396 joins
+    # repeated options), and int() refuses more than 4300 digits with a ValueError.
+    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isdigit() and len(parts[2]) <= 5:
         return int(parts[2])
     return None
 

@@ -1,0 +1,1163 @@
+"""Every parser that reads bytes from the LAN, as fuzzing targets (issue 7, point 8).
+
+One `Target` per parser: the callable taking bytes (adapted where the parser takes text
+or several arguments), the error type(s) it may raise, valid documents to start from and
+a hypothesis strategy that mixes
+
+  (a) random bytes,
+  (b) valid documents (real firmware DHCP captures, packets from the TFTP encoders,
+      catalogs and manifests signed with a throwaway key, rendered plans, ...) mutated:
+      bytes flipped, inserted, deleted, truncated, duplicated; for JSON documents values
+      replaced by `1e999`, `NaN`, `"\\ud800"`, huge integers, deep nesting, wrong types,
+      keys dropped or repeated; for the line-based plan, lines dropped, repeated and
+      fields replaced by overlong or non-ASCII numbers,
+  (c) for parsers with an encoder, freshly drawn valid values encoded (then mutated).
+
+The properties (tests/unit/test_fuzz.py, 10,000 examples each, and bench/fuzz.py, 10^6):
+no exception but the parser's own error type escapes; what a parse returns can be used
+(re-encoded, logged, verified) without an exception either; nothing allocates past
+`memory_bound` (a batch of `adversarial` inputs claims sizes of gigabytes to petabytes);
+valid documents round-trip through the encoder.
+
+A parser that is not in the tree yet raises `NotBuilt` from `Target.parser()`, and the
+tests skip it with that reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import json
+import struct
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from hypothesis import strategies as st
+from hypothesis.strategies import SearchStrategy
+
+PCAPS = sorted((Path(__file__).parent / "fixtures" / "pcaps").glob("*.pcap"))
+NOW = 1_800_000_000  # the clock the catalog checks use
+
+# --- memory ------------------------------------------------------------------------------
+# A parser may build objects in proportion to what it received, never in proportion to
+# what the input *claims* (a bitmap of 2^34 chunks is 2 GiB, a 10^15-byte file is 1 PB).
+# Proportional, for Python: the worst JSON shapes cost about 21 bytes of objects per input
+# byte (`[{},{},...]`: a 64-byte dict and an 8-byte slot per 3 bytes) plus a decoded copy
+# of the text and a canonical re-encoding; 64 bytes per input byte covers that three times
+# over. The fixed part covers scapy's dissection of a DHCP packet (~100 KiB of layer and
+# field objects, measured) and regex/enum caches. The adversarial inputs are all under
+# 8 KiB, so their bound is under 1.5 MiB: an allocation by the claimed size, even one
+# thousandth of it, breaks it by three orders of magnitude.
+MEMORY_FIXED = 1 << 20
+MEMORY_PER_INPUT_BYTE = 64
+
+
+def memory_bound(input_size: int) -> int:
+    return MEMORY_FIXED + MEMORY_PER_INPUT_BYTE * input_size
+
+
+class NotBuilt(Exception):
+    """The parser named by a target is not in the tree (yet)."""
+
+
+@dataclass(frozen=True)
+class Parser:
+    parse: Callable[[bytes], Any]
+    errors: tuple[type[BaseException], ...]
+    # What the caller does next with a parsed value; may raise only `use_errors`.
+    use: Callable[[Any, bytes], None] | None = None
+    use_errors: tuple[type[BaseException], ...] = ()
+    # An encoder: parse(encode(v)) must equal v (compared through `normal`).
+    encode: Callable[[Any], bytes] | None = None
+    normal: Callable[[Any], Any] = lambda value: value
+    # Whether every successfully parsed value (not only valid ones) re-encodes exactly;
+    # false where the parser decodes lossily on purpose (TFTP replaces non-ASCII option
+    # bytes), so only drawn valid values can round-trip.
+    reencode_fuzzed: bool = True
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    intended: str  # module:function the parser is (to be) found at
+    build: Callable[[], Parser]
+    samples: Callable[[], list[bytes]]  # valid documents
+    mutants: Callable[[list[bytes]], SearchStrategy[bytes]]  # structure-aware mutations
+    adversarial: Callable[[], list[bytes]]  # small inputs claiming huge sizes
+    valid: Callable[[], SearchStrategy[Any]] | None = None  # values for the encoder
+    max_random: int = 2048
+    notes: str = ""
+
+    def parser(self) -> Parser:
+        try:
+            return _built(self)
+        except (ImportError, AttributeError) as exc:
+            raise NotBuilt(f"parser {self.name} not built yet ({self.intended}: {exc})") from None
+
+    def strategy(self) -> SearchStrategy[bytes]:
+        """Random bytes, mutated valid documents and (with an encoder) fresh valid ones."""
+        parser = self.parser()
+        samples = self.samples()
+        branches: list[SearchStrategy[bytes]] = [
+            st.binary(max_size=self.max_random),
+            st.sampled_from(samples).flatmap(byte_mutants),
+            self.mutants(samples),
+        ]
+        if self.valid is not None and parser.encode is not None:
+            encoded = self.valid().map(parser.encode)
+            branches.append(encoded)
+            branches.append(encoded.flatmap(byte_mutants))
+        return st.one_of(branches)
+
+
+@cache
+def _built(target: Target) -> Parser:
+    return target.build()
+
+
+def check(parser: Parser, data: bytes) -> Any:
+    """The properties for one input: only the parser's error escapes the parse, only the
+    documented errors escape what the caller does next, and a parsed value re-encodes to
+    itself. Returns the parsed value (None when refused); raises on a violation."""
+    try:
+        value = parser.parse(data)
+    except parser.errors:
+        return None
+    if parser.use is not None:
+        try:
+            parser.use(value, data)
+        except parser.use_errors:
+            pass
+    if parser.encode is not None and parser.reencode_fuzzed:
+        again = parser.parse(parser.encode(value))
+        assert parser.normal(again) == parser.normal(value), "re-encoding changed the value"
+    return value
+
+
+def traced_peak(parser: Parser, data: bytes) -> int:
+    """Bytes allocated at the peak of one parse (and its use), over what was held before.
+    Errors are swallowed here; `check` is where they count."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        try:
+            check(parser, data)
+        except Exception:
+            pass
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+# --- byte-level mutation -----------------------------------------------------------------
+
+INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x0D, 0x20, 0x22, 0x2C, 0x3A)
+TOKENS = (
+    b"\xed\xa0\x80",  # a UTF-8-encoded lone surrogate
+    b"\xff\xfe",
+    b"\\ud800",
+    b"1e999",
+    b"NaN",
+    b"-1",
+    b"9" * 5000,
+    b"\x00" * 64,
+    b"\r\n",
+    b"\x85",
+    b"[" * 2000,
+)
+
+
+@st.composite
+def byte_mutants(draw: st.DrawFn, base: bytes) -> bytes:
+    data = bytearray(base)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.integers(0, 7))
+        pos = draw(st.integers(0, len(data)))
+        if op == 0 and data:  # flip one bit
+            pos = min(pos, len(data) - 1)
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == 1 and data:  # set a byte to a boundary value
+            data[min(pos, len(data) - 1)] = draw(st.sampled_from(INTERESTING_BYTES))
+        elif op == 2:
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif op == 3:
+            data[pos:pos] = draw(st.sampled_from(TOKENS))
+        elif op == 4:  # delete a slice
+            del data[pos : pos + draw(st.integers(1, 64))]
+        elif op == 5:  # truncate
+            del data[pos:]
+        elif op == 6:  # duplicate a slice
+            end = min(len(data), pos + draw(st.integers(1, 256)))
+            data[end:end] = data[pos:end]
+        else:  # overwrite a slice with random bytes
+            chunk = draw(st.binary(min_size=1, max_size=8))
+            data[pos : pos + len(chunk)] = chunk
+    return bytes(data)
+
+
+# --- JSON-level mutation -----------------------------------------------------------------
+
+
+class Raw(str):
+    """JSON text inserted verbatim (what json.dumps cannot write: 1e999, NaN, \\ud800)."""
+
+
+class Pairs(list):
+    """A JSON object as (key, value) pairs, so a key can be repeated."""
+
+
+HOSTILE_JSON = tuple(
+    Raw(t)
+    for t in (
+        "1e999", "-1e999", "NaN", "Infinity", "-Infinity", '"\\ud800"', '"a\\udfffb"',
+        '"\\u0000"', "18446744073709551616", "9223372036854775808", "-9223372036854775809",
+        "17179869184", "1000000000000000", "1" + "0" * 30, "9" * 5000, "-1", "0", "-0",
+        "1.5", "1e308", "4e-324", "true", "false", "null", "[]", "{}", '""', '"x"',
+        "[" * 40 + "]" * 40, '{"a":' * 40 + "1" + "}" * 40, "[" * 3000 + "]" * 3000,
+        "[" + ",".join(["0"] * 5000) + "]", '"' + "A" * 20000 + '"',
+    )
+)  # fmt: skip
+HOSTILE_KEYS = (Raw('"\\ud800"'), "", "x" * 200, "\u0000", "__proto__")
+
+
+def _pairs(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Pairs([k, _pairs(v)] for k, v in value.items())
+    if isinstance(value, list):
+        return [_pairs(v) for v in value]
+    return value
+
+
+def _containers(value: Any, out: list) -> list:
+    if isinstance(value, Pairs):
+        out.append(value)
+        for pair in value:
+            _containers(pair[1], out)
+    elif isinstance(value, list):
+        out.append(value)
+        for item in value:
+            _containers(item, out)
+    return out
+
+
+def dump(value: Any) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, Pairs):
+        return "{" + ",".join(f"{dump_key(k)}:{dump(v)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(dump(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def dump_key(key: str) -> str:
+    return str(key) if isinstance(key, Raw) else json.dumps(key)
+
+
+_scalar_values = st.one_of(
+    st.sampled_from(HOSTILE_JSON),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.booleans(),
+    st.none(),
+)
+
+
+@st.composite
+def json_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    """A valid JSON document with 1-4 values replaced, keys dropped, added or repeated."""
+    tree = _pairs(json.loads(draw(st.sampled_from(samples))))
+    for _ in range(draw(st.integers(1, 4))):
+        containers = _containers(tree, [])
+        if not containers:
+            tree = draw(_scalar_values)
+            break
+        box = draw(st.sampled_from(containers))
+        op = draw(st.integers(0, 3))
+        if not box or op == 3:  # add an entry
+            new = draw(_scalar_values)
+            if isinstance(box, Pairs):
+                key = draw(st.one_of(st.sampled_from(HOSTILE_KEYS), st.text(max_size=8)))
+                box.append([key, new])
+            else:
+                box.append(new)
+        elif op == 0:  # replace a value
+            i = draw(st.integers(0, len(box) - 1))
+            if isinstance(box, Pairs):
+                box[i][1] = draw(_scalar_values)
+            else:
+                box[i] = draw(_scalar_values)
+        elif op == 1:  # drop an entry
+            del box[draw(st.integers(0, len(box) - 1))]
+        else:  # repeat an entry (a repeated key: the last one wins in json.loads)
+            i = draw(st.integers(0, len(box) - 1))
+            item = box[i]
+            if isinstance(box, Pairs):
+                box.insert(i + 1, [item[0], draw(_scalar_values)])
+            else:
+                box.insert(i + 1, item)
+    return dump(tree).encode("utf-8", "surrogatepass")
+
+
+# --- line-level mutation (the plan) -------------------------------------------------------
+
+HOSTILE_FIELDS = (
+    "", "-1", "0", "9" * 5000, "9" * 30, "1e999", "nan", "\ud800", "١٢٣", "²", "1_000",
+    "+5", " 7", "0x10", "\x00", "\x85", "\u2028", "a" * 70, "0,0,0", ",", "zero",
+)  # fmt: skip
+
+
+@st.composite
+def line_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    lines = draw(st.sampled_from(samples)).decode().split("\n")
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(lines) - 1))
+        op = draw(st.integers(0, 4))
+        if op == 0:
+            del lines[i]
+        elif op == 1:
+            lines.insert(i, lines[i])
+        elif op == 2:  # a field replaced
+            fields = lines[i].split(" ")
+            j = draw(st.integers(0, len(fields) - 1))
+            fields[j] = draw(st.one_of(st.sampled_from(HOSTILE_FIELDS), st.text(max_size=10)))
+            lines[i] = " ".join(fields)
+        elif op == 3:  # a field added or removed
+            fields = lines[i].split(" ")
+            if draw(st.booleans()) and len(fields) > 1:
+                del fields[-1]
+            else:
+                fields.append(draw(st.sampled_from(HOSTILE_FIELDS)))
+            lines[i] = " ".join(fields)
+        else:
+            j = draw(st.integers(0, len(lines) - 1))
+            lines[i], lines[j] = lines[j], lines[i]
+        if not lines:
+            lines = [""]
+    sep = draw(st.sampled_from(["\n", "\r\n", "\n\n"]))
+    return sep.join(lines).encode("utf-8", "surrogatepass")
+
+
+# --- DHCP --------------------------------------------------------------------------------
+
+
+def read_pcap(path: Path) -> list[bytes]:
+    """UDP payloads of a classic little-endian Ethernet/IPv4 pcap (what tcpdump -w wrote)."""
+    data = path.read_bytes()
+    magic, _, _, _, _, _, linktype = struct.unpack("<IHHiIII", data[:24])
+    if magic != 0xA1B2C3D4 or linktype != 1:
+        raise ValueError(f"{path}: not a little-endian Ethernet pcap")
+    payloads, i = [], 24
+    while i + 16 <= len(data):
+        _, _, caplen, _ = struct.unpack("<IIII", data[i : i + 16])
+        frame = data[i + 16 : i + 16 + caplen]
+        i += 16 + caplen
+        if frame[12:14] != b"\x08\x00" or frame[23] != 17:  # IPv4, UDP
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        udp = frame[14 + ihl :]
+        length = struct.unpack("!H", udp[4:6])[0]
+        payloads.append(bytes(udp[8:length]))
+    return payloads
+
+
+@cache
+def dhcp_samples() -> list[bytes]:
+    # Client requests only (replies are one flipped byte away: the parser refuses them).
+    return sorted({p for path in PCAPS for p in read_pcap(path) if p[:1] == b"\x01"})
+
+
+def _dhcp_options_end(packet: bytes) -> int:
+    """Where option 255 (end) sits, or the packet's length."""
+    i = 240
+    while i < len(packet):
+        code = packet[i]
+        if code == 255:
+            return i
+        i += 1 if code == 0 else 2 + (packet[i + 1] if i + 1 < len(packet) else 0)
+    return len(packet)
+
+
+@st.composite
+def dhcp_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    """A captured request with options appended, repeated (RFC 3396) or overlong."""
+    packet = bytearray(draw(st.sampled_from(samples)))
+    end = _dhcp_options_end(packet)
+    extra = bytearray()
+    for _ in range(draw(st.integers(1, 6))):
+        code = draw(st.sampled_from([43, 53, 57, 60, 61, 77, 93, 97, 175, 50, 54, 0, 255]))
+        kind = draw(st.integers(0, 3))
+        if kind == 0:
+            value = draw(st.binary(max_size=255))
+            extra += bytes([code, len(value)]) + value
+        elif kind == 1:  # a length running past the end
+            extra += bytes([code, 255]) + draw(st.binary(max_size=8))
+        elif kind == 2:  # one option split into many (RFC 3396 concatenation)
+            value = draw(st.sampled_from([b"9" * 255, b"PXEClient:Arch:", b"\x00\x07"]))
+            extra += (bytes([code, len(value)]) + value) * draw(st.integers(1, 40))
+        else:
+            extra += bytes([code])
+    packet[end:end] = extra
+    if draw(st.booleans()):
+        packet[:240] = draw(byte_mutants(bytes(packet[:240])))[:240].ljust(240, b"\0")
+    return bytes(packet)
+
+
+def _dhcp_adversarial() -> list[bytes]:
+    base = next(p for p in dhcp_samples() if p[:1] == b"\x01")
+    end = _dhcp_options_end(base)
+    out = []
+    # A vendor class of 4,400 digits split over 18 option 60s (RFC 3396): the
+    # architecture parsed out of "PXEClient:Arch:<digits>".
+    digits = b"PXEClient:Arch:" + b"9" * 4400
+    opt60 = b"".join(bytes([60, len(digits[i : i + 250])]) + digits[i : i + 250]
+                     for i in range(0, len(digits), 250))  # fmt: skip
+    stripped = bytearray(base[:240])
+    out.append(bytes(stripped) + bytes([53, 1, 1]) + opt60 + b"\xff")
+    # Option 43 of 255 sub-options each claiming 255 bytes; max message size 65535.
+    out.append(base[:end] + bytes([57, 2, 0xFF, 0xFF]) + bytes([43, 255]) + b"\x47\xff" * 127
+               + b"\x00" + b"\xff")  # fmt: skip
+    # 6,000 repeated option 77 fragments: a 1.5 MB user class if concatenation were unbounded.
+    out.append(base[:end] + bytes([77, 1, 4]) * 2000 + b"\xff")
+    return out
+
+
+def _dhcp_build() -> Parser:
+    from pxe.dhcp import MalformedPacket, parse_client
+
+    def use(info: Any, _data: bytes) -> None:
+        info.log_fields()  # logged outside the decision's try block in dhcp_server
+
+    return Parser(parse_client, (MalformedPacket,), use=use)
+
+
+# --- TFTP --------------------------------------------------------------------------------
+
+
+def _tftp_build() -> Parser:
+    from pxe import tftp
+
+    limits = tftp.ServerLimits()
+
+    def use(packet: Any, _data: bytes) -> None:
+        # A request's options are negotiated straight away: the grant stays within the
+        # server's caps whatever the client claims (blksize 65464, windowsize 65535).
+        if isinstance(packet, tftp.Request):
+            granted = tftp.negotiate(packet.options, 10**15, limits)
+            assert tftp.MIN_BLKSIZE <= granted.blksize <= limits.blksize_cap, granted
+            assert 1 <= granted.windowsize <= limits.windowsize_cap, granted
+            assert 0 < granted.timeout <= tftp.MAX_TIMEOUT, granted
+
+    def encode(packet: Any) -> bytes:
+        if isinstance(packet, tftp.Request):
+            return tftp.encode_request(
+                packet.filename, packet.mode, packet.options, opcode=packet.opcode
+            )
+        if isinstance(packet, tftp.Data):
+            return tftp.encode_data(packet.block, packet.payload)
+        if isinstance(packet, tftp.Ack):
+            return tftp.encode_ack(packet.block)
+        if isinstance(packet, tftp.Error):
+            return tftp.encode_error(packet.code, packet.message)
+        return tftp.encode_oack(packet.options)
+
+    return Parser(tftp.parse_packet, (tftp.MalformedPacket,), use=use, encode=encode,
+                  reencode_fuzzed=False)  # fmt: skip
+
+
+_ascii_field = st.text(
+    st.characters(min_codepoint=1, max_codepoint=127), min_size=1, max_size=20
+)
+_tftp_option_names = st.one_of(
+    st.sampled_from(["blksize", "tsize", "timeout", "windowsize"]),
+    _ascii_field.map(str.lower),
+)
+_tftp_option_values = st.one_of(
+    st.sampled_from(["65464", "65535", "0", "255", "1000000000000000", "9" * 300, "-1"]),
+    st.integers(0, 2**64).map(str),
+    _ascii_field,
+)
+
+
+def _tftp_valid() -> SearchStrategy[Any]:
+    from pxe import tftp
+
+    options = st.dictionaries(_tftp_option_names, _tftp_option_values, max_size=6)
+    filenames = st.binary(min_size=1, max_size=64).filter(lambda b: b"\0" not in b)
+    return st.one_of(
+        st.builds(
+            tftp.Request,
+            st.sampled_from([tftp.Opcode.RRQ, tftp.Opcode.WRQ]),
+            filenames.map(lambda b: b.decode("utf-8", "surrogateescape")),
+            st.sampled_from(["octet", "netascii"]),
+            options,
+        ),
+        st.builds(tftp.Data, st.integers(0, 0xFFFF), st.binary(max_size=1468)),
+        st.builds(tftp.Ack, st.integers(0, 0xFFFF)),
+        st.builds(tftp.Error, st.integers(0, 0xFFFF), st.text(
+            st.characters(min_codepoint=1, max_codepoint=127), max_size=40)),
+        st.builds(tftp.OptionAck, options),
+    )  # fmt: skip
+
+
+@cache
+def tftp_samples() -> list[bytes]:
+    from pxe import tftp
+
+    edk2 = {"blksize": "1468", "tsize": "0", "windowsize": "4", "timeout": "1"}
+    return [
+        tftp.encode_request("undionly.kpxe", "octet", {"blksize": "1432", "tsize": "0"}),
+        tftp.encode_request("snponly.efi", "octet", edk2),
+        tftp.encode_request("boot/x.efi", "netascii"),
+        tftp.encode_request("up.bin", "octet", opcode=tftp.Opcode.WRQ),
+        tftp.encode_data(1, b"\x55" * 512),
+        tftp.encode_data(65535, b""),
+        tftp.encode_ack(0),
+        tftp.encode_ack(65535),
+        tftp.encode_error(tftp.ErrorCode.OPTION_REFUSED, "TFTP Aborted"),
+        tftp.encode_oack({"blksize": "1468", "tsize": "1000"}),
+    ]
+
+
+@st.composite
+def tftp_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    """A request whose NUL-separated fields are replaced, dropped or repeated."""
+    fields = draw(st.sampled_from(samples))[2:].split(b"\0")
+    opcode = draw(st.sampled_from([b"\0\1", b"\0\2", b"\0\6", b"\0\5", b"\0\7"]))
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(fields)))
+        op = draw(st.integers(0, 2))
+        if op == 0:
+            fields.insert(i, draw(st.one_of(_tftp_option_values, _tftp_option_names)).encode())
+        elif op == 1 and fields:
+            del fields[min(i, len(fields) - 1)]
+        else:
+            fields.insert(i, draw(st.binary(max_size=12)))
+    return opcode + b"\0".join(fields)
+
+
+def _tftp_adversarial() -> list[bytes]:
+    from pxe import tftp
+
+    huge = {"blksize": "65464", "windowsize": "65535", "timeout": "255",
+            "tsize": "1000000000000000"}  # fmt: skip
+    many = {f"o{i}": "9" * 8 for i in range(2000)}
+    return [
+        tftp.encode_request("ipxe.efi", "octet", huge),
+        tftp.encode_request("ipxe.efi", "octet", {"blksize": "9" * 4000}),
+        tftp.encode_request("ipxe.efi", "octet", many),
+        tftp.encode_oack(huge),
+        tftp.encode_data(1, b"\0" * 4000),
+        b"\0\5\xff\xff" + b"\xff" * 4000,
+    ]
+
+
+# --- signed documents: a throwaway publisher key --------------------------------------------
+
+
+@cache
+def throwaway_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from imaging.signing import SigningKey
+
+    return SigningKey(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"fuzz").digest()))
+
+
+def _hex64(seed: object) -> str:
+    return hashlib.sha256(repr(seed).encode()).hexdigest()
+
+
+# Free text as the signed documents allow it (printable: no control, format or separator
+# characters but the space).
+_texts = st.text(min_size=1, max_size=40).filter(str.isprintable)
+_hex64s = st.binary(min_size=32, max_size=32).map(bytes.hex)
+
+
+# --- catalog -----------------------------------------------------------------------------
+
+
+def _catalog_build() -> Parser:
+    from imaging.catalog import CatalogError, CatalogRejected, SignedCatalog, accept_catalog
+    from imaging.signing import TrustedKeys
+
+    trusted = TrustedKeys([throwaway_key().public_key])
+
+    def use(signed: Any, _data: bytes) -> None:
+        # What the site does next: check it, then rank its entries.
+        signed.catalog.by_priority()
+        accept_catalog(signed, trusted, None, NOW)
+
+    return Parser(
+        SignedCatalog.from_bytes,
+        (CatalogError,),
+        use=use,
+        use_errors=(CatalogRejected,),
+        encode=lambda signed: signed.to_bytes(),
+    )
+
+
+def _catalog_valid() -> SearchStrategy[Any]:
+    from imaging.catalog import Catalog, CatalogEntry, SignedCatalog
+
+    entry = st.builds(
+        CatalogEntry,
+        name=_texts,
+        version=_texts,
+        manifest_id=_hex64s,
+        priority=st.integers(-1000, 1000),
+        paused=st.booleans(),
+        replicas=st.integers(0, 1000),
+    )
+    catalog = st.builds(
+        Catalog,
+        serial=st.integers(1, 2**53),
+        issued=st.integers(0, NOW),
+        expires=st.integers(NOW, NOW + 10**8),
+        entries=st.lists(entry, max_size=6, unique_by=lambda e: e.name).map(tuple),
+    )
+    return catalog.map(lambda c: SignedCatalog.sign(c, throwaway_key()))
+
+
+@cache
+def catalog_samples() -> list[bytes]:
+    from imaging.catalog import Catalog, CatalogEntry, SignedCatalog
+
+    entries = (
+        CatalogEntry("demo-os", "1", _hex64("demo"), priority=2),
+        CatalogEntry("imager", "2024.1", _hex64("imager"), paused=True, replicas=2),
+    )
+    out = []
+    for n in range(3):
+        catalog = Catalog(serial=n + 1, issued=NOW - 60, expires=NOW + 86400,
+                          entries=entries[:n])  # fmt: skip
+        out.append(SignedCatalog.sign(catalog, throwaway_key()).to_bytes())
+    return out
+
+
+def _catalog_adversarial() -> list[bytes]:
+    key = throwaway_key()
+    sig = [{"ed25519": base64.b64encode(key.sign(b"x")).decode(), "key_id": key.key_id}]
+    entry = {"manifest_id": _hex64(1), "name": "x", "paused": False, "priority": 0,
+             "replicas": 10**18, "version": "1"}  # fmt: skip
+    docs = [
+        {"format": "pxepeer-catalog/1", "serial": 2**63, "issued": 0, "expires": 10**15,
+         "images": [entry]},
+        {"format": "pxepeer-catalog/1", "serial": 1, "issued": 0, "expires": 10**15,
+         "images": [entry] * 40},
+    ]  # fmt: skip
+    out = [json.dumps({"catalog": d, "signatures": sig}).encode() for d in docs]
+    out.append(b'{"catalog": ' + b"[" * 3000 + b"]" * 3000 + b', "signatures": []}')
+    return out
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+def _manifest_build() -> Parser:
+    from imaging.manifest import ManifestError, SignedManifest
+    from imaging.signing import SignatureError, TrustedKeys
+
+    trusted = TrustedKeys([throwaway_key().public_key])
+
+    def use(signed: Any, _data: bytes) -> None:
+        # What a peer does next: name it, verify it, list the chunks it will fetch.
+        manifest = signed.manifest
+        _ = manifest.manifest_id, manifest.total_size
+        manifest.chunk_refs()
+        for entry in manifest.files:
+            entry.offsets()
+        signed.verify(trusted)
+
+    return Parser(
+        SignedManifest.from_bytes,
+        (ManifestError,),
+        use=use,
+        use_errors=(SignatureError,),
+        encode=lambda signed: signed.to_bytes(),
+        # Manifest.extra is left out of ==; the canonical bytes hold all of it.
+        normal=lambda signed: (signed, signed.manifest.canonical_bytes),
+    )
+
+
+def _manifest_valid() -> SearchStrategy[Any]:
+    from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest, SignedManifest
+
+    @st.composite
+    def manifest(draw: st.DrawFn) -> Any:
+        chunk_size = draw(st.sampled_from([4096, 1 << 20, 1 << 22]))
+        roles = draw(st.lists(st.sampled_from(["kernel", "initrd", "disk", "boot.wim"]),
+                              unique=True, min_size=1, max_size=4))  # fmt: skip
+        files = []
+        for role in roles:
+            # Cut as imaging/chunking cuts: every chunk full but the last.
+            size = draw(st.integers(0, 6 * chunk_size))
+            count = -(-size // chunk_size)
+            sizes = [chunk_size] * (count - 1) + [size - (count - 1) * chunk_size] * (count > 0)
+            chunks = tuple(ChunkRef(draw(_hex64s), n, draw(st.booleans())) for n in sizes)
+            files.append(FileEntry(role, size, draw(_hex64s), chunks))
+        kernel = "kernel" if "kernel" in roles and draw(st.booleans()) else None
+        initrd = "initrd" if "initrd" in roles and draw(st.booleans()) else None
+        cmdline = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
+        boot = BootSpec(draw(st.sampled_from(list(ImageKind))), kernel, initrd, cmdline)
+        return Manifest(
+            name=draw(_texts), version=draw(_texts), boot=boot, files=tuple(files),
+            chunk_size=chunk_size, created=draw(st.sampled_from(["", "2024-05-01T10:00:00Z"])),
+        )  # fmt: skip
+
+    return manifest().map(lambda m: SignedManifest.sign(m, throwaway_key()))
+
+
+def _sample_manifests() -> list[Any]:
+    from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest
+
+    def entry(role: str, sizes: list[int], zero: tuple[int, ...] = ()) -> FileEntry:
+        chunks = tuple(ChunkRef(_hex64((role, i)), s, i in zero) for i, s in enumerate(sizes))
+        return FileEntry(role, sum(sizes), _hex64(role), chunks)
+
+    linux = Manifest(
+        "demo-os", "1", BootSpec(ImageKind.LINUX, "kernel", "initrd", "console=ttyS0 quiet"),
+        (entry("kernel", [4 << 20, 1000]), entry("initrd", [4 << 20, 4 << 20, 17])),
+        created="2024-05-01T10:00:00Z",
+    )  # fmt: skip
+    disk = Manifest("disk-image", "2", BootSpec(ImageKind.DISK),
+                    (entry("disk", [4 << 20] * 5 + [512], zero=(1, 3)),))  # fmt: skip
+    return [linux, disk]
+
+
+@cache
+def manifest_samples() -> list[bytes]:
+    from imaging.manifest import SignedManifest
+
+    return [SignedManifest.sign(m, throwaway_key()).to_bytes() for m in _sample_manifests()]
+
+
+def _manifest_adversarial() -> list[bytes]:
+    doc = json.loads(manifest_samples()[1])
+    disk = doc["manifest"]["files"][0]
+    # One chunk claiming a 10^15-byte (1 PB) file.
+    disk["size"] = 10**15
+    disk["chunks"] = [{"sha256": _hex64("big"), "size": 10**15}]
+    out = [json.dumps(doc).encode()]
+    doc["manifest"]["chunk_size"] = 2**62
+    out.append(json.dumps(doc).encode())
+    # A million-chunk claim in a document of 6 KB: chunk sizes summing to 10^15.
+    disk["chunks"] = [{"sha256": _hex64(i), "size": 10**13, "zero": True} for i in range(100)]
+    disk["size"] = 10**15
+    out.append(json.dumps(doc).encode())
+    return out
+
+
+# --- plan --------------------------------------------------------------------------------
+
+
+def _plan_build() -> Parser:
+    from imaging.plan import Plan, PlanError
+
+    def parse(data: bytes) -> Any:
+        # The plan is text; bytes that are not UTF-8 reach it as lone surrogates.
+        return Plan.parse(data.decode("utf-8", "surrogateescape"))
+
+    return Parser(parse, (PlanError,),
+                  encode=lambda plan: plan.render().encode("utf-8", "surrogateescape"))  # fmt: skip
+
+
+_plan_text = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\n\r\t\0 "),
+    min_size=1, max_size=24,
+)  # fmt: skip
+
+
+def _plan_valid() -> SearchStrategy[Any]:
+    from imaging.plan import Plan, PlanChunk
+
+    @st.composite
+    def plan(draw: st.DrawFn) -> Any:
+        peers = tuple(
+            f"http://10.{a}.{b}.{c}:{port}"
+            for a, b, c, port in draw(st.lists(
+                st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(1, 254),
+                          st.integers(1, 65535)), unique=True, max_size=4))
+        )  # fmt: skip
+        chunks, offset = [], 0
+        for _ in range(draw(st.integers(0, 8))):
+            size = draw(st.integers(1, 1 << 22))
+            zero = not peers or draw(st.booleans())
+            order = () if zero else tuple(draw(st.permutations(range(len(peers))))[
+                : draw(st.integers(1, len(peers)))])  # fmt: skip
+            chunks.append(PlanChunk(offset, size, draw(_hex64s), zero, order))
+            offset += size
+        name = draw(st.lists(_plan_text, min_size=1, max_size=3).map(" ".join))
+        return Plan(draw(_hex64s), name, draw(_plan_text), offset, draw(_hex64s),
+                    draw(st.sampled_from([1 << 22, 4096])), peers, tuple(chunks))  # fmt: skip
+
+    return plan()
+
+
+@cache
+def plan_samples() -> list[bytes]:
+    from imaging.plan import build_plan
+
+    disk = _sample_manifests()[1]
+    peers = ["http://10.77.0.2:8080", "http://10.77.0.3:8080", "http://[fd00::3]:8080"]
+    holders = {i: peers[i % 3 :] + peers[: i % 3] for i in range(6)}
+    return [build_plan(disk, holders).render().encode(), build_plan(disk, {
+        i: peers[:1] for i in range(6)}).render().encode()]  # fmt: skip
+
+
+def _plan_adversarial() -> list[bytes]:
+    sha = _hex64(0)
+    return [
+        f"pxepeer-plan 1\nimage {sha} 1 x\ndisk {10**15} {sha}\nchunk_size {2**62}\n"
+        f"peer 0 http://10.0.0.1:8080\nchunk 0 {10**15} {sha} 0\nend 1\n".encode(),
+        f"pxepeer-plan 1\nimage {sha} 1 x\ndisk 1 {sha}\nchunk_size 1\nend {10**18}\n".encode(),
+        (f"pxepeer-plan 1\nimage {sha} 1 x\ndisk 1 {sha}\nchunk_size 1\n"
+         + f"chunk 0 1 {sha} " + ",".join(["0"] * 2000) + "\nend 1\n").encode(),
+        f"pxepeer-plan 1\npeer {10**18} http://a\nend 0\n".encode(),
+    ]
+
+
+# --- hello and have-notice (peer/core/wire.py) --------------------------------------------
+
+
+def _hello_build() -> Parser:
+    wire = importlib.import_module("peer.core.wire")
+
+    def use(hello: Any, _data: bytes) -> None:
+        # The status page and the next heartbeat re-encode what was heard.
+        json.dumps(hello.to_json()).encode()
+        hello.candidate()
+        _ = hello.endpoint
+
+    return Parser(
+        wire.parse_hello,
+        (wire.WireError,),
+        use=use,
+        encode=lambda hello: json.dumps(hello.to_json()).encode(),
+        normal=lambda hello: hello.to_json(),
+    )
+
+
+def _hello_valid() -> SearchStrategy[Any]:
+    wire = importlib.import_module("peer.core.wire")
+
+    @st.composite
+    def bitmap(draw: st.DrawFn) -> Any:
+        size = draw(st.integers(0, 3000))
+        bits = bytearray(draw(st.binary(min_size=(size + 7) // 8, max_size=(size + 7) // 8)))
+        if size % 8:
+            bits[-1] &= (0xFF << (8 - size % 8)) & 0xFF
+        return wire.ChunkBitmap(size, bits)
+
+    addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).filter(
+        lambda a: not (a.is_multicast or a.is_unspecified)
+    ).map(str)
+    return st.builds(
+        wire.Hello,
+        node_id=st.binary(min_size=8, max_size=8).map(bytes.hex),
+        site=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
+                     max_size=64),
+        address=addresses,
+        http_port=st.integers(1, 65535),
+        started=st.floats(0, 1e11, exclude_max=True),
+        can_answer_pxe=st.booleans(),
+        catalog_serial=st.integers(0, 2**63 - 1),
+        wan_ok=st.booleans(),
+        holdings=st.dictionaries(_hex64s, bitmap(), max_size=3),
+        wants=st.lists(_hex64s, max_size=3),
+        counters=st.dictionaries(st.text(max_size=40), st.integers(0, 2**63 - 1), max_size=4),
+        fetching=st.lists(_hex64s, max_size=3),
+        offers_seen=st.one_of(st.none(), st.booleans()),
+    )  # fmt: skip
+
+
+@cache
+def hello_samples() -> list[bytes]:
+    wire = importlib.import_module("peer.core.wire")
+    bitmap = wire.ChunkBitmap(13)
+    for i in (0, 3, 12):
+        bitmap.set(i)
+    hellos = [
+        wire.Hello(node_id="0123456789abcdef", site="store-42", address="10.77.0.2",
+                   http_port=8080, started=1_700_000_000.25, can_answer_pxe=True,
+                   catalog_serial=7, wan_ok=True, holdings={_hex64("a"): bitmap},
+                   wants=[_hex64("b")], counters={"served": 12, "strikes": 0},
+                   fetching=[_hex64("c")], offers_seen=True),
+        wire.Hello(node_id="fedcba9876543210", site="s", address="fd00::3", http_port=1,
+                   started=0.0, can_answer_pxe=False),
+    ]  # fmt: skip
+    return [json.dumps(h.to_json()).encode() for h in hellos]
+
+
+def _hello_adversarial() -> list[bytes]:
+    doc = json.loads(hello_samples()[0])
+    out = []
+    for claim in (2**34, 2**20, 2**40):  # 2 GiB, 128 KiB, 128 GiB of bitmap claimed
+        doc["holdings"] = {_hex64("a"): f"{claim}:AAAA"}
+        out.append(json.dumps(doc).encode())
+    doc["holdings"] = {_hex64(i): f"{2**34}:" for i in range(200)}
+    out.append(json.dumps(doc).encode())
+    doc["holdings"] = {}
+    doc["counters"] = {str(i): 2**63 - 1 for i in range(32)}
+    doc["started"] = 1e308
+    out.append(json.dumps(doc).encode())
+    return out
+
+
+def _have_build() -> Parser:
+    wire = importlib.import_module("peer.core.wire")
+    return Parser(
+        wire.parse_have,
+        (wire.WireError,),
+        encode=lambda notice: json.dumps(
+            wire.encode_have(notice.node_id, list(notice.chunks))
+        ).encode(),
+    )
+
+
+def _have_valid() -> SearchStrategy[Any]:
+    wire = importlib.import_module("peer.core.wire")
+    cap = getattr(wire, "MAX_CHUNKS", 1 << 20)
+    chunk = st.integers(1, cap).flatmap(
+        lambda size: st.tuples(_hex64s, st.integers(0, size - 1), st.just(size))
+    )
+    return st.builds(
+        wire.HaveNotice,
+        st.binary(min_size=8, max_size=8).map(bytes.hex),
+        st.lists(chunk, max_size=8).map(tuple),
+    )
+
+
+@cache
+def have_samples() -> list[bytes]:
+    wire = importlib.import_module("peer.core.wire")
+    notices = [[(_hex64("a"), 3, 13)], [(_hex64("a"), 0, 13), (_hex64("b"), 1023, 1024)]]
+    return [json.dumps(wire.encode_have("0123456789abcdef", n)).encode() for n in notices]
+
+
+def _have_adversarial() -> list[bytes]:
+    node = "0123456789abcdef"
+    one = {"manifest_id": _hex64("a"), "index": 2**34 - 1, "size": 2**34}
+    many = [{"manifest_id": _hex64(i), "index": 0, "size": 2**34} for i in range(60)]
+    return [
+        json.dumps({"node_id": node, "chunks": [one]}).encode(),  # the 150-byte 4.2 GB notice
+        json.dumps({"node_id": node, "chunks": many}).encode(),
+        json.dumps({"node_id": node, "chunks": [{**one, "size": 10**15, "index": 0}]}).encode(),
+    ]
+
+
+# --- HTTP Range (peer/api/byte_range.py) --------------------------------------------------
+
+RANGE_ETAG = '"0123456789abcdef"'
+RANGE_DEFAULT_SIZE = 1 << 40
+
+
+def range_input(header: str, if_range: str | None = None, size: int | None = None) -> bytes:
+    """The fuzz encoding of one call: `Range` line, optional `If-Range` line, size line."""
+    lines = [header.encode("utf-8", "surrogatepass")]
+    if if_range is not None or size is not None:
+        lines.append(b"" if if_range is None else if_range.encode("utf-8", "surrogatepass"))
+    if size is not None:
+        lines.append(str(size).encode())
+    return b"\n".join(lines)
+
+
+def range_call(data: bytes) -> tuple[str, str | None, str, int]:
+    """(range header, if-range, etag, size) from a fuzz input, as aiohttp would hand them
+    over: header values are decoded as UTF-8 with surrogateescape."""
+    parts = data.split(b"\n", 2)
+    header = parts[0].decode("utf-8", "surrogateescape")
+    if_range = parts[1].decode("utf-8", "surrogateescape") if len(parts) > 1 else None
+    size = RANGE_DEFAULT_SIZE
+    if len(parts) > 2 and parts[2].isdigit() and len(parts[2]) <= 19:
+        size = int(parts[2])
+    return header, if_range or None, RANGE_ETAG, size
+
+
+def _range_build() -> Parser:
+    byte_range = importlib.import_module("peer.api.byte_range")
+
+    def parse(data: bytes) -> Any:
+        header, if_range, etag, size = range_call(data)
+        result = byte_range.parse_range(header, if_range, etag, size)
+        if result is not None:
+            start, stop = result
+            # Whatever the header says, the answer is a non-empty slice of the file.
+            assert 0 <= start < stop <= size, (result, size)
+        return result
+
+    return Parser(parse, (byte_range.RangeNotSatisfiable,))
+
+
+def _range_valid_pairs() -> SearchStrategy[tuple[bytes, tuple[int, int] | None]]:
+    """(input, expected answer) for well-formed single ranges (RFC 9110 14.1.2)."""
+
+    @st.composite
+    def case(draw: st.DrawFn) -> tuple[bytes, tuple[int, int]]:
+        size = draw(st.integers(1, 2**50))
+        form = draw(st.integers(0, 2))
+        if form == 0:
+            start = draw(st.integers(0, size - 1))
+            end = draw(st.integers(start, 2**53))
+            return range_input(f"bytes={start}-{end}", None, size), (start, min(end + 1, size))
+        if form == 1:
+            start = draw(st.integers(0, size - 1))
+            return range_input(f"bytes={start}-", RANGE_ETAG, size), (start, size)
+        n = draw(st.integers(1, 2**53))
+        return range_input(f"bytes=-{n}", None, size), (max(0, size - n), size)
+
+    return case()
+
+
+@cache
+def range_samples() -> list[bytes]:
+    return [
+        range_input("bytes=0-499", None, 10_000),
+        range_input("bytes=500-", RANGE_ETAG, 10_000),
+        range_input("bytes=-500"),
+        range_input("bytes=0-0", None, 1),
+        range_input("bytes=9500-", '"other"', 10_000),
+        range_input("bytes=0-", "Wed, 21 Oct 2015 07:28:00 GMT", 10),
+    ]
+
+
+@st.composite
+def range_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    unit = draw(st.sampled_from(["bytes", "BYTES", "bits", "", "bytes "]))
+    specs = []
+    for _ in range(draw(st.integers(1, 4))):
+        number = st.one_of(
+            st.integers(-5, 2**64).map(str),
+            st.sampled_from(["", "9" * 5000, "١٢", "²", "1_0", "+1", " 1", "0x10", "1e3",
+                             "\ud800", "-", "00000000000000000000001"]),
+        )  # fmt: skip
+        specs.append(f"{draw(number)}{draw(st.sampled_from(['-', '', '--', ' - ']))}"
+                     f"{draw(number)}")  # fmt: skip
+    header = f"{unit}={draw(st.sampled_from([',', ', ', ',,'])).join(specs)}"
+    if_range = draw(st.sampled_from([None, RANGE_ETAG, 'W/"0123456789abcdef"', "", "\ud800"]))
+    size = draw(st.one_of(st.none(), st.integers(0, 2**63)))
+    return range_input(header, if_range, size)
+
+
+def _range_adversarial() -> list[bytes]:
+    return [
+        range_input("bytes=0-" + str(10**15), None, 10**15),
+        range_input("bytes=" + ",".join(f"{i}-{i}" for i in range(1000)), None, 10**15),
+        range_input("bytes=-" + "9" * 5000),
+        range_input("bytes=" + "0-1," * 1500),
+    ]
+
+
+# --- progress report (imaging/progress_report.py) ------------------------------------------
+
+
+def _report_build() -> Parser:
+    report = importlib.import_module("imaging.progress_report")
+    cap = getattr(report, "MAX_COUNT", None)
+
+    def use(parsed: Any, _data: bytes) -> None:
+        # Strikes are counted from these: one report can never claim more than the cap.
+        for counts in (parsed.peers_used(), parsed.corrupt_from()):
+            assert cap is None or all(0 <= n <= cap for n in counts.values()), counts
+
+    encode = getattr(report, "encode_report", None)
+    return Parser(report.parse_report, (report.ReportError,), use=use,
+                  encode=encode if callable(encode) else None)  # fmt: skip
+
+
+@cache
+def report_samples() -> list[bytes]:
+    # What imaging/agent/pxepeer-agent.sh posts (key=value lines).
+    manifest = _hex64("disk")
+    return [
+        f"state=writing\nmanifest={manifest}\nimage=demo-os 1\ndisk=/dev/vda\ntotal=6\n"
+        f"done=1\nbytes=4194304\nsize=25166336\nfetched=4194304\n"
+        f"peers=http://10.77.0.2:8080=1,http://10.77.0.3:8080=2\ncorrupt=\n"
+        f"message=1/6 chunks\n".encode(),
+        f"state=done\nmanifest={manifest}\nimage=demo-os 1\ndisk=/dev/vda\n"
+        f"corrupt=http://10.77.0.3:8080=2,http://[fd00::3]:8080=1\nmessage=verified\n".encode(),
+        b"state=failed\r\nmessage=no disk found\r\n",
+    ]
+
+
+HOSTILE_VALUES = (
+    "", "9" * 5000, "9" * 17, "9007199254740993", "-1", "\u0662", "\u00b2", "1_0", "\x1b[2J",
+    "\u2028", "\x85", "\ud800", "http://x=1," * 80, "http://10.0.0.1:99999=1",
+    "http://10.0.0.1:8080=1,http://10.0.0.1:8080=2", "http://[::1]:80=" + "9" * 16,
+    "=1", "http://a=", "x" * 400, "writing", "done",
+)  # fmt: skip
+
+
+@st.composite
+def kv_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    """A report with values replaced by hostile ones, keys repeated, dropped or unknown."""
+    lines = draw(st.sampled_from(samples)).decode().split("\n")
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(lines) - 1))
+        key = lines[i].partition("=")[0] or "state"
+        op = draw(st.integers(0, 3))
+        if op == 0:
+            value = draw(st.one_of(st.sampled_from(HOSTILE_VALUES), st.text(max_size=12)))
+            lines[i] = f"{key}={value}"
+        elif op == 1:
+            lines.insert(i, lines[i])
+        elif op == 2:
+            del lines[i]
+            lines = lines or [""]
+        else:
+            lines.insert(i, f"{draw(st.text(max_size=8))}={draw(st.text(max_size=8))}")
+    return "\n".join(lines).encode("utf-8", "surrogatepass")
+
+
+def _report_adversarial() -> list[bytes]:
+    corrupt = ",".join(f"http://10.0.{i // 250}.{i % 250}:8080={10**15}" for i in range(63))
+    return [
+        f"state=writing\ncorrupt=http://10.77.0.3:8080={10**15}\n".encode(),
+        f"state=writing\ncorrupt={corrupt}\n".encode(),
+        ("state=writing\ncorrupt=" + "," * 10000 + "\n").encode(),
+        f"state=writing\ndone={10**30}\nsize={'9' * 5000}\n".encode(),
+        b"\n" * 16000,
+    ]
+
+
+# --- the registry ------------------------------------------------------------------------
+
+
+def _json_mutants(samples: list[bytes]) -> SearchStrategy[bytes]:
+    return json_mutants(samples)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("dhcp", "pxe.dhcp:parse_client", _dhcp_build, dhcp_samples, dhcp_mutants,
+           _dhcp_adversarial, max_random=1500),
+    Target("tftp", "pxe.tftp:parse_packet", _tftp_build, tftp_samples, tftp_mutants,
+           _tftp_adversarial, valid=_tftp_valid, max_random=1500),
+    Target("hello", "peer.core.wire:parse_hello", _hello_build, hello_samples, _json_mutants,
+           _hello_adversarial, valid=_hello_valid),
+    Target("have", "peer.core.wire:parse_have", _have_build, have_samples, _json_mutants,
+           _have_adversarial, valid=_have_valid),
+    Target("catalog", "imaging.catalog:SignedCatalog.from_bytes", _catalog_build,
+           catalog_samples, _json_mutants, _catalog_adversarial, valid=_catalog_valid),
+    Target("manifest", "imaging.manifest:SignedManifest.from_bytes", _manifest_build,
+           manifest_samples, _json_mutants, _manifest_adversarial, valid=_manifest_valid),
+    Target("plan", "imaging.plan:Plan.parse", _plan_build, plan_samples, line_mutants,
+           _plan_adversarial, valid=_plan_valid),
+    Target("progress", "imaging.progress_report:parse_report", _report_build, report_samples,
+           kv_mutants, _report_adversarial),
+    Target("range", "peer.api.byte_range:parse_range", _range_build, range_samples,
+           range_mutants, _range_adversarial, max_random=256),
+)  # fmt: skip
+
+BY_NAME = {t.name: t for t in TARGETS}
+
+# Well-formed inputs whose answer is known without an encoder: (input, expected).
+KNOWN_ANSWERS: dict[str, Callable[[], SearchStrategy[tuple[bytes, Any]]]] = {
+    "range": _range_valid_pairs,
+}
