@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import json
+import random
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from imaging.chunking import CHUNK_SIZE
 from imaging.manifest import (
     FORMAT,
+    MAX_CHUNK_SIZE,
+    MAX_CHUNKS,
+    MAX_CMDLINE_LEN,
+    MAX_FILE_SIZE,
+    MAX_FILES,
+    MAX_MANIFEST_BYTES,
+    MAX_NAME_LEN,
     MIN_CHUNK_SIZE,
     BootSpec,
     ChunkRef,
@@ -21,7 +31,7 @@ from imaging.manifest import (
     SignedManifest,
     canonical_json,
 )
-from imaging.signing import SigningKey, TrustedKeys
+from imaging.signing import MAX_SIGNATURES, Signature, SigningKey, TrustedKeys
 
 CS = MIN_CHUNK_SIZE  # small chunks keep documents small; the rules do not depend on it
 A, B, C, Z = "a" * 64, "b" * 64, "c" * 64, hashlib.sha256(bytes(CS)).hexdigest()
@@ -236,3 +246,189 @@ def test_boot_may_name_no_files_for_a_disk_image() -> None:
     m = Manifest("img", "1", BootSpec(ImageKind.DISK), (disk,), CS, "")
     parsed = SignedManifest.from_bytes(SignedManifest(m, ()).to_bytes()).manifest
     assert parsed == m and parsed.boot.kernel is None and parsed.chunk_refs() == []
+
+
+# -- hostile documents: refused with a fixed reason, before anything big is built ------
+
+
+def raw_doc(manifest_json: str) -> bytes:
+    """A signed-manifest document around a manifest written as raw JSON text, for
+    values json.dumps would never produce (1e999, NaN, lone surrogates)."""
+    return b'{"manifest": ' + manifest_json.encode() + b', "signatures": []}'
+
+
+def sample_text() -> str:
+    return canonical_json(sample().to_json()).decode()
+
+
+def refused(data: bytes) -> ManifestError:
+    with pytest.raises(ManifestError) as info:
+        SignedManifest.from_bytes(data)
+    return info.value
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    text = sample_text()
+    assert f'"size":{2 * CS + 2}' in text
+    for bad in ("1e999", "-1e999", "NaN", "Infinity", "-Infinity"):
+        doc = raw_doc(text.replace(f'"size":{2 * CS + 2}', f'"size":{bad}', 1))
+        assert refused(doc).reason == "non-finite number", bad
+
+
+def test_lone_surrogate_is_refused() -> None:
+    doc = raw_doc(sample_text().replace('"name":"demo"', '"name":"de\\ud800mo"'))
+    assert refused(doc).reason == "invalid unicode"
+
+
+def test_invalid_utf8_is_refused() -> None:
+    doc = raw_doc(sample_text()).replace(b'"demo"', b'"de\xffmo"')
+    assert refused(doc).reason == "invalid utf-8"
+
+
+def test_oversized_document_is_refused_before_it_is_parsed() -> None:
+    # Not JSON at all: only the length can be what refuses it.
+    assert refused(b"x" * (MAX_MANIFEST_BYTES + 1)).reason == "too large"
+
+
+def test_deeply_nested_extra_is_refused() -> None:
+    doc = doc_of(sample())
+    nested: object = "bottom"
+    for _ in range(40):
+        nested = {"n": nested}
+    doc["manifest"]["extra"] = nested
+    assert refused(json.dumps(doc).encode()).reason == "nested too deep"
+
+
+def test_overlong_integer_is_refused_without_converting_it() -> None:
+    doc = raw_doc(sample_text().replace(f'"size":{2 * CS + 2}', '"size":' + "9" * 5000, 1))
+    assert refused(doc).reason == "number too long"
+
+
+def test_chunk_list_is_checked_against_the_file_size_before_its_items() -> None:
+    # A list of the wrong length is refused without looking at what is in it.
+    doc = edit("manifest.files.0.chunks", ["not a chunk"] * 7)
+    error = refused(json.dumps(doc).encode())
+    assert error.reason == "chunk count mismatch"
+    assert "7 chunks, size needs 3" in str(error)
+
+
+def test_huge_claimed_size_is_refused_without_building_its_chunk_list() -> None:
+    # 2^40 bytes at 4 KiB chunks would be 2^28 references: more than any manifest holds.
+    doc = edit("manifest.files.0.size", 1 << 40)
+    assert refused(json.dumps(doc).encode()).reason == "too many chunks"
+
+
+def test_chunk_budget_is_shared_by_all_files() -> None:
+    """Each file alone fits MAX_CHUNKS; together they do not. Refused from the sizes."""
+    doc = edit("manifest.files.1.size", MAX_CHUNKS * CS)
+    assert refused(json.dumps(doc).encode()).reason == "too many chunks"
+
+
+def test_file_entry_alone_refuses_more_chunks_than_allowed() -> None:
+    kernel = doc_of(sample())["manifest"]["files"][0]
+    with pytest.raises(ManifestError) as info:
+        FileEntry.from_json(kernel, CS, max_chunks=2)
+    assert info.value.reason == "too many chunks"
+    assert FileEntry.from_json(kernel, CS) == sample().files[0]
+
+
+REFUSED: dict[str, tuple[dict, str]] = {
+    "negative-file-size": (edit("manifest.files.0.size", -1), "out of range"),
+    "file-size-over-max": (edit("manifest.files.0.size", MAX_FILE_SIZE + 1), "out of range"),
+    "negative-chunk-size": (edit("manifest.files.0.chunks.0.size", -4096), "out of range"),
+    "zero-chunk-size": (edit("manifest.files.0.chunks.2.size", 0), "out of range"),
+    "middle-chunk-short": (edit("manifest.files.0.chunks.1.size", CS - 1), "chunk size mismatch"),
+    "last-chunk-long": (edit("manifest.files.0.chunks.2.size", 3), "chunk size mismatch"),
+    "chunk-size-below-min": (edit("manifest.chunk_size", MIN_CHUNK_SIZE - 1), "out of range"),
+    "chunk-size-over-max": (edit("manifest.chunk_size", MAX_CHUNK_SIZE + 1), "out of range"),
+    "chunk-size-missing": (edit("manifest.chunk_size", None, delete=True), "missing field"),
+    "chunk-size-float": (edit("manifest.chunk_size", 4096.0), "bad type"),
+    "size-bool": (edit("manifest.files.1.size", True), "bad type"),
+    "upper-case-hash": (edit("manifest.files.0.chunks.0.sha256", A.upper()), "bad hash"),
+    "file-hash-short": (edit("manifest.files.0.sha256", "ab"), "bad hash"),
+    "zero-flag-number": (edit("manifest.files.0.chunks.1.zero", 1), "bad type"),
+    "explicit-zero-false": (edit("manifest.files.0.chunks.0.zero", False), "not canonical"),
+    "name-with-newline": (edit("manifest.name", "demo\n#!ipxe"), "bad text"),
+    "name-with-line-separator": (edit("manifest.name", "demo\u2028x"), "bad text"),
+    "name-with-bidi-override": (edit("manifest.name", "demo\u202ex"), "bad text"),
+    "name-too-long": (edit("manifest.name", "n" * (MAX_NAME_LEN + 1)), "too long"),
+    "version-empty": (edit("manifest.version", ""), "empty"),
+    "created-too-long": (edit("manifest.created", "2" * 65), "too long"),
+    "cmdline-with-escape": (edit("manifest.boot.cmdline", "quiet\x1b[2J"), "bad text"),
+    "cmdline-too-long": (edit("manifest.boot.cmdline", "q" * (MAX_CMDLINE_LEN + 1)), "too long"),
+    "role-with-slash": (edit("manifest.files.0.role", "../kernel"), "bad name"),
+    "boot-role-with-space": (edit("manifest.boot.kernel", "my kernel"), "bad name"),
+    "unknown-kind": (edit("manifest.boot.kind", "bsd"), "unknown kind"),
+    "kind-not-string": (edit("manifest.boot.kind", ["linux"]), "unknown kind"),
+    "duplicate-role": (edit("manifest.files.1.role", "kernel"), "duplicate role"),
+    "boot-names-missing-file": (edit("manifest.boot.initrd", "initramfs"), "unknown boot file"),
+    "no-files": (edit("manifest.files", []), "empty"),
+    "too-many-files": (edit("manifest.files", [{}] * (MAX_FILES + 1)), "too many"),
+    "unknown-field": (edit("manifest.signed_by", "me"), "unknown field"),
+    "unknown-chunk-field": (edit("manifest.files.0.chunks.0.compressed", True), "unknown field"),
+    "wrong-format": (edit("manifest.format", "pxepeer-manifest/2"), "not a manifest"),
+    "manifest-missing": (edit("manifest", None, delete=True), "not a manifest"),
+    "unknown-document-field": (edit("note", "hi"), "unknown field"),
+    "signatures-missing": (edit("signatures", None, delete=True), "missing field"),
+    "too-many-signatures": (
+        edit("signatures", [{"key_id": "0" * 16, "ed25519": "A" * 86 + "=="}] * 17), "too many"
+    ),
+    "signature-malformed": (edit("signatures", [{"key_id": "x"}]), "bad signature entry"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_each_refusal_names_its_reason(case: str) -> None:
+    doc, reason = REFUSED[case]
+    assert refused(json.dumps(doc).encode()).reason == reason
+
+
+@pytest.mark.parametrize("obj", [None, [], "x", 1, 1.5, True, {}, {"sha256": A}, {"size": 4}])
+def test_parts_parsed_alone_raise_only_manifest_error(obj: object) -> None:
+    for parse_part in (ChunkRef.from_json, FileEntry.from_json, BootSpec.from_json,
+                       Manifest.from_json):  # fmt: skip
+        with pytest.raises(ManifestError) as info:
+            parse_part(obj)
+        assert info.value.reason and len(info.value.reason) <= 30
+
+
+def test_byte_mutations_of_a_signed_manifest_raise_only_manifest_error() -> None:
+    """Every one-byte change, deletion or duplication of a real document either parses
+    or is a ManifestError with a short reason; no other exception gets out."""
+    key = SigningKey(Ed25519PrivateKey.generate())
+    data = SignedManifest.sign(sample(), key).to_bytes()
+    rng = random.Random(7)
+    reasons = collections.Counter()
+    for _ in range(3000):
+        at = rng.randrange(len(data))
+        how = rng.randrange(3)
+        if how == 0:
+            mutated = data[:at] + bytes([rng.randrange(256)]) + data[at + 1 :]
+        elif how == 1:
+            mutated = data[:at] + data[at + 1 :]
+        else:
+            mutated = data[:at] + data[at : at + 8] + data[at:]
+        try:
+            SignedManifest.from_bytes(mutated)
+        except ManifestError as exc:
+            reasons[exc.reason] += 1
+    assert len(reasons) > 5 and all(len(r) <= 30 for r in reasons), reasons
+
+
+def test_byte_cap_covers_a_2_tib_disk_at_4_mib_chunks() -> None:
+    """The cap is derived from MAX_CHUNKS; this checks the arithmetic on real output.
+    Per-reference cost is measured on a small document with the widest fields (zero
+    flag, 8-digit sizes, as at the largest chunk size) and scaled up."""
+    assert (2 << 40) // CHUNK_SIZE <= MAX_CHUNKS
+
+    def size_with(refs: int) -> int:
+        chunk = MAX_CHUNK_SIZE
+        ref = ChunkRef(Z, chunk, zero=True)
+        disk = FileEntry("disk", refs * chunk, Z, (ref,) * refs)
+        m = Manifest("n" * MAX_NAME_LEN, "v" * MAX_NAME_LEN, BootSpec(ImageKind.DISK),
+                     (disk,), chunk, "2024-05-01T10:00:00+00:00")  # fmt: skip
+        sig = Signature("0" * 16, bytes(64))
+        return len(SignedManifest(m, (sig,) * MAX_SIGNATURES).to_bytes())
+
+    per_ref = (size_with(2000) - size_with(1000)) / 1000
+    assert size_with(1000) + (MAX_CHUNKS - 1000) * per_ref <= MAX_MANIFEST_BYTES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import os
 import re
 import stat
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from imaging import durable as durable_module
 from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest, SignedManifest
 from imaging.signing import (
     PUBLIC_KEY_TAG,
@@ -283,3 +285,93 @@ def test_bad_trusted_signature_beats_untrusted_one_in_the_message() -> None:
 def test_malformed_signature_entry_is_a_signature_error(obj: object) -> None:
     with pytest.raises(SignatureError, match="malformed"):
         Signature.from_json(obj)
+
+
+GOOD_B64 = base64.b64encode(bytes(64)).decode()
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"key_id": "0" * 16, "ed25519": "é" * 88},  # b64decode raises ValueError on non-ASCII
+        {"key_id": "0" * 16, "ed25519": 12},
+        {"key_id": "0" * 16, "ed25519": None},
+        {"key_id": "0" * 16, "ed25519": base64.b64encode(bytes(63)).decode()},
+        {"key_id": "0" * 16, "ed25519": base64.b64encode(bytes(65)).decode()},
+        {"key_id": "0" * 16, "ed25519": GOOD_B64[:-3] + "!=="},
+        {"key_id": "0" * 16, "ed25519": "A" * 100_000},
+        {"key_id": "0" * 15, "ed25519": GOOD_B64},
+        {"key_id": "0" * 16 + "\n", "ed25519": GOOD_B64},
+        {"key_id": "ABCDEF0123456789", "ed25519": GOOD_B64},
+        {"key_id": 1234567890123456, "ed25519": GOOD_B64},
+        {"key_id": ["0" * 16], "ed25519": GOOD_B64},
+        {"key_id": "0" * 16, "ed25519": GOOD_B64, "note": "x"},
+    ],
+    ids=["non-ascii", "number", "null", "63-bytes", "65-bytes", "bad-char", "huge", "short-id",
+         "id-newline", "id-upper-case", "id-number", "id-list", "extra-field"],
+)  # fmt: skip
+def test_hostile_signature_entry_is_only_a_signature_error_with_its_reason(obj: object) -> None:
+    with pytest.raises(SignatureError) as info:
+        Signature.from_json(obj)
+    assert info.value.reason == "bad signature entry"
+
+
+def test_signature_errors_name_their_reason() -> None:
+    key, other = new_key(), new_key()
+    trusted = TrustedKeys([key.public_key])
+    cases = [
+        ([], "not signed"),
+        ([Signature(other.key_id, other.sign(b"x"))], "untrusted key"),
+        ([Signature(key.key_id, key.sign(b"y"))], "bad signature"),
+    ]
+    for signatures, reason in cases:
+        with pytest.raises(SignatureError) as info:
+            trusted.check(b"x", signatures)
+        assert info.value.reason == reason
+
+
+def test_private_key_bytes_are_never_in_a_file_others_can_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looked at every time key data is synced to disk, under umask 000: the file being
+    written is already 0600 before it has a name."""
+    seen: list[tuple[int, bytes]] = []
+    real_fsync = durable_module.os.fsync
+
+    def watching_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            seen.append((stat.S_IMODE(info.st_mode), os.pread(fd, 64, 0)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(durable_module.os, "fsync", watching_fsync)
+    old_umask = os.umask(0)
+    try:
+        private, public = generate_keypair(tmp_path)
+    finally:
+        os.umask(old_umask)
+    modes = {data[:11]: mode for mode, data in seen}
+    assert modes == {b"-----BEGIN ": 0o600, PUBLIC_KEY_TAG.encode()[:11]: 0o644}
+    assert sorted(tmp_path.iterdir()) == [private, public]  # no temp file left
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (private, public)] == [0o600, 0o644]
+
+
+def test_failed_key_write_leaves_no_key_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real_fsync = durable_module.os.fsync
+
+    def fsync_fails_on_the_public_key(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.EIO, "Input/output error (simulated)")
+        real_fsync(fd)
+
+    monkeypatch.setattr(durable_module.os, "fsync", fsync_fails_on_the_public_key)
+    with pytest.raises(KeyFileError, match="Input/output error"):
+        generate_keypair(tmp_path / "keys")
+    monkeypatch.undo()
+    assert list((tmp_path / "keys").iterdir()) == []  # the private half is removed too
+    generate_keypair(tmp_path / "keys")  # and a retry works
