@@ -18,6 +18,7 @@ from aiohttp import web
 from imaging.signing import KeyFileError, TrustedKeys, load_public_key
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.site import Site, SiteConfig
+from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_open_files_limit
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
 from peer.api.peer_api import add_peer_routes
@@ -67,6 +68,7 @@ class ServeConfig:
     catalog_poll_seconds: float = 15.0
     offer_check_seconds: float = 30.0
     quota_bytes: int = 0
+    listen: tuple[str, ...] = ()  # HTTP addresses besides the interface's and loopback
 
 
 def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
@@ -120,6 +122,7 @@ class Daemon:
             self.library.trusted,
         )
         self._runner: web.AppRunner | None = None
+        self.http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
         self.dns_discovery: DnsDiscovery | None = None
 
@@ -187,16 +190,27 @@ class Daemon:
         app = build_app(context)
         add_peer_routes(app, self.site)
         self.imaging = add_imaging_routes(app, self.site, self.library, self.store, self.progress)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Connection caps, header and body deadlines, and the open-file limit raised first
+        # (peer/api/http_guard.py): a LAN full of half-open connections must not starve us.
+        self.http_guard = guard = HttpGuard(open_files=raise_open_files_limit())
+        guard.install(app)
+        self._runner = web.AppRunner(app, access_log=None, **guard.runner_kwargs())
         await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, host=None, port=cfg.http_port).start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise StartupError(
-                f"cannot listen on HTTP port {cfg.http_port}: {exc.strerror}"
-            ) from None
-        log.info("HTTP on port %d, %d image(s) trusted", cfg.http_port, len(self.library.images()))
+        hosts = listen_addresses(str(cfg.address.ip) if cfg.address else None, cfg.listen)
+        for host in hosts:
+            try:
+                await GuardedSite(self._runner, host, cfg.http_port, guard).start()
+            except OSError as exc:
+                await self._runner.cleanup()
+                raise StartupError(
+                    f"cannot listen on HTTP {host} port {cfg.http_port}: {exc.strerror}"
+                ) from None
+        log.info(
+            "HTTP on %s port %d (at most %d connections, %d per client; %d open files); "
+            "%d image(s) trusted",
+            ", ".join(hosts), cfg.http_port, guard.limits.max_connections,
+            guard.limits.max_per_client, guard.open_files, len(self.library.images()),
+        )  # fmt: skip
         await self.site.start()
 
         if cfg.interface is None or cfg.address is None:
@@ -297,6 +311,7 @@ class Daemon:
             "interface": cfg.interface,
             "address": str(cfg.address) if cfg.address else None,
             "http_port": cfg.http_port,
+            "http": self.http_guard.stats() if self.http_guard is not None else None,
             "dhcp": {
                 "mode": cfg.dhcp_mode.value if cfg.dhcp_mode else "off",
                 **(vars(self.dhcp.stats) if self.dhcp else {}),

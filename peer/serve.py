@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import click
@@ -162,6 +162,10 @@ class ServeUsageError(click.ClickException):
 @click.option("--offer-check", type=click.FloatRange(0, 86400), default=30.0, show_default=True,
               help="Seconds between checks that the responder's PXE offers reach this peer "
               "(DHCP snooping); 0 = never.")  # fmt: skip
+@click.option("--listen", "listen", multiple=True, metavar="ADDR",
+              help="Serve HTTP on this address too; repeatable. HTTP always listens on "
+              "127.0.0.1 and on the --interface address, never on every interface "
+              "unless told --listen 0.0.0.0.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
 def serve(
     interface: str | None,
@@ -185,6 +189,7 @@ def serve(
     catalog_poll: float,
     quota: str,
     offer_check: float,
+    listen: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Serve boot files and images; answer PXE boots on --interface."""
@@ -235,6 +240,14 @@ def serve(
             raise ServeUsageError(f"--peer {peer!r}: want HOST:PORT")
     if origin and not origin.startswith(("http://", "https://")):
         raise ServeUsageError(f"--origin {origin!r}: want an http:// or https:// URL")
+    listen_on = []
+    for address_text in listen:
+        try:
+            listen_on.append(str(ip_address(address_text)))
+        except ValueError:
+            raise ServeUsageError(
+                f"--listen {address_text!r}: want an IP address, e.g. 10.0.0.5 or 0.0.0.0"
+            ) from None
     try:
         discovery_kind, zone, nameservers = parse_discovery(discovery, dns_servers)
     except ValueError as exc:
@@ -264,6 +277,7 @@ def serve(
         catalog_poll_seconds=catalog_poll,
         offer_check_seconds=offer_check,
         quota_bytes=quota_bytes,
+        listen=tuple(listen_on),
     )
     try:
         daemon = Daemon(config)
