@@ -1,7 +1,9 @@
 """The asyncio adapter around `pxe.dhcp`: sockets on ports 67 and 4011 of ONE interface.
 
 Nothing here decides anything. Sockets are bound to the named device (SO_BINDTODEVICE) so
-a responder never hears or answers DHCP on an interface it was not given.
+a responder never hears or answers DHCP on an interface it was not given. Each datagram is
+handled on its own: whatever it holds, and whatever goes wrong with it, it is dropped and
+counted by reason (`DhcpStats.dropped`), and the next one is read as usual.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from pxe.dhcp import (
@@ -31,13 +33,19 @@ from pxe.leases import LeasePool
 log = logging.getLogger("pxepeer.dhcp")
 
 
+# Reasons besides MalformedPacket's own (pxe.dhcp) for the `dropped` counters.
+INTERNAL_ERROR = "internal error"  # a bug deciding or answering one request
+_ERROR_LOG_INTERVAL = 60.0  # seconds between two tracebacks of requests that hit a bug
+
+
 @dataclass
 class DhcpStats:
     received: int = 0
-    malformed_dropped: int = 0
+    malformed_dropped: int = 0  # the sum of `dropped`
     ignored: int = 0
     replies_sent: int = 0
     send_errors: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # datagrams dropped, by reason
 
 
 DecisionHook = Callable[[ClientInfo, Reply | None, int], None]
@@ -63,7 +71,11 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.server.handle_datagram(self, data, addr)
+        try:
+            self.server.handle_datagram(self, data, addr)
+        except Exception:  # a bug must cost one datagram, never the endpoint
+            self.server._drop(INTERNAL_ERROR)
+            self.server._log_bug("DHCP datagram from %s failed", addr)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("dhcp socket error on port %d: %s", self.port, exc)
@@ -92,6 +104,7 @@ class DhcpResponder:
         self.enabled = enabled
         self.stats = DhcpStats()
         self._endpoints: list[_Endpoint] = []
+        self._last_bug_log = -_ERROR_LOG_INTERVAL
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,7 +133,7 @@ class DhcpResponder:
         try:
             info = parse_client(data)
         except MalformedPacket as exc:
-            self.stats.malformed_dropped += 1
+            self._drop(exc.reason)
             log.debug("dropped malformed DHCP packet from %s: %s", addr, exc)
             return
         if not self.enabled():
@@ -129,8 +142,8 @@ class DhcpResponder:
         try:
             reply = self._decide(info, endpoint.port, addr)
         except Exception:  # a bug in one decision must not take the responder down
-            self.stats.malformed_dropped += 1
-            log.exception("DHCP decision failed for %s", info.mac)
+            self._drop(INTERNAL_ERROR)
+            self._log_bug("DHCP decision failed for %s", info.mac)
             return
         fields = " ".join(f"{k}={v}" for k, v in info.log_fields().items())
         if reply is None:
@@ -154,7 +167,22 @@ class DhcpResponder:
             )
             self._send(endpoint, reply)
         if self.on_decision is not None:
-            self.on_decision(info, reply, endpoint.port)
+            try:
+                self.on_decision(info, reply, endpoint.port)
+            except Exception:
+                self._log_bug("DHCP decision hook failed for %s", info.mac)
+
+    def _drop(self, reason: str) -> None:
+        self.stats.malformed_dropped += 1
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+
+    def _log_bug(self, message: str, *args: object) -> None:
+        """A traceback at most once a minute: a flood of datagrams that hit the same bug
+        must not become a flood of log."""
+        now = time.monotonic()
+        if now - self._last_bug_log >= _ERROR_LOG_INTERVAL:
+            self._last_bug_log = now
+            log.exception(message, *args)
 
     def _decide(self, info: ClientInfo, port: int, addr: tuple[str, int]) -> Reply | None:
         lease = None
@@ -168,8 +196,9 @@ class DhcpResponder:
         if endpoint.transport is None:
             return
         host, port = reply.destination
+        packet = encode_reply(reply)
         try:
-            endpoint.transport.sendto(encode_reply(reply), (str(host), port))
+            endpoint.transport.sendto(packet, (str(host), port))
             self.stats.replies_sent += 1
         except OSError as exc:
             self.stats.send_errors += 1

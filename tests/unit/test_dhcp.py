@@ -307,3 +307,127 @@ def test_full_mode_gives_payload_an_address_but_no_boot_file() -> None:
     assert reply.yiaddr == IPv4Address("10.77.0.100")
     assert reply.file == b"" and reply.option(60) is None
     assert reply.option(1) == IPv4Address("255.255.255.0").packed
+
+
+# -- hostile requests: one error type with a reason, bounded work, a responder that goes on --
+
+
+def _with_options(payload: bytes, raw: bytes) -> bytes:
+    """`payload` with raw option bytes inserted before its END option."""
+    i = 240
+    while payload[i] != 255:
+        i += 1 if payload[i] == 0 else 2 + payload[i + 1]
+    return payload[:i] + raw + payload[i:]
+
+
+def _discover() -> bytes:
+    return request_of("edk2-virtio-proxy.pcap", port=67, kind=MessageType.DISCOVER)[0]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda p: p[:100], "truncated"),
+        (lambda p: b"", "truncated"),
+        (lambda p: p[:236] + b"\x00\x00\x00\x00" + p[240:], "no magic cookie"),
+        (lambda p: b"\x02" + p[1:], "not a bootrequest"),
+        (lambda p: p[:1] + b"\x06" + p[2:], "not ethernet"),
+        (lambda p: p[:2] + b"\x10" + p[3:], "not ethernet"),
+        (lambda p: _with_options(p, b"\x3c\xff" + b"A" * 20)[:-1], "option overflow"),
+        (lambda p: p[:240] + b"\x3c\x01A\xff", "no message type"),
+        (lambda p: p[:240] + b"\x35\x01\x63\xff", "bad message type"),
+        (lambda p: _with_options(p, b"\x0c\x00" * 700), "oversized"),
+    ],
+    ids=["short", "empty", "no-cookie", "bootreply", "token-ring", "hlen-16",
+         "option-past-end", "no-type", "type-99", "oversized"],
+)  # fmt: skip
+def test_malformed_requests_raise_malformed_packet_with_a_short_fixed_reason(
+    mutate, reason: str
+) -> None:
+    with pytest.raises(MalformedPacket) as caught:
+        parse_client(mutate(_discover()))
+    assert caught.value.reason == reason
+
+
+def test_a_request_as_long_as_an_ethernet_frame_allows_still_parses() -> None:
+    payload = _discover()
+    padded = _with_options(payload, b"\x00" * (1472 - len(payload)))
+    assert len(padded) == 1472 and parse_client(padded).mac == parse_client(payload).mac
+
+
+def test_repeated_options_are_joined_in_order_rfc_3396() -> None:
+    info = parse_client(_with_options(_discover(), b"\xfa\x02ab\xfa\x01c\xfa\x00\xfa\x02de"))
+    assert info.raw_options[250] == b"abcde"
+
+
+def test_an_echoed_option_longer_than_255_bytes_is_split_not_refused() -> None:
+    # A GUID (option 97) sent as two options joins to 300 bytes; echoing it used to raise.
+    guid = bytes(range(256)) + bytes(44)
+    payload = _discover()
+    info = parse_client(payload)
+    stripped = {k: v for k, v in info.raw_options.items() if k != 97}
+    info = replace(info, guid=guid, raw_options=stripped)
+    reply = decide(info, TARGETS, DhcpMode.PROXY, port=67, source=(IPv4Address(0), 68))
+    assert reply is not None and reply.option(97) == guid
+    wire = encode_reply(reply)
+    # Read back the way a client does, RFC 3396: consecutive 97s joined.
+    back = parse_client(b"\x01" + wire[1:])  # as if it were a request, to reuse the reader
+    assert back.raw_options[97] == guid
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+def _responder():
+    from pxe.dhcp_server import DhcpResponder, _Endpoint
+
+    responder = DhcpResponder("lan0", TARGETS, DhcpMode.PROXY)
+    endpoint = _Endpoint(responder, 67)
+    endpoint.transport = _FakeTransport()  # type: ignore[assignment]
+    return responder, endpoint
+
+
+def test_responder_counts_drops_by_reason_and_answers_the_next_request() -> None:
+    responder, endpoint = _responder()
+    source = ("0.0.0.0", 68)
+    junk = [b"", b"\x00" * 10, os.urandom(300), b"\x02" + _discover()[1:],
+            _with_options(_discover(), b"\x0c\x00" * 700)]  # fmt: skip
+    for raw in junk:
+        endpoint.datagram_received(raw, source)
+    endpoint.datagram_received(_discover(), source)
+    stats = responder.stats
+    assert stats.malformed_dropped == len(junk) == sum(stats.dropped.values())
+    assert stats.dropped["truncated"] == 2 and stats.dropped["oversized"] == 1
+    assert stats.dropped["not a bootrequest"] == 1
+    assert stats.replies_sent == 1 and len(endpoint.transport.sent) == 1
+    # The shape the daemon exports: ints, and one dict of ints by reason.
+    fields = vars(stats)
+    assert all(isinstance(v, int) for k, v in fields.items() if k != "dropped")
+
+
+def test_a_bug_while_answering_costs_one_datagram_never_the_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    responder, endpoint = _responder()
+    calls = iter([RuntimeError("decision bug"), None])
+
+    def flaky_decide(*args, **kwargs):
+        error = next(calls)
+        if error is not None:
+            raise error
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr("pxe.dhcp_server.decide", flaky_decide)
+    endpoint.datagram_received(_discover(), ("0.0.0.0", 68))
+    assert responder.stats.dropped == {"internal error": 1}
+    monkeypatch.setattr("pxe.dhcp_server.encode_reply", lambda reply: 1 / 0)
+    endpoint.datagram_received(_discover(), ("0.0.0.0", 68))  # raises inside: caught
+    assert responder.stats.dropped == {"internal error": 2}
+    monkeypatch.undo()
+    endpoint.datagram_received(_discover(), ("0.0.0.0", 68))
+    assert responder.stats.replies_sent == 1
