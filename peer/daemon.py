@@ -23,6 +23,7 @@ from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
 from peer.api.peer_api import add_peer_routes
 from peer.core.boot_progress import BootProgress, Stage
+from peer.core.rejections import Rejections
 from peer.store.content_store import ContentStore, StoreError
 from peer.store.image_library import ImageLibrary
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
@@ -89,7 +90,8 @@ class Daemon:
             self.store.clean_tmp()
         except (StoreError, OSError) as exc:
             raise StartupError(str(exc)) from None
-        self.library = ImageLibrary(self.store, _load_trust(config.trusted_keys))
+        trusted = _load_trust(config.trusted_keys)
+        self.rejections = Rejections()
         self.progress = BootProgress()
         self.boot_source: DirectoryBootSource | None = None
         self.first_stages = {}
@@ -119,8 +121,10 @@ class Daemon:
                 quota_bytes=config.quota_bytes,
             ),
             self.store,
-            self.library.trusted,
+            trusted,
+            self.rejections,
         )
+        self.library = ImageLibrary(self.site)
         self._runner: web.AppRunner | None = None
         self.http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
@@ -175,8 +179,10 @@ class Daemon:
         )
 
     async def start(self) -> None:
-        self.library.refresh()
         cfg = self.config
+        # The store is indexed (manifests verified once, off the loop) before HTTP opens,
+        # so the first boot request already sees every image.
+        await self.site.start()
         context = HttpContext(
             store=self.store,
             library=self.library,
@@ -211,7 +217,6 @@ class Daemon:
             ", ".join(hosts), cfg.http_port, guard.limits.max_connections,
             guard.limits.max_per_client, guard.open_files, len(self.library.images()),
         )  # fmt: skip
-        await self.site.start()
 
         if cfg.interface is None or cfg.address is None:
             log.warning("no --interface: serving HTTP only, no DHCP or TFTP")

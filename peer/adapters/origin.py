@@ -64,8 +64,10 @@ class OriginClient:
             self.bucket.set_rate(min(self.bucket.rate, cap) or cap)
 
     async def _get(
-        self, path: str, headers: dict[str, str] | None = None
+        self, path: str, max_bytes: int, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, Mapping[str, str]]:
+        """GET one document of at most `max_bytes`: a broken or hostile origin (or a
+        proxy in front of it) that sends more is cut off, not buffered."""
         url = f"{self.base_url}/{path}"
         self.stats.requests += 1
         sent = time.monotonic()
@@ -81,8 +83,13 @@ class OriginClient:
                     return 304, b"", resp.headers.copy()
                 if resp.status != 200:
                     raise OriginError(f"{url}: HTTP {resp.status}")
-                parts = []
+                if resp.content_length is not None and resp.content_length > max_bytes:
+                    raise OriginError(f"{url}: {resp.content_length} bytes, over {max_bytes}")
+                parts, total = [], 0
                 async for piece in resp.content.iter_chunked(SLICE):
+                    total += len(piece)
+                    if total > max_bytes:
+                        raise OriginError(f"{url}: more than {max_bytes} bytes")
                     parts.append(piece)
                     self.stats.bytes += len(piece)
                     wait = self.bucket.delay_for(len(piece), time.monotonic())
@@ -97,10 +104,10 @@ class OriginClient:
             self.stats.failures += 1
             raise
 
-    async def fetch_catalog(self) -> bytes | None:
+    async def fetch_catalog(self, max_bytes: int) -> bytes | None:
         """The catalog's bytes, or None when it has not changed since the last fetch."""
         headers = {"If-None-Match": self._catalog_etag} if self._catalog_etag else None
-        status, body, resp_headers = await self._get(CATALOG, headers)
+        status, body, resp_headers = await self._get(CATALOG, max_bytes, headers)
         if status == 304:
             return None
         self._catalog_etag = resp_headers.get("ETag")
@@ -110,8 +117,8 @@ class OriginClient:
         """After rejecting a catalog, fetch it in full next time (to log why again)."""
         self._catalog_etag = None
 
-    async def fetch_manifest(self, manifest_id: str) -> bytes:
-        return (await self._get(manifest_path(manifest_id)))[1]
+    async def fetch_manifest(self, manifest_id: str, max_bytes: int) -> bytes:
+        return (await self._get(manifest_path(manifest_id), max_bytes))[1]
 
-    async def fetch_chunk(self, sha256: str) -> bytes:
-        return (await self._get(chunk_path(sha256)))[1]
+    async def fetch_chunk(self, sha256: str, size: int) -> bytes:
+        return (await self._get(chunk_path(sha256), size))[1]

@@ -1,9 +1,17 @@
-"""The site runtime: heartbeats, responder election, following the catalog, and the swarm
-that brings every wanted image into this peer's store.
+"""The site runtime: the I/O around the site core (peer/core/site_core.py).
 
-Decisions are made by the pure cores (membership, ranking, swarm_plan, catalog,
-reputation, throttle); this module does the I/O around them and keeps the counters
-the status API shows.
+The core decides; this module carries out its commands (heartbeat rounds, catalog,
+manifest and chunk fetches, have-notices, the DHCP-snooping probe) and feeds back what
+happened. Everything that arrives is read up to a cap and parsed, verified and hashed
+off the event loop; every failure of one document is caught for that document alone,
+counted by reason (peer/core/rejections.py) and held against its sender. The
+long-running loops are supervised (peer/adapters/supervisor.py): a loop that raises is
+logged, counted, shown in status and restarted, and while the heartbeat loop is down
+this peer does not answer PXE.
+
+Two HTTP client pools: one for the control plane (hellos, catalogs, manifests,
+have-notices) and one for chunk transfers, so a swarm filling its connections can
+never starve the heartbeats that membership and failover depend on.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -24,14 +33,26 @@ from imaging.catalog import (
     SignedCatalog,
     accept_catalog,
 )
-from imaging.manifest import Manifest, ManifestError, SignedManifest
+from imaging.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest
 from imaging.signing import SignatureError, TrustedKeys
 from peer.adapters.discovery import MdnsDiscovery
 from peer.adapters.origin import OriginClient, OriginError
-from peer.core.membership import ChunkBitmap, Hello, HelloError, Membership
-from peer.core.ranking import elect_responders, rendezvous_rank
-from peer.core.reputation import Reputation
-from peer.core.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
+from peer.adapters.supervisor import Supervisor
+from peer.core.rejections import Rejections
+from peer.core.site_core import (
+    Announce,
+    Command,
+    FetchCatalog,
+    FetchChunk,
+    FetchManifest,
+    HeldImage,
+    PollPeers,
+    ProbeOffers,
+    SiteCore,
+    SiteSettings,
+)
+from peer.core.swarm_plan import ORIGIN
+from peer.core.wire import MAX_HELLO_BYTES, HaveNotice, Hello, WireError, encode_have, parse_hello
 from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
 from peer.store.quota import Quota
 from pxe.dhcp_probe import probe_for_offers
@@ -39,10 +60,16 @@ from pxe.dhcp_probe import probe_for_offers
 log = logging.getLogger("pxepeer.site")
 
 CATALOG_STATE = "catalog.json"
-HEARTBEAT_SECONDS = 1.0
-SETTLE_SECONDS = 2.5  # one heartbeat round and an mDNS answer before claiming the role
-PEER_TIMEOUT = 6.0
-MANIFEST_RETRY_FIRST, MANIFEST_RETRY_MAX = 5.0, 300.0  # after a manifest is refused
+MAX_CATALOG_BYTES = 1 << 20
+STORE_SCAN_SECONDS = 2.0
+HELLO_TIMEOUT = 2.0
+ROUND_TIMEOUT = 3.0  # a heartbeat round never waits longer, however many endpoints hang
+CHUNK_MIN_RATE = 256 * 1024  # bytes/s below which a LAN chunk transfer has timed out
+HEARTBEAT_TASK = "heartbeat"
+
+
+class Oversize(Exception):
+    reason = "oversize"
 
 
 @dataclass
@@ -62,72 +89,305 @@ class SiteConfig:
     probe_seconds: float = 30.0
 
 
-@dataclass
-class Counters:
-    wan_bytes: int = 0
-    lan_bytes_in: int = 0
-    lan_bytes_out: int = 0
-    chunks_from_wan: int = 0
-    chunks_from_lan: int = 0
-    bad_chunks_received: int = 0
-    wan_failures: int = 0
-    lan_failures: int = 0
-
-
 def load_node_id(store: ContentStore) -> str:
-    """A stable id per cache: a restarted peer keeps its place in every ranking."""
+    """A stable id per cache: a restarted peer keeps its place in every ranking. Written
+    atomically (temp, fsync, rename, directory fsync) so a crash never leaves it empty."""
     path = store.state_dir / "node_id"
     with contextlib.suppress(OSError):
         text = path.read_text().strip()
         if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
             return text
     node_id = secrets.token_hex(8)
-    path.write_text(node_id + "\n")
+    store.write_atomic(path, (node_id + "\n").encode())
     return node_id
 
 
-@dataclass
-class ImageProgress:
-    manifest: Manifest
-    bitmap: ChunkBitmap
-    index_of: dict[str, list[int]] = field(default_factory=dict)  # sha -> indexes
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body, or Oversize as soon as it passes `cap` bytes: a sender that claims or
+    streams more than the document may hold costs us at most `cap` + one read."""
+    if resp.content_length is not None and resp.content_length > cap:
+        raise Oversize(f"{resp.content_length} > {cap} bytes")
+    parts, total = [], 0
+    async for piece in resp.content.iter_chunked(64 * 1024):
+        total += len(piece)
+        if total > cap:
+            raise Oversize(f"more than {cap} bytes")
+        parts.append(piece)
+    return b"".join(parts)
 
 
 class Site:
-    def __init__(self, config: SiteConfig, store: ContentStore, trusted: TrustedKeys):
+    def __init__(
+        self,
+        config: SiteConfig,
+        store: ContentStore,
+        trusted: TrustedKeys,
+        rejections: Rejections | None = None,
+    ):
         self.config, self.store, self.trusted = config, store, trusted
+        self.rejections = rejections or Rejections()
         self.node_id = load_node_id(store)
-        self.started = time.time()
-        self._mono_start = time.monotonic()
-        self.membership = Membership(self.node_id, config.site, PEER_TIMEOUT)
-        self.planner = SwarmPlanner(self.node_id)
-        self.reputation = Reputation()
-        self.counters = Counters()
+        self.core = SiteCore(
+            SiteSettings(
+                node_id=self.node_id,
+                site=config.site,
+                address=config.address,
+                http_port=config.http_port,
+                can_answer_pxe=config.can_answer_pxe,
+                has_origin=bool(config.origin_url),
+                static_peers=config.static_peers,
+                responders=config.responders,
+                catalog_poll_seconds=config.catalog_poll_seconds,
+                probe_seconds=(
+                    config.probe_seconds if config.interface and config.can_answer_pxe else 0.0
+                ),
+            ),
+            now=time.monotonic(),
+            wall=time.time(),
+        )
         self.quota = Quota(store, config.quota_bytes)
-        self._quota_full_until = 0.0
-        self.endpoints: set[str] = set(config.static_peers)
-        self.endpoint_of: dict[str, str] = {}  # node id -> endpoint we reach it on
-        self.catalog: Catalog | None = None
-        self.catalog_bytes: bytes | None = None
-        self.catalog_problem: str | None = None
-        self.images: dict[str, ImageProgress] = {}  # manifest id -> progress
-        self.responders: list[str] = []
-        self._session: aiohttp.ClientSession | None = None
+        self.core.quota_limited = bool(config.quota_bytes)
+        self.supervisor = Supervisor(self._task_changed)
         self.origin: OriginClient | None = None
-        self._origin_backoff_until = 0.0
-        self._origin_failures = 0
+        self.rejected_manifests: dict[str, str] = {}  # manifest id -> why (in the store)
+        self.command_failures: dict[str, int] = {}
+        self._control: aiohttp.ClientSession | None = None
+        self._transfers: aiohttp.ClientSession | None = None
         self._discovery: MdnsDiscovery | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._fetches: set[asyncio.Task] = set()
+        # One thread for the store: writes, scans and quota bookkeeping happen in order
+        # and never on the event loop. Hashing and signature checks use the default pool.
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="pxepeer-store")
+        self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
-        self._manifest_retry: dict[str, tuple[float, float]] = {}  # id -> (retry at, pause)
-        # Did this peer's probe DISCOVER get the responder's offer? None: not checked.
-        self.offers_seen: bool | None = None
-        self.offer_problem: str | None = None
-        self._load_catalog_state()
-        self._index_store()
+        self._rescan = asyncio.Event()
+        self._logged_failures: set[str] = set()
 
-    # -- state on disk ----------------------------------------------------------------
+    # -- views the HTTP API reads ------------------------------------------------------
+
+    @property
+    def images(self) -> dict[str, HeldImage]:
+        return self.core.images
+
+    @property
+    def membership(self):
+        return self.core.membership
+
+    @property
+    def endpoint_of(self) -> dict[str, str]:
+        return self.core.endpoint_of
+
+    @property
+    def reputation(self):
+        return self.core.reputation
+
+    @property
+    def counters(self):
+        return self.core.counters
+
+    @property
+    def catalog(self) -> Catalog | None:
+        return self.core.catalog
+
+    @property
+    def catalog_bytes(self) -> bytes | None:
+        return self.core.catalog_bytes
+
+    def hello(self, address: str) -> Hello:
+        return self.core.hello(time.monotonic(), address)
+
+    def is_responder(self) -> bool:
+        return self.core.is_responder(time.monotonic())
+
+    def wanted_ids(self) -> list[str]:
+        return self.core.wanted_ids(time.monotonic())
+
+    def request_rescan(self) -> None:
+        """Look at the store again soon (the CLI may have added or removed an image)."""
+        self._rescan.set()
+
+    # -- events from the HTTP API ------------------------------------------------------
+
+    def have_received(self, notice: HaveNotice) -> None:
+        """A have-notice (already parsed and bounded); WireError when refused."""
+        now = time.monotonic()
+        if notice.gone:
+            self.core.gone_received(notice)
+        else:
+            self.core.have_received(notice, now)
+        self._wake.set()
+
+    def chunk_lost(self, sha: str) -> None:
+        """A chunk we hold failed its hash or vanished while being served."""
+        with contextlib.suppress(StoreError, OSError):
+            self.store.remove_chunk(sha)
+        self.core.chunk_lost(sha, time.monotonic())
+        self._wake.set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._store_thread, self._load_catalog_state)
+        await self._scan_store()
+        self._control = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=32, use_dns_cache=False)
+        )
+        self._transfers = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, use_dns_cache=False)
+        )
+        if self.config.origin_url:
+            self.origin = OriginClient(
+                self.config.origin_url, self._transfers, self.config.wan_rate
+            )
+        if self.config.mdns and self.config.address:
+            self._discovery = MdnsDiscovery(
+                self.node_id, self.config.site, self.config.address, self.config.http_port,
+                self._on_discovered,
+            )  # fmt: skip
+            try:
+                await self._discovery.start()
+            except OSError as exc:
+                log.warning("mDNS unavailable (%s); use --peer HOST:PORT", exc)
+                self._discovery = None
+        self.supervisor.start(HEARTBEAT_TASK, self._drive)
+        self.supervisor.start("store-scan", self._store_scan_loop)
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._discovery is not None:
+            with contextlib.suppress(Exception):
+                await self._discovery.stop()
+        for session in (self._control, self._transfers):
+            if session is not None:
+                await session.close()
+        self._store_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _task_changed(self, name: str, running: bool) -> None:
+        if name == HEARTBEAT_TASK:
+            self.core.set_membership_running(running)
+            if not running:
+                log.error("heartbeat loop down: not answering PXE until it runs again")
+
+    def _on_discovered(self, node_id: str, endpoint: str) -> None:
+        self.core.endpoint_discovered(endpoint, node_id, time.monotonic())
+        self._wake.set()
+
+    def endpoint_lost(self, endpoint: str) -> None:
+        self.core.endpoint_lost(endpoint)
+
+    # -- the driver ----------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        """Tick the core, carry out its commands, sleep until its deadline or an event."""
+        while True:
+            now = time.monotonic()
+            for command in self.core.tick(now, time.time()):
+                self._spawn(command)
+            delay = max(0.0, self.core.next_deadline(now) - time.monotonic())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    def _spawn(self, command: Command) -> None:
+        task = asyncio.create_task(self._carry_out(command))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _carry_out(self, command: Command) -> None:
+        kind = type(command).__name__
+        try:
+            if isinstance(command, PollPeers):
+                await self._poll_round(command)
+            elif isinstance(command, FetchCatalog):
+                await self._fetch_catalog(command)
+            elif isinstance(command, FetchManifest):
+                await self._fetch_manifest(command)
+            elif isinstance(command, FetchChunk):
+                await self._fetch_chunk(command)
+            elif isinstance(command, Announce):
+                await self._announce(command)
+            elif isinstance(command, ProbeOffers):
+                await self._probe(command)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug or a surprise in one command must not take the loop with it. The
+            # core is told the command ended so nothing stays "in flight" for ever.
+            self.command_failures[kind] = self.command_failures.get(kind, 0) + 1
+            signature = f"{kind}:{type(exc).__name__}"
+            if signature not in self._logged_failures:
+                self._logged_failures.add(signature)
+                log.exception("%s failed", kind)
+            else:
+                log.error("%s failed again: %s: %s", kind, type(exc).__name__, exc)
+            self._command_ended_badly(command)
+        finally:
+            self._wake.set()
+
+    def _command_ended_badly(self, command: Command) -> None:
+        now = time.monotonic()
+        if isinstance(command, PollPeers):
+            self.core.round_done(now)
+        elif isinstance(command, FetchCatalog):
+            self.core.catalog_fetch_done(now)
+        elif isinstance(command, FetchManifest):
+            self.core.manifest_unavailable(command.manifest_id, now)
+        elif isinstance(command, FetchChunk):
+            if command.fetch.job.ref.sha256 in self.core.planner.in_flight:
+                self.core.chunk_failed(command.fetch, "cancelled", now)
+        elif isinstance(command, ProbeOffers):
+            self.core.probe_done(None, command.expected, "probe failed", now)
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    async def _poll_round(self, command: PollPeers) -> None:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._poll_peer(e) for e in command.endpoints)),
+                timeout=ROUND_TIMEOUT,
+            )
+        except TimeoutError:
+            pass
+        now = time.monotonic()
+        self.core.round_done(now)
+        if self.origin is not None:
+            others = sum(1 for h in self.core.membership.live(now) if h.fetching)
+            self.origin.set_share(others + 1)
+
+    async def _poll_peer(self, endpoint: str) -> None:
+        assert self._control is not None
+        try:
+            async with self._control.get(
+                f"http://{endpoint}/v1/peer", timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT)
+            ) as resp:
+                if resp.status != 200:
+                    self.core.hello_failed(
+                        endpoint, f"HTTP {resp.status}", time.monotonic(), refused=False
+                    )
+                    return
+                body = await read_capped(resp, MAX_HELLO_BYTES)
+        except Oversize:
+            self.rejections.count("hello", "oversize")
+            self.core.hello_failed(endpoint, "oversize", time.monotonic(), refused=True)
+            return
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            self.core.hello_failed(endpoint, type(exc).__name__, time.monotonic(), refused=False)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            hello = await loop.run_in_executor(None, parse_hello, body)
+        except WireError as exc:
+            self.rejections.count_error("hello", exc)
+            self.core.hello_failed(endpoint, exc.reason, time.monotonic(), refused=True)
+            return
+        self.core.hello_received(endpoint, hello, time.monotonic())
+
+    # -- the catalog -----------------------------------------------------------------------
 
     def _load_catalog_state(self) -> None:
         path = self.store.state_dir / CATALOG_STATE
@@ -144,592 +404,326 @@ class Site:
         except (CatalogError, SignatureError) as exc:
             log.warning("ignoring stored catalog: %s", exc)
             return
-        self.catalog, self.catalog_bytes = signed.catalog, data
+        self.core.catalog, self.core.catalog_bytes = signed.catalog, data
 
-    def _index_store(self) -> None:
-        for signed in self.store.signed_manifests():
-            try:
-                signed.verify(self.trusted)
-            except SignatureError:
-                continue
-            self._track(signed.manifest)
-
-    def _track(self, manifest: Manifest) -> ImageProgress:
-        existing = self.images.get(manifest.manifest_id)
-        if existing is not None:
-            return existing
-        refs = manifest.chunk_refs()
-        progress = ImageProgress(manifest, ChunkBitmap(len(refs)))
-        for i, ref in enumerate(refs):
-            progress.index_of.setdefault(ref.sha256, []).append(i)
-            if self.store.has_chunk(ref.sha256):
-                progress.bitmap.set(i)
-        self.images[manifest.manifest_id] = progress
-        return progress
-
-    # -- identity and role ----------------------------------------------------------------
-
-    def hello(self, address: str) -> Hello:
-        return Hello(
-            node_id=self.node_id,
-            site=self.config.site,
-            address=self.config.address or address,
-            http_port=self.config.http_port,
-            started=self.started,
-            can_answer_pxe=self.config.can_answer_pxe,
-            catalog_serial=self.catalog.serial if self.catalog else 0,
-            wan_ok=self._wan_ok(time.monotonic()),
-            holdings={m: p.bitmap for m, p in self.images.items()},
-            wants=self.wanted_ids(),
-            counters=vars(self.counters),
-            fetching=self.planner.wan_fetching(),
-            offers_seen=self.offers_seen,
-        )
-
-    def _wan_ok(self, now: float) -> bool:
-        return self.origin is not None and now >= self._origin_backoff_until
-
-    def settled(self) -> bool:
-        return time.monotonic() - self._mono_start >= SETTLE_SECONDS
-
-    def is_responder(self) -> bool:
-        return self.settled() and self.node_id in self.responders
-
-    def _elect(self, now: float) -> None:
-        live = self.membership.live(now)
-        me = self.hello(self.config.address or "").candidate()
-        chosen = elect_responders([me, *(h.candidate() for h in live)], self.config.responders)
-        if chosen != self.responders:
-            log.info(
-                "PXE responder(s) now %s%s",
-                chosen,
-                " (this peer)" if self.node_id in chosen else "",
-            )
-            self.responders = chosen
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=None, use_dns_cache=False)
-        )
-        if self.config.origin_url:
-            self.origin = OriginClient(self.config.origin_url, self._session, self.config.wan_rate)
-        if self.config.mdns and self.config.address:
-            self._discovery = MdnsDiscovery(
-                self.node_id, self.config.site, self.config.address, self.config.http_port,
-                self._on_discovered,
-            )  # fmt: skip
-            try:
-                await self._discovery.start()
-            except OSError as exc:
-                log.warning("mDNS unavailable (%s); use --peer HOST:PORT", exc)
-                self._discovery = None
-        self._elect(time.monotonic())
-        loops = [self._heartbeat_loop(), self._catalog_loop(), self._swarm_loop()]
-        if self.config.interface and self.config.can_answer_pxe and self.config.probe_seconds:
-            loops.append(self._probe_loop())
-        for coro in loops:
-            self._tasks.append(asyncio.create_task(coro))
-
-    async def stop(self) -> None:
-        for task in [*self._tasks, *self._fetches]:
-            task.cancel()
-        for task in [*self._tasks, *self._fetches]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._discovery is not None:
-            with contextlib.suppress(Exception):
-                await self._discovery.stop()
-        if self._session is not None:
-            await self._session.close()
-
-    def _on_discovered(self, node_id: str, endpoint: str) -> None:
-        if endpoint not in self.endpoints:
-            log.info("mDNS: found peer %s at %s", node_id, endpoint)
-            self.endpoints.add(endpoint)
-
-    # -- heartbeats -----------------------------------------------------------------------
-
-    async def _poll_peer(self, endpoint: str) -> None:
-        assert self._session is not None
+    async def _fetch_catalog(self, command: FetchCatalog) -> None:
         try:
-            async with self._session.get(
-                f"http://{endpoint}/v1/peer", timeout=aiohttp.ClientTimeout(total=2)
+            data = await self._catalog_bytes(command.source)
+            if data is not None:
+                await self._adopt_catalog(data, command.source)
+        finally:
+            self.core.catalog_fetch_done(time.monotonic())
+
+    async def _catalog_bytes(self, source: str) -> bytes | None:
+        if source == ORIGIN:
+            assert self.origin is not None
+            try:
+                data = await self.origin.fetch_catalog(MAX_CATALOG_BYTES)
+            except OriginError as exc:
+                self.core.origin_failed(str(exc), time.monotonic())
+                return None
+            self.core.origin_ok()
+            return data
+        assert self._control is not None
+        try:
+            async with self._control.get(
+                f"http://{source}/v1/catalog", timeout=aiohttp.ClientTimeout(total=5)
             ) as resp:
                 if resp.status != 200:
+                    return None
+                return await read_capped(resp, MAX_CATALOG_BYTES)
+        except Oversize:
+            self.rejections.count("catalog", "oversize")
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            pass
+        return None
+
+    async def _adopt_catalog(self, data: bytes, source: str) -> None:
+        label = "origin" if source == ORIGIN else f"peer {source}"
+        current = self.core.catalog
+        loop = asyncio.get_running_loop()
+
+        def check() -> Catalog:
+            signed = SignedCatalog.from_bytes(data)
+            return accept_catalog(signed, self.trusted, current, time.time())
+
+        try:
+            catalog = await loop.run_in_executor(None, check)
+        except (CatalogError, CatalogRejected) as exc:
+            if isinstance(exc, CatalogError):
+                self.rejections.count_error("catalog", exc)
+            self.core.catalog_refused(label, str(exc))
+            if source == ORIGIN and self.origin is not None:
+                self.origin.forget_catalog_etag()
+            return
+        if not self.core.catalog_accepted(catalog, data, label):
+            return
+        try:
+            await loop.run_in_executor(
+                self._store_thread,
+                self.store.write_atomic,
+                self.store.state_dir / CATALOG_STATE,
+                data,
+            )
+        except OSError as exc:
+            log.warning("cannot save catalog: %s", exc)
+
+    # -- manifests -------------------------------------------------------------------------
+
+    async def _fetch_manifest(self, command: FetchManifest) -> None:
+        manifest_id = command.manifest_id
+        refused: str | None = None
+        for node, endpoint in command.peers:
+            data = await self._peer_manifest(endpoint, manifest_id)
+            if data is None:
+                continue
+            problem = await self._ingest_manifest(data, manifest_id)
+            if problem is None:
+                return
+            refused = f"from peer {node}: {problem}"
+            # A peer that hands out a manifest that does not verify counts against it.
+            self.core.reputation.strike(node, time.monotonic())
+        if command.try_origin and self.origin is not None:
+            try:
+                data = await self.origin.fetch_manifest(manifest_id, MAX_MANIFEST_BYTES)
+            except OriginError as exc:
+                self.core.origin_failed(str(exc), time.monotonic())
+            else:
+                self.core.origin_ok()
+                problem = await self._ingest_manifest(data, manifest_id)
+                if problem is None:
                     return
-                hello = Hello.from_json(await resp.json())
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, HelloError):
-            return
-        if hello.node_id == self.node_id:
-            self.endpoints.discard(endpoint)  # our own address, e.g. listed in --peer
-            return
-        if self.membership.heard(hello, time.monotonic()):
-            if self.endpoint_of.get(hello.node_id) != endpoint:
-                log.info("peer %s up at %s", hello.node_id, endpoint)
-            self.endpoint_of[hello.node_id] = endpoint
-            if self.catalog is None or hello.catalog_serial > self.catalog.serial:
-                await self._catalog_from_peer(endpoint)
+                refused = f"from the origin: {problem}"
+        now = time.monotonic()
+        if refused is not None:
+            self.core.manifest_refused(manifest_id, "site", refused, now)
+        else:
+            self.core.manifest_unavailable(manifest_id, now)
 
-    async def _heartbeat_loop(self) -> None:
+    async def _peer_manifest(self, endpoint: str, manifest_id: str) -> bytes | None:
+        assert self._control is not None
+        try:
+            async with self._control.get(
+                f"http://{endpoint}/v1/manifests/{manifest_id}",
+                timeout=aiohttp.ClientTimeout(total=30, sock_read=10),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                return await read_capped(resp, MAX_MANIFEST_BYTES)
+        except Oversize:
+            self.rejections.count("manifest", "oversize")
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            pass
+        return None
+
+    async def _ingest_manifest(self, data: bytes, manifest_id: str) -> str | None:
+        """Parse, verify and store a manifest off the loop, then hand it to the core;
+        the reason it was refused, or None."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> SignedManifest:
+            signed = SignedManifest.from_bytes(data)
+            signed.verify(self.trusted)
+            if signed.manifest.manifest_id != manifest_id:
+                raise ManifestError("wrong manifest", "not the manifest the catalog names")
+            return signed
+
+        try:
+            signed = await loop.run_in_executor(None, check)
+        except (ManifestError, SignatureError) as exc:
+            self.rejections.count_error("manifest", exc)
+            return str(exc)
+        try:
+            present = await loop.run_in_executor(self._store_thread, self._store_manifest, signed)
+        except (StoreError, OSError) as exc:
+            log.error("cannot store manifest %s: %s", manifest_id[:12], exc)
+            return None
+        self.core.manifest_held(signed.manifest, present)
+        return None
+
+    def _store_manifest(self, signed: SignedManifest) -> set[int]:
+        self.store.put_manifest(signed)
+        return self._present(signed)
+
+    def _present(self, signed: SignedManifest) -> set[int]:
+        return {
+            i
+            for i, ref in enumerate(signed.manifest.chunk_refs())
+            if self.store.has_chunk(ref.sha256)
+        }
+
+    # -- the store as the CLI changes it ------------------------------------------------------
+
+    async def _store_scan_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self._poll_peer(e) for e in list(self.endpoints)))
-            now = time.monotonic()
-            for node in self.membership.expire(now):
-                log.warning("peer %s left the view (silent for %.0f s)", node, PEER_TIMEOUT)
-                self.endpoint_of.pop(node, None)
-            self._elect(now)
-            if self.origin is not None:
-                others = sum(1 for h in self.membership.live(now) if h.fetching)
-                self.origin.set_share(others + 1)
-            self._wake.set()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rescan.wait(), timeout=STORE_SCAN_SECONDS)
+            self._rescan.clear()
+            await self._scan_store()
 
-    def note_have(self, node_id: str, manifest_id: str, index: int, size: int) -> None:
-        self.membership.note_chunk(node_id, manifest_id, index, size)
-        self._wake.set()
+    async def _scan_store(self) -> None:
+        """Manifests added to or removed from the store by the CLI while we run: new ones
+        are parsed and verified once, off the loop, and the core tracks them."""
+        loop = asyncio.get_running_loop()
+        known = set(self.core.images) | set(self.rejected_manifests)
+        ids = await loop.run_in_executor(self._store_thread, self.store.manifest_ids)
+        for gone in set(self.core.images) - ids:
+            self.core.manifest_dropped(gone)
+        for gone in set(self.rejected_manifests) - ids:
+            del self.rejected_manifests[gone]
+        for manifest_id in sorted(ids - known):
+            result = await loop.run_in_executor(
+                self._store_thread, self._load_stored_manifest, manifest_id
+            )
+            if isinstance(result, str):
+                self.rejected_manifests[manifest_id] = result
+                continue
+            signed, present = result
+            held = self.core.manifest_held(signed.manifest, present)
+            for sha in held.index_of:
+                if self.store.has_chunk(sha):
+                    self.core.chunk_present(sha)
 
-    # -- DHCP snooping check -----------------------------------------------------------------
+    def _load_stored_manifest(self, manifest_id: str) -> tuple[SignedManifest, set[int]] | str:
+        try:
+            signed = self.store.read_manifest(manifest_id)
+            signed.verify(self.trusted)
+        except (StoreError, ManifestError, SignatureError, OSError) as exc:
+            log.warning("not serving manifest %s from the store: %s", manifest_id[:12], exc)
+            return str(exc)
+        return signed, self._present(signed)
 
-    async def _probe_loop(self) -> None:
+    # -- chunks ------------------------------------------------------------------------------
+
+    async def _fetch_chunk(self, command: FetchChunk) -> None:
+        fetch, now = command.fetch, time.monotonic()
+        loop = asyncio.get_running_loop()
+        if self.quota.limit:
+            assigned = set(
+                await loop.run_in_executor(self._store_thread, self._assigned_names)
+            )
+            protected = self.core.protected_chunks(assigned, now)
+            room = await loop.run_in_executor(
+                self._store_thread, self.quota.reserve, command.size, protected
+            )
+            for sha in self.quota.evicted:
+                self.core.chunk_lost(sha, time.monotonic(), evicted=True)
+            self.quota.evicted = []
+            if not room:
+                self.core.quota_refused(time.monotonic())
+                self.core.chunk_failed(fetch, "quota", time.monotonic())
+                return
+        stored = False
+        try:
+            data, reason = await self._chunk_bytes(command)
+            if data is None:
+                self.core.chunk_failed(fetch, reason, time.monotonic())
+                return
+            try:
+                await loop.run_in_executor(
+                    self._store_thread, self.store.put_chunk, data, fetch.job.ref.sha256
+                )
+            except ChunkCorrupt:
+                self.core.chunk_failed(fetch, "corrupt", time.monotonic())
+                return
+            except (StoreError, OSError) as exc:
+                log.error("cannot store chunk: %s", exc)
+                self.core.chunk_failed(fetch, "disk", time.monotonic())
+                await asyncio.sleep(5)  # a full disk: do not spin
+                return
+            stored = True
+            self.core.chunk_stored(fetch, len(data), time.monotonic())
+        finally:
+            if self.quota.limit:
+                self.quota.release(command.size, stored)
+
+    async def _chunk_bytes(self, command: FetchChunk) -> tuple[bytes | None, str]:
+        sha, size = command.fetch.job.ref.sha256, command.size
+        if command.fetch.source == ORIGIN:
+            assert self.origin is not None
+            try:
+                return await self.origin.fetch_chunk(sha, size), ""
+            except OriginError as exc:
+                return None, f"origin: {exc}"
+        assert self._transfers is not None and command.endpoint is not None
+        # A deadline for the whole transfer, not only between reads: a holder dribbling
+        # one byte a second must lose the chunk, not hold it for hours.
+        deadline = 10.0 + size / CHUNK_MIN_RATE
+        try:
+            async with self._transfers.get(
+                f"http://{command.endpoint}/v1/chunks/{sha}",
+                timeout=aiohttp.ClientTimeout(total=deadline, sock_connect=3, sock_read=10),
+            ) as resp:
+                if resp.status == 404:
+                    return None, "not found"
+                if resp.status != 200:
+                    return None, "bad status"
+                return await read_capped(resp, size), ""
+        except Oversize:
+            return None, "oversize"
+        except TimeoutError:
+            return None, "timeout"
+        except (aiohttp.ClientError, OSError, ValueError):
+            return None, "unreachable"
+
+    def _assigned_names(self) -> list[str]:
+        return list(self.store.assignments().values())
+
+    async def _announce(self, command: Announce) -> None:
+        """Tell live peers at once that we hold (or lost) chunks, so they need not wait
+        for the next heartbeat (the relay is what makes the swarm fast)."""
+        assert self._control is not None
+        body = encode_have(self.node_id, command.chunks, command.gone)
+
+        async def post(endpoint: str) -> None:
+            assert self._control is not None
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                async with self._control.post(
+                    f"http://{endpoint}/v1/have", json=body, timeout=aiohttp.ClientTimeout(total=2)
+                ):
+                    pass
+
+        await asyncio.gather(*(post(e) for e in command.endpoints))
+
+    # -- DHCP snooping check ---------------------------------------------------------------
+
+    async def _probe(self, command: ProbeOffers) -> None:
         """From a peer that is not the responder, check the responder's PXE offers arrive.
 
         The responder cannot check itself (its own broadcast never crosses the switch);
         any other peer on the subnet can, and its verdict reaches everyone's status
         through its hello."""
         assert self.config.interface is not None
-        await asyncio.sleep(SETTLE_SECONDS + 3)
-        while True:
-            now = time.monotonic()
-            others = [h for h in self.membership.live(now) if h.node_id in self.responders]
-            if others and not self.is_responder():
-                expected = {h.address for h in others}
-                try:
-                    servers = await probe_for_offers(self.config.interface)
-                except OSError as exc:
-                    if self.offer_problem != str(exc):
-                        log.warning("cannot run the DHCP offer probe: %s", exc)
-                    self.offer_problem = str(exc)
-                else:
-                    seen = {str(a) for a in servers} & expected
-                    if seen != expected and self.offers_seen is not False:
-                        log.warning(
-                            "probe DISCOVER got no PXE offer from responder %s: DHCP from "
-                            "peers may be filtered on this network (DHCP snooping?)",
-                            ", ".join(sorted(expected - seen)),
-                        )
-                    self.offers_seen = seen == expected
-            await asyncio.sleep(self.config.probe_seconds)
-
-    # -- the catalog ------------------------------------------------------------------------
-
-    def _adopt_catalog(self, data: bytes, source: str) -> bool:
         try:
-            signed = SignedCatalog.from_bytes(data)
-            catalog = accept_catalog(signed, self.trusted, self.catalog, time.time())
-        except (CatalogError, CatalogRejected) as exc:
-            if str(exc) != self.catalog_problem:
-                log.warning("catalog from %s refused: %s", source, exc)
-            self.catalog_problem = str(exc)
-            return False
-        self.catalog_problem = None
-        if self.catalog is not None and catalog.serial == self.catalog.serial:
-            return False
-        self.catalog, self.catalog_bytes = catalog, data
-        path = self.store.state_dir / CATALOG_STATE
-        try:
-            self.store._write_atomic(path, data)
+            servers = await probe_for_offers(self.config.interface)
         except OSError as exc:
-            log.warning("cannot save catalog: %s", exc)
-        log.info(
-            "following catalog serial %d from %s: %s",
-            catalog.serial,
-            source,
-            ", ".join(f"{e.name} {e.version}" for e in catalog.by_priority()),
-        )
-        self._wake.set()
-        return True
-
-    async def _catalog_from_peer(self, endpoint: str) -> None:
-        assert self._session is not None
-        try:
-            async with self._session.get(
-                f"http://{endpoint}/v1/catalog", timeout=aiohttp.ClientTimeout(total=5)
-            ) as resp:
-                if resp.status == 200:
-                    self._adopt_catalog(await resp.read(), f"peer {endpoint}")
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            pass
-
-    async def _catalog_loop(self) -> None:
-        while True:
-            if self.origin is not None and time.monotonic() >= self._origin_backoff_until:
-                try:
-                    data = await self.origin.fetch_catalog()
-                    self._origin_ok()
-                    if data is not None and not self._adopt_catalog(data, "origin"):
-                        if self.catalog_problem:
-                            self.origin.forget_catalog_etag()
-                except OriginError as exc:
-                    self._origin_failed(exc)
-            await asyncio.sleep(self.config.catalog_poll_seconds)
-
-    def _origin_ok(self) -> None:
-        if self._origin_failures:
-            log.info("origin reachable again")
-        self._origin_failures = 0
-        self._origin_backoff_until = 0.0
-
-    def _origin_failed(self, exc: Exception) -> None:
-        self._origin_failures += 1
-        # Capped at 8 s: after an outage the site should be back on the WAN within
-        # seconds, and a failed request costs the origin next to nothing.
-        delay = min(2.0 ** min(self._origin_failures, 3), 8.0)
-        self._origin_backoff_until = time.monotonic() + delay
-        self.counters.wan_failures += 1
-        log.warning("origin: %s (retry in %.0f s)", exc, delay)
-
-    def catalog_expired(self) -> bool:
-        return self.catalog is not None and self.catalog.expired(time.time())
-
-    def wanted_ids(self) -> list[str]:
-        """Manifest ids this peer should hold, highest priority first.
-
-        Nothing on an expired catalog: what is held stays bootable, nothing new comes.
-        """
-        if self.catalog is None or self.catalog_expired():
-            return []
-        live = [h.node_id for h in self.membership.live(time.monotonic())] + [self.node_id]
-        wanted = []
-        for entry in self.catalog.by_priority():
-            if entry.paused:
-                continue
-            if entry.replicas and self.node_id not in rendezvous_rank(
-                entry.manifest_id, live
-            )[: entry.replicas]:
-                continue
-            wanted.append(entry.manifest_id)
-        return wanted
-
-    # -- the swarm --------------------------------------------------------------------------
-
-    async def _get_manifest(self, manifest_id: str) -> Manifest | None:
-        assert self._session is not None
-        sources: list[tuple[str, str]] = [
-            (f"http://{self.endpoint_of[h.node_id]}/v1/manifests/{manifest_id}", h.node_id)
-            for h in self.membership.live(time.monotonic())
-            if manifest_id in h.holdings and h.node_id in self.endpoint_of
-        ]
-        for url, node in sources:
-            try:
-                async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    if r.status == 200:
-                        manifest = self._accept_manifest(await r.read(), manifest_id, node)
-                        if manifest is not None:
-                            return manifest
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                continue
-        if self.origin is not None and self._wan_ok(time.monotonic()):
-            try:
-                data = await self.origin.fetch_manifest(manifest_id)
-            except OriginError as exc:
-                self._origin_failed(exc)
-                return None
-            return self._accept_manifest(data, manifest_id, ORIGIN)
-        return None
-
-    def _accept_manifest(self, data: bytes, manifest_id: str, source: str) -> Manifest | None:
-        try:
-            signed = SignedManifest.from_bytes(data)
-            signed.verify(self.trusted)
-        except (ManifestError, SignatureError) as exc:
-            self._refuse_manifest(manifest_id, source, str(exc))
-            return None
-        if signed.manifest.manifest_id != manifest_id:
-            self._refuse_manifest(manifest_id, source, "not the manifest the catalog names")
-            return None
-        self._manifest_retry.pop(manifest_id, None)
-        try:
-            self.store.put_manifest(signed)
-        except StoreError as exc:
-            log.error("%s", exc)
-            return None
-        return self._track(signed.manifest).manifest
-
-    def _refuse_manifest(self, manifest_id: str, source: str, reason: str) -> None:
-        """Ask for a refused manifest again only after a pause that doubles each time: the
-        catalog keeps naming it and the swarm loop runs twice a second, which would
-        otherwise mean a WAN request and a log line per peer every half second."""
-        pause = self._manifest_retry.get(manifest_id, (0.0, MANIFEST_RETRY_FIRST / 2))[1]
-        pause = min(pause * 2, MANIFEST_RETRY_MAX)
-        self._manifest_retry[manifest_id] = (time.monotonic() + pause, pause)
-        log.warning(
-            "manifest %s from %s refused: %s (asking again in %.0f s)",
-            manifest_id[:12], source, reason, pause,
-        )  # fmt: skip
-
-    def _missing_jobs(self) -> list[ChunkJob]:
-        jobs = []
-        for manifest_id in self.wanted_ids():
-            progress = self.images.get(manifest_id)
-            if progress is None:
-                continue
-            for i, ref in enumerate(progress.manifest.chunk_refs()):
-                if i not in progress.bitmap:
-                    jobs.append(ChunkJob(manifest_id, i, ref))
-        return jobs
-
-    async def _swarm_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            for manifest_id in self.wanted_ids():
-                retry_at = self._manifest_retry.get(manifest_id, (0.0, 0.0))[0]
-                if manifest_id not in self.images and time.monotonic() >= retry_at:
-                    await self._get_manifest(manifest_id)
-            now = time.monotonic()
-            live = self.membership.live(now)
-            shunned = {h.node_id for h in live if self.reputation.is_shunned(h.node_id, now)}
-            jobs = self._missing_jobs()
-            # Before the view has settled every peer would think it owns every chunk.
-            wan_ok = self._wan_ok(now) and self.settled()
-            serial = self.catalog.serial if self.catalog else 0
-            planned = []
-            if now >= self._quota_full_until:
-                planned = self.planner.plan(jobs, live, shunned, wan_ok, now, serial)
-            protected = self._protected_chunks() if planned and self.quota.limit else set()
-            for fetch in planned:
-                if not self.quota.reserve(fetch.job.ref.size, protected):
-                    self._quota_full_until = now + 30
-                    log.warning(
-                        "cache quota (%d bytes) reached: nothing more can be evicted; "
-                        "not downloading for 30 s",
-                        self.quota.limit,
-                    )
-                    break
-                self._forget_evicted()
-                self.planner.started(fetch)
-                task = asyncio.create_task(self._fetch(fetch))
-                self._fetches.add(task)
-                task.add_done_callback(self._fetches.discard)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
-
-    async def _fetch(self, fetch: Fetch) -> None:
-        stored = False
-        sha = fetch.job.ref.sha256
-        try:
-            if fetch.source == ORIGIN:
-                assert self.origin is not None
-                try:
-                    data = await self.origin.fetch_chunk(sha)
-                except OriginError as exc:
-                    self._origin_failed(exc)
-                    return
-                self._origin_ok()
-                self.counters.wan_bytes += len(data)
-            else:
-                data = await self._fetch_from_peer(fetch.source, sha)
-                if data is None:
-                    return
-                self.counters.lan_bytes_in += len(data)
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(None, self.store.put_chunk, data, sha)
-            except ChunkCorrupt:
-                self._bad_chunk(fetch.source, sha)
-                return
-            except StoreError as exc:
-                log.error("%s", exc)
-                await asyncio.sleep(5)  # full disk: do not spin
-                return
-            stored = True
-            if fetch.source == ORIGIN:
-                self.counters.chunks_from_wan += 1
-            else:
-                self.counters.chunks_from_lan += 1
-            self._stored(sha)
-        finally:
-            self.quota.release(fetch.job.ref.size, stored)
-            self.planner.finished(fetch, stored)
-            self._wake.set()
-
-    async def _fetch_from_peer(self, node_id: str, sha: str) -> bytes | None:
-        assert self._session is not None
-        endpoint = self.endpoint_of.get(node_id)
-        if endpoint is None:
-            return None
-        try:
-            async with self._session.get(
-                f"http://{endpoint}/v1/chunks/{sha}",
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=10),
-            ) as resp:
-                if resp.status != 200:
-                    self.counters.lan_failures += 1
-                    return None
-                return await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            self.counters.lan_failures += 1
-            return None
-
-    def _protected_chunks(self) -> set[str]:
-        """Chunks the quota may not evict: of images this peer is to hold (the catalog's,
-        within replica targets) and of images a machine is assigned to."""
-        assigned = set(self.store.assignments().values())
-        wanted = set(self.wanted_ids())
-        return {
-            ref.sha256
-            for manifest_id, progress in self.images.items()
-            if manifest_id in wanted or progress.manifest.name in assigned
-            for ref in progress.manifest.chunk_refs()
-        }
-
-    def _forget_evicted(self) -> None:
-        for sha in self.quota.evicted:
-            for progress in self.images.values():
-                for index in progress.index_of.get(sha, ()):
-                    progress.bitmap.clear(index)
-        self.quota.evicted = []
-
-    def _bad_chunk(self, source: str, sha: str) -> None:
-        self.counters.bad_chunks_received += 1
-        if source == ORIGIN:
-            log.error("origin sent a chunk that does not match %s; discarded", sha[:16])
+            self.core.probe_done(None, command.expected, str(exc), time.monotonic())
             return
-        shunned = self.reputation.strike(source, time.monotonic())
-        log.warning(
-            "peer %s sent a corrupt chunk %s; discarded%s",
-            source,
-            sha[:16],
-            " - peer shunned" if shunned else "",
+        self.core.probe_done(
+            {str(a) for a in servers}, command.expected, None, time.monotonic()
         )
 
-    def _stored(self, sha: str) -> None:
-        notices = []
-        for manifest_id, progress in self.images.items():
-            for index in progress.index_of.get(sha, ()):
-                progress.bitmap.set(index)
-                notices.append({"manifest_id": manifest_id, "index": index,
-                                "size": progress.bitmap.size})  # fmt: skip
-        if notices:
-            task = asyncio.create_task(self._announce(notices))
-            self._fetches.add(task)
-            task.add_done_callback(self._fetches.discard)
+    # -- status ------------------------------------------------------------------------------
 
-    async def _announce(self, notices: list[dict[str, object]]) -> None:
-        """Tell live peers at once that we hold a chunk, so they need not wait for the
-        next heartbeat to fetch it from us (the relay is what makes the swarm fast)."""
-        assert self._session is not None
-        body = {"node_id": self.node_id, "chunks": notices}
-
-        async def post(endpoint: str) -> None:
-            assert self._session is not None
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                async with self._session.post(
-                    f"http://{endpoint}/v1/have", json=body, timeout=aiohttp.ClientTimeout(total=2)
-                ):
-                    pass
-
-        await asyncio.gather(*(post(e) for e in list(self.endpoint_of.values())))
-
-    # -- status -----------------------------------------------------------------------------
+    def warnings(self) -> list[str]:
+        out = self.core.warnings(time.monotonic(), time.time())
+        out.extend(self.supervisor.warnings())
+        for kind, n in sorted(self.command_failures.items()):
+            out.append(f"{n} {kind} command(s) failed unexpectedly (see the log)")
+        return out
 
     def status(self) -> dict[str, object]:
-        now = time.monotonic()
-        live = self.membership.live(now)
-        peers = [
-            {
-                "node_id": self.node_id,
-                "self": True,
-                "address": self.config.address or "-",
-                "http_port": self.config.http_port,
-                "started": self.started,
-                "responder": self.node_id in self.responders,
-                "can_answer_pxe": self.config.can_answer_pxe,
-                "counters": vars(self.counters),
-            }
-        ]
-        for h in live:
-            seen = self.membership.last_seen(h.node_id)
-            peers.append(
-                {
-                    "node_id": h.node_id,
-                    "self": False,
-                    "address": h.address,
-                    "http_port": h.http_port,
-                    "started": h.started,
-                    "responder": h.node_id in self.responders,
-                    "can_answer_pxe": h.can_answer_pxe,
-                    "last_seen_seconds": round(now - seen, 1) if seen else None,
-                    "counters": h.counters,
-                }
+        doc = self.core.status(time.monotonic(), time.time())
+        doc["warnings"] = [*doc["warnings"], *self.supervisor.warnings()]  # type: ignore[misc]
+        for kind, n in sorted(self.command_failures.items()):
+            doc["warnings"].append(  # type: ignore[attr-defined]
+                f"{n} {kind} command(s) failed unexpectedly (see the log)"
             )
-        images = []
-        entries = {e.manifest_id: e for e in (self.catalog.entries if self.catalog else ())}
-        for manifest_id, progress in self.images.items():
-            m = progress.manifest
-            entry = entries.get(manifest_id)
-            holders = {self.node_id: [progress.bitmap.count(), progress.bitmap.size]}
-            for h in live:
-                bm = h.holdings.get(manifest_id)
-                holders[h.node_id] = [bm.count() if bm else 0, progress.bitmap.size]
-            images.append(
-                {
-                    "name": m.name,
-                    "version": m.version,
-                    "manifest_id": manifest_id,
-                    "in_catalog": entry is not None,
-                    "priority": entry.priority if entry else None,
-                    "paused": bool(entry and entry.paused),
-                    "wanted": manifest_id in self.wanted_ids(),
-                    "chunks": holders,
-                }
-            )
-        warnings = []
-        if self.catalog_expired():
-            assert self.catalog is not None
-            warnings.append(
-                f"catalog serial {self.catalog.serial} expired; held images stay bootable, "
-                "nothing new is fetched until the origin is reachable"
-            )
-        if self.catalog_problem:
-            warnings.append(f"last catalog refused: {self.catalog_problem}")
-        if self.origin is not None and not self._wan_ok(now):
-            warnings.append("origin unreachable; retrying")
-        if now < self._quota_full_until:
-            warnings.append(
-                f"cache quota of {self.quota.limit} bytes is full of images this peer must "
-                "keep: raise --quota or lower replica targets"
-            )
-        blind = [h.node_id for h in live if h.offers_seen is False]
-        if self.offers_seen is False:
-            blind.append(self.node_id)
-        if blind:
-            warnings.append(
-                f"PXE offers from the responder did not reach peer(s) {', '.join(blind)}: "
-                "switches may be dropping DHCP from access ports (DHCP snooping); machines "
-                "there cannot PXE boot"
-            )
-        return {
-            "site": self.config.site,
-            "node_id": self.node_id,
-            "responders": self.responders,
-            "this_peer_responds": self.is_responder(),
-            "offers_seen": self.offers_seen,
-            "peers": peers,
-            "images": images,
-            "catalog": {
-                "serial": self.catalog.serial,
-                "expires": self.catalog.expires,
-                "expired": self.catalog_expired(),
-            }
-            if self.catalog
-            else None,
-            "origin": self.config.origin_url,
-            "wan_rate": self.origin.current_rate if self.origin else None,
-            "wan_bytes": self.counters.wan_bytes,
-            "lan_bytes_in": self.counters.lan_bytes_in,
-            "reputation": self.reputation.snapshot(now),
-            "quota": self.quota.status(),
-            "warnings": warnings,
-        }
+        doc["origin"] = self.config.origin_url
+        doc["wan_rate"] = self.origin.current_rate if self.origin else None
+        doc["quota"] = self.quota.status()
+        doc["tasks"] = self.supervisor.status()
+        doc["rejected"] = self.rejections.snapshot()
+        doc["rejected_manifests"] = dict(self.rejected_manifests)
+        return doc
+

@@ -1,6 +1,11 @@
 """The HTTP endpoints peers use with each other (beside the chunk endpoint every client
 uses): heartbeat hellos, have-notices, and the signed catalog and manifests, so a peer
-cut off from the origin can still learn both from its site."""
+cut off from the origin can still learn both from its site.
+
+Have-notices are read up to MAX_HAVE_BYTES and no further, parsed as hostile
+(peer/core/wire.py) and checked against our own manifests by the site core; a refused
+notice is answered 400 and counted by reason, and never touches anything else.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,11 @@ import logging
 from aiohttp import web
 
 from peer.adapters.site import Site
-from peer.core.membership import HelloError
+from peer.core.wire import MAX_HAVE_BYTES, WireError, parse_have
 
 log = logging.getLogger("pxepeer.peer_api")
 
 SITE = web.AppKey("site", Site)
-MAX_NOTICES = 4096
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -24,19 +28,22 @@ async def hello(request: web.Request) -> web.Response:
     return web.json_response(site.hello(address).to_json())
 
 
+async def _bounded_body(request: web.Request, cap: int) -> bytes:
+    if request.content_length is not None and request.content_length > cap:
+        raise WireError("oversize")
+    body = await request.content.read(cap + 1)
+    if len(body) > cap:
+        raise WireError("oversize")
+    return body
+
+
 async def have(request: web.Request) -> web.Response:
     site = request.app[SITE]
     try:
-        body = await request.json()
-        node_id = str(body["node_id"])
-        notices = body["chunks"]
-        if not isinstance(notices, list) or len(notices) > MAX_NOTICES:
-            raise HelloError("chunks must be a short list")
-        for notice in notices:
-            site.note_have(
-                node_id, str(notice["manifest_id"]), int(notice["index"]), int(notice["size"])
-            )
-    except (ValueError, KeyError, TypeError, HelloError) as exc:
+        notice = parse_have(await _bounded_body(request, MAX_HAVE_BYTES))
+        site.have_received(notice)
+    except WireError as exc:
+        site.rejections.count_error("have", exc)
         raise web.HTTPBadRequest(text=f"bad have-notice: {exc}\n") from None
     return web.Response(status=204)
 

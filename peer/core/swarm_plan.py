@@ -13,6 +13,11 @@ Rules, in order:
    says it is already fetching from the WAN is left to it (a peer joining mid-download
    must not fetch the same chunk again).
 3. Otherwise wait: someone else is fetching it.
+
+A holder that failed to deliver a chunk (404, timeout, more bytes than the chunk) has
+lost its claim to it (`excluded`), and a chunk that failed over the LAN too often
+comes from the origin (`to_origin`): a fake holder advertising everything must not
+stall the swarm.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imaging.manifest import ChunkRef
-from peer.core.membership import Hello
 from peer.core.ranking import rendezvous_rank
+from peer.core.wire import Hello
 
 ORIGIN = "origin"
 
@@ -99,8 +104,17 @@ class SwarmPlanner:
         self_wan_ok: bool,
         now: float,
         catalog_serial: int = 0,
+        excluded: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
+        to_origin: frozenset[str] | set[str] = frozenset(),
+        lan_failed: frozenset[str] | set[str] = frozenset(),
     ) -> list[Fetch]:
-        """New fetches to start now (the caller marks them in flight with `started`)."""
+        """New fetches to start now (the caller marks them in flight with `started`).
+
+        `excluded` holds (node id, sha) claims not to be believed; `to_origin` the chunks
+        to fetch from the origin whoever holds or owns them; `lan_failed` the chunks a
+        holder already failed to deliver: once no believable holder is left, this peer
+        fetches those from the origin itself rather than wait for a WAN owner (which
+        may be the very peer that lied about holding it)."""
         fetches: list[Fetch] = []
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
@@ -111,10 +125,17 @@ class SwarmPlanner:
             sha = job.ref.sha256
             if sha in self.in_flight or any(f.job.ref.sha256 == sha for f in fetches):
                 continue
+            if sha in to_origin and self_wan_ok:
+                if wan < self.limits.wan_in_flight:
+                    fetches.append(Fetch(job, ORIGIN))
+                    wan += 1
+                continue
             holders = [
                 h.node_id
                 for h in sources
-                if (bm := h.holdings.get(job.manifest_id)) is not None and job.index in bm
+                if (bm := h.holdings.get(job.manifest_id)) is not None
+                and job.index in bm
+                and (h.node_id, sha) not in excluded
             ]
             if holders:
                 if lan >= self.limits.lan_in_flight:
@@ -126,6 +147,10 @@ class SwarmPlanner:
                 planned_load[best] = planned_load.get(best, 0) + 1
                 fetches.append(Fetch(job, best))
                 lan += 1
+            elif sha in lan_failed and self_wan_ok:
+                if wan < self.limits.wan_in_flight:
+                    fetches.append(Fetch(job, ORIGIN))
+                    wan += 1
             elif (
                 sha in elsewhere
                 and now - self.elsewhere_since.setdefault(sha, now) < self.limits.takeover_after

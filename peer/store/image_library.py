@@ -1,29 +1,38 @@
-"""The images this peer may serve: manifests in the store whose signature a trusted key
-made. Everything that boots or is streamed goes through here, so an image signed by an
-unknown key, or a manifest edited on disk, is never offered to a machine."""
+"""The images this peer may serve: a view of what the site core holds.
+
+A manifest enters the core only after its signature checked out against the trusted
+keys (once, off the event loop, when it was fetched or found in the store), and an
+image is served only while every one of its chunks is held. So an image signed by an
+unknown key, or a manifest edited on disk, is never offered to a machine, and no
+request re-verifies anything: /boot.ipxe with fifty 100 GiB images costs a dictionary
+walk, not fifty signature checks over megabytes of canonical JSON.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from imaging.manifest import FileEntry, ImageKind, Manifest, SignedManifest
-from imaging.signing import SignatureError, TrustedKeys
-from peer.store.content_store import ContentStore
+from imaging.manifest import FileEntry, ImageKind, Manifest
+from peer.core.site_core import HeldImage
 
-log = logging.getLogger("pxepeer.images")
+
+class Holdings(Protocol):
+    """What the library reads: the site runtime (peer/adapters/site.py) provides it."""
+
+    @property
+    def images(self) -> dict[str, HeldImage]: ...
+
+    rejected_manifests: dict[str, str]
+
+    def request_rescan(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class ServedImage:
     manifest_id: str
-    signed: SignedManifest
+    manifest: Manifest
     complete: bool
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.signed.manifest
 
     @property
     def title(self) -> str:
@@ -37,46 +46,36 @@ class ServedImage:
 
 
 class ImageLibrary:
-    def __init__(self, store: ContentStore, trusted: TrustedKeys):
-        self.store, self.trusted = store, trusted
-        self._by_id: dict[str, ServedImage] = {}
-        self.rejected: dict[str, str] = {}
-        self._refreshed = 0.0
+    def __init__(self, holdings: Holdings):
+        self._holdings = holdings
+
+    @property
+    def rejected(self) -> dict[str, str]:
+        return self._holdings.rejected_manifests
 
     def refresh(self) -> None:
-        by_id: dict[str, ServedImage] = {}
-        rejected: dict[str, str] = {}
-        for signed in self.store.signed_manifests():
-            manifest_id = signed.manifest.manifest_id
-            try:
-                signed.verify(self.trusted)
-            except SignatureError as exc:
-                rejected[manifest_id] = str(exc)
-                if manifest_id not in self.rejected:
-                    log.warning(
-                        "not serving %s (%s): %s", signed.manifest.name, manifest_id[:12], exc
-                    )
-                continue
-            complete = not self.store.missing_chunks(signed.manifest)
-            by_id[manifest_id] = ServedImage(manifest_id, signed, complete)
-        self._by_id, self.rejected = by_id, rejected
-        self._refreshed = time.monotonic()
+        """Ask for the store to be looked at again (the CLI may have added an image); the
+        answer arrives within moments, off the event loop."""
+        self._holdings.request_rescan()
+
+    def _all(self) -> list[ServedImage]:
+        return [
+            ServedImage(manifest_id, held.manifest, held.complete)
+            for manifest_id, held in self._holdings.images.items()
+        ]
 
     def images(self) -> list[ServedImage]:
         """Complete images, newest version of each name first within the name order."""
         return sorted(
-            (image for image in self._by_id.values() if image.complete),
+            (image for image in self._all() if image.complete),
             key=lambda i: (i.manifest.name, i.manifest.created),
         )
 
     def by_id(self, manifest_id: str) -> ServedImage | None:
-        image = self._by_id.get(manifest_id)
-        if (image is None or not image.complete) and time.monotonic() - self._refreshed > 1.0:
-            # Completed by the swarm (or added by the CLI) since the last look. At most one
-            # rescan a second, however many requests name unknown ids.
-            self.refresh()
-            image = self._by_id.get(manifest_id)
-        return image if image is not None and image.complete else None
+        held = self._holdings.images.get(manifest_id)
+        if held is None or not held.complete:
+            return None
+        return ServedImage(manifest_id, held.manifest, True)
 
     def newest_of_kind(self, kind: ImageKind) -> ServedImage | None:
         candidates = [i for i in self.images() if i.manifest.boot.kind is kind]
@@ -94,8 +93,8 @@ class ImageLibrary:
                 "version": i.manifest.version,
                 "kind": i.manifest.boot.kind.value,
                 "manifest_id": i.manifest_id,
-                "size": sum(f.size for f in i.manifest.files),
+                "size": i.manifest.total_size,
                 "complete": i.complete,
             }
-            for i in sorted(self._by_id.values(), key=lambda i: i.manifest.name)
+            for i in sorted(self._all(), key=lambda i: i.manifest.name)
         ]

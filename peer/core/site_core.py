@@ -1,0 +1,771 @@
+"""The site as a state machine without I/O: events and the time in, commands out.
+
+This is the one owner of what this peer holds, wants and serves, and of every decision
+the site makes: who is a member, who answers PXE, which catalog to follow, which
+images to collect, which chunk to fetch from whom (and when a holder's claim is no
+longer believed), when to back off from the origin or a refused manifest, when the
+cache quota pauses downloads, and what the DHCP-snooping probe concluded.
+
+The adapter (peer/adapters/site.py) feeds it what happened (a hello arrived, a chunk
+was stored or failed, a catalog or manifest was verified off the event loop), calls
+`tick(now, wall)` and carries out the commands it returns, then sleeps until
+`next_deadline()` or the next event. Nothing here reads a clock or touches a socket or
+a file, so every rule is unit-tested with a fake clock (tests/unit/test_site_core.py).
+
+Two clocks come in: `now` is monotonic (every timeout and back-off), `wall` is Unix time
+(catalog expiry and the announced start time, which peers compare).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from imaging.catalog import Catalog
+from imaging.manifest import Manifest
+from peer.core.membership import Membership
+from peer.core.ranking import elect_responders, rendezvous_rank
+from peer.core.reputation import Reputation
+from peer.core.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
+from peer.core.wire import ChunkBitmap, HaveNotice, Hello, WireError
+
+log = logging.getLogger("pxepeer.site")
+
+HEARTBEAT_SECONDS = 1.0
+SETTLE_SECONDS = 2.5  # one heartbeat round and an mDNS answer before claiming the role
+PEER_TIMEOUT = 6.0
+MANIFEST_RETRY_FIRST, MANIFEST_RETRY_MAX = 5.0, 300.0  # after a manifest is refused
+ORIGIN_BACKOFF_MAX = 8.0
+QUOTA_PAUSE = 30.0
+MAX_LAN_ATTEMPTS = 3  # failed LAN fetches of one chunk before it comes from the origin
+CLAIM_LOST_SECONDS = 120.0  # a holder that failed a chunk is not asked for it again
+ENDPOINT_BACKOFF_MAX = 60.0  # polling an endpoint that sends garbage or is down
+ENDPOINT_EXPIRY = 300.0  # a discovered endpoint silent this long is forgotten
+MAX_DYNAMIC_ENDPOINTS = 64  # discovered (not --peer) endpoints kept at once
+PROBE_FIRST = SETTLE_SECONDS + 3
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollPeers:
+    """One heartbeat round: fetch each endpoint's hello, then report `round_done`."""
+
+    endpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FetchCatalog:
+    source: str  # ORIGIN or a peer endpoint
+
+
+@dataclass(frozen=True)
+class FetchManifest:
+    manifest_id: str
+    peers: tuple[tuple[str, str], ...]  # (node id, endpoint) that hold it
+    try_origin: bool
+
+
+@dataclass(frozen=True)
+class FetchChunk:
+    fetch: Fetch
+    endpoint: str | None  # the holder's endpoint; None for the origin
+    size: int
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Tell live peers at once about chunks stored (or found gone) here."""
+
+    chunks: tuple[tuple[str, int, int], ...]  # (manifest id, index, chunk count)
+    gone: bool
+    endpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProbeOffers:
+    expected: frozenset[str]  # responder addresses whose offers should arrive
+
+
+Command = PollPeers | FetchCatalog | FetchManifest | FetchChunk | Announce | ProbeOffers
+
+
+# -- state records -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    node_id: str
+    site: str
+    address: str | None
+    http_port: int
+    can_answer_pxe: bool
+    has_origin: bool = False
+    static_peers: tuple[str, ...] = ()
+    responders: int = 1
+    catalog_poll_seconds: float = 15.0
+    probe_seconds: float = 0.0  # 0: no DHCP-snooping probe
+
+
+@dataclass
+class HeldImage:
+    """An image whose verified manifest this peer has, and which of its chunks it holds."""
+
+    manifest: Manifest
+    bitmap: ChunkBitmap
+    index_of: dict[str, list[int]] = field(default_factory=dict)  # sha -> indexes
+
+    @property
+    def complete(self) -> bool:
+        return self.bitmap.complete()
+
+
+@dataclass
+class Counters:
+    wan_bytes: int = 0
+    lan_bytes_in: int = 0
+    lan_bytes_out: int = 0
+    chunks_from_wan: int = 0
+    chunks_from_lan: int = 0
+    bad_chunks_received: int = 0
+    wan_failures: int = 0
+    lan_failures: int = 0
+
+
+@dataclass
+class Endpoint:
+    static: bool
+    next_poll: float = 0.0
+    failures: int = 0  # consecutive
+    last_ok: float | None = None
+    discovered: float = 0.0
+    node_id: str | None = None
+
+
+class SiteCore:
+    def __init__(self, settings: SiteSettings, now: float, wall: float):
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.started_wall = wall
+        self.wall = wall  # the latest Unix time we were given
+        self.started_at = now
+        self.membership = Membership(self.node_id, settings.site, PEER_TIMEOUT)
+        self.planner = SwarmPlanner(self.node_id)
+        self.reputation = Reputation()
+        self.counters = Counters()
+        self.images: dict[str, HeldImage] = {}
+        self.catalog: Catalog | None = None
+        self.catalog_bytes: bytes | None = None
+        self.catalog_problem: str | None = None
+        self.responders: list[str] = []
+        self.endpoints: dict[str, Endpoint] = {
+            e: Endpoint(static=True) for e in settings.static_peers
+        }
+        self.endpoint_of: dict[str, str] = {}  # node id -> endpoint we reach it on
+        self.offers_seen: bool | None = None
+        self.offer_problem: str | None = None
+        self._origin_backoff_until = 0.0
+        self._origin_failures = 0
+        self._manifest_retry: dict[str, tuple[float, float]] = {}  # id -> (retry at, pause)
+        self._manifests_in_flight: set[str] = set()
+        self._catalog_in_flight = False
+        self._next_catalog_poll = now
+        self._round_in_flight = False
+        self._next_round = now
+        self.last_round_at: float | None = None
+        self._next_probe = now + PROBE_FIRST
+        self._probe_in_flight = False
+        self._quota_paused_until = 0.0
+        self.quota_limited = False
+        self._lan_attempts: dict[str, int] = {}  # sha -> failed LAN fetches
+        self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
+        self._pending: list[Command] = []
+        self.membership_running = True  # the adapter's heartbeat loop is alive
+
+    # -- what this peer is and says ----------------------------------------------------
+
+    def settled(self, now: float) -> bool:
+        return now - self.started_at >= SETTLE_SECONDS
+
+    def hears_site(self, now: float) -> bool:
+        """The heartbeat rounds are running: without them this peer cannot know whether
+        a more senior responder is alive, so it must not answer PXE alone."""
+        if not self.membership_running:
+            return False
+        if self.last_round_at is None:
+            return now - self.started_at <= PEER_TIMEOUT
+        return now - self.last_round_at <= PEER_TIMEOUT
+
+    def is_responder(self, now: float) -> bool:
+        return self.settled(now) and self.hears_site(now) and self.node_id in self.responders
+
+    def wan_ok(self, now: float) -> bool:
+        return self.settings.has_origin and now >= self._origin_backoff_until
+
+    def hello(self, now: float, address: str) -> Hello:
+        return Hello(
+            node_id=self.node_id,
+            site=self.settings.site,
+            address=self.settings.address or address,
+            http_port=self.settings.http_port,
+            started=self.started_wall,
+            can_answer_pxe=self.settings.can_answer_pxe,
+            catalog_serial=self.catalog.serial if self.catalog else 0,
+            wan_ok=self.wan_ok(now),
+            holdings={m: p.bitmap for m, p in self.images.items()},
+            wants=self.wanted_ids(now),
+            counters=dict(vars(self.counters)),
+            fetching=self.planner.wan_fetching(),
+            offers_seen=self.offers_seen,
+        )
+
+    # -- catalog and wanted set ----------------------------------------------------------
+
+    def catalog_expired(self, wall: float) -> bool:
+        return self.catalog is not None and self.catalog.expired(wall)
+
+    def wanted_ids(self, now: float) -> list[str]:
+        """Manifest ids this peer should hold, highest priority first.
+
+        Nothing on an expired catalog (as of the last wall time given to `tick` or
+        `status`): what is held stays bootable, nothing new comes."""
+        if self.catalog is None or self.catalog_expired(self.wall):
+            return []
+        live = [h.node_id for h in self.membership.live(now)] + [self.node_id]
+        wanted = []
+        for entry in self.catalog.by_priority():
+            if entry.paused:
+                continue
+            if entry.replicas and self.node_id not in rendezvous_rank(
+                entry.manifest_id, live
+            )[: entry.replicas]:
+                continue
+            wanted.append(entry.manifest_id)
+        return wanted
+
+    def catalog_accepted(self, catalog: Catalog, data: bytes, source: str) -> bool:
+        """A catalog whose signature, serial and expiry were checked (off the loop)
+        against `self.catalog`; True when it replaces ours (the adapter saves it)."""
+        self.catalog_problem = None
+        if self.catalog is not None and catalog.serial <= self.catalog.serial:
+            return False
+        self.catalog, self.catalog_bytes = catalog, data
+        log.info(
+            "following catalog serial %d from %s: %s",
+            catalog.serial,
+            source,
+            ", ".join(f"{e.name} {e.version}" for e in catalog.by_priority()),
+        )
+        return True
+
+    def catalog_refused(self, source: str, reason: str) -> None:
+        if reason != self.catalog_problem:
+            log.warning("catalog from %s refused: %s", source, reason)
+        self.catalog_problem = reason
+
+    def catalog_fetch_done(self, now: float) -> None:
+        self._catalog_in_flight = False
+
+    # -- origin health -------------------------------------------------------------------
+
+    def origin_ok(self) -> None:
+        if self._origin_failures:
+            log.info("origin reachable again")
+        self._origin_failures = 0
+        self._origin_backoff_until = 0.0
+
+    def origin_failed(self, reason: str, now: float) -> None:
+        self._origin_failures += 1
+        # Capped at 8 s: after an outage the site should be back on the WAN within
+        # seconds, and a failed request costs the origin next to nothing.
+        delay = min(2.0 ** min(self._origin_failures, 3), ORIGIN_BACKOFF_MAX)
+        self._origin_backoff_until = now + delay
+        self.counters.wan_failures += 1
+        log.warning("origin: %s (retry in %.0f s)", reason, delay)
+
+    # -- endpoints and membership ------------------------------------------------------------
+
+    def endpoint_discovered(self, endpoint: str, node_id: str | None, now: float) -> None:
+        """mDNS or DNS-SD proposes an endpoint. Bounded: a flood of fake announcements
+        can occupy at most MAX_DYNAMIC_ENDPOINTS slots, and those expire."""
+        known = self.endpoints.get(endpoint)
+        if known is not None:
+            known.discovered = now
+            return
+        dynamic = [(e, s) for e, s in self.endpoints.items() if not s.static]
+        if len(dynamic) >= MAX_DYNAMIC_ENDPOINTS:
+            # Make room only by dropping one that has never answered a hello.
+            never = [(s.discovered, e) for e, s in dynamic if s.last_ok is None]
+            if not never:
+                return
+            del self.endpoints[min(never)[1]]
+        log.info("discovered peer %s at %s", node_id or "?", endpoint)
+        self.endpoints[endpoint] = Endpoint(static=False, discovered=now, node_id=node_id)
+
+    def endpoint_lost(self, endpoint: str) -> None:
+        state = self.endpoints.get(endpoint)
+        if state is not None and not state.static:
+            del self.endpoints[endpoint]
+
+    def hello_received(self, endpoint: str, hello: Hello, now: float) -> None:
+        state = self.endpoints.get(endpoint)
+        if state is not None:
+            state.failures, state.last_ok, state.next_poll = 0, now, 0.0
+        if hello.node_id == self.node_id:
+            # Our own address (e.g. listed in --peer): stop polling it.
+            self.endpoints.pop(endpoint, None)
+            return
+        if not self.membership.heard(hello, now):
+            return
+        if self.endpoint_of.get(hello.node_id) != endpoint:
+            log.info("peer %s up at %s", hello.node_id, endpoint)
+        self.endpoint_of[hello.node_id] = endpoint
+        if (self.catalog is None or hello.catalog_serial > self.catalog.serial) and (
+            not self._catalog_in_flight
+        ):
+            self._catalog_in_flight = True
+            self._pending.append(FetchCatalog(endpoint))
+
+    def hello_failed(self, endpoint: str, reason: str, now: float, refused: bool) -> None:
+        """A poll failed: unreachable, or (`refused`) it sent a document we refuse. Either
+        way the endpoint is polled less often; one that sent garbage waits longer."""
+        state = self.endpoints.get(endpoint)
+        if state is None:
+            return
+        state.failures += 1
+        base = 4.0 if refused else HEARTBEAT_SECONDS
+        state.next_poll = now + min(base * 2 ** min(state.failures - 1, 6), ENDPOINT_BACKOFF_MAX)
+        last = state.last_ok if state.last_ok is not None else state.discovered
+        if not state.static and now - last > ENDPOINT_EXPIRY:
+            log.info("forgetting endpoint %s (%s for %.0f s)", endpoint, reason, now - last)
+            del self.endpoints[endpoint]
+
+    def round_done(self, now: float) -> None:
+        """A heartbeat round ended: the view is as fresh as it gets, so elect now."""
+        self._round_in_flight = False
+        self.last_round_at = now
+        self._next_round = now + HEARTBEAT_SECONDS
+        for node in self.membership.expire(now):
+            log.warning("peer %s left the view (silent for %.0f s)", node, PEER_TIMEOUT)
+            self.endpoint_of.pop(node, None)
+        self._elect(now)
+
+    def have_received(self, notice: HaveNotice, now: float) -> int:
+        """Apply a have-notice; returns the number of chunks believed. Raises WireError
+        when the sender is no member, or names an image with a chunk count that is not
+        the one our manifest says (the only size a bitmap is ever built with)."""
+        if self.membership.get(notice.node_id) is None:
+            raise WireError("not a member")
+        applied = 0
+        for manifest_id, index, size in notice.chunks:
+            held = self.images.get(manifest_id)
+            if held is None:
+                continue  # an image we have no manifest for: its next hello says it all
+            if size != held.bitmap.size or index >= size:
+                raise WireError("chunk count mismatch")
+            if self.membership.note_chunk(notice.node_id, manifest_id, index, size):
+                applied += 1
+        return applied
+
+    def gone_received(self, notice: HaveNotice) -> None:
+        if self.membership.get(notice.node_id) is None:
+            raise WireError("not a member")
+        for manifest_id, index, _ in notice.chunks:
+            self.membership.drop_claim(notice.node_id, manifest_id, index)
+
+    def set_membership_running(self, running: bool) -> None:
+        self.membership_running = running
+
+    # -- what this peer holds ------------------------------------------------------------
+
+    def manifest_held(self, manifest: Manifest, present: set[int]) -> HeldImage:
+        """A verified manifest is in the store; `present` are the chunk indexes whose
+        files exist (the adapter looked, off the loop)."""
+        self._manifests_in_flight.discard(manifest.manifest_id)
+        self._manifest_retry.pop(manifest.manifest_id, None)
+        existing = self.images.get(manifest.manifest_id)
+        if existing is not None:
+            return existing
+        refs = manifest.chunk_refs()
+        held = HeldImage(manifest, ChunkBitmap(len(refs)))
+        for i, ref in enumerate(refs):
+            held.index_of.setdefault(ref.sha256, []).append(i)
+            if i in present:
+                held.bitmap.set(i)
+        self.images[manifest.manifest_id] = held
+        return held
+
+    def manifest_dropped(self, manifest_id: str) -> None:
+        self.images.pop(manifest_id, None)
+
+    def manifest_refused(self, manifest_id: str, source: str, reason: str, now: float) -> None:
+        """Ask for a refused manifest again only after a pause that doubles each time: the
+        catalog keeps naming it, and asking at every tick would mean a WAN request and a
+        log line per peer every half second."""
+        self._manifests_in_flight.discard(manifest_id)
+        pause = self._manifest_retry.get(manifest_id, (0.0, MANIFEST_RETRY_FIRST / 2))[1]
+        pause = min(pause * 2, MANIFEST_RETRY_MAX)
+        self._manifest_retry[manifest_id] = (now + pause, pause)
+        log.warning(
+            "manifest %s from %s refused: %s (asking again in %.0f s)",
+            manifest_id[:12], source, reason, pause,
+        )  # fmt: skip
+
+    def manifest_unavailable(self, manifest_id: str, now: float) -> None:
+        """Nobody could give us the manifest this time (not a refusal): try again soon."""
+        self._manifests_in_flight.discard(manifest_id)
+        self._manifest_retry[manifest_id] = (now + HEARTBEAT_SECONDS, MANIFEST_RETRY_FIRST / 2)
+
+    def chunk_stored(self, fetch: Fetch, nbytes: int, now: float) -> None:
+        sha = fetch.job.ref.sha256
+        self.planner.finished(fetch, True)
+        self._lan_attempts.pop(sha, None)
+        if fetch.source == ORIGIN:
+            self.origin_ok()
+            self.counters.wan_bytes += nbytes
+            self.counters.chunks_from_wan += 1
+        else:
+            self.counters.lan_bytes_in += nbytes
+            self.counters.chunks_from_lan += 1
+        self.chunk_present(sha)
+
+    def chunk_present(self, sha: str) -> None:
+        """A chunk is in the store (fetched, or put there by the CLI): set its bits
+        everywhere and tell the site."""
+        notices = []
+        for manifest_id, held in self.images.items():
+            for index in held.index_of.get(sha, ()):
+                held.bitmap.set(index)
+                notices.append((manifest_id, index, held.bitmap.size))
+        if notices:
+            self._pending.append(Announce(tuple(notices), False, self._live_endpoints()))
+
+    def chunk_failed(self, fetch: Fetch, reason: str, now: float) -> None:
+        """A fetch ended without a stored chunk. `reason` is one of: corrupt (the bytes
+        failed their hash), not found, oversize, timeout, unreachable, bad status,
+        origin (the origin failed), disk (we could not store it), quota, cancelled."""
+        sha = fetch.job.ref.sha256
+        self.planner.finished(fetch, False)
+        if fetch.source == ORIGIN:
+            if reason == "corrupt":
+                self.counters.bad_chunks_received += 1
+                log.error("origin sent a chunk that does not match %s; discarded", sha[:16])
+            elif reason not in ("disk", "quota", "cancelled"):
+                self.origin_failed(reason, now)
+            return
+        if reason in ("disk", "quota", "cancelled"):
+            return
+        node = fetch.source
+        self.counters.lan_failures += 1
+        self._lan_attempts[sha] = self._lan_attempts.get(sha, 0) + 1
+        # The holder loses its claim to this chunk: its next hello will claim it again,
+        # so the claim stays disbelieved for a while, not just until then.
+        self._claims_lost[(node, sha)] = now + CLAIM_LOST_SECONDS
+        self.membership.drop_claim(node, fetch.job.manifest_id, fetch.job.index)
+        if reason == "corrupt":
+            self.counters.bad_chunks_received += 1
+        if reason in ("corrupt", "not found", "oversize", "timeout", "bad status"):
+            shunned = self.reputation.strike(node, now)
+            log.warning(
+                "peer %s failed chunk %s (%s)%s", node, sha[:16], reason,
+                " - peer shunned" if shunned else "",
+            )  # fmt: skip
+
+    def chunk_lost(self, sha: str, now: float, evicted: bool = False) -> None:
+        """A chunk in our store turned out corrupt or missing (found while serving or
+        verifying), or the quota evicted it: it is gone; clear its bits, tell the site
+        (so nobody asks us for it), and fetch it again if it is wanted."""
+        gone = []
+        for manifest_id, held in self.images.items():
+            for index in held.index_of.get(sha, ()):
+                if index in held.bitmap:
+                    held.bitmap.clear(index)
+                    gone.append((manifest_id, index, held.bitmap.size))
+        if gone and not evicted:
+            log.warning("chunk %s in the store is corrupt or missing; fetching it again",
+                        sha[:16])  # fmt: skip
+        if gone:
+            self._pending.append(Announce(tuple(gone), True, self._live_endpoints()))
+
+    def quota_refused(self, now: float) -> None:
+        if now >= self._quota_paused_until:
+            log.warning(
+                "cache quota reached: nothing more can be evicted; not downloading for %.0f s",
+                QUOTA_PAUSE,
+            )
+        self._quota_paused_until = now + QUOTA_PAUSE
+
+    def quota_paused(self, now: float) -> bool:
+        return now < self._quota_paused_until
+
+    def protected_chunks(self, assigned_names: set[str], now: float) -> set[str]:
+        """Chunks the quota may not evict: of images this peer is to hold (the catalog's,
+        within replica targets) and of images a machine is assigned to."""
+        wanted = set(self.wanted_ids(now))
+        return {
+            ref.sha256
+            for manifest_id, held in self.images.items()
+            if manifest_id in wanted or held.manifest.name in assigned_names
+            for ref in held.manifest.chunk_refs()
+        }
+
+    # -- DHCP snooping probe ------------------------------------------------------------------
+
+    def probe_done(self, seen: set[str] | None, expected: frozenset[str], error: str | None,
+                   now: float) -> None:  # fmt: skip
+        self._probe_in_flight = False
+        self._next_probe = now + self.settings.probe_seconds
+        if error is not None:
+            if self.offer_problem != error:
+                log.warning("cannot run the DHCP offer probe: %s", error)
+            self.offer_problem = error
+            return
+        assert seen is not None
+        got = seen & expected
+        if got != expected and self.offers_seen is not False:
+            log.warning(
+                "probe DISCOVER got no PXE offer from responder %s: DHCP from peers may be "
+                "filtered on this network (DHCP snooping?)",
+                ", ".join(sorted(expected - got)),
+            )
+        self.offers_seen = got == expected
+
+    # -- the clock -----------------------------------------------------------------------------
+
+    def _live_endpoints(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.endpoint_of.values())))
+
+    def _elect(self, now: float) -> None:
+        live = self.membership.live(now)
+        me = self.hello(now, self.settings.address or "").candidate()
+        chosen = elect_responders([me, *(h.candidate() for h in live)], self.settings.responders)
+        if chosen != self.responders:
+            log.info(
+                "PXE responder(s) now %s%s",
+                chosen,
+                " (this peer)" if self.node_id in chosen else "",
+            )
+            self.responders = chosen
+
+    def missing_jobs(self, now: float) -> list[ChunkJob]:
+        jobs = []
+        for manifest_id in self.wanted_ids(now):
+            held = self.images.get(manifest_id)
+            if held is None:
+                continue
+            for i, ref in enumerate(held.manifest.chunk_refs()):
+                if i not in held.bitmap:
+                    jobs.append(ChunkJob(manifest_id, i, ref))
+        return jobs
+
+    def tick(self, now: float, wall: float) -> list[Command]:
+        """Advance to `now`; the commands to carry out."""
+        commands, self._pending = self._pending, []
+        self.wall = wall
+        for node in self.membership.expire(now):
+            log.warning("peer %s left the view (silent for %.0f s)", node, PEER_TIMEOUT)
+            self.endpoint_of.pop(node, None)
+        self._elect(now)
+        for key, until in list(self._claims_lost.items()):
+            if now >= until:
+                del self._claims_lost[key]
+
+        if not self._round_in_flight and now >= self._next_round:
+            due = tuple(e for e, s in self.endpoints.items() if now >= s.next_poll)
+            self._round_in_flight = True
+            commands.append(PollPeers(due))
+
+        if (
+            self.settings.has_origin
+            and not self._catalog_in_flight
+            and now >= self._next_catalog_poll
+            and self.wan_ok(now)
+        ):
+            self._catalog_in_flight = True
+            self._next_catalog_poll = now + self.settings.catalog_poll_seconds
+            commands.append(FetchCatalog(ORIGIN))
+
+        live = self.membership.live(now)
+        for manifest_id in self.wanted_ids(now):
+            if manifest_id in self.images or manifest_id in self._manifests_in_flight:
+                continue
+            if now < self._manifest_retry.get(manifest_id, (0.0, 0.0))[0]:
+                continue
+            peers = tuple(
+                (h.node_id, self.endpoint_of[h.node_id])
+                for h in live
+                if manifest_id in h.holdings
+                and h.node_id in self.endpoint_of
+                and not self.reputation.is_shunned(h.node_id, now)
+            )
+            try_origin = self.wan_ok(now)
+            if peers or try_origin:
+                self._manifests_in_flight.add(manifest_id)
+                commands.append(FetchManifest(manifest_id, peers, try_origin))
+
+        if not self.quota_paused(now):
+            commands.extend(self._plan_fetches(now, live))
+
+        if (
+            self.settings.probe_seconds
+            and not self._probe_in_flight
+            and now >= self._next_probe
+        ):
+            others = [h for h in live if h.node_id in self.responders]
+            if others and not self.is_responder(now):
+                self._probe_in_flight = True
+                commands.append(ProbeOffers(frozenset(h.address for h in others)))
+            else:
+                self._next_probe = now + self.settings.probe_seconds
+        return commands
+
+    def _plan_fetches(self, now: float, live: list[Hello]) -> list[FetchChunk]:
+        shunned = {h.node_id for h in live if self.reputation.is_shunned(h.node_id, now)}
+        jobs = self.missing_jobs(now)
+        if not jobs:
+            return []
+        # Before the view has settled every peer would think it owns every chunk.
+        wan_ok = self.wan_ok(now) and self.settled(now)
+        to_origin = {sha for sha, n in self._lan_attempts.items() if n >= MAX_LAN_ATTEMPTS}
+        lan_failed = set(self._lan_attempts)
+        serial = self.catalog.serial if self.catalog else 0
+        planned = self.planner.plan(
+            jobs, live, shunned, wan_ok, now, serial,
+            excluded=set(self._claims_lost), to_origin=to_origin, lan_failed=lan_failed,
+        )  # fmt: skip
+        out = []
+        for fetch in planned:
+            endpoint = None if fetch.source == ORIGIN else self.endpoint_of.get(fetch.source)
+            if fetch.source != ORIGIN and endpoint is None:
+                continue
+            self.planner.started(fetch)
+            out.append(FetchChunk(fetch, endpoint, fetch.job.ref.size))
+        return out
+
+    def next_deadline(self, now: float) -> float:
+        """When `tick` next has something to do unprompted (events prompt it too)."""
+        deadlines = [self._next_round if not self._round_in_flight else now + HEARTBEAT_SECONDS]
+        if self.settings.has_origin and not self._catalog_in_flight:
+            deadlines.append(max(self._next_catalog_poll, self._origin_backoff_until))
+        if self.settings.probe_seconds and not self._probe_in_flight:
+            deadlines.append(self._next_probe)
+        if self._pending:
+            deadlines.append(now)
+        # Retries, takeovers and expiries are checked at least twice a second.
+        deadlines.append(now + 0.5)
+        return min(deadlines)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def warnings(self, now: float, wall: float) -> list[str]:
+        warnings = []
+        if self.catalog_expired(wall):
+            assert self.catalog is not None
+            warnings.append(
+                f"catalog serial {self.catalog.serial} expired; held images stay bootable, "
+                "nothing new is fetched until the origin is reachable"
+            )
+        if self.catalog_problem:
+            warnings.append(f"last catalog refused: {self.catalog_problem}")
+        if self.settings.has_origin and not self.wan_ok(now):
+            warnings.append("origin unreachable; retrying")
+        if self.quota_paused(now):
+            warnings.append(
+                "cache quota is full of images this peer must keep: raise --quota or lower "
+                "replica targets"
+            )
+        if not self.hears_site(now) and self.settings.can_answer_pxe:
+            warnings.append(
+                "the heartbeat loop is not running: this peer does not answer PXE until it "
+                "hears its site again"
+            )
+        live = self.membership.live(now)
+        blind = [h.node_id for h in live if h.offers_seen is False]
+        if self.offers_seen is False:
+            blind.append(self.node_id)
+        if blind:
+            warnings.append(
+                f"PXE offers from the responder did not reach peer(s) {', '.join(blind)}: "
+                "switches may be dropping DHCP from access ports (DHCP snooping); machines "
+                "there cannot PXE boot"
+            )
+        return warnings
+
+    def status(self, now: float, wall: float) -> dict[str, object]:
+        self.wall = wall
+        live = self.membership.live(now)
+        peers: list[dict[str, object]] = [
+            {
+                "node_id": self.node_id,
+                "self": True,
+                "address": self.settings.address or "-",
+                "http_port": self.settings.http_port,
+                "started": self.started_wall,
+                "responder": self.node_id in self.responders,
+                "can_answer_pxe": self.settings.can_answer_pxe,
+                "counters": dict(vars(self.counters)),
+            }
+        ]
+        for h in live:
+            seen = self.membership.last_seen(h.node_id)
+            peers.append(
+                {
+                    "node_id": h.node_id,
+                    "self": False,
+                    "address": h.address,
+                    "http_port": h.http_port,
+                    "started": h.started,
+                    "responder": h.node_id in self.responders,
+                    "can_answer_pxe": h.can_answer_pxe,
+                    "last_seen_seconds": round(now - seen, 1) if seen is not None else None,
+                    "counters": h.counters,
+                }
+            )
+        wanted = set(self.wanted_ids(now))
+        entries = {e.manifest_id: e for e in (self.catalog.entries if self.catalog else ())}
+        images = []
+        for manifest_id, held in self.images.items():
+            m = held.manifest
+            entry = entries.get(manifest_id)
+            holders = {self.node_id: [held.bitmap.count(), held.bitmap.size]}
+            for h in live:
+                bm = h.holdings.get(manifest_id)
+                holders[h.node_id] = [bm.count() if bm else 0, held.bitmap.size]
+            images.append(
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "manifest_id": manifest_id,
+                    "in_catalog": entry is not None,
+                    "priority": entry.priority if entry else None,
+                    "paused": bool(entry and entry.paused),
+                    "wanted": manifest_id in wanted,
+                    "chunks": holders,
+                }
+            )
+        return {
+            "site": self.settings.site,
+            "node_id": self.node_id,
+            "responders": self.responders,
+            "this_peer_responds": self.is_responder(now),
+            "hears_site": self.hears_site(now),
+            "offers_seen": self.offers_seen,
+            "peers": peers,
+            "images": images,
+            "catalog": {
+                "serial": self.catalog.serial,
+                "expires": self.catalog.expires,
+                "expired": self.catalog_expired(wall),
+            }
+            if self.catalog
+            else None,
+            "wan_bytes": self.counters.wan_bytes,
+            "lan_bytes_in": self.counters.lan_bytes_in,
+            "reputation": self.reputation.snapshot(now),
+            "endpoints": {
+                e: {"static": s.static, "failures": s.failures}
+                for e, s in sorted(self.endpoints.items())
+            },
+            "warnings": self.warnings(now, wall),
+        }

@@ -1,0 +1,313 @@
+"""The site core with a fake clock: membership, election, the swarm's rules, back-off,
+quota pauses and the DHCP-snooping verdict, with no socket, file or real clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from imaging.catalog import Catalog, CatalogEntry
+from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest
+from peer.core.site_core import (
+    CLAIM_LOST_SECONDS,
+    MAX_DYNAMIC_ENDPOINTS,
+    MAX_LAN_ATTEMPTS,
+    PEER_TIMEOUT,
+    Announce,
+    FetchCatalog,
+    FetchChunk,
+    FetchManifest,
+    PollPeers,
+    ProbeOffers,
+    SiteCore,
+    SiteSettings,
+)
+from peer.core.swarm_plan import ORIGIN
+from peer.core.wire import ChunkBitmap, HaveNotice, Hello, WireError
+
+ME, P1, P2 = "00000000000000aa", "00000000000000bb", "00000000000000cc"
+SITE = "10.88.0.0/24"
+WALL = 1.8e9
+
+
+def manifest(n: int = 4) -> Manifest:
+    chunks = tuple(ChunkRef(f"{i + 1:064x}", 100) for i in range(n))
+    return Manifest(
+        name="pos",
+        version="1",
+        boot=BootSpec(kind=ImageKind.DISK),
+        files=(FileEntry("disk", 100 * n, "f" * 64, chunks),),
+        chunk_size=100,
+        created="2026-01-01T00:00:00Z",
+    )
+
+
+MANIFEST = manifest()
+MID = MANIFEST.manifest_id
+
+
+def catalog(serial: int = 1, **entry: object) -> Catalog:
+    fields = {"name": "pos", "version": "1", "manifest_id": MID, **entry}
+    return Catalog(
+        serial=serial, issued=int(WALL), expires=int(WALL) + 3600, entries=(CatalogEntry(**fields),)
+    )
+
+
+def core(**settings: object) -> SiteCore:
+    defaults: dict[str, object] = {
+        "node_id": ME, "site": SITE, "address": "10.88.0.10", "http_port": 8080,
+        "can_answer_pxe": True, "has_origin": True, "static_peers": ("10.88.0.11:8080",),
+    }  # fmt: skip
+    defaults.update(settings)
+    return SiteCore(SiteSettings(**defaults), now=0.0, wall=WALL)  # type: ignore[arg-type]
+
+
+def peer_hello(node: str, started: float = WALL, have: tuple[int, ...] = (), n: int = 4,
+               pxe: bool = True, wan_ok: bool = True) -> Hello:  # fmt: skip
+    bitmap = ChunkBitmap(n)
+    for i in have:
+        bitmap.set(i)
+    return Hello(node, SITE, "10.88.0.11", 8080, started, pxe, 1, wan_ok, {MID: bitmap}, [MID])
+
+
+def run_round(c: SiteCore, now: float, *hellos: Hello) -> None:
+    """A heartbeat round ending at `now` in which every hello arrives."""
+    for h in hellos:
+        c.hello_received(f"{h.address}:{h.http_port}", h, now)
+    c.round_done(now)
+
+
+def test_first_tick_polls_the_static_peers_and_the_origin() -> None:
+    c = core()
+    commands = c.tick(0.0, WALL)
+    assert PollPeers(("10.88.0.11:8080",)) in commands
+    assert FetchCatalog(ORIGIN) in commands
+
+
+def test_the_longest_running_capable_peer_is_elected() -> None:
+    c = core()
+    run_round(c, 3.0, peer_hello(P1, started=WALL - 100))
+    assert c.responders == [P1]
+    assert not c.is_responder(3.0)
+
+
+def test_responder_failover_when_the_senior_peer_falls_silent() -> None:
+    c = core()
+    run_round(c, 3.0, peer_hello(P1, started=WALL - 100))
+    for t in range(4, 11):
+        run_round(c, float(t))  # P1 no longer answers
+    assert c.responders == [ME]
+    assert c.is_responder(10.5)
+
+
+def test_a_peer_that_cannot_hear_its_site_stops_answering_pxe() -> None:
+    c = core()
+    run_round(c, 3.0)
+    assert c.is_responder(3.0)
+    # Heartbeat rounds stop (the loop died or hangs): within PEER_TIMEOUT it goes quiet.
+    assert not c.is_responder(3.0 + PEER_TIMEOUT + 0.1)
+    run_round(c, 20.0)
+    assert c.is_responder(20.0)
+    c.set_membership_running(False)
+    assert not c.is_responder(20.0)
+    assert any("heartbeat loop" in w for w in c.warnings(20.0, WALL))
+
+
+def test_have_notice_is_applied_only_with_our_manifests_chunk_count() -> None:
+    c = core()
+    c.manifest_held(MANIFEST, set())
+    run_round(c, 3.0, peer_hello(P1))
+    assert c.have_received(HaveNotice(P1, ((MID, 2, 4),)), 3.1) == 1
+    assert 2 in c.membership.get(P1).holdings[MID]
+    with pytest.raises(WireError, match="chunk count mismatch"):
+        c.have_received(HaveNotice(P1, ((MID, 2, 1 << 34),)), 3.2)
+    with pytest.raises(WireError, match="not a member"):
+        c.have_received(HaveNotice(P2, ((MID, 1, 4),)), 3.2)
+
+
+def test_a_gone_notice_drops_the_claim() -> None:
+    c = core()
+    c.manifest_held(MANIFEST, set())
+    run_round(c, 3.0, peer_hello(P1, have=(0, 1)))
+    c.gone_received(HaveNotice(P1, ((MID, 1, 4),), gone=True))
+    assert 1 not in c.membership.get(P1).holdings[MID]
+
+
+def wanting_core(**settings: object) -> SiteCore:
+    c = core(**settings)
+    c.catalog_accepted(catalog(), b"{}", "origin")
+    c.manifest_held(MANIFEST, set())
+    return c
+
+
+def chunk_fetches(commands: list[object]) -> list[FetchChunk]:
+    return [c for c in commands if isinstance(c, FetchChunk)]
+
+
+def test_a_holder_that_fails_a_chunk_loses_its_claim_and_gets_a_strike() -> None:
+    c = wanting_core(has_origin=False)
+    run_round(c, 3.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    fetches = chunk_fetches(c.tick(3.1, WALL))
+    assert fetches and all(f.fetch.source == P1 for f in fetches)
+    first = fetches[0].fetch
+    c.chunk_failed(first, "not found", 3.2)
+    for other in fetches[1:]:
+        c.chunk_stored(other.fetch, 100, 3.2)
+    assert c.reputation.total_strikes[P1] == 1
+    # The next hello claims the chunk again; the claim is not believed for a while.
+    run_round(c, 4.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    again = [f.fetch for f in chunk_fetches(c.tick(4.1, WALL))]
+    assert first.job.ref.sha256 not in {f.job.ref.sha256 for f in again}
+    for other in again:
+        c.chunk_stored(other, 100, 4.2)
+    run_round(c, 4.0 + CLAIM_LOST_SECONDS + 1, peer_hello(P1, have=(0, 1, 2, 3)))
+    later = chunk_fetches(c.tick(4.0 + CLAIM_LOST_SECONDS + 1.1, WALL))
+    assert first.job.ref.sha256 in {f.fetch.job.ref.sha256 for f in later}
+
+
+def test_after_bounded_lan_failures_a_chunk_comes_from_the_origin() -> None:
+    c = wanting_core()
+    hellos = [peer_hello(P1, have=(0, 1, 2, 3)), peer_hello(P2, have=(0, 1, 2, 3))]
+    now, from_origin = 3.0, set()
+    for _ in range(MAX_LAN_ATTEMPTS + 1):
+        run_round(c, now, *hellos)
+        for f in chunk_fetches(c.tick(now + 0.1, WALL)):
+            if f.fetch.source == ORIGIN:
+                from_origin.add(f.fetch.job.index)
+                c.chunk_stored(f.fetch, 100, now + 0.2)
+            else:
+                c.chunk_failed(f.fetch, "timeout", now + 0.2)
+        now += 1.0
+    # Both holders lied about every chunk; nobody else had them: the origin served all.
+    assert from_origin == {0, 1, 2, 3}
+    assert c.images[MID].complete
+
+
+def test_corrupt_chunks_get_a_peer_shunned() -> None:
+    c = wanting_core(has_origin=False)
+    for t in range(3):
+        run_round(c, 3.0 + t, peer_hello(P1, have=(0, 1, 2, 3)))
+        for f in chunk_fetches(c.tick(3.1 + t, WALL)):
+            c.chunk_failed(f.fetch, "corrupt", 3.2 + t)
+    assert c.reputation.is_shunned(P1, 6.0)
+    assert c.counters.bad_chunks_received >= 3
+
+
+def test_stored_chunks_are_announced_and_a_lost_chunk_is_fetched_again() -> None:
+    c = wanting_core(has_origin=False)
+    run_round(c, 3.0, peer_hello(P1, have=(0,)))
+    [fetch] = chunk_fetches(c.tick(3.1, WALL))
+    c.chunk_stored(fetch.fetch, 100, 3.2)
+    [announce] = [x for x in c.tick(3.3, WALL) if isinstance(x, Announce)]
+    assert announce.chunks == ((MID, 0, 4),) and not announce.gone
+    assert 0 in c.images[MID].bitmap
+    c.chunk_lost(fetch.fetch.job.ref.sha256, 4.0)
+    assert 0 not in c.images[MID].bitmap
+    commands = c.tick(4.1, WALL)
+    assert any(isinstance(x, Announce) and x.gone for x in commands)
+    [refetch] = chunk_fetches(commands)
+    assert refetch.fetch.job.index == 0
+
+
+def test_origin_failures_back_off_and_recover() -> None:
+    c = wanting_core()
+    c.origin_failed("timeout", 10.0)
+    assert not c.wan_ok(10.5)
+    assert c.wan_ok(12.1)
+    for _ in range(5):
+        c.origin_failed("timeout", 20.0)
+    assert not c.wan_ok(27.9) and c.wan_ok(28.1)  # capped at 8 s
+    c.origin_ok()
+    assert c.wan_ok(20.0)
+
+
+def test_a_refused_manifest_is_asked_for_again_only_after_a_growing_pause() -> None:
+    c = core()
+    c.catalog_accepted(catalog(), b"{}", "origin")
+    [ask] = [x for x in c.tick(3.0, WALL) if isinstance(x, FetchManifest)]
+    assert ask.try_origin
+    c.manifest_refused(MID, "origin", "bad signature", 3.0)
+    assert not [x for x in c.tick(6.0, WALL) if isinstance(x, FetchManifest)]
+    assert [x for x in c.tick(8.1, WALL) if isinstance(x, FetchManifest)]
+    c.manifest_refused(MID, "origin", "bad signature", 8.1)
+    assert not [x for x in c.tick(17.0, WALL) if isinstance(x, FetchManifest)]
+    assert [x for x in c.tick(18.2, WALL) if isinstance(x, FetchManifest)]
+
+
+def test_an_expired_catalog_wants_nothing_but_keeps_what_is_held() -> None:
+    c = wanting_core()
+    assert c.wanted_ids(1.0) == [MID]
+    c.tick(1.0, WALL + 7200)
+    assert c.wanted_ids(1.0) == []
+    assert any("expired" in w for w in c.warnings(1.0, WALL + 7200))
+    assert MID in c.images
+
+
+def test_paused_and_replica_limited_images_are_not_wanted() -> None:
+    c = core()
+    c.catalog_accepted(catalog(paused=True), b"{}", "origin")
+    assert c.wanted_ids(0.0) == []
+    c.catalog_accepted(catalog(serial=2, replicas=1), b"{}", "origin")
+    run_round(c, 3.0, peer_hello(P1), peer_hello(P2))
+    wanted_somewhere = [c.wanted_ids(3.0) == [MID]]
+    assert wanted_somewhere  # one of the three holds it: decided by rendezvous rank
+
+
+def test_a_catalog_at_or_below_ours_is_not_adopted() -> None:
+    c = core()
+    assert c.catalog_accepted(catalog(serial=5), b"5", "origin")
+    assert not c.catalog_accepted(catalog(serial=5), b"5", "origin")
+    assert not c.catalog_accepted(catalog(serial=4), b"4", "peer")
+    assert c.catalog.serial == 5
+
+
+def test_a_peer_with_a_newer_catalog_is_asked_for_it_once() -> None:
+    c = core(has_origin=False)
+    commands = c.tick(1.0, WALL)
+    h = peer_hello(P1)
+    h.catalog_serial = 9
+    c.hello_received("10.88.0.11:8080", h, 1.0)
+    c.hello_received("10.88.0.11:8080", h, 1.1)
+    fetches = [x for x in c.tick(1.2, WALL) if isinstance(x, FetchCatalog)]
+    assert fetches == [FetchCatalog("10.88.0.11:8080")]
+    assert not [x for x in commands if isinstance(x, FetchCatalog)]
+
+
+def test_quota_refusal_pauses_downloads() -> None:
+    c = wanting_core()
+    run_round(c, 3.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    c.quota_refused(3.0)
+    assert not chunk_fetches(c.tick(3.1, WALL))
+    assert any("quota" in w for w in c.warnings(3.1, WALL))
+    run_round(c, 40.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    assert chunk_fetches(c.tick(40.1, WALL))
+
+
+def test_endpoint_that_sends_garbage_is_polled_less_often() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    c.tick(0.0, WALL)
+    c.hello_failed(endpoint, "non-finite number", 0.5, refused=True)
+    c.round_done(0.5)
+    assert endpoint not in c.tick(1.6, WALL)[0].endpoints  # type: ignore[union-attr]
+
+
+def test_discovered_endpoints_are_capped_and_expire() -> None:
+    c = core(static_peers=())
+    for i in range(MAX_DYNAMIC_ENDPOINTS + 50):
+        c.endpoint_discovered(f"10.88.1.{i % 250}:{8000 + i}", None, float(i))
+    assert len(c.endpoints) == MAX_DYNAMIC_ENDPOINTS
+    victim = next(iter(c.endpoints))
+    c.hello_failed(victim, "unreachable", 10_000.0, refused=False)
+    assert victim not in c.endpoints
+
+
+def test_probe_runs_on_a_non_responder_and_reports_a_blind_spot() -> None:
+    c = core(probe_seconds=30.0)
+    run_round(c, 3.0, peer_hello(P1, started=WALL - 100))
+    run_round(c, 6.0, peer_hello(P1, started=WALL - 100))
+    commands = c.tick(6.0, WALL)
+    [probe] = [x for x in commands if isinstance(x, ProbeOffers)]
+    assert probe.expected == frozenset({"10.88.0.11"})
+    c.probe_done(set(), probe.expected, None, 6.5)
+    assert c.offers_seen is False
+    assert any("DHCP snooping" in w for w in c.warnings(6.5, WALL))
