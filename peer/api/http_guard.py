@@ -81,7 +81,9 @@ class HttpLimits:
     max_per_client: int = 128
     header_timeout: float = 10.0
     keepalive_timeout: float = 15.0
-    max_body_bytes: int = 1 << 20
+    # The server-wide backstop for request bodies; handlers cap tighter (peer/core/wire.py
+    # MAX_HELLO_BYTES is 1 MiB, read_body takes its own cap).
+    max_body_bytes: int = 4 << 20
     body_timeout: float = 30.0
     # Request header: aiohttp defaults are 8190-byte lines and fields and 128 fields
     # (~1 MiB buffered per connection); real clients send a few short ones.

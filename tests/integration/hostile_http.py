@@ -13,10 +13,10 @@ addresses, and holds them. Every half second it prints one JSON line with what i
 how many of its connections the server still keeps open, how many the server closed
 (EOF or reset), how many could not connect. Every loop is bounded by --seconds.
 
-`flood` sends about RATE hostile things a second for --seconds: garbage bytes, a request
-line and then nothing, a POST announcing a huge body, a request with 200 headers, and a
-valid GET cut off half way; each connection is dropped after a short while. It prints
-one JSON summary line at the end.
+`flood` sends about RATE hostile things a second for --seconds: a silent connection,
+garbage bytes, a TLS hello, a request line and then nothing, a POST announcing a huge
+body, a request with 200 headers, a thousand ranges, and a GET cut off half way; each
+connection is dropped after --linger seconds. It prints one JSON summary line at the end.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ async def hold(
 
 def _hostile_payloads(target: str) -> list[tuple[str, bytes]]:
     return [
+        ("silent", b""),
         ("garbage", os.urandom(512)),
         ("garbage_line", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64)),
         ("request_line_only", b"GET /boot.ipxe?mac=52-54-00-00-00-01 HTTP/1.1\r\n"),
