@@ -195,7 +195,9 @@ class Daemon:
         )
         app = build_app(context)
         add_peer_routes(app, self.site)
-        self.imaging = add_imaging_routes(app, self.site, self.library, self.store, self.progress)
+        self.imaging = add_imaging_routes(
+            app, self.site, self.library, self.store, self.progress, self.rejections
+        )
         # Connection caps, header and body deadlines, and the open-file limit raised first
         # (peer/api/http_guard.py): a LAN full of half-open connections must not starve us.
         self.http_guard = guard = HttpGuard(open_files=raise_open_files_limit())

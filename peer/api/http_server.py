@@ -18,6 +18,7 @@ from imaging.manifest import FileEntry
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.imaging_api import last_imaged
+from peer.api.metrics import render_metrics
 from peer.core.boot_progress import BootProgress, Stage
 from peer.store.content_store import ChunkCorrupt, ContentStore
 from peer.store.image_library import ImageLibrary, ServedImage
@@ -314,16 +315,8 @@ async def images(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    snapshot = request.app[CONTEXT].status()
-    lines = []
-    for server in ("dhcp", "tftp"):
-        stats = snapshot.get(server)
-        if isinstance(stats, dict):
-            for key, value in stats.items():
-                if isinstance(value, int):
-                    lines.append(f"pxepeer_{server}_{key}_total {value}")
-    lines.append(f"pxepeer_images {len(snapshot.get('images') or [])}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    text = render_metrics(request.app[CONTEXT].status())
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 def build_app(context: HttpContext) -> web.Application:

@@ -458,6 +458,12 @@ class SiteCore:
             return
         node = fetch.source
         self.counters.lan_failures += 1
+        if reason == "unreachable":
+            # The holder is down or restarting, not lying: membership will drop it if it
+            # stays silent. Not asked for this chunk for a little while, and the chunk
+            # does not go to the origin for it (its WAN owner or another holder has it).
+            self._claims_lost[(node, sha)] = now + HEARTBEAT_SECONDS * 5
+            return
         self._lan_attempts[sha] = self._lan_attempts.get(sha, 0) + 1
         # The holder loses its claim to this chunk: its next hello will claim it again,
         # so the claim stays disbelieved for a while, not just until then.
