@@ -167,7 +167,7 @@ def test_one_client_cannot_hold_more_than_its_cap_and_status_stays_prompt(lab: L
     reports, probes = _attack(lab, "--count", "1100", "--slow", "100",
                               "--sources", HOSTILE_IP, seconds=seconds)  # fmt: skip
     assert None not in probes, probes
-    assert max(probes) < 1.0, probes  # type: ignore[type-var]
+    assert max(probes) < 2.0, probes  # type: ignore[type-var]
     settled = _settled(reports, 1100 + 100)
     assert settled and max(r["open"] for r in settled) <= PER_CLIENT_CAP, settled
     # Neither the silent connections nor the one-byte-a-second headers outlive the header
@@ -176,7 +176,7 @@ def test_one_client_cannot_hold_more_than_its_cap_and_status_stays_prompt(lab: L
     assert late and all(r["open"] == 0 for r in late), late
     assert reports[-1]["slow_closed_by_server"] == 100, reports[-1]
     took, status = lab.status_time()
-    assert took is not None and took < 1.0
+    assert took is not None and took < 2.0
     assert status is not None
     rejected = status["http"]["rejected"]
     assert rejected["per_client_cap"] >= 1100 + 100 - PER_CLIENT_CAP
@@ -189,7 +189,7 @@ def test_a_flood_from_many_clients_is_capped_in_total_and_status_still_gets_in(l
     reports, probes = _attack(lab, "--count", "1100", "--sources", ",".join(MANY_SOURCES),
                               seconds=seconds)  # fmt: skip
     assert None not in probes, probes
-    assert max(probes) < 1.0, probes  # type: ignore[type-var]
+    assert max(probes) < 2.0, probes  # type: ignore[type-var]
     _, status = lab.status_time()
     assert status is not None
     http = status["http"]
