@@ -132,6 +132,8 @@ class Plan:
             manifest_id, version, name = fields["image"]
             disk_size, disk_sha = fields["disk"]
             (chunk_size,) = fields["chunk_size"]
+            # Converted inside the try: `disk  ` (empty fields) is malformed, not a crash.
+            disk_bytes, chunk_bytes = int(disk_size), int(chunk_size)
         except (ValueError, KeyError):
             raise PlanError("malformed plan line") from None
         if sorted(peers) != list(range(len(peers))):
@@ -142,7 +144,7 @@ class Plan:
             if any(i not in peers for i in c.peers):
                 raise PlanError(f"chunk at {c.offset} names an unknown peer")
         return cls(
-            manifest_id, name, version, int(disk_size), disk_sha, int(chunk_size),
+            manifest_id, name, version, disk_bytes, disk_sha, chunk_bytes,
             tuple(peers[i] for i in range(len(peers))), tuple(chunks),
         )  # fmt: skip
 

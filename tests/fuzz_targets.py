@@ -35,8 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from random import Random
 from typing import Any
 
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
@@ -81,17 +83,29 @@ class Parser:
     reencode_fuzzed: bool = True
 
 
+Mutator = Callable[[bytes, Random], bytes]
+
+
+def seeded(mutate: Mutator, documents: SearchStrategy[bytes]) -> SearchStrategy[bytes]:
+    """`mutate` applied to a drawn document with a drawn seed. Hypothesis picks the
+    document and the seed; the mutation itself is plain Python. Drawing every choice
+    through hypothesis costs ~0.1 ms a draw here, dozens of draws per mutant, and
+    10,000 examples per parser would not fit in CI. A failure still prints the input."""
+    return st.tuples(documents, st.integers(0, 2**64 - 1)).map(
+        lambda pair: mutate(pair[0], Random(pair[1]))
+    )
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
     intended: str  # module:function the parser is (to be) found at
     build: Callable[[], Parser]
     samples: Callable[[], list[bytes]]  # valid documents
-    mutants: Callable[[list[bytes]], SearchStrategy[bytes]]  # structure-aware mutations
+    mutate: Mutator  # structure-aware mutation of one document
     adversarial: Callable[[], list[bytes]]  # small inputs claiming huge sizes
     valid: Callable[[], SearchStrategy[Any]] | None = None  # values for the encoder
     max_random: int = 2048
-    notes: str = ""
 
     def parser(self) -> Parser:
         try:
@@ -99,20 +113,42 @@ class Target:
         except (ImportError, AttributeError) as exc:
             raise NotBuilt(f"parser {self.name} not built yet ({self.intended}: {exc})") from None
 
-    def strategy(self) -> SearchStrategy[bytes]:
-        """Random bytes, mutated valid documents and (with an encoder) fresh valid ones."""
-        parser = self.parser()
-        samples = self.samples()
-        branches: list[SearchStrategy[bytes]] = [
+    def strategy(self, fresh_valid: int = 200) -> SearchStrategy[bytes]:
+        """Random bytes, and mutants of valid documents: the fixed samples plus (with an
+        encoder) `fresh_valid` valid values drawn anew for this strategy and encoded."""
+        documents = self.samples() + self.fresh_documents(fresh_valid)
+        pick = st.sampled_from(documents)
+        return st.one_of(
             st.binary(max_size=self.max_random),
-            st.sampled_from(samples).flatmap(byte_mutants),
-            self.mutants(samples),
-        ]
-        if self.valid is not None and parser.encode is not None:
-            encoded = self.valid().map(parser.encode)
-            branches.append(encoded)
-            branches.append(encoded.flatmap(byte_mutants))
-        return st.one_of(branches)
+            seeded(mutate_bytes, pick),
+            seeded(self.mutate, pick),
+            seeded(self._maybe_mutate, pick),
+        )
+
+    def fresh_documents(self, count: int) -> list[bytes]:
+        """`count` valid values drawn by hypothesis and encoded. Drawn up front: one
+        valid value costs 5-10 times a mutant to draw, and drawn per example they made
+        up most of the examples (hypothesis's one_of is far from uniform in practice)."""
+        parser = self.parser()
+        if self.valid is None or parser.encode is None or count == 0:
+            return []
+        encode, documents = parser.encode, []
+
+        @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(self.valid())
+        def collect(value: Any) -> None:
+            documents.append(encode(value))
+
+        collect()
+        return documents
+
+    def _maybe_mutate(self, document: bytes, rng: Random) -> bytes:
+        """The document as it is, or mutated in structure and then maybe in bytes."""
+        if rng.random() < 0.3:
+            return document
+        mutant = self.mutate(document, rng)
+        return mutate_bytes(mutant, rng) if rng.random() < 0.5 else mutant
 
 
 @cache
@@ -158,6 +194,10 @@ def traced_peak(parser: Parser, data: bytes) -> int:
 # --- byte-level mutation -----------------------------------------------------------------
 
 INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x0D, 0x20, 0x22, 0x2C, 0x3A)
+# Text for values and keys: ASCII, separators, controls, non-ASCII, lone surrogates.
+TEXT_POOL = (
+    "abcxyz019 _-.:/=,\"\\\x00\x1b\t\n\r\x7f\x85\u00e9\u20ac\u2028\ufeff\U0001f600\ud800\udcff"
+)
 TOKENS = (
     b"\xed\xa0\x80",  # a UTF-8-encoded lone surrogate
     b"\xff\xfe",
@@ -173,30 +213,34 @@ TOKENS = (
 )
 
 
-@st.composite
-def byte_mutants(draw: st.DrawFn, base: bytes) -> bytes:
+def rand_text(rng: Random, longest: int) -> str:
+    return "".join(rng.choice(TEXT_POOL) for _ in range(rng.randint(0, longest)))
+
+
+def mutate_bytes(base: bytes, rng: Random) -> bytes:
+    """1-4 of: a bit flipped, a byte set to a boundary value, bytes or a hostile token
+    inserted, a slice deleted, duplicated or overwritten, the tail cut off."""
     data = bytearray(base)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.integers(0, 7))
-        pos = draw(st.integers(0, len(data)))
-        if op == 0 and data:  # flip one bit
-            pos = min(pos, len(data) - 1)
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == 1 and data:  # set a byte to a boundary value
-            data[min(pos, len(data) - 1)] = draw(st.sampled_from(INTERESTING_BYTES))
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(8)
+        pos = rng.randint(0, len(data))
+        if op == 0 and data:
+            data[min(pos, len(data) - 1)] ^= 1 << rng.randrange(8)
+        elif op == 1 and data:
+            data[min(pos, len(data) - 1)] = rng.choice(INTERESTING_BYTES)
         elif op == 2:
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+            data[pos:pos] = rng.randbytes(rng.randint(1, 16))
         elif op == 3:
-            data[pos:pos] = draw(st.sampled_from(TOKENS))
-        elif op == 4:  # delete a slice
-            del data[pos : pos + draw(st.integers(1, 64))]
-        elif op == 5:  # truncate
+            data[pos:pos] = rng.choice(TOKENS)
+        elif op == 4:
+            del data[pos : pos + rng.randint(1, 64)]
+        elif op == 5:
             del data[pos:]
-        elif op == 6:  # duplicate a slice
-            end = min(len(data), pos + draw(st.integers(1, 256)))
+        elif op == 6:
+            end = min(len(data), pos + rng.randint(1, 256))
             data[end:end] = data[pos:end]
-        else:  # overwrite a slice with random bytes
-            chunk = draw(st.binary(min_size=1, max_size=8))
+        else:
+            chunk = rng.randbytes(rng.randint(1, 8))
             data[pos : pos + len(chunk)] = chunk
     return bytes(data)
 
@@ -260,49 +304,48 @@ def dump_key(key: str) -> str:
     return str(key) if isinstance(key, Raw) else json.dumps(key)
 
 
-_scalar_values = st.one_of(
-    st.sampled_from(HOSTILE_JSON),
-    st.integers(),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20),
-    st.booleans(),
-    st.none(),
-)
+def json_scalar(rng: Random) -> Any:
+    kind = rng.randrange(8)
+    if kind < 3:
+        return rng.choice(HOSTILE_JSON)
+    if kind == 3:
+        return rng.choice([rng.randint(-10, 300), rng.randint(-(2**70), 2**70)])
+    if kind == 4:
+        return rng.uniform(-1e300, 1e300)
+    if kind == 5:
+        return rand_text(rng, 20)
+    return rng.choice([True, False, None, [], {}])
 
 
-@st.composite
-def json_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
-    """A valid JSON document with 1-4 values replaced, keys dropped, added or repeated."""
-    tree = _pairs(json.loads(draw(st.sampled_from(samples))))
-    for _ in range(draw(st.integers(1, 4))):
+def mutate_json(base: bytes, rng: Random) -> bytes:
+    """A JSON document with 1-4 values replaced (by 1e999, NaN, "\\ud800", huge integers,
+    deep nesting, wrong types), entries dropped, added or repeated (a repeated key)."""
+    tree = _pairs(json.loads(base))
+    for _ in range(rng.randint(1, 4)):
         containers = _containers(tree, [])
         if not containers:
-            tree = draw(_scalar_values)
+            tree = json_scalar(rng)
             break
-        box = draw(st.sampled_from(containers))
-        op = draw(st.integers(0, 3))
+        box = rng.choice(containers)
+        op = rng.randrange(4)
         if not box or op == 3:  # add an entry
-            new = draw(_scalar_values)
             if isinstance(box, Pairs):
-                key = draw(st.one_of(st.sampled_from(HOSTILE_KEYS), st.text(max_size=8)))
-                box.append([key, new])
+                key = rng.choice(HOSTILE_KEYS) if rng.random() < 0.5 else rand_text(rng, 8)
+                box.append([key, json_scalar(rng)])
             else:
-                box.append(new)
+                box.append(json_scalar(rng))
         elif op == 0:  # replace a value
-            i = draw(st.integers(0, len(box) - 1))
+            i = rng.randrange(len(box))
             if isinstance(box, Pairs):
-                box[i][1] = draw(_scalar_values)
+                box[i][1] = json_scalar(rng)
             else:
-                box[i] = draw(_scalar_values)
+                box[i] = json_scalar(rng)
         elif op == 1:  # drop an entry
-            del box[draw(st.integers(0, len(box) - 1))]
+            del box[rng.randrange(len(box))]
         else:  # repeat an entry (a repeated key: the last one wins in json.loads)
-            i = draw(st.integers(0, len(box) - 1))
+            i = rng.randrange(len(box))
             item = box[i]
-            if isinstance(box, Pairs):
-                box.insert(i + 1, [item[0], draw(_scalar_values)])
-            else:
-                box.insert(i + 1, item)
+            box.insert(i + 1, [item[0], json_scalar(rng)] if isinstance(box, Pairs) else item)
     return dump(tree).encode("utf-8", "surrogatepass")
 
 
@@ -314,35 +357,32 @@ HOSTILE_FIELDS = (
 )  # fmt: skip
 
 
-@st.composite
-def line_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
-    lines = draw(st.sampled_from(samples)).decode().split("\n")
-    for _ in range(draw(st.integers(1, 4))):
-        i = draw(st.integers(0, len(lines) - 1))
-        op = draw(st.integers(0, 4))
+def mutate_lines(base: bytes, rng: Random) -> bytes:
+    """A line-based document with lines dropped, repeated or swapped, and space-separated
+    fields replaced, added or removed (overlong, negative and non-ASCII numbers)."""
+    lines = base.decode("utf-8", "surrogateescape").split("\n")
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(lines))
+        op = rng.randrange(5)
         if op == 0:
             del lines[i]
         elif op == 1:
             lines.insert(i, lines[i])
-        elif op == 2:  # a field replaced
+        elif op in (2, 3):
             fields = lines[i].split(" ")
-            j = draw(st.integers(0, len(fields) - 1))
-            fields[j] = draw(st.one_of(st.sampled_from(HOSTILE_FIELDS), st.text(max_size=10)))
-            lines[i] = " ".join(fields)
-        elif op == 3:  # a field added or removed
-            fields = lines[i].split(" ")
-            if draw(st.booleans()) and len(fields) > 1:
+            if op == 2:
+                j = rng.randrange(len(fields))
+                fields[j] = rng.choice(HOSTILE_FIELDS) if rng.random() < 0.7 else rand_text(rng, 10)
+            elif rng.random() < 0.5 and len(fields) > 1:
                 del fields[-1]
             else:
-                fields.append(draw(st.sampled_from(HOSTILE_FIELDS)))
+                fields.append(rng.choice(HOSTILE_FIELDS))
             lines[i] = " ".join(fields)
         else:
-            j = draw(st.integers(0, len(lines) - 1))
+            j = rng.randrange(len(lines))
             lines[i], lines[j] = lines[j], lines[i]
-        if not lines:
-            lines = [""]
-    sep = draw(st.sampled_from(["\n", "\r\n", "\n\n"]))
-    return sep.join(lines).encode("utf-8", "surrogatepass")
+        lines = lines or [""]
+    return rng.choice(["\n", "\r\n", "\n\n"]).join(lines).encode("utf-8", "surrogatepass")
 
 
 # --- DHCP --------------------------------------------------------------------------------
@@ -385,28 +425,28 @@ def _dhcp_options_end(packet: bytes) -> int:
     return len(packet)
 
 
-@st.composite
-def dhcp_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
-    """A captured request with options appended, repeated (RFC 3396) or overlong."""
-    packet = bytearray(draw(st.sampled_from(samples)))
+def mutate_dhcp(base: bytes, rng: Random) -> bytes:
+    """A captured request with options appended, repeated (RFC 3396) or overlong, and
+    now and then its fixed header mutated too."""
+    packet = bytearray(base)
     end = _dhcp_options_end(packet)
     extra = bytearray()
-    for _ in range(draw(st.integers(1, 6))):
-        code = draw(st.sampled_from([43, 53, 57, 60, 61, 77, 93, 97, 175, 50, 54, 0, 255]))
-        kind = draw(st.integers(0, 3))
+    for _ in range(rng.randint(1, 6)):
+        code = rng.choice([43, 53, 57, 60, 61, 77, 93, 97, 175, 50, 54, 0, 255])
+        kind = rng.randrange(4)
         if kind == 0:
-            value = draw(st.binary(max_size=255))
+            value = rng.randbytes(rng.randint(0, 255))
             extra += bytes([code, len(value)]) + value
         elif kind == 1:  # a length running past the end
-            extra += bytes([code, 255]) + draw(st.binary(max_size=8))
+            extra += bytes([code, 255]) + rng.randbytes(rng.randint(0, 8))
         elif kind == 2:  # one option split into many (RFC 3396 concatenation)
-            value = draw(st.sampled_from([b"9" * 255, b"PXEClient:Arch:", b"\x00\x07"]))
-            extra += (bytes([code, len(value)]) + value) * draw(st.integers(1, 40))
+            value = rng.choice([b"9" * 255, b"PXEClient:Arch:", b"\x00\x07", b"iPXE"])
+            extra += (bytes([code, len(value)]) + value) * rng.randint(1, 40)
         else:
             extra += bytes([code])
     packet[end:end] = extra
-    if draw(st.booleans()):
-        packet[:240] = draw(byte_mutants(bytes(packet[:240])))[:240].ljust(240, b"\0")
+    if rng.random() < 0.5:
+        packet[:240] = mutate_bytes(bytes(packet[:240]), rng)[:240].ljust(240, b"\0")
     return bytes(packet)
 
 
@@ -526,20 +566,27 @@ def tftp_samples() -> list[bytes]:
     ]
 
 
-@st.composite
-def tftp_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
-    """A request whose NUL-separated fields are replaced, dropped or repeated."""
-    fields = draw(st.sampled_from(samples))[2:].split(b"\0")
-    opcode = draw(st.sampled_from([b"\0\1", b"\0\2", b"\0\6", b"\0\5", b"\0\7"]))
-    for _ in range(draw(st.integers(1, 4))):
-        i = draw(st.integers(0, len(fields)))
-        op = draw(st.integers(0, 2))
+TFTP_FIELDS = (
+    b"blksize", b"tsize", b"timeout", b"windowsize", b"BLKSIZE", b"65464", b"65535", b"0",
+    b"255", b"1000000000000000", b"9" * 300, b"-1", b"octet", b"netascii", b"mail", b"",
+    b"\xff\xfe", b"../../etc/passwd",
+)  # fmt: skip
+
+
+def mutate_tftp(base: bytes, rng: Random) -> bytes:
+    """A packet whose NUL-separated fields are replaced, dropped or repeated, under any
+    opcode."""
+    fields = base[2:].split(b"\0")
+    opcode = rng.choice([b"\0\1", b"\0\2", b"\0\3", b"\0\4", b"\0\5", b"\0\6", b"\0\7"])
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randint(0, len(fields))
+        op = rng.randrange(3)
         if op == 0:
-            fields.insert(i, draw(st.one_of(_tftp_option_values, _tftp_option_names)).encode())
+            fields.insert(i, rng.choice(TFTP_FIELDS))
         elif op == 1 and fields:
             del fields[min(i, len(fields) - 1)]
         else:
-            fields.insert(i, draw(st.binary(max_size=12)))
+            fields.insert(i, rng.randbytes(rng.randint(0, 12)))
     return opcode + b"\0".join(fields)
 
 
@@ -913,13 +960,12 @@ def _hello_adversarial() -> list[bytes]:
 
 def _have_build() -> Parser:
     wire = importlib.import_module("peer.core.wire")
-    return Parser(
-        wire.parse_have,
-        (wire.WireError,),
-        encode=lambda notice: json.dumps(
-            wire.encode_have(notice.node_id, list(notice.chunks))
-        ).encode(),
-    )
+    def encode(notice: Any) -> bytes:
+        # `gone` (chunks that left the sender's store) where the notice carries it.
+        extra = {"gone": notice.gone} if hasattr(notice, "gone") else {}
+        return json.dumps(wire.encode_have(notice.node_id, notice.chunks, **extra)).encode()
+
+    return Parser(wire.parse_have, (wire.WireError,), encode=encode)
 
 
 def _have_valid() -> SearchStrategy[Any]:
@@ -928,10 +974,12 @@ def _have_valid() -> SearchStrategy[Any]:
     chunk = st.integers(1, cap).flatmap(
         lambda size: st.tuples(_hex64s, st.integers(0, size - 1), st.just(size))
     )
+    fields = {"gone": st.booleans()} if "gone" in wire.HaveNotice.__dataclass_fields__ else {}
     return st.builds(
         wire.HaveNotice,
         st.binary(min_size=8, max_size=8).map(bytes.hex),
         st.lists(chunk, max_size=8).map(tuple),
+        **fields,
     )
 
 
@@ -1028,21 +1076,27 @@ def range_samples() -> list[bytes]:
     ]
 
 
-@st.composite
-def range_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
-    unit = draw(st.sampled_from(["bytes", "BYTES", "bits", "", "bytes "]))
-    specs = []
-    for _ in range(draw(st.integers(1, 4))):
-        number = st.one_of(
-            st.integers(-5, 2**64).map(str),
-            st.sampled_from(["", "9" * 5000, "١٢", "²", "1_0", "+1", " 1", "0x10", "1e3",
-                             "\ud800", "-", "00000000000000000000001"]),
-        )  # fmt: skip
-        specs.append(f"{draw(number)}{draw(st.sampled_from(['-', '', '--', ' - ']))}"
-                     f"{draw(number)}")  # fmt: skip
-    header = f"{unit}={draw(st.sampled_from([',', ', ', ',,'])).join(specs)}"
-    if_range = draw(st.sampled_from([None, RANGE_ETAG, 'W/"0123456789abcdef"', "", "\ud800"]))
-    size = draw(st.one_of(st.none(), st.integers(0, 2**63)))
+RANGE_NUMBERS = (
+    "", "9" * 5000, "١٢", "²", "1_0", "+1", " 1", "0x10", "1e3", "\ud800", "-",
+    "00000000000000000000001", "18446744073709551616",
+)  # fmt: skip
+
+
+def mutate_range(base: bytes, rng: Random) -> bytes:
+    """A Range header of 1-4 specs with odd numbers, dashes and separators, odd units,
+    an If-Range that may or may not match, any size."""
+
+    def number() -> str:
+        if rng.random() < 0.6:
+            return str(rng.choice([rng.randint(-5, 20_000), rng.randint(0, 2**64)]))
+        return rng.choice(RANGE_NUMBERS)
+
+    specs = [f"{number()}{rng.choice(['-', '-', '', '--', ' - '])}{number()}"
+             for _ in range(rng.choice([1, 1, 2, 4]))]  # fmt: skip
+    unit = rng.choice(["bytes", "bytes", "BYTES", "bits", "", "bytes "])
+    header = f"{unit}={rng.choice([',', ', ', ',,']).join(specs)}"
+    if_range = rng.choice([None, None, RANGE_ETAG, 'W/"0123456789abcdef"', "", "\ud800"])
+    size = rng.choice([None, 0, 1, rng.randint(0, 20_000), rng.randint(0, 2**63)])
     return range_input(header, if_range, size)
 
 
@@ -1095,16 +1149,15 @@ HOSTILE_VALUES = (
 )  # fmt: skip
 
 
-@st.composite
-def kv_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+def mutate_kv(base: bytes, rng: Random) -> bytes:
     """A report with values replaced by hostile ones, keys repeated, dropped or unknown."""
-    lines = draw(st.sampled_from(samples)).decode().split("\n")
-    for _ in range(draw(st.integers(1, 4))):
-        i = draw(st.integers(0, len(lines) - 1))
+    lines = base.decode().split("\n")
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(lines))
         key = lines[i].partition("=")[0] or "state"
-        op = draw(st.integers(0, 3))
+        op = rng.randrange(4)
         if op == 0:
-            value = draw(st.one_of(st.sampled_from(HOSTILE_VALUES), st.text(max_size=12)))
+            value = rng.choice(HOSTILE_VALUES) if rng.random() < 0.7 else rand_text(rng, 12)
             lines[i] = f"{key}={value}"
         elif op == 1:
             lines.insert(i, lines[i])
@@ -1112,7 +1165,7 @@ def kv_mutants(draw: st.DrawFn, samples: list[bytes]) -> bytes:
             del lines[i]
             lines = lines or [""]
         else:
-            lines.insert(i, f"{draw(st.text(max_size=8))}={draw(st.text(max_size=8))}")
+            lines.insert(i, f"{rand_text(rng, 8)}={rand_text(rng, 8)}")
     return "\n".join(lines).encode("utf-8", "surrogatepass")
 
 
@@ -1130,29 +1183,25 @@ def _report_adversarial() -> list[bytes]:
 # --- the registry ------------------------------------------------------------------------
 
 
-def _json_mutants(samples: list[bytes]) -> SearchStrategy[bytes]:
-    return json_mutants(samples)
-
-
 TARGETS: tuple[Target, ...] = (
-    Target("dhcp", "pxe.dhcp:parse_client", _dhcp_build, dhcp_samples, dhcp_mutants,
+    Target("dhcp", "pxe.dhcp:parse_client", _dhcp_build, dhcp_samples, mutate_dhcp,
            _dhcp_adversarial, max_random=1500),
-    Target("tftp", "pxe.tftp:parse_packet", _tftp_build, tftp_samples, tftp_mutants,
+    Target("tftp", "pxe.tftp:parse_packet", _tftp_build, tftp_samples, mutate_tftp,
            _tftp_adversarial, valid=_tftp_valid, max_random=1500),
-    Target("hello", "peer.core.wire:parse_hello", _hello_build, hello_samples, _json_mutants,
+    Target("hello", "peer.core.wire:parse_hello", _hello_build, hello_samples, mutate_json,
            _hello_adversarial, valid=_hello_valid),
-    Target("have", "peer.core.wire:parse_have", _have_build, have_samples, _json_mutants,
+    Target("have", "peer.core.wire:parse_have", _have_build, have_samples, mutate_json,
            _have_adversarial, valid=_have_valid),
     Target("catalog", "imaging.catalog:SignedCatalog.from_bytes", _catalog_build,
-           catalog_samples, _json_mutants, _catalog_adversarial, valid=_catalog_valid),
+           catalog_samples, mutate_json, _catalog_adversarial, valid=_catalog_valid),
     Target("manifest", "imaging.manifest:SignedManifest.from_bytes", _manifest_build,
-           manifest_samples, _json_mutants, _manifest_adversarial, valid=_manifest_valid),
-    Target("plan", "imaging.plan:Plan.parse", _plan_build, plan_samples, line_mutants,
+           manifest_samples, mutate_json, _manifest_adversarial, valid=_manifest_valid),
+    Target("plan", "imaging.plan:Plan.parse", _plan_build, plan_samples, mutate_lines,
            _plan_adversarial, valid=_plan_valid),
     Target("progress", "imaging.progress_report:parse_report", _report_build, report_samples,
-           kv_mutants, _report_adversarial),
+           mutate_kv, _report_adversarial),
     Target("range", "peer.api.byte_range:parse_range", _range_build, range_samples,
-           range_mutants, _range_adversarial, max_random=256),
+           mutate_range, _range_adversarial, max_random=256),
 )  # fmt: skip
 
 BY_NAME = {t.name: t for t in TARGETS}

@@ -163,3 +163,15 @@ def test_plan_parse_splits_lines_at_newlines_only_like_the_agent() -> None:
         plan = Plan(sha, f"name{odd}x", f"v{odd}", 4, sha, 4096, ("http://10.0.0.2:8080",),
                     (PlanChunk(0, 4, sha, False, (0,)),))  # fmt: skip
         assert Plan.parse(plan.render()) == plan
+
+
+def test_plan_parse_refuses_an_empty_disk_size_as_a_plan_error() -> None:
+    """Found by the plan target: `disk  ` and `chunk_size` with no value passed the line
+    checks and int('') raised ValueError out of Plan.parse."""
+    from imaging.plan import FORMAT_LINE, Plan, PlanError
+
+    sha = "0" * 64
+    for disk, chunk_size in ((" ", "4096"), (f"1 {sha}", ""), (f"x {sha}", "4096")):
+        with pytest.raises(PlanError):
+            Plan.parse(f"{FORMAT_LINE}\nimage {sha} 1 n\ndisk {disk}\nchunk_size {chunk_size}\n"
+                       "end 0\n")  # fmt: skip
