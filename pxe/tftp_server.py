@@ -19,8 +19,14 @@ without a fork per request. Files without a descriptor (a BootSource that is not
 directory) and netascii transfers run in threads of this process, as do all transfers
 until the pool (started by the first transfer) is up, or when no worker can be started.
 
-Nothing a client sends can stop the server: malformed datagrams are dropped and counted,
-bad names get a TFTP ERROR, a crashed worker fails only its own transfers.
+Nothing a client sends can stop the server: malformed datagrams are dropped and counted
+by reason (`TftpStats.dropped`), bad names get a TFTP ERROR, a crashed worker fails only
+its own transfers. Nothing a client sends can hold the server either: the `timeout`
+option is granted up to 5 s, one address gets at most `per_client_sessions` transfers,
+every transfer ends within `transfer_deadline`, and at the session cap a new client evicts
+the transfer stalled longest (`pxe.tftp.admit` decides; transfers report their progress
+at most twice a second, so the event loop knows who is stalled without a message per
+packet).
 
 Run alone for tests and benchmarks: `python -m pxe.tftp_server --root DIR --port 6969`.
 """
