@@ -192,6 +192,7 @@ class Daemon:
             menu_timeout_ms=cfg.menu_timeout_ms,
             status=self.status,
             on_chunk_served=self._count_served,
+            on_chunk_lost=self.site.chunk_lost,
         )
         app = build_app(context)
         add_peer_routes(app, self.site)

@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import aiofiles
+import aiofiles.os
 import aiohttp
 
 from imaging.catalog import (
@@ -52,7 +54,15 @@ from peer.core.site_core import (
     SiteSettings,
 )
 from peer.core.swarm_plan import ORIGIN
-from peer.core.wire import MAX_HELLO_BYTES, HaveNotice, Hello, WireError, encode_have, parse_hello
+from peer.core.wire import (
+    HEX64,
+    MAX_HELLO_BYTES,
+    HaveNotice,
+    Hello,
+    WireError,
+    encode_have,
+    parse_hello,
+)
 from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
 from peer.store.quota import Quota
 from pxe.dhcp_probe import probe_for_offers
@@ -563,35 +573,41 @@ class Site:
 
     async def _scan_store(self) -> None:
         """Manifests added to or removed from the store by the CLI while we run: new ones
-        are parsed and verified once, off the loop, and the core tracks them."""
+        are read (aiofiles), parsed and verified once, off the loop, and the core
+        tracks them."""
         loop = asyncio.get_running_loop()
         known = set(self.core.images) | set(self.rejected_manifests)
-        ids = await loop.run_in_executor(self._store_thread, self.store.manifest_ids)
+        names = await aiofiles.os.listdir(self.store.manifests_dir)
+        ids = {n[:-5] for n in names if n.endswith(".json") and HEX64.fullmatch(n[:-5])}
         for gone in set(self.core.images) - ids:
             self.core.manifest_dropped(gone)
         for gone in set(self.rejected_manifests) - ids:
             del self.rejected_manifests[gone]
         for manifest_id in sorted(ids - known):
-            result = await loop.run_in_executor(
-                self._store_thread, self._load_stored_manifest, manifest_id
-            )
-            if isinstance(result, str):
-                self.rejected_manifests[manifest_id] = result
+            try:
+                signed = await self._read_stored_manifest(manifest_id)
+            except (ManifestError, SignatureError, OSError) as exc:
+                log.warning("not serving manifest %s from the store: %s", manifest_id[:12], exc)
+                self.rejected_manifests[manifest_id] = str(exc)
                 continue
-            signed, present = result
-            held = self.core.manifest_held(signed.manifest, present)
-            for sha in held.index_of:
-                if self.store.has_chunk(sha):
-                    self.core.chunk_present(sha)
+            present = await loop.run_in_executor(self._store_thread, self._present, signed)
+            self.core.manifest_held(signed.manifest, present)
 
-    def _load_stored_manifest(self, manifest_id: str) -> tuple[SignedManifest, set[int]] | str:
-        try:
-            signed = self.store.read_manifest(manifest_id)
+    async def _read_stored_manifest(self, manifest_id: str) -> SignedManifest:
+        path = self.store.manifest_path(manifest_id)
+        if (await aiofiles.os.stat(path)).st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError("too large", f"over {MAX_MANIFEST_BYTES} bytes")
+        async with aiofiles.open(path, "rb") as f:
+            data = await f.read(MAX_MANIFEST_BYTES + 1)
+
+        def check() -> SignedManifest:
+            signed = SignedManifest.from_bytes(data)
+            if signed.manifest.manifest_id != manifest_id:
+                raise ManifestError("wrong manifest", "content does not match its name")
             signed.verify(self.trusted)
-        except (StoreError, ManifestError, SignatureError, OSError) as exc:
-            log.warning("not serving manifest %s from the store: %s", manifest_id[:12], exc)
-            return str(exc)
-        return signed, self._present(signed)
+            return signed
+
+        return await asyncio.get_running_loop().run_in_executor(None, check)
 
     # -- chunks ------------------------------------------------------------------------------
 

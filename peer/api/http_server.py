@@ -52,6 +52,9 @@ class HttpContext:
     menu_timeout_ms: int
     status: Callable[[], dict[str, object]]
     on_chunk_served: Callable[[int], None] = lambda size: None
+    # A chunk found damaged or gone while serving: the site clears its bit, tells its
+    # peers and fetches it again.
+    on_chunk_lost: Callable[[str], None] = lambda sha: None
 
 
 CONTEXT = web.AppKey("context", HttpContext)
@@ -268,9 +271,13 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     try:
         await _write_range(response, ctx.store, entry, image.manifest.chunk_size, start, stop)
     except ChunkCorrupt as exc:
+        # The response is cut short, which the client sees as a failure (the length was
+        # promised), and the chunk is fetched again from the site.
         log.error("stopped sending %s/%s: %s", image.title, role, exc)
-        ctx.library.refresh()
-        raise
+        ctx.on_chunk_lost(exc.sha256)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response
 

@@ -37,7 +37,12 @@ class StoreError(Exception):
 
 
 class ChunkCorrupt(StoreError):
-    """A stored chunk's bytes no longer match its name; it has been removed."""
+    """A stored chunk's bytes no longer match its name (it has been removed), or it is
+    unreadable or gone: either way this peer no longer holds it."""
+
+    def __init__(self, message: str, sha256: str = ""):
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 def normalize_mac(text: str) -> str:
@@ -123,15 +128,19 @@ class ContentStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"chunk {sha256[:16]} is not in the store") from None
+            raise ChunkCorrupt(f"chunk {sha256[:16]} is not in the store", sha256) from None
         except OSError as exc:
             log.error("chunk %s unreadable: %s", sha256[:16], exc.strerror)
-            raise ChunkCorrupt(f"chunk {sha256[:16]} is unreadable: {exc.strerror}") from None
+            raise ChunkCorrupt(
+                f"chunk {sha256[:16]} is unreadable: {exc.strerror}", sha256
+            ) from None
         if hashlib.sha256(data).hexdigest() != sha256:
             with contextlib.suppress(OSError):
                 path.unlink()
             log.error("chunk %s was damaged on disk; removed", sha256[:16])
-            raise ChunkCorrupt(f"chunk {sha256[:16]} was damaged on disk and has been removed")
+            raise ChunkCorrupt(
+                f"chunk {sha256[:16]} was damaged on disk and has been removed", sha256
+            )
         return data
 
     def remove_chunk(self, sha256: str) -> None:
