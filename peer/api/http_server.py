@@ -20,7 +20,7 @@ from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.imaging_api import last_imaged
 from peer.api.metrics import render_metrics
 from peer.core.boot_progress import BootProgress, Stage
-from peer.store.content_store import ChunkCorrupt, ContentStore
+from peer.store.content_store import ChunkLost, ContentStore
 from peer.store.image_library import ImageLibrary, ServedImage
 from pxe.boot_policy import (
     LOCAL_BOOT,
@@ -270,7 +270,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         return response
     try:
         await _write_range(response, ctx.store, entry, image.manifest.chunk_size, start, stop)
-    except ChunkCorrupt as exc:
+    except ChunkLost as exc:
         # The response is cut short, which the client sees as a failure (the length was
         # promised), and the chunk is fetched again from the site.
         log.error("stopped sending %s/%s: %s", image.title, role, exc)

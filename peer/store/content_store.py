@@ -36,13 +36,21 @@ class StoreError(Exception):
     """The store cannot do what was asked; the message says why."""
 
 
-class ChunkCorrupt(StoreError):
-    """A stored chunk's bytes no longer match its name (it has been removed), or it is
-    unreadable or gone: either way this peer no longer holds it."""
+class ChunkLost(StoreError):
+    """A chunk this peer was holding is no longer usable; `sha256` names it."""
 
     def __init__(self, message: str, sha256: str = ""):
         super().__init__(message)
         self.sha256 = sha256
+
+
+class ChunkCorrupt(ChunkLost):
+    """A stored chunk's bytes no longer match its name (it has been removed), or it is
+    unreadable."""
+
+
+class ChunkMissing(ChunkLost):
+    """A chunk's file is gone from the store."""
 
 
 def normalize_mac(text: str) -> str:
@@ -128,7 +136,7 @@ class ContentStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ChunkCorrupt(f"chunk {sha256[:16]} is not in the store", sha256) from None
+            raise ChunkMissing(f"chunk {sha256[:16]} is not in the store", sha256) from None
         except OSError as exc:
             log.error("chunk %s unreadable: %s", sha256[:16], exc.strerror)
             raise ChunkCorrupt(
