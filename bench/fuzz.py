@@ -89,10 +89,10 @@ def fuzz(target: Target, examples: int, batch: int) -> Result:
     started = time.perf_counter()
     for data in target.adversarial():
         run_one(parser, data, result)
-    strategy = target.strategy()
     while result.examples < examples:
         size = min(batch, examples - result.examples)
         before = result.examples
+        strategy = target.strategy()  # fresh valid documents for every batch
 
         @settings(
             max_examples=size, deadline=None, database=None, phases=[Phase.generate],

@@ -5,13 +5,15 @@ or several arguments), the error type(s) it may raise, valid documents to start 
 a hypothesis strategy that mixes
 
   (a) random bytes,
-  (b) valid documents (real firmware DHCP captures, packets from the TFTP encoders,
-      catalogs and manifests signed with a throwaway key, rendered plans, ...) mutated:
-      bytes flipped, inserted, deleted, truncated, duplicated; for JSON documents values
-      replaced by `1e999`, `NaN`, `"\\ud800"`, huge integers, deep nesting, wrong types,
-      keys dropped or repeated; for the line-based plan, lines dropped, repeated and
-      fields replaced by overlong or non-ASCII numbers,
-  (c) for parsers with an encoder, freshly drawn valid values encoded (then mutated).
+  (b) valid documents mutated: the fixed samples (real firmware DHCP captures from
+      tests/fixtures/pcaps, packets from the TFTP encoders, catalogs and manifests signed
+      with a throwaway key, rendered plans, the agent's reports, Range headers) and, for
+      parsers with an encoder, valid values freshly drawn by hypothesis for each run.
+      Mutations: bytes flipped, inserted, deleted, truncated, duplicated; for JSON
+      documents values replaced by `1e999`, `NaN`, `"\\ud800"`, huge integers, deep
+      nesting, wrong types, keys dropped, added or repeated; for line documents lines
+      dropped, repeated, swapped and fields replaced by overlong or non-ASCII numbers; for
+      DHCP options appended, split (RFC 3396) or overlong; for TFTP fields replaced.
 
 The properties (tests/unit/test_fuzz.py, 10,000 examples each, and bench/fuzz.py, 10^6):
 no exception but the parser's own error type escapes; what a parse returns can be used
@@ -451,22 +453,26 @@ def mutate_dhcp(base: bytes, rng: Random) -> bytes:
 
 
 def _dhcp_adversarial() -> list[bytes]:
-    base = next(p for p in dhcp_samples() if p[:1] == b"\x01")
+    base = dhcp_samples()[0]
     end = _dhcp_options_end(base)
-    out = []
-    # A vendor class of 4,400 digits split over 18 option 60s (RFC 3396): the
-    # architecture parsed out of "PXEClient:Arch:<digits>".
-    digits = b"PXEClient:Arch:" + b"9" * 4400
-    opt60 = b"".join(bytes([60, len(digits[i : i + 250])]) + digits[i : i + 250]
-                     for i in range(0, len(digits), 250))  # fmt: skip
-    stripped = bytearray(base[:240])
-    out.append(bytes(stripped) + bytes([53, 1, 1]) + opt60 + b"\xff")
-    # Option 43 of 255 sub-options each claiming 255 bytes; max message size 65535.
-    out.append(base[:end] + bytes([57, 2, 0xFF, 0xFF]) + bytes([43, 255]) + b"\x47\xff" * 127
-               + b"\x00" + b"\xff")  # fmt: skip
-    # 6,000 repeated option 77 fragments: a 1.5 MB user class if concatenation were unbounded.
-    out.append(base[:end] + bytes([77, 1, 4]) * 2000 + b"\xff")
-    return out
+    header = base[:240]
+
+    def split(code: int, value: bytes) -> bytes:  # RFC 3396: one long option as many
+        return b"".join(bytes([code, len(value[i : i + 255])]) + value[i : i + 255]
+                        for i in range(0, len(value), 255))  # fmt: skip
+
+    return [
+        # The architecture parsed out of "PXEClient:Arch:<1,200 digits>" (split option 60).
+        header + bytes([53, 1, 1]) + split(60, b"PXEClient:Arch:" + b"9" * 1200) + b"\xff",
+        # ... and out of 4,400 digits, past the request cap (refused by size).
+        header + bytes([53, 1, 1]) + split(60, b"PXEClient:Arch:" + b"9" * 4400) + b"\xff",
+        # Option 43 of sub-options each claiming 255 bytes; max message size 65535.
+        base[:end] + bytes([57, 2, 0xFF, 0xFF, 43, 255]) + b"\x47\xff" * 127 + b"\0\xff",
+        # 400 option 77 fragments: one user class list joined from all of them.
+        header + bytes([53, 1, 1]) + bytes([77, 1, 4]) * 400 + b"\xff",
+        # Every option present at its largest, up to the cap.
+        header + b"".join(bytes([c, 255]) + bytes(255) for c in (43, 60, 77, 97)) + b"\xff",
+    ]
 
 
 def _dhcp_build() -> Parser:
