@@ -27,6 +27,30 @@ def _mib(n: int | None) -> str:
     return f"{(n or 0) / MIB:.1f} MiB"
 
 
+def _rejected_lines(doc: dict) -> list[str]:
+    """Inputs refused, one line per kind: what an admin looks at when a host misbehaves."""
+    counts: dict[str, dict[str, int]] = {}
+    for kind, reasons in ((doc.get("site") or {}).get("rejected") or {}).items():
+        counts.setdefault(kind, {}).update(reasons)
+    for server in ("dhcp", "tftp"):
+        dropped = (doc.get(server) or {}).get("dropped") or {}
+        if dropped:
+            counts.setdefault(f"{server} packets", {}).update(dropped)
+    http = doc.get("http") or {}
+    for key in ("rejected", "closed"):
+        if isinstance(http.get(key), dict) and http[key]:
+            counts.setdefault(f"http connections {key}", {}).update(http[key])
+    lines = []
+    for kind, reasons in sorted(counts.items()):
+        reasons = {r: n for r, n in reasons.items() if isinstance(n, int) and n}
+        if not reasons:
+            continue
+        total = sum(reasons.values())
+        top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:4])
+        lines.append(f"refused {kind}: {total} ({top})")
+    return lines
+
+
 def render_status(doc: dict) -> str:
     site = doc.get("site") or {}
     lines = [
@@ -70,6 +94,20 @@ def render_status(doc: dict) -> str:
         for node, (have, total) in sorted(image.get("chunks", {}).items()):
             pct = 100.0 * have / total if total else 100.0
             lines.append(f"  {node:<18}{have:>6}/{total:<6} chunks  {pct:5.1f}%")
+    strikes = {
+        node: r for node, r in (site.get("reputation") or {}).items() if r.get("bad_chunks")
+    }
+    if strikes:
+        lines.append("")
+        for node, r in sorted(strikes.items()):
+            lines.append(
+                f"strikes against {node}: {r['bad_chunks']}"
+                + ("  (shunned)" if r.get("shunned") else "")
+            )
+    rejected = _rejected_lines(doc)
+    if rejected:
+        lines.append("")
+        lines.extend(rejected)
     for warning in site.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     jobs = doc.get("imaging") or []

@@ -33,7 +33,7 @@ class TaskRecord:
     failures: int = 0
     last_error: str | None = None
     last_failure: float | None = None  # Unix time
-    backoff: float = BACKOFF_FIRST
+    backoff: float = 0.0  # set at start
     seen: set[str] = field(default_factory=set)  # failure signatures already logged in full
 
 
@@ -44,7 +44,7 @@ class Supervisor:
         self._stopping = False
 
     def start(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        record = TaskRecord(name, factory)
+        record = TaskRecord(name, factory, backoff=BACKOFF_FIRST)
         self._records[name] = record
         record.task = asyncio.create_task(self._keep(record), name=f"supervised:{name}")
 

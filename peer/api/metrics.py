@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+BY_REASON = ("dropped", "rejected", "refused", "closed", "evicted")
+
 
 def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -55,7 +57,9 @@ def render_metrics(snapshot: Mapping[str, object]) -> str:
                     [(None, value)])  # fmt: skip
         if isinstance(stats, Mapping):
             for field, values in sorted(stats.items()):
-                if isinstance(values, Mapping) and _ints(values):
+                # Only counts by reason; other mappings (limits, per-client tables) are
+                # settings or high-cardinality and stay in /v1/status.
+                if field in BY_REASON and isinstance(values, Mapping) and _ints(values):
                     out.add(
                         f"pxepeer_{server}_{field}_total", "counter",
                         f"{server} {field.replace('_', ' ')}, by reason",
