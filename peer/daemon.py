@@ -281,7 +281,7 @@ class Daemon:
         self.dns_discovery = DnsDiscovery(
             self.site.node_id, self.site.config.site,
             str(cfg.address.ip) if cfg.address else None, cfg.http_port,
-            self.site._on_discovered, zone=cfg.discovery_zone,
+            self.site.dns_found, zone=cfg.discovery_zone,
             on_lost=self.site.endpoint_lost, servers=cfg.dns_servers,
         )  # fmt: skip
         try:

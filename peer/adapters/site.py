@@ -284,7 +284,14 @@ class Site:
                 log.error("heartbeat loop down: not answering PXE until it runs again")
 
     def _on_discovered(self, node_id: str, endpoint: str) -> None:
-        self.core.endpoint_discovered(endpoint, node_id, time.monotonic())
+        if self.core.endpoint_discovered(endpoint, node_id, time.monotonic()):
+            log.info("mDNS: found peer %s at %s", node_id, endpoint)
+        self._wake.set()
+
+    def dns_found(self, node_id: str, endpoint: str) -> None:
+        """Unicast DNS-SD lists an endpoint (called again at every poll: idempotent)."""
+        if self.core.endpoint_discovered(endpoint, node_id or None, time.monotonic()):
+            log.info("DNS-SD: found peer %s at %s", node_id or "?", endpoint)
         self._wake.set()
 
     def endpoint_lost(self, endpoint: str) -> None:
@@ -482,7 +489,7 @@ class Site:
 
     async def _fetch_manifest(self, command: FetchManifest) -> None:
         manifest_id = command.manifest_id
-        refused: str | None = None
+        refused: tuple[str, str] | None = None  # (source, why) of the last refusal
         for node, endpoint in command.peers:
             data = await self._peer_manifest(endpoint, manifest_id)
             if data is None:
@@ -490,7 +497,7 @@ class Site:
             problem = await self._ingest_manifest(data, manifest_id)
             if problem is None:
                 return
-            refused = f"from peer {node}: {problem}"
+            refused = (f"peer {node}", problem)
             # A peer that hands out a manifest that does not verify counts against it.
             self.core.reputation.strike(node, time.monotonic())
         if command.try_origin and self.origin is not None:
@@ -503,10 +510,10 @@ class Site:
                 problem = await self._ingest_manifest(data, manifest_id)
                 if problem is None:
                     return
-                refused = f"from the origin: {problem}"
+                refused = ("origin", problem)
         now = time.monotonic()
         if refused is not None:
-            self.core.manifest_refused(manifest_id, "site", refused, now)
+            self.core.manifest_refused(manifest_id, refused[0], refused[1], now)
         else:
             self.core.manifest_unavailable(manifest_id, now)
 

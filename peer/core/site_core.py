@@ -38,6 +38,9 @@ MANIFEST_RETRY_FIRST, MANIFEST_RETRY_MAX = 5.0, 300.0  # after a manifest is ref
 ORIGIN_BACKOFF_MAX = 8.0
 QUOTA_PAUSE = 30.0
 MAX_LAN_ATTEMPTS = 3  # failed LAN fetches of one chunk before it comes from the origin
+# Failures that prove a holder's claim false (a timeout may be congestion; these are not):
+# once every holder of a chunk has lied about it, it comes from the origin at once.
+LIES = ("not found", "oversize", "corrupt", "bad status")
 CLAIM_LOST_SECONDS = 120.0  # a holder that failed a chunk is not asked for it again
 ENDPOINT_BACKOFF_MAX = 60.0  # polling an endpoint that sends garbage or is down
 ENDPOINT_EXPIRY = 300.0  # a discovered endpoint silent this long is forgotten
@@ -179,6 +182,7 @@ class SiteCore:
         self._quota_paused_until = 0.0
         self.quota_limited = False
         self._lan_attempts: dict[str, int] = {}  # sha -> failed LAN fetches
+        self._lied_about: set[str] = set()  # chunks a holder claimed and could not send
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
         self._pending: list[Command] = []
         self.membership_running = True  # the adapter's heartbeat loop is alive
@@ -286,22 +290,23 @@ class SiteCore:
 
     # -- endpoints and membership ------------------------------------------------------------
 
-    def endpoint_discovered(self, endpoint: str, node_id: str | None, now: float) -> None:
-        """mDNS or DNS-SD proposes an endpoint. Bounded: a flood of fake announcements
-        can occupy at most MAX_DYNAMIC_ENDPOINTS slots, and those expire."""
+    def endpoint_discovered(self, endpoint: str, node_id: str | None, now: float) -> bool:
+        """mDNS or DNS-SD proposes an endpoint; True when it is new. Bounded: a flood of
+        fake announcements can occupy at most MAX_DYNAMIC_ENDPOINTS slots, and those
+        expire."""
         known = self.endpoints.get(endpoint)
         if known is not None:
             known.discovered = now
-            return
+            return False
         dynamic = [(e, s) for e, s in self.endpoints.items() if not s.static]
         if len(dynamic) >= MAX_DYNAMIC_ENDPOINTS:
             # Make room only by dropping one that has never answered a hello.
             never = [(s.discovered, e) for e, s in dynamic if s.last_ok is None]
             if not never:
-                return
+                return False
             del self.endpoints[min(never)[1]]
-        log.info("discovered peer %s at %s", node_id or "?", endpoint)
         self.endpoints[endpoint] = Endpoint(static=False, discovered=now, node_id=node_id)
+        return True
 
     def endpoint_lost(self, endpoint: str) -> None:
         state = self.endpoints.get(endpoint)
@@ -421,6 +426,7 @@ class SiteCore:
         sha = fetch.job.ref.sha256
         self.planner.finished(fetch, True)
         self._lan_attempts.pop(sha, None)
+        self._lied_about.discard(sha)
         if fetch.source == ORIGIN:
             self.origin_ok()
             self.counters.wan_bytes += nbytes
@@ -469,9 +475,16 @@ class SiteCore:
         # so the claim stays disbelieved for a while, not just until then.
         self._claims_lost[(node, sha)] = now + CLAIM_LOST_SECONDS
         self.membership.drop_claim(node, fetch.job.manifest_id, fetch.job.index)
+        if reason in LIES:
+            self._lied_about.add(sha)
         if reason == "corrupt":
             self.counters.bad_chunks_received += 1
-        if reason in ("corrupt", "not found", "oversize", "timeout", "bad status"):
+            shunned = self.reputation.strike(node, now)
+            log.warning(
+                "peer %s sent a corrupt chunk %s; discarded%s", node, sha[:16],
+                " - peer shunned" if shunned else "",
+            )  # fmt: skip
+        elif reason in ("not found", "oversize", "timeout", "bad status"):
             shunned = self.reputation.strike(node, now)
             log.warning(
                 "peer %s failed chunk %s (%s)%s", node, sha[:16], reason,
@@ -634,7 +647,7 @@ class SiteCore:
         # Before the view has settled every peer would think it owns every chunk.
         wan_ok = self.wan_ok(now) and self.settled(now)
         to_origin = {sha for sha, n in self._lan_attempts.items() if n >= MAX_LAN_ATTEMPTS}
-        lan_failed = set(self._lan_attempts)
+        lan_failed = self._lied_about & {job.ref.sha256 for job in jobs}
         serial = self.catalog.serial if self.catalog else 0
         planned = self.planner.plan(
             jobs, live, shunned, wan_ok, now, serial,

@@ -311,3 +311,34 @@ def test_probe_runs_on_a_non_responder_and_reports_a_blind_spot() -> None:
     c.probe_done(set(), probe.expected, None, 6.5)
     assert c.offers_seen is False
     assert any("DHCP snooping" in w for w in c.warnings(6.5, WALL))
+
+
+def test_a_chunk_whose_only_holder_lied_comes_from_the_origin_at_once() -> None:
+    """A fake holder that advertises every chunk and answers 404 must not stall the
+    swarm: once its claim is disproved, this peer fetches the chunk from the origin
+    itself, without waiting for a WAN owner (the liar may be the owner)."""
+    c = wanting_core()
+    liar = peer_hello(P1, have=(0, 1, 2, 3))
+    run_round(c, 3.0, liar)
+    first = chunk_fetches(c.tick(3.1, WALL))
+    assert first and {f.fetch.source for f in first} == {P1}
+    for f in first:
+        c.chunk_failed(f.fetch, "not found", 3.2)
+    run_round(c, 4.0, liar)
+    retried = chunk_fetches(c.tick(4.1, WALL))
+    failed = {f.fetch.job.index for f in first}
+    assert {f.fetch.job.index for f in retried if f.fetch.source == ORIGIN} >= failed
+    assert c.reputation.total_strikes[P1] == len(first)
+
+
+def test_a_timeout_alone_does_not_send_a_chunk_to_the_origin() -> None:
+    c = wanting_core()
+    holder = peer_hello(P1, have=(0, 1, 2, 3))
+    run_round(c, 3.0, holder)
+    first = chunk_fetches(c.tick(3.1, WALL))
+    for f in first:
+        c.chunk_failed(f.fetch, "unreachable", 3.2)
+    run_round(c, 4.0, holder)
+    again = chunk_fetches(c.tick(4.1, WALL))
+    retried = {f.fetch.job.index for f in first}
+    assert not [f for f in again if f.fetch.job.index in retried and f.fetch.source == ORIGIN]
