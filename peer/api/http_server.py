@@ -156,7 +156,7 @@ async def boot_script(request: web.Request) -> web.Response:
     served = {image.manifest_id: image for image in ctx.library.images()}
     decision = decide_boot(
         mac,
-        ctx.store.assignments(),
+        await ctx.store.read_assignments(),
         [_bootable(image) for image in served.values()],
         last_imaged=last_imaged(request.app, mac),
         boot_default=ctx.boot_default,

@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
+import aiofiles.os
+
 from imaging.durable import write_atomic
 from imaging.manifest import ChunkRef, Manifest, ManifestError, SignedManifest
 
@@ -30,6 +33,7 @@ log = logging.getLogger("pxepeer.store")
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+MAX_STATE_BYTES = 8 << 20  # assignments for ~100,000 machines
 
 
 class StoreError(Exception):
@@ -70,6 +74,7 @@ class ContentStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.chunks_dir = self.root / "chunks"
+        self._assignments_cache: tuple[tuple[int, int, int], dict[str, str]] | None = None
         self.manifests_dir = self.root / "manifests"
         self.state_dir = self.root / "state"
         self.tmp_dir = self.root / "tmp"
@@ -270,6 +275,36 @@ class ContentStore:
         """MAC (lower case, colons) -> image name."""
         raw = self._read_state("assignments.json")
         return {k: v for k, v in raw.items() if isinstance(v, str) and MAC.match(k)}
+
+    async def read_assignments(self) -> dict[str, str]:
+        """`assignments()` for the event loop: the file is stat-ed and, only when it
+        changed, read with aiofiles (off the loop); the parsed table is kept meanwhile."""
+        path = self.state_dir / "assignments.json"
+        try:
+            st = await aiofiles.os.stat(path)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc.strerror)
+            return {}
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._assignments_cache
+        if cached is not None and cached[0] == key:
+            return dict(cached[1])
+        try:
+            async with aiofiles.open(path, "rb") as f:
+                data = await f.read(MAX_STATE_BYTES + 1)
+            obj = json.loads(data) if len(data) <= MAX_STATE_BYTES else {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return {}
+        table = {
+            k: v
+            for k, v in (obj.items() if isinstance(obj, dict) else ())
+            if isinstance(v, str) and MAC.match(k)
+        }
+        self._assignments_cache = (key, table)
+        return dict(table)
 
     def assign(self, mac: str, image: str) -> None:
         current = self.assignments()
