@@ -20,11 +20,11 @@ from imaging import strict_json
 from peer.core.ranking import Candidate
 
 MAX_HELLO_BYTES = 1 << 20  # 256 images of 2 TiB at 4 MiB chunks fit, with room
-MAX_HAVE_BYTES = 256 * 1024
+MAX_HAVE_BYTES = 16 * 1024  # a notice names one chunk in the few images that share it
 MAX_IMAGES = 256  # holdings / wants entries in one hello
 MAX_FETCHING = 256
 MAX_COUNTERS = 32
-MAX_NOTICES = 4096
+MAX_NOTICES = 128
 MAX_CHUNKS = 1 << 20  # chunks in one image: 4 TiB at 4 MiB (the manifest cap is lower)
 MAX_SITE = 64
 COUNTER_MAX = (1 << 63) - 1
