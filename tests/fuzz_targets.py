@@ -658,8 +658,10 @@ def _catalog_build() -> Parser:
 
 
 def _catalog_valid() -> SearchStrategy[Any]:
+    from imaging import catalog as module
     from imaging.catalog import Catalog, CatalogEntry, SignedCatalog
 
+    max_serial = getattr(module, "MAX_SERIAL", 2**53 - 1)
     entry = st.builds(
         CatalogEntry,
         name=_texts,
@@ -671,7 +673,7 @@ def _catalog_valid() -> SearchStrategy[Any]:
     )
     catalog = st.builds(
         Catalog,
-        serial=st.integers(1, 2**53),
+        serial=st.integers(1, max_serial),
         issued=st.integers(0, NOW),
         expires=st.integers(NOW, NOW + 10**8),
         entries=st.lists(entry, max_size=6, unique_by=lambda e: e.name).map(tuple),
