@@ -211,6 +211,9 @@ class Peer:
     args: list[str]
     proc: subprocess.Popen | None = None
     starts: int = 0
+    # Run before the command, e.g. ("prlimit", "--nofile=1024:65536"): a peer started as
+    # a service manager would start it.
+    prefix: tuple[str, ...] = ()
 
     @property
     def ip(self) -> str:
@@ -231,11 +234,25 @@ class Peer:
             log.write(f"=== lab: start #{self.starts} at {time.time():.3f}\n")
             log.flush()
             self.proc = self.ns.popen(
-                *PXEPEER, "serve", *self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                *self.prefix, *PXEPEER, "serve", *self.args,
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             )
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the serve process (`ip netns exec` execs in place, and
+        /proc is shared with the namespaces), 0 once it has exited."""
+        assert self.proc is not None
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return 0
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
     def kill9(self) -> None:
         """SIGKILL, as a power cut would: no goodbye, no cleanup."""
