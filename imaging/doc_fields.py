@@ -39,7 +39,9 @@ def as_object(value: object, what: str, allowed: frozenset[str]) -> dict[str, ob
         raise FieldError("bad type", f"{what} is not an object")
     unknown = value.keys() - allowed
     if unknown:
-        raise FieldError("unknown field", f"{what}.{sorted(unknown)[0][:32]}")
+        # The key came from the wire: escaped, so a log line stays one line.
+        name = ascii(sorted(unknown)[0][:32])[1:-1]
+        raise FieldError("unknown field", f"{what}.{name}")
     return value
 
 

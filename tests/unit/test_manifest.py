@@ -432,3 +432,8 @@ def test_byte_cap_covers_a_2_tib_disk_at_4_mib_chunks() -> None:
 
     per_ref = (size_with(2000) - size_with(1000)) / 1000
     assert size_with(1000) + (MAX_CHUNKS - 1000) * per_ref <= MAX_MANIFEST_BYTES
+
+
+def test_an_unknown_key_from_the_wire_is_escaped_in_the_message() -> None:
+    error = refused(json.dumps(edit("manifest.x\nFAKE LOG LINE", 1)).encode())
+    assert error.reason == "unknown field" and "\n" not in str(error)
