@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 MAX_DEPTH = 32
 
@@ -43,25 +44,47 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def _check(value: object, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise StrictJsonError("nested too deep")
-    if isinstance(value, str):
-        _check_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check(item, depth + 1)
+def _check_depth(value: object) -> None:
+    """Level by level, not recursively: a 2 TiB manifest has half a million chunk
+    objects, and this visits each once at C speed."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(MAX_DEPTH + 1):
+        if not level:
+            return
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, (dict, list))
+        ]
+    if not level:
+        return
+    raise StrictJsonError("nested too deep")
 
 
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise StrictJsonError("invalid unicode", "lone surrogate") from None
+def _check_text(value: object) -> None:
+    """Every string, key or value, must encode as UTF-8 (no lone surrogates)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StrictJsonError("invalid unicode", "lone surrogate") from None
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+# A lone surrogate can only arrive as a \uD800-\uDFFF escape (UTF-8 cannot carry one),
+# and an over-long integer only as a long run of digits: when the text has neither, the
+# slow checks are skipped. A match (also inside a string, e.g. digits in a hash) only
+# means the careful path is taken.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONG_DIGITS = re.compile(r"[0-9]{25}")
 
 
 def loads(data: bytes | str, max_bytes: int) -> object:
@@ -77,25 +100,19 @@ def loads(data: bytes | str, max_bytes: int) -> object:
             raise StrictJsonError("invalid utf-8") from None
     else:
         text = data
-    # Nesting is bounded before parsing: the C parser recurses once per bracket.
-    depth = 0
-    for char in text:
-        if char in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise StrictJsonError("nested too deep")
-        elif char in "]}":
-            depth -= 1
+    hooks: dict[str, object] = {"parse_constant": _refuse_constant, "parse_float": _finite_float}
+    if _LONG_DIGITS.search(text):
+        hooks["parse_int"] = _bounded_int
     try:
-        value = json.loads(
-            text,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-            parse_int=_bounded_int,
-        )
+        # The C parser guards its recursion: absurd nesting is a RecursionError here.
+        value = json.loads(text, **hooks)  # type: ignore[arg-type]
     except StrictJsonError:
         raise
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise StrictJsonError("nested too deep") from None
+    except ValueError as exc:
         raise StrictJsonError("not json", str(exc)[:80]) from None
-    _check(value, 0)
+    _check_depth(value)
+    if _SURROGATE_ESCAPE.search(text):
+        _check_text(value)
     return value

@@ -50,7 +50,7 @@ def test_hello_round_trips_with_its_bitmaps() -> None:
         (b'{"site": "\\ud800"}', "invalid unicode"),
         (b"\xff\xfe", "invalid utf-8"),
         (b"[]", "not an object"),
-        (b"{" * 100, "nested too deep"),
+        (b'{"a":' * 100 + b"1" + b"}" * 100, "nested too deep"),
     ],
 )
 def test_hostile_hello_bodies_are_refused_with_a_reason(body: bytes, reason: str) -> None:
