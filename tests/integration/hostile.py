@@ -39,7 +39,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-SITE = "lab"
+SITE = "lab"  # the site lab's --site; `peer --site` for others
 # A lone high surrogate as the 6 bytes of its JSON escape (what the wire carries).
 SURROGATE = "\\ud800"
 
@@ -73,12 +73,18 @@ def bitmap(size: int, full: bool) -> str:
 
 
 def hello_body(
-    kind: str, node_id: str, address: str, port: int, holding: Holding | None, full: bool
+    kind: str,
+    node_id: str,
+    address: str,
+    port: int,
+    holding: Holding | None,
+    full: bool,
+    site: str = SITE,
 ) -> bytes:
     """A hello as Hello.to_json writes it, then poisoned as `kind` says."""
     doc = {
         "node_id": node_id,
-        "site": SITE,
+        "site": site,
         "address": address,
         "http_port": port,
         "started": time.time(),
@@ -147,7 +153,9 @@ def fake_peer_app(args: argparse.Namespace) -> web.Application:
 
     async def hello(request: web.Request) -> web.Response:
         stats.hello += 1
-        body = hello_body(args.hello, node_id, address, int(port), holding, args.bits == "all")
+        body = hello_body(
+            args.hello, node_id, address, int(port), holding, args.bits == "all", args.site
+        )
         return web.Response(body=body, content_type="application/json")
 
     async def manifest(request: web.Request) -> web.Response:
@@ -318,6 +326,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     peer = sub.add_parser("peer", help="pretend to be a peer")
     peer.add_argument("--listen", required=True, metavar="IP:PORT")
     peer.add_argument("--node-id", default=None)
+    peer.add_argument("--site", default=SITE)
     peer.add_argument("--hello", choices=("valid", "inf", "surrogate"), default="valid")
     peer.add_argument("--holds", default=None, metavar="MANIFEST_FILE")
     peer.add_argument("--bits", choices=("all", "none"), default="none")
