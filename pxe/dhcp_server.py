@@ -29,12 +29,14 @@ from pxe.dhcp import (
     parse_client,
 )
 from pxe.leases import LeasePool
+from pxe.sender_budget import SenderBudget
 
 log = logging.getLogger("pxepeer.dhcp")
 
 
 # Reasons besides MalformedPacket's own (pxe.dhcp) for the `dropped` counters.
 INTERNAL_ERROR = "internal error"  # a bug deciding or answering one request
+RATE_LIMITED = "rate limited"  # a MAC sending far more than a booting client does
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two tracebacks of requests that hit a bug
 
 
@@ -105,6 +107,9 @@ class DhcpResponder:
         self.stats = DhcpStats()
         self._endpoints: list[_Endpoint] = []
         self._last_bug_log = -_ERROR_LOG_INTERVAL
+        # Counted against the sender: a MAC sending far more than a booting client does
+        # is dropped before it costs a decision, a reply or a log line.
+        self._budget = SenderBudget()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,6 +140,9 @@ class DhcpResponder:
         except MalformedPacket as exc:
             self._drop(exc.reason)
             log.debug("dropped malformed DHCP packet from %s: %s", addr, exc)
+            return
+        if not self._budget.allow(info.mac, time.monotonic()):
+            self._drop(RATE_LIMITED)
             return
         if not self.enabled():
             self.stats.ignored += 1
