@@ -8,6 +8,7 @@ Discovery only proposes endpoints; whether a peer is alive is decided by heartbe
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -15,9 +16,13 @@ from collections.abc import Callable
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from peer.core.wire import NODE_ID
+
 SERVICE_TYPE = "_pxepeer._tcp.local."
 
 log = logging.getLogger("pxepeer.discovery")
+
+MAX_RESOLVING = 32  # announcements resolved at once; a flood waits for re-announcement
 
 
 class MdnsDiscovery:
@@ -35,6 +40,7 @@ class MdnsDiscovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.refused = 0  # announcements that did not make a plausible endpoint
 
     async def start(self) -> None:
         # Only the interface we were given: announcing on every interface would leak the
@@ -62,13 +68,28 @@ class MdnsDiscovery:
         state_change: ServiceStateChange,
     ) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            if len(self._tasks) >= MAX_RESOLVING:
+                self.refused += 1  # a flood of announcements: the next one will come
+                return
             task = asyncio.ensure_future(self._resolve(zeroconf, service_type, name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        # Anyone on the LAN can announce anything: a record that does not resolve into a
+        # plausible endpoint is dropped, and no failure here escapes the task.
+        try:
+            await self._resolve_one(zeroconf, service_type, name)
+        except Exception as exc:
+            self.refused += 1
+            log.debug("mDNS: ignoring %r: %s", name[:80], exc)
+
+    async def _resolve_one(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(zeroconf, 3000):
+            return
+        if not info.port or not 0 < info.port < 65536:
+            self.refused += 1
             return
         props = {
             k.decode(errors="replace"): (v or b"").decode(errors="replace")
@@ -77,7 +98,14 @@ class MdnsDiscovery:
         node = props.get("node", "")
         if not node or node == self.node_id or props.get("site") != self.site:
             return
-        for addr in info.parsed_addresses(IPVersion.V4Only):
+        if not NODE_ID.fullmatch(node):
+            self.refused += 1
+            return
+        for addr in info.parsed_addresses(IPVersion.V4Only)[:4]:
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+                self.refused += 1
+                continue
             self.on_endpoint(node, f"{addr}:{info.port}")
 
     async def stop(self) -> None:
