@@ -16,6 +16,7 @@ from collections.abc import Callable
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from peer.core.rejections import Rejections
 from peer.core.wire import NODE_ID
 
 SERVICE_TYPE = "_pxepeer._tcp.local."
@@ -33,6 +34,7 @@ class MdnsDiscovery:
         address: str,
         http_port: int,
         on_endpoint: Callable[[str, str], None],  # (node id, "host:port")
+        rejections: Rejections | None = None,
     ):
         self.node_id, self.site, self.address, self.http_port = node_id, site, address, http_port
         self.on_endpoint = on_endpoint
@@ -40,7 +42,7 @@ class MdnsDiscovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.refused = 0  # announcements that did not make a plausible endpoint
+        self.rejections = rejections or Rejections()
 
     async def start(self) -> None:
         # Only the interface we were given: announcing on every interface would leak the
@@ -69,7 +71,7 @@ class MdnsDiscovery:
     ) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
             if len(self._tasks) >= MAX_RESOLVING:
-                self.refused += 1  # a flood of announcements: the next one will come
+                self.rejections.count("mdns", "flood")  # the next announcement will come
                 return
             task = asyncio.ensure_future(self._resolve(zeroconf, service_type, name))
             self._tasks.add(task)
@@ -81,7 +83,7 @@ class MdnsDiscovery:
         try:
             await self._resolve_one(zeroconf, service_type, name)
         except Exception as exc:
-            self.refused += 1
+            self.rejections.count("mdns", "unresolvable")
             log.debug("mDNS: ignoring %r: %s", name[:80], exc)
 
     async def _resolve_one(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
@@ -89,7 +91,7 @@ class MdnsDiscovery:
         if not await info.async_request(zeroconf, 3000):
             return
         if not info.port or not 0 < info.port < 65536:
-            self.refused += 1
+            self.rejections.count("mdns", "bad port")
             return
         props = {
             k.decode(errors="replace"): (v or b"").decode(errors="replace")
@@ -99,12 +101,12 @@ class MdnsDiscovery:
         if not node or node == self.node_id or props.get("site") != self.site:
             return
         if not NODE_ID.fullmatch(node):
-            self.refused += 1
+            self.rejections.count("mdns", "bad node id")
             return
         for addr in info.parsed_addresses(IPVersion.V4Only)[:4]:
             ip = ipaddress.ip_address(addr)
             if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-                self.refused += 1
+                self.rejections.count("mdns", "unreachable address")
                 continue
             self.on_endpoint(node, f"{addr}:{info.port}")
 

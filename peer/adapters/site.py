@@ -252,7 +252,7 @@ class Site:
         if self.config.mdns and self.config.address:
             self._discovery = MdnsDiscovery(
                 self.node_id, self.config.site, self.config.address, self.config.http_port,
-                self._on_discovered,
+                self._on_discovered, self.rejections,
             )  # fmt: skip
             try:
                 await self._discovery.start()
