@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Generic, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("pxepeer.http")
 
@@ -207,7 +208,12 @@ def header_end_seen(tail: bytes, data: bytes) -> tuple[bool, bytes]:
 class RateLimitFilter(logging.Filter):
     """At most `per_interval` records per logger per `interval` seconds pass; the rest are
     counted, and one "suppressed K messages" record says how many when the interval ends
-    (on the next record, or on `flush()`)."""
+    (on the next record, or on `flush()`).
+
+    A record whose exception is a malformed request (aiohttp's HttpProcessingError: the
+    client's fault, not ours) passes as one line without its traceback: aiohttp logs each
+    one at ERROR with ten lines of its own parser's stack.
+    """
 
     def __init__(
         self, per_interval: int, interval: float, clock: Callable[[], float] = time.monotonic
@@ -232,6 +238,7 @@ class RateLimitFilter(logging.Filter):
             window[:] = [now, 0, 0]
         if window[1] < self.per_interval:
             window[1] += 1
+            _one_line_if_client_error(record)
             return True
         window[2] += 1
         self.suppressed_total += 1
@@ -257,6 +264,18 @@ class RateLimitFilter(logging.Filter):
         finally:
             self._reporting = False
             window[2] = 0
+
+
+def _one_line_if_client_error(record: logging.LogRecord) -> None:
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError):
+        return
+    # The message quotes the offending bytes as a repr (escaped): safe on one line.
+    detail = " ".join(str(exc).split())[:200]
+    record.msg = f"{record.getMessage()}: {detail}"
+    record.args = None
+    record.exc_info = None
+    record.exc_text = None
 
 
 # -- the guard: asyncio and aiohttp glue ------------------------------------------------

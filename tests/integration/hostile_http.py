@@ -126,7 +126,10 @@ def _hostile_payloads(target: str) -> list[tuple[str, bytes]]:
             + b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 64) for i in range(200))
             + b"\r\n",
         ),
-        ("bad_range", b"GET /v1/status HTTP/1.1\r\nRange: bytes=" + b"0-1," * 400 + b"\r\n\r\n"),
+        (
+            "bad_range",
+            b"GET /v1/status HTTP/1.1\r\nHost: x\r\nRange: bytes=" + b"0-1," * 400 + b"\r\n\r\n",
+        ),
         ("half_request", b"GET /v1/status HTTP/1.1\r\nHost: "),
     ]
 

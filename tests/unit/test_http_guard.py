@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from peer.api.http_guard import (
     EVICTED_WAITING,
@@ -134,6 +135,28 @@ def test_log_records_past_the_rate_are_suppressed_and_then_summed_up_in_one_line
             clock.now += 11
             flt.flush()  # the daemon's timer: the summary comes even if nothing follows
         assert caplog.records[-1].getMessage().startswith("suppressed 3 messages")
+    finally:
+        logger.removeFilter(flt)
+
+
+def test_a_malformed_request_is_logged_as_one_line_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flt = RateLimitFilter(per_interval=10, interval=10.0)
+    logger = logging.getLogger("test.http_guard.parser")
+    logger.addFilter(flt)
+    try:
+        with caplog.at_level(logging.INFO, logger="test.http_guard.parser"):
+            for exc in (BadHttpMessage("Invalid method encountered:\n\n  b'\\x16\\x03'"),
+                        RuntimeError("a bug of ours")):  # fmt: skip
+                try:
+                    raise exc
+                except Exception as caught:
+                    logger.error("Error handling request from %s", "10.0.0.9", exc_info=caught)
+        bad, bug = caplog.records
+        assert bad.exc_info is None and "\n" not in bad.getMessage()
+        assert bad.getMessage().startswith("Error handling request from 10.0.0.9: 400")
+        assert bug.exc_info is not None  # our own failures keep their traceback
     finally:
         logger.removeFilter(flt)
 
