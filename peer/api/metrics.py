@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+# Integer fields that are levels, not running counts.
+GAUGES = ("open", "waiting_for_headers", "clients", "open_files_limit", "active",
+          "worker_processes")  # fmt: skip
 BY_REASON = ("dropped", "rejected", "refused", "closed", "evicted")
 
 
@@ -53,8 +56,12 @@ def render_metrics(snapshot: Mapping[str, object]) -> str:
     for server in ("dhcp", "tftp", "http"):
         stats = snapshot.get(server)
         for key, value in sorted(_ints(stats).items()):
-            out.add(f"pxepeer_{server}_{key}_total", "counter", f"{server} {key}",
-                    [(None, value)])  # fmt: skip
+            if key in GAUGES:
+                out.add(f"pxepeer_{server}_{key}", "gauge", f"{server} {key} now",
+                        [(None, value)])  # fmt: skip
+            else:
+                out.add(f"pxepeer_{server}_{key}_total", "counter", f"{server} {key}",
+                        [(None, value)])  # fmt: skip
         if isinstance(stats, Mapping):
             for field, values in sorted(stats.items()):
                 # Only counts by reason; other mappings (limits, per-client tables) are
