@@ -3,7 +3,7 @@
 Run in a namespace of its own on the lab's bridge (never anywhere else):
 
     python -m tests.integration.hostile peer --listen IP:PORT [--hello valid|inf|surrogate]
-        [--holds MANIFEST_FILE --bits all|none] [--manifest genuine|inf|surrogate]
+        [--holds MANIFEST_FILE ... --bits all|none] [--manifest genuine|inf|surrogate]
         [--chunks none|404|endless]
     python -m tests.integration.hostile progress URL --mac MAC --corrupt PEER_URL=COUNT
     python -m tests.integration.hostile have URL --node-id ID --manifest-id ID --size N
@@ -77,7 +77,7 @@ def hello_body(
     node_id: str,
     address: str,
     port: int,
-    holding: Holding | None,
+    holdings: list[Holding],
     full: bool,
     site: str = SITE,
 ) -> bytes:
@@ -93,7 +93,7 @@ def hello_body(
         # Says it can reach the origin: real peers then rank it among the chunks' WAN
         # owners, which is where a bad node id used to blow up (rendezvous hashing).
         "wan_ok": kind != "valid",
-        "holdings": {holding.manifest_id: bitmap(holding.chunk_count, full)} if holding else {},
+        "holdings": {h.manifest_id: bitmap(h.chunk_count, full) for h in holdings},
         "wants": [],
         "counters": {"wan_bytes": 0},
         "fetching": [],
@@ -147,20 +147,27 @@ ENDLESS_BLOCK = os.urandom(1 << 20)
 
 def fake_peer_app(args: argparse.Namespace) -> web.Application:
     address, _, port = args.listen.rpartition(":")
-    holding = load_holding(Path(args.holds)) if args.holds else None
+    holdings = {h.manifest_id: h for h in (load_holding(Path(p)) for p in args.holds)}
     node_id = args.node_id or secrets.token_hex(8)
     stats = Stats()
 
     async def hello(request: web.Request) -> web.Response:
         stats.hello += 1
         body = hello_body(
-            args.hello, node_id, address, int(port), holding, args.bits == "all", args.site
+            args.hello,
+            node_id,
+            address,
+            int(port),
+            list(holdings.values()),
+            args.bits == "all",
+            args.site,
         )
         return web.Response(body=body, content_type="application/json")
 
     async def manifest(request: web.Request) -> web.Response:
         stats.manifest += 1
-        if holding is None or request.match_info["manifest_id"] != holding.manifest_id:
+        holding = holdings.get(request.match_info["manifest_id"])
+        if holding is None:
             raise web.HTTPNotFound()
         return web.Response(body=manifest_body(args.manifest, holding),
                             content_type="application/json")  # fmt: skip
@@ -328,7 +335,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     peer.add_argument("--node-id", default=None)
     peer.add_argument("--site", default=SITE)
     peer.add_argument("--hello", choices=("valid", "inf", "surrogate"), default="valid")
-    peer.add_argument("--holds", default=None, metavar="MANIFEST_FILE")
+    peer.add_argument("--holds", action="append", default=[], metavar="MANIFEST_FILE",
+                      help="claim this image (repeatable)")  # fmt: skip
     peer.add_argument("--bits", choices=("all", "none"), default="none")
     peer.add_argument("--manifest", choices=("genuine", "inf", "surrogate"), default="genuine")
     peer.add_argument("--chunks", choices=("none", "404", "endless"), default="none")
