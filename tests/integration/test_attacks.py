@@ -279,7 +279,9 @@ def test_hello_holding_a_poison_value_is_refused_counted_and_the_site_carries_on
             small.publish(lab.origin_dir)
             lab.wait_complete(small.manifest_id, peers=real, timeout=90)
             assert_verified(lab, small, real)
-            assert fake.stats(lab)["hello"] >= 3 * len(real), "the peers did not poll it"
+            # Each peer was sent the poisoned hello (and refused it: counted below); how
+            # often it asks again after a refusal is its own business.
+            assert fake.stats(lab)["hello"] >= len(real), "the peers did not poll it"
             # Longer than the membership timeout (6 s): nobody drops out of anyone's view.
             end = time.monotonic() + 8
             while time.monotonic() < end:
