@@ -14,6 +14,7 @@ import logging
 from aiohttp import web
 
 from peer.adapters.site import Site
+from peer.api.http_guard import read_body
 from peer.core.wire import MAX_HAVE_BYTES, WireError, parse_have
 
 log = logging.getLogger("pxepeer.peer_api")
@@ -28,19 +29,15 @@ async def hello(request: web.Request) -> web.Response:
     return web.json_response(site.hello(address).to_json())
 
 
-async def _bounded_body(request: web.Request, cap: int) -> bytes:
-    if request.content_length is not None and request.content_length > cap:
-        raise WireError("oversize")
-    body = await request.content.read(cap + 1)
-    if len(body) > cap:
-        raise WireError("oversize")
-    return body
-
-
 async def have(request: web.Request) -> web.Response:
     site = request.app[SITE]
     try:
-        notice = parse_have(await _bounded_body(request, MAX_HAVE_BYTES))
+        body = await read_body(request, MAX_HAVE_BYTES, timeout=5.0)
+    except web.HTTPException:
+        site.rejections.count("have", "oversize or slow")
+        raise
+    try:
+        notice = parse_have(body)
         site.have_received(notice)
     except WireError as exc:
         site.rejections.count_error("have", exc)
