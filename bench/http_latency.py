@@ -56,12 +56,20 @@ median of 3 runs:
 | /v1/status, hostile |     0.27 / 0.91 |   16.04 / 121.45 (84.0-176.0)  |      59.2 |     134.0 |
 
 (300 requests per cell and run, none failed; serve log after the run: 75 lines, 9 KB.)
-/boot.ipxe meets the p99 < 20 ms target idle; /v1/status is just over it: it is 27 KB
-of JSON written with `indent=1`, which makes CPython use its pure-Python encoder (about
-80% of status() time in a profile; the C encoder was ~2.4x faster on a status-like
-document). Under the flood the Python flood client itself takes most of one of the two
-cores, which nginx, at ~10 us a request, hardly notices; p99s there are CPU contention
-as much as pxepeer's own work.
+
+After that, with /v1/status written compactly (the C JSON encoder), median of 3 runs on a
+quieter host (the fuzzing campaign running at nice 19 beside it):
+
+| request, phase      | nginx p50 / p99 | pxepeer p50 / p99 (p99 spread) | ratio p50 | ratio p99 |
+|---------------------|----------------:|-------------------------------:|----------:|----------:|
+| /boot.ipxe, idle    |     0.21 / 0.32 |     2.15 / 3.26 (3.1-3.3)      |      10.2 |      10.1 |
+| /boot.ipxe, hostile |     0.22 / 4.00 |     4.67 / 25.59 (17.4-92.1)   |      21.6 |       6.4 |
+| /v1/status, idle    |     0.24 / 0.41 |     2.23 / 4.11 (2.8-4.9)      |       9.3 |      10.0 |
+| /v1/status, hostile |     0.25 / 3.50 |     6.30 / 29.10 (9.7-46.9)    |      25.4 |       8.3 |
+
+(200 requests per cell and run, none failed; serve log after the run: 66 lines, 8 KB.)
+Both endpoints meet the p99 < 20 ms target idle. Under the flood the flood client
+itself takes most of one of the two cores.
 """
 
 from __future__ import annotations
