@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from imaging.catalog import Catalog
 from imaging.manifest import Manifest
 from peer.core.membership import Membership
-from peer.core.ranking import elect_responders, rendezvous_rank
+from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
 from peer.core.reputation import Reputation
 from peer.core.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
 from peer.core.wire import ChunkBitmap, HaveNotice, Hello, WireError
@@ -557,7 +557,7 @@ class SiteCore:
 
     def _elect(self, now: float) -> None:
         live = self.membership.live(now)
-        me = self.hello(now, self.settings.address or "").candidate()
+        me = Candidate(self.node_id, self.started_wall, self.settings.can_answer_pxe)
         chosen = elect_responders([me, *(h.candidate() for h in live)], self.settings.responders)
         if chosen != self.responders:
             log.info(
