@@ -626,12 +626,11 @@ class Site:
                 await loop.run_in_executor(self._store_thread, self._assigned_names)
             )
             protected = self.core.protected_chunks(assigned, now)
-            room = await loop.run_in_executor(
-                self._store_thread, self.quota.reserve, command.size, protected
+            room, evicted = await loop.run_in_executor(
+                self._store_thread, self._reserve, command.size, protected
             )
-            for sha in self.quota.evicted:
+            for sha in evicted:
                 self.core.chunk_lost(sha, time.monotonic(), evicted=True)
-            self.quota.evicted = []
             if not room:
                 self.core.quota_refused(time.monotonic())
                 self.core.chunk_failed(fetch, "quota", time.monotonic())
@@ -658,7 +657,8 @@ class Site:
             self.core.chunk_stored(fetch, len(data), time.monotonic())
         finally:
             if self.quota.limit:
-                self.quota.release(command.size, stored)
+                # On the store thread, like reserve: the two must not interleave.
+                self._store_thread.submit(self.quota.release, command.size, stored)
 
     async def _chunk_bytes(self, command: FetchChunk) -> tuple[bytes | None, str]:
         sha, size = command.fetch.job.ref.sha256, command.size
@@ -688,6 +688,13 @@ class Site:
             return None, "timeout"
         except (aiohttp.ClientError, OSError, ValueError):
             return None, "unreachable"
+
+    def _reserve(self, size: int, protected: set[str]) -> tuple[bool, list[str]]:
+        """On the store thread: make room for a chunk, and take the list of what that
+        evicted in the same step (another reservation may follow at once)."""
+        room = self.quota.reserve(size, protected)
+        evicted, self.quota.evicted = self.quota.evicted, []
+        return room, evicted
 
     def _assigned_names(self) -> list[str]:
         return list(self.store.assignments().values())
