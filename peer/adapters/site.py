@@ -735,20 +735,20 @@ class Site:
 
     # -- status ------------------------------------------------------------------------------
 
-    def warnings(self) -> list[str]:
-        out = self.core.warnings(time.monotonic(), time.time())
-        out.extend(self.supervisor.warnings())
+    def _runtime_warnings(self) -> list[str]:
+        """What the adapter knows and the core cannot: loops restarted, commands that
+        failed unexpectedly."""
+        out = self.supervisor.warnings()
         for kind, n in sorted(self.command_failures.items()):
             out.append(f"{n} {kind} command(s) failed unexpectedly (see the log)")
         return out
 
+    def warnings(self) -> list[str]:
+        return self.core.warnings(time.monotonic(), time.time()) + self._runtime_warnings()
+
     def status(self) -> dict[str, object]:
         doc = self.core.status(time.monotonic(), time.time())
-        doc["warnings"] = [*doc["warnings"], *self.supervisor.warnings()]  # type: ignore[misc]
-        for kind, n in sorted(self.command_failures.items()):
-            doc["warnings"].append(  # type: ignore[attr-defined]
-                f"{n} {kind} command(s) failed unexpectedly (see the log)"
-            )
+        doc["warnings"] = [*doc["warnings"], *self._runtime_warnings()]  # type: ignore[misc]
         doc["origin"] = self.config.origin_url
         doc["wan_rate"] = self.origin.current_rate if self.origin else None
         doc["quota"] = self.quota.status()
