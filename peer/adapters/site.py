@@ -156,7 +156,6 @@ class Site:
             wall=time.time(),
         )
         self.quota = Quota(store, config.quota_bytes)
-        self.core.quota_limited = bool(config.quota_bytes)
         self.supervisor = Supervisor(self._task_changed)
         self.origin: OriginClient | None = None
         self.rejected_manifests: dict[str, str] = {}  # manifest id -> why (in the store)

@@ -180,7 +180,6 @@ class SiteCore:
         self._next_probe = now + PROBE_FIRST
         self._probe_in_flight = False
         self._quota_paused_until = 0.0
-        self.quota_limited = False
         self._lan_attempts: dict[str, int] = {}  # sha -> failed LAN fetches
         self._lied_about: set[str] = set()  # chunks a holder claimed and could not send
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until

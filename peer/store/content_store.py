@@ -205,26 +205,6 @@ class ContentStore:
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(manifest_id).unlink()
 
-    def manifest_ids(self) -> set[str]:
-        """The ids of the manifest files present (names only: cheap, nothing parsed)."""
-        return {
-            p.name[:-5]
-            for p in self.manifests_dir.glob("*.json")
-            if SHA256_HEX.match(p.name[:-5])
-        }
-
-    def read_manifest(self, manifest_id: str) -> SignedManifest:
-        """One stored manifest, parsed; StoreError unless its content matches its name."""
-        try:
-            signed = SignedManifest.from_bytes(self.manifest_path(manifest_id).read_bytes())
-        except OSError as exc:
-            raise StoreError(f"cannot read manifest {manifest_id[:12]}: {exc.strerror}") from None
-        except ManifestError as exc:
-            raise StoreError(f"manifest {manifest_id[:12]}: {exc}") from None
-        if signed.manifest.manifest_id != manifest_id:
-            raise StoreError(f"manifest {manifest_id[:12]}: content does not match its name")
-        return signed
-
     def signed_manifests(self) -> list[SignedManifest]:
         """Every well-formed manifest on disk whose content matches its file name.
 
