@@ -189,7 +189,10 @@ class SiteCore:
     # -- what this peer is and says ----------------------------------------------------
 
     def settled(self, now: float) -> bool:
-        return now - self.started_at >= SETTLE_SECONDS
+        """Long enough up, and a heartbeat round heard, to trust the view: before that
+        every peer would think it owns every chunk (and a restarted one would fetch
+        again what a peer took over while it was down)."""
+        return now - self.started_at >= SETTLE_SECONDS and self.last_round_at is not None
 
     def hears_site(self, now: float) -> bool:
         """The heartbeat rounds are running: without them this peer cannot know whether
