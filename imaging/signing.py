@@ -6,7 +6,11 @@ public bytes, so a signature says which key made it and a peer can tell "signed 
 key I do not trust" from "signature does not match".
 
 Files: the private key is PKCS#8 PEM (mode 0600); the public key is one line,
-`pxepeer-ed25519 <base64 raw key> <comment>`, easy to paste into configuration.
+`pxepeer-ed25519 <base64 raw key> role=<role> <comment>`, easy to paste into
+configuration. The role says what the key may sign: `publisher` (manifests and
+catalogs), `operator` (control documents: pause, resume, priority) or `enroll` (node
+certificates: which endpoints are members of a site). A line without a role (written
+before roles existed) is a publisher key.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from imaging.durable import make_dirs, write_atomic
 
 PUBLIC_KEY_TAG = "pxepeer-ed25519"
+ROLES = ("publisher", "operator", "enroll")
+DEFAULT_ROLE = "publisher"
 KEY_ID = re.compile(r"[0-9a-f]{16}")
 ED25519_SIGNATURE_B64 = re.compile(r"[A-Za-z0-9+/]{86}==")  # 64 bytes
 # Signatures one document may carry: a few publishers during a key rotation. Each is
@@ -57,6 +64,7 @@ def key_id_of(raw_public: bytes) -> str:
 class PublicKey:
     raw: bytes
     comment: str = ""
+    role: str = DEFAULT_ROLE
 
     @property
     def key_id(self) -> str:
@@ -70,7 +78,7 @@ class PublicKey:
 
     def to_line(self) -> str:
         encoded = base64.b64encode(self.raw).decode()
-        return f"{PUBLIC_KEY_TAG} {encoded} {self.comment}".rstrip() + "\n"
+        return f"{PUBLIC_KEY_TAG} {encoded} role={self.role} {self.comment}".rstrip() + "\n"
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,13 @@ class SigningKey:
         return self.private.sign(data)
 
 
-def generate_keypair(out_dir: Path, name: str = "publisher") -> tuple[Path, Path]:
-    """Write NAME.key and NAME.pub into out_dir; never overwrites an existing key."""
+def generate_keypair(
+    out_dir: Path, name: str = "publisher", role: str = DEFAULT_ROLE
+) -> tuple[Path, Path]:
+    """Write NAME.key and NAME.pub (which records `role`) into out_dir; never overwrites
+    an existing key."""
+    if role not in ROLES:
+        raise KeyFileError(f"unknown key role {role!r} (want one of {', '.join(ROLES)})")
     private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     for path in (private_path, public_path):
         if path.exists():
@@ -117,7 +130,7 @@ def generate_keypair(out_dir: Path, name: str = "publisher") -> tuple[Path, Path
     except OSError as exc:
         raise KeyFileError(f"cannot write key files in {out_dir}: {exc.strerror}") from None
     try:
-        line = PublicKey(key.public_key.raw, name).to_line().encode()
+        line = PublicKey(key.public_key.raw, name, role).to_line().encode()
         write_atomic(public_path, line, 0o644, overwrite=False)
     except OSError as exc:
         private_path.unlink(missing_ok=True)
@@ -163,7 +176,23 @@ def load_public_key(path: Path) -> PublicKey:
         raise KeyFileError(f"{path}: the key is not valid base64") from None
     if len(raw) != 32:
         raise KeyFileError(f"{path}: an Ed25519 public key has 32 bytes, not {len(raw)}")
-    return PublicKey(raw, parts[2] if len(parts) > 2 else "")
+    rest = parts[2] if len(parts) > 2 else ""
+    role = DEFAULT_ROLE
+    if rest.startswith("role="):
+        role_token, _, rest = rest.partition(" ")
+        role = role_token[len("role="):]
+        if role not in ROLES:
+            raise KeyFileError(f"{path}: unknown key role {role!r} (want {', '.join(ROLES)})")
+    return PublicKey(raw, rest.strip(), role)
+
+
+def load_public_keys(paths: Iterable[Path]) -> dict[str, list[PublicKey]]:
+    """The keys in `paths`, by role (every role present, possibly empty)."""
+    by_role: dict[str, list[PublicKey]] = {role: [] for role in ROLES}
+    for path in paths:
+        key = load_public_key(path)
+        by_role[key.role].append(key)
+    return by_role
 
 
 @dataclass(frozen=True)
@@ -197,8 +226,11 @@ class Signature:
 class TrustedKeys:
     """The public keys a peer accepts signatures from."""
 
-    def __init__(self, keys: list[PublicKey] | tuple[PublicKey, ...] = ()):
+    def __init__(self, keys: Iterable[PublicKey] = ()):
         self._by_id = {k.key_id: k for k in keys}
+
+    def get(self, key_id: str) -> PublicKey | None:
+        return self._by_id.get(key_id)
 
     def __len__(self) -> int:
         return len(self._by_id)

@@ -18,6 +18,8 @@ from imaging.manifest import BootSpec, ImageKind, SignedManifest
 from imaging.origin_layout import PublishError
 from imaging.origin_layout import publish as publish_image
 from imaging.signing import (
+    DEFAULT_ROLE,
+    ROLES,
     KeyFileError,
     PublicKey,
     SignatureError,
@@ -26,6 +28,7 @@ from imaging.signing import (
     load_public_key,
     load_signing_key,
 )
+from peer.enroll import enroll
 from peer.progress_bar import ProgressBar
 from peer.serve import serve
 from peer.store.content_store import ContentStore, StoreError, normalize_mac
@@ -108,18 +111,23 @@ def keys() -> None:
 
 @keys.command("new")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--name", default="publisher", show_default=True, help="File name stem.")
-def keys_new(out_dir: Path, name: str) -> None:
-    """Make a key pair: OUT/NAME.key (private, mode 0600) and OUT/NAME.pub."""
-    check_name(name, "key name")
+@click.option("--name", default=None, help="File name stem (default: the role).")
+@click.option("--role", type=click.Choice(ROLES), default=DEFAULT_ROLE, show_default=True,
+              help="What the key may sign: publisher (images, catalogs), operator (pause, "
+              "resume, priority) or enroll (node certificates: site membership).")  # fmt: skip
+def keys_new(out_dir: Path, name: str | None, role: str) -> None:
+    """Make a key pair: OUT/NAME.key (private, mode 0600) and OUT/NAME.pub (with its role)."""
+    name = check_name(name or role, "key name")
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"{out_dir} exists and is not a directory")
     try:
-        private, public = generate_keypair(out_dir, name)
+        private, public = generate_keypair(out_dir, name, role)
     except KeyFileError as exc:
         raise CliError(str(exc)) from None
     key_id = load_public_key(public).key_id
-    click.echo(f"private key {private}\npublic key  {public}\nkey id      {key_id}")
+    click.echo(
+        f"private key {private}\npublic key  {public}\nkey id      {key_id}\nrole        {role}"
+    )
 
 
 # -- image ------------------------------------------------------------------------------
@@ -539,6 +547,7 @@ def status(url: str, as_json: bool) -> None:
 
 
 main.add_command(serve)
+main.add_command(enroll)
 
 
 if __name__ == "__main__":
