@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -108,6 +109,21 @@ def render_status(doc: dict) -> str:
     if rejected:
         lines.append("")
         lines.extend(rejected)
+    rogues = [r for r in site.get("rogue_pxe_servers") or [] if isinstance(r, dict)]
+    if rogues:
+        lines.append("")
+        lines.append(f"{'ROGUE PXE SERVER':<19}{'IP':<17}{'KIND':<7}{'FIRST SEEN':<21}OFFERS")
+        for r in rogues:
+            first = r.get("first_seen")
+            when = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first))
+                if isinstance(first, (int, float))
+                else "-"
+            )
+            kind = "dhcp" if r.get("full_dhcp") else "proxy"
+            lines.append(
+                f"{r.get('mac')!s:<19}{r.get('ip')!s:<17}{kind:<7}{when:<21}{r.get('offers')}"
+            )
     for warning in site.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     jobs = doc.get("imaging") or []

@@ -121,6 +121,16 @@ def render_metrics(snapshot: Mapping[str, object]) -> str:
     warnings = site.get("warnings")
     out.add("pxepeer_warnings", "gauge", "warnings shown in status",
             [(None, len(warnings) if isinstance(warnings, list) else 0)])  # fmt: skip
+    # Servers that offer a boot file and are not members (peer/core/offer_check.py). The
+    # labels are a MAC and an address the probe formatted from binary fields itself.
+    rogues = site.get("rogue_pxe_servers")
+    rogues = [r for r in rogues if isinstance(r, Mapping)] if isinstance(rogues, list) else []
+    out.add("pxepeer_rogue_pxe_servers", "gauge",
+            "servers offering a PXE boot file that are not members of this site",
+            [(None, len(rogues))])  # fmt: skip
+    out.add("pxepeer_rogue_pxe_server", "gauge",
+            "1 for each rogue PXE server seen lately, by its MAC and IP",
+            [({"mac": r.get("mac"), "ip": r.get("ip")}, 1) for r in rogues])  # fmt: skip
     images = snapshot.get("images")
     out.add("pxepeer_images", "gauge", "images in the store",
             [(None, len(images) if isinstance(images, list) else 0)])  # fmt: skip

@@ -38,3 +38,20 @@ def test_counts_by_reason_become_labelled_counters_and_levels_become_gauges() ->
     # Each metric is declared once, before its samples.
     names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(names) == len(set(names))
+
+
+def test_rogue_pxe_servers_are_a_gauge_and_one_labelled_series_each() -> None:
+    rogues = [
+        {"mac": "02:66:00:00:00:01", "ip": "10.77.0.66", "offers": "boot file 'evil.kpxe'"},
+        {"mac": "f6:75:e0:86:d7:a6", "ip": "10.77.0.2", "offers": "a PXE boot menu"},
+    ]
+    lines = render_metrics({"site": {"rogue_pxe_servers": rogues}}).splitlines()
+    assert "# TYPE pxepeer_rogue_pxe_servers gauge" in lines
+    assert "pxepeer_rogue_pxe_servers 2" in lines
+    assert "# HELP pxepeer_rogue_pxe_server 1 for each rogue PXE server seen lately, " \
+        "by its MAC and IP" in lines
+    assert 'pxepeer_rogue_pxe_server{mac="02:66:00:00:00:01",ip="10.77.0.66"} 1' in lines
+    assert 'pxepeer_rogue_pxe_server{mac="f6:75:e0:86:d7:a6",ip="10.77.0.2"} 1' in lines
+    quiet = render_metrics({"site": {"rogue_pxe_servers": []}}).splitlines()
+    assert "pxepeer_rogue_pxe_servers 0" in quiet
+    assert not any(line.startswith("pxepeer_rogue_pxe_server{") for line in quiet)
