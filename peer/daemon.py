@@ -15,17 +15,20 @@ from pathlib import Path
 
 from aiohttp import web
 
-from imaging.signing import KeyFileError, TrustedKeys, load_public_key
+from imaging.signing import KeyFileError, PublicKey, TrustedKeys, load_public_keys
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
+from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.site import Site, SiteConfig
 from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_open_files_limit
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
 from peer.api.peer_api import add_peer_routes
 from peer.core.boot_progress import BootProgress, Stage
+from peer.core.identity import IdentityError
 from peer.core.rejections import Rejections
 from peer.store.content_store import ContentStore, StoreError
 from peer.store.image_library import ImageLibrary
+from peer.store.node_identity import IdentityFileError, NodeIdentity, load_identity
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
@@ -72,14 +75,45 @@ class ServeConfig:
     listen: tuple[str, ...] = ()  # HTTP addresses besides the interface's and loopback
 
 
-def _load_trust(paths: tuple[Path, ...]) -> TrustedKeys:
-    keys = []
-    for path in paths:
-        try:
-            keys.append(load_public_key(path))
-        except KeyFileError as exc:
-            raise StartupError(str(exc)) from None
-    return TrustedKeys(keys)
+def _load_trust(paths: tuple[Path, ...]) -> dict[str, list[PublicKey]]:
+    try:
+        by_role = load_public_keys(paths)
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from None
+    if not by_role["publisher"]:
+        raise StartupError(
+            "--trust names no publisher key: nothing could be verified or served "
+            "(pxepeer keys new makes one; a .pub file says its role)"
+        )
+    return by_role
+
+
+def _credentials(
+    store: ContentStore, enroll_keys: list[PublicKey], rejections: Rejections
+) -> tuple[NodeIdentity, PeerCredentials | None]:
+    """This node's identity, and its credentials for the peer protocol when an enroll key
+    is trusted (None: a site of one). Refuses to start a node that should be enrolled
+    and is not, so a store's peers never silently split into sites of one."""
+    try:
+        identity = load_identity(store.state_dir)
+    except IdentityFileError as exc:
+        raise StartupError(str(exc)) from None
+    if not enroll_keys:
+        return identity, None
+    if identity.cert is None:
+        raise StartupError(
+            f"this endpoint is not enrolled (node {identity.node_id}): run pxepeer enroll "
+            f"--key ENROLL_KEY --cache-dir {store.root} (or --request, then --certificate)"
+        )
+    trusted = {k.key_id: k for k in enroll_keys}
+    try:
+        identity.cert.verify(trusted)
+    except IdentityError as exc:
+        raise StartupError(
+            f"this endpoint's certificate is not valid here ({exc}); enroll it again with "
+            "an enroll key that --trust names"
+        ) from None
+    return identity, PeerCredentials(identity, trusted, rejections)
 
 
 class Daemon:
@@ -90,8 +124,12 @@ class Daemon:
             self.store.clean_tmp()
         except (StoreError, OSError) as exc:
             raise StartupError(str(exc)) from None
-        trusted = _load_trust(config.trusted_keys)
+        keys = _load_trust(config.trusted_keys)
+        trusted = TrustedKeys(keys["publisher"])
         self.rejections = Rejections()
+        self.identity, self.credentials = _credentials(self.store, keys["enroll"], self.rejections)
+        if self.credentials is None and config.static_peers:
+            log.warning("--peer ignored: no enroll key is trusted; this peer is a site of one")
         self.progress = BootProgress()
         self.boot_source: DirectoryBootSource | None = None
         self.first_stages = {}
@@ -123,6 +161,8 @@ class Daemon:
             self.store,
             trusted,
             self.rejections,
+            node_id=self.identity.node_id,
+            credentials=self.credentials,
         )
         self.library = ImageLibrary(self.site)
         self._runner: web.AppRunner | None = None
@@ -276,7 +316,7 @@ class Daemon:
         """--discovery dns:ZONE: endpoints from the store's DNS go to the site like mDNS
         ones, and leave it when DNS stops listing them."""
         cfg = self.config
-        if cfg.discovery_zone is None:
+        if cfg.discovery_zone is None or self.credentials is None:
             return
         self.dns_discovery = DnsDiscovery(
             self.site.node_id, self.site.config.site,

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +39,9 @@ from imaging.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest
 from imaging.signing import SignatureError, TrustedKeys
 from peer.adapters.discovery import MdnsDiscovery
 from peer.adapters.origin import OriginClient, OriginError
+from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.supervisor import Supervisor
+from peer.core.peer_auth import AuthError
 from peer.core.rejections import Rejections
 from peer.core.site_core import (
     Announce,
@@ -99,19 +101,6 @@ class SiteConfig:
     probe_seconds: float = 30.0
 
 
-def load_node_id(store: ContentStore) -> str:
-    """A stable id per cache: a restarted peer keeps its place in every ranking. Written
-    atomically (temp, fsync, rename, directory fsync) so a crash never leaves it empty."""
-    path = store.state_dir / "node_id"
-    with contextlib.suppress(OSError):
-        text = path.read_text().strip()
-        if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
-            return text
-    node_id = secrets.token_hex(8)
-    store.write_atomic(path, (node_id + "\n").encode())
-    return node_id
-
-
 async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
     """The body, or Oversize as soon as it passes `cap` bytes: a sender that claims or
     streams more than the document may hold costs us at most `cap` + one read."""
@@ -133,10 +122,16 @@ class Site:
         store: ContentStore,
         trusted: TrustedKeys,
         rejections: Rejections | None = None,
+        *,
+        node_id: str,
+        credentials: PeerCredentials | None = None,
     ):
         self.config, self.store, self.trusted = config, store, trusted
         self.rejections = rejections or Rejections()
-        self.node_id = load_node_id(store)
+        self.node_id = node_id
+        # None: no enroll key is trusted, so this peer is a site of one: no peer protocol
+        # at all (nothing polled, announced, discovered or answered).
+        self.credentials = credentials
         self.core = SiteCore(
             SiteSettings(
                 node_id=self.node_id,
@@ -145,11 +140,12 @@ class Site:
                 http_port=config.http_port,
                 can_answer_pxe=config.can_answer_pxe,
                 has_origin=bool(config.origin_url),
-                static_peers=config.static_peers,
+                static_peers=config.static_peers if credentials is not None else (),
                 responders=config.responders,
                 catalog_poll_seconds=config.catalog_poll_seconds,
                 probe_seconds=(
-                    config.probe_seconds if config.interface and config.can_answer_pxe else 0.0
+                    # Every peer on the PXE subnet probes: the snooping check and rogues.
+                    config.probe_seconds if config.interface else 0.0
                 ),
             ),
             now=time.monotonic(),
@@ -248,7 +244,7 @@ class Site:
             self.origin = OriginClient(
                 self.config.origin_url, self._transfers, self.config.wan_rate
             )
-        if self.config.mdns and self.config.address:
+        if self.config.mdns and self.config.address and self.credentials is not None:
             self._discovery = MdnsDiscovery(
                 self.node_id, self.config.site, self.config.address, self.config.http_port,
                 self._on_discovered, self.rejections,
@@ -375,18 +371,30 @@ class Site:
             others = sum(1 for h in self.core.membership.live(now) if h.fetching)
             self.origin.set_share(others + 1)
 
+    def _signed(self, method: str, path_qs: str, body: bytes = b"", to: str | None = None
+                ) -> tuple[dict[str, str], str]:  # fmt: skip
+        assert self.credentials is not None
+        return self.credentials.request_headers(method, path_qs, body, to)
+
+    def _node_at(self, endpoint: str) -> str | None:
+        return next((n for n, e in self.core.endpoint_of.items() if e == endpoint), None)
+
     async def _poll_peer(self, endpoint: str) -> None:
-        assert self._control is not None
+        assert self._control is not None and self.credentials is not None
+        headers, nonce = self._signed("GET", "/v1/peer")
+        sent = time.time()
         try:
             async with self._control.get(
-                f"http://{endpoint}/v1/peer", timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT)
-            ) as resp:
+                f"http://{endpoint}/v1/peer", headers=headers,
+                timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT),
+            ) as resp:  # fmt: skip
                 if resp.status != 200:
                     self.core.hello_failed(
                         endpoint, f"HTTP {resp.status}", time.monotonic(), refused=False
                     )
                     return
                 body = await read_capped(resp, MAX_HELLO_BYTES)
+                status, resp_headers = resp.status, resp.headers
         except Oversize:
             self.rejections.count("hello", "oversize")
             self.core.hello_failed(endpoint, "oversize", time.monotonic(), refused=True)
@@ -395,10 +403,24 @@ class Site:
             self.core.hello_failed(endpoint, type(exc).__name__, time.monotonic(), refused=False)
             return
         loop = asyncio.get_running_loop()
+        credentials = self.credentials
+
+        def check() -> Hello:
+            # Only a hello signed by an enrolled node, for this very request, and naming
+            # the node id its key gives, makes a member.
+            cert = credentials.check_response(resp_headers, nonce, status, body, sent)
+            hello = parse_hello(body)
+            if hello.node_id != cert.node_id:
+                raise WireError("node id mismatch", f"{hello.node_id} signed by {cert.node_id}")
+            return hello
+
         try:
-            hello = await loop.run_in_executor(None, parse_hello, body)
+            hello = await loop.run_in_executor(None, check)
         except WireError as exc:
             self.rejections.count_error("hello", exc)
+            self.core.hello_failed(endpoint, exc.reason, time.monotonic(), refused=True)
+            return
+        except AuthError as exc:
             self.core.hello_failed(endpoint, exc.reason, time.monotonic(), refused=True)
             return
         self.core.hello_received(endpoint, hello, time.monotonic())
@@ -441,10 +463,12 @@ class Site:
             self.core.origin_ok()
             return data
         assert self._control is not None
+        headers, _ = self._signed("GET", "/v1/catalog", to=self._node_at(source))
         try:
             async with self._control.get(
-                f"http://{source}/v1/catalog", timeout=aiohttp.ClientTimeout(total=5)
-            ) as resp:
+                f"http://{source}/v1/catalog", headers=headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:  # fmt: skip
                 if resp.status != 200:
                     return None
                 return await read_capped(resp, MAX_CATALOG_BYTES)
@@ -490,7 +514,7 @@ class Site:
         manifest_id = command.manifest_id
         refused: tuple[str, str] | None = None  # (source, why) of the last refusal
         for node, endpoint in command.peers:
-            data = await self._peer_manifest(endpoint, manifest_id)
+            data = await self._peer_manifest(endpoint, manifest_id, node)
             if data is None:
                 continue
             problem = await self._ingest_manifest(data, manifest_id)
@@ -516,11 +540,13 @@ class Site:
         else:
             self.core.manifest_unavailable(manifest_id, now)
 
-    async def _peer_manifest(self, endpoint: str, manifest_id: str) -> bytes | None:
+    async def _peer_manifest(self, endpoint: str, manifest_id: str, node: str) -> bytes | None:
         assert self._control is not None
+        path = f"/v1/manifests/{manifest_id}"
+        headers, _ = self._signed("GET", path, to=node)
         try:
             async with self._control.get(
-                f"http://{endpoint}/v1/manifests/{manifest_id}",
+                f"http://{endpoint}{path}", headers=headers,
                 timeout=aiohttp.ClientTimeout(total=30, sock_read=10),
             ) as resp:
                 if resp.status != 200:
@@ -671,9 +697,11 @@ class Site:
         # A deadline for the whole transfer, not only between reads: a holder dribbling
         # one byte a second must lose the chunk, not hold it for hours.
         deadline = 10.0 + size / CHUNK_MIN_RATE
+        path = f"/v1/chunks/{sha}"
+        headers, _ = self._signed("GET", path, to=command.fetch.source)
         try:
             async with self._transfers.get(
-                f"http://{command.endpoint}/v1/chunks/{sha}",
+                f"http://{command.endpoint}{path}", headers=headers,
                 timeout=aiohttp.ClientTimeout(total=deadline, sock_connect=3, sock_read=10),
             ) as resp:
                 if resp.status == 404:
@@ -702,14 +730,22 @@ class Site:
         """Tell live peers at once that we hold (or lost) chunks, so they need not wait
         for the next heartbeat (the relay is what makes the swarm fast)."""
         assert self._control is not None
-        body = encode_have(self.node_id, command.chunks, command.gone)
+        body = json.dumps(encode_have(self.node_id, command.chunks, command.gone)).encode()
 
         async def post(endpoint: str) -> None:
             assert self._control is not None
+            node = self._node_at(endpoint)
+            if node is None:
+                return
+            # Signed for that node alone, fresh: replayed later, or to another peer, it
+            # is refused (peer/core/peer_auth.py).
+            headers, _ = self._signed("POST", "/v1/have", body, to=node)
+            headers["Content-Type"] = "application/json"
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                 async with self._control.post(
-                    f"http://{endpoint}/v1/have", json=body, timeout=aiohttp.ClientTimeout(total=2)
-                ):
+                    f"http://{endpoint}/v1/have", data=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=2),
+                ):  # fmt: skip
                     pass
 
         await asyncio.gather(*(post(e) for e in command.endpoints))
@@ -717,19 +753,21 @@ class Site:
     # -- DHCP snooping check ---------------------------------------------------------------
 
     async def _probe(self, command: ProbeOffers) -> None:
-        """From a peer that is not the responder, check the responder's PXE offers arrive.
-
-        The responder cannot check itself (its own broadcast never crosses the switch);
-        any other peer on the subnet can, and its verdict reaches everyone's status
-        through its hello."""
+        """Broadcast a probe DISCOVER and hand the core every offer seen: it checks the
+        other responders' offers arrive (the responder cannot check itself: its own
+        broadcast never crosses the switch; its verdict reaches everyone's status through
+        its hello) and reports servers that offer a boot file and are not members."""
         assert self.config.interface is not None
         try:
-            servers = await probe_for_offers(self.config.interface)
+            result = await probe_for_offers(self.config.interface)
         except OSError as exc:
             self.core.probe_done(None, command.expected, str(exc), time.monotonic())
             return
+        for reason, n in result.dropped.items():
+            for _ in range(n):
+                self.rejections.count("dhcp offer", reason)
         self.core.probe_done(
-            {str(a) for a in servers}, command.expected, None, time.monotonic()
+            result.offers, command.expected, None, time.monotonic(), own_mac=result.mac
         )
 
     # -- status ------------------------------------------------------------------------------
@@ -754,5 +792,20 @@ class Site:
         doc["tasks"] = self.supervisor.status()
         doc["rejected"] = self.rejections.snapshot()
         doc["rejected_manifests"] = dict(self.rejected_manifests)
+        doc["membership"] = self.membership_status()
         return doc
+
+    def membership_status(self) -> dict[str, object]:
+        """How this peer decides who is in its site, and how many tried and were not."""
+        if self.credentials is None:
+            return {"mode": "site of one", "detail": "no enroll key trusted: no peer protocol"}
+        cert = self.credentials.cert
+        refused = self.rejections.snapshot().get("peer_auth", {})
+        return {
+            "mode": "enrolled",
+            "label": cert.label,
+            "issuer": cert.issuer,
+            "enroll_keys": sorted(self.credentials.enroll_keys),
+            "refused": refused,
+        }
 

@@ -1,14 +1,17 @@
 """Decisions every peer makes alone and all peers agree on: who answers PXE, and which
 peer fetches each chunk across the WAN.
 
-Both are pure functions of the membership view, so peers with the same view reach the
-same answer without a coordinator or a vote.
+Both are pure functions of what a peer has seen, and neither takes a peer's word about
+itself: node ids come from keys, liveness from authenticated heartbeats. The election
+is sticky (a working responder keeps the role), so it also depends on whom this peer
+followed until now; the rules are in `elect_responders`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -27,18 +30,39 @@ def rendezvous_rank(key: str, node_ids: Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Candidate:
-    node_id: str
-    started: float  # when the peer process started (unix seconds), as it announces it
+    node_id: str  # derived from the node's key (peer/core/identity.py): not a claim
     can_answer_pxe: bool  # has an --interface and the first-stage boot files
 
 
-def elect_responders(candidates: Sequence[Candidate], count: int = 1) -> list[str]:
-    """The peers that answer PXE: the `count` longest-running capable peers.
+def elect_responders(
+    candidates: Sequence[Candidate],
+    count: int = 1,
+    previous: Sequence[str] = (),
+    votes: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """The peers that answer PXE, as this peer sees it: `candidates` are the live peers
+    (this one included), `previous` the responders it followed until now, `votes` the
+    responders each live peer says it follows (its hello; this peer's own included).
 
-    Seniority rather than a hash keeps the responder stable: a peer joining (or a
-    laptop coming back) never takes the role from one that is working; only a
-    responder's death moves it. Ties break on node id so the order is total.
+    Nothing a peer says about itself can move a working responder:
+    1. A responder this peer followed keeps the role while it is live and capable. Only
+       its death (silence for the peer timeout) or its own word that it can no longer
+       answer PXE frees the slot; a newcomer, a claim of seniority, or any number of
+       votes never does.
+    2. A free slot after a failover goes to the capable peer with the lowest node id.
+       Node ids are derived from keys, so all peers with the same view pick the same
+       one, and lying gains nothing: a peer's place in that order is fixed by its key.
+    3. Only a peer electing for the first time (just started: it has followed nobody)
+       counts votes, so it joins the responder its site already has rather than
+       displacing it; ties and an empty tally fall back to node id order. A liar's
+       vote for itself can at most win it a newcomer's tie, and a newcomer's choice
+       moves nobody else (rule 1).
     """
-    capable = [c for c in candidates if c.can_answer_pxe]
-    capable.sort(key=lambda c: (c.started, c.node_id))
-    return [c.node_id for c in capable[:count]]
+    capable = {c.node_id for c in candidates if c.can_answer_pxe}
+    kept = [n for n in previous if n in capable][:count]
+    support: Counter[str] = Counter()
+    if not previous and votes:
+        for named in votes.values():
+            support.update(n for n in set(named) if n in capable)
+    rest = sorted(capable - set(kept), key=lambda n: (-support[n], n))
+    return sorted(kept + rest[: count - len(kept)])

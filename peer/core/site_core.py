@@ -19,11 +19,13 @@ Two clocks come in: `now` is monotonic (every timeout and back-off), `wall` is U
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from imaging.catalog import Catalog
 from imaging.manifest import Manifest
 from peer.core.membership import Membership
+from peer.core.offer_check import RogueServers, SeenOffer, check_offers
 from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
 from peer.core.reputation import Reputation
 from peer.core.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
@@ -88,7 +90,9 @@ class Announce:
 
 @dataclass(frozen=True)
 class ProbeOffers:
-    expected: frozenset[str]  # responder addresses whose offers should arrive
+    """Broadcast a probe DISCOVER, report every offer seen with `probe_done`."""
+
+    expected: frozenset[str]  # responder addresses whose offers should arrive (may be none)
 
 
 Command = PollPeers | FetchCatalog | FetchManifest | FetchChunk | Announce | ProbeOffers
@@ -168,6 +172,7 @@ class SiteCore:
         self.endpoint_of: dict[str, str] = {}  # node id -> endpoint we reach it on
         self.offers_seen: bool | None = None
         self.offer_problem: str | None = None
+        self.rogues = RogueServers()  # non-members offering a boot file (offer_check.py)
         self._origin_backoff_until = 0.0
         self._origin_failures = 0
         self._manifest_retry: dict[str, tuple[float, float]] = {}  # id -> (retry at, pause)
@@ -224,6 +229,7 @@ class SiteCore:
             counters=dict(vars(self.counters)),
             fetching=self.planner.wan_fetching(),
             offers_seen=self.offers_seen,
+            responders=list(self.responders),
         )
 
     # -- catalog and wanted set ----------------------------------------------------------
@@ -533,8 +539,11 @@ class SiteCore:
 
     # -- DHCP snooping probe ------------------------------------------------------------------
 
-    def probe_done(self, seen: set[str] | None, expected: frozenset[str], error: str | None,
-                   now: float) -> None:  # fmt: skip
+    def probe_done(self, offers: Iterable[SeenOffer] | None, expected: frozenset[str],
+                   error: str | None, now: float, own_mac: str | None = None) -> None:  # fmt: skip
+        """Every offer the probe saw (pxe.dhcp_probe.Offer), or the error that stopped it.
+        `own_mac` is this peer's interface MAC: an offer claiming our address from
+        another MAC is a forgery."""
         self._probe_in_flight = False
         self._next_probe = now + self.settings.probe_seconds
         if error is not None:
@@ -542,25 +551,51 @@ class SiteCore:
                 log.warning("cannot run the DHCP offer probe: %s", error)
             self.offer_problem = error
             return
-        assert seen is not None
-        got = seen & expected
-        if got != expected and self.offers_seen is not False:
+        assert offers is not None
+        self.offer_problem = None
+        members = {h.address for h in self.membership.live(now)}
+        own = None
+        if self.settings.address:
+            members.add(self.settings.address)
+            own = (self.settings.address, own_mac) if own_mac else None
+        check = check_offers(offers, members, expected, own)
+        if check.missing and self.offers_seen is not False:
             log.warning(
                 "probe DISCOVER got no PXE offer from responder %s: DHCP from peers may be "
                 "filtered on this network (DHCP snooping?)",
-                ", ".join(sorted(expected - got)),
+                ", ".join(sorted(check.missing)),
             )
-        self.offers_seen = got == expected
+        self.offers_seen = check.responders_heard
+        for rogue in self.rogues.probe_completed(check.rogues, now):
+            log.warning("%s", rogue.warning())
 
     # -- the clock -----------------------------------------------------------------------------
 
     def _live_endpoints(self) -> tuple[str, ...]:
         return tuple(sorted(set(self.endpoint_of.values())))
 
+    def _ready_to_elect(self, now: float) -> bool:
+        """A first election waits until the view has settled and every endpoint known so
+        far has answered or failed once: a responder once followed is kept (ranking.py),
+        so electing itself before it has heard its site would leave two responders."""
+        if self.responders:
+            return True
+        if not self.settled(now):
+            return False
+        polled = all(s.last_ok is not None or s.failures for s in self.endpoints.values())
+        return polled or now - self.started_at > PEER_TIMEOUT
+
     def _elect(self, now: float) -> None:
+        if not self._ready_to_elect(now):
+            return
         live = self.membership.live(now)
-        me = Candidate(self.node_id, self.started_wall, self.settings.can_answer_pxe)
-        chosen = elect_responders([me, *(h.candidate() for h in live)], self.settings.responders)
+        me = Candidate(self.node_id, self.settings.can_answer_pxe)
+        votes = {h.node_id: h.responders for h in live}
+        votes[self.node_id] = self.responders
+        chosen = elect_responders(
+            [me, *(h.candidate() for h in live)], self.settings.responders,
+            previous=self.responders, votes=votes,
+        )  # fmt: skip
         if chosen != self.responders:
             log.info(
                 "PXE responder(s) now %s%s",
@@ -633,12 +668,11 @@ class SiteCore:
             and not self._probe_in_flight
             and now >= self._next_probe
         ):
+            # Every peer with an interface probes: a rogue's offers reach the responder
+            # too (its own never do). The snooping check expects the other responders.
             others = [h for h in live if h.node_id in self.responders]
-            if others and not self.is_responder(now):
-                self._probe_in_flight = True
-                commands.append(ProbeOffers(frozenset(h.address for h in others)))
-            else:
-                self._next_probe = now + self.settings.probe_seconds
+            self._probe_in_flight = True
+            commands.append(ProbeOffers(frozenset(h.address for h in others)))
         return commands
 
     def _plan_fetches(self, now: float, live: list[Hello]) -> list[FetchChunk]:
@@ -711,6 +745,7 @@ class SiteCore:
                 "switches may be dropping DHCP from access ports (DHCP snooping); machines "
                 "there cannot PXE boot"
             )
+        warnings.extend(r.warning() for r in self.rogues.current())
         return warnings
 
     def status(self, now: float, wall: float) -> dict[str, object]:
@@ -772,6 +807,7 @@ class SiteCore:
             "this_peer_responds": self.is_responder(now),
             "hears_site": self.hears_site(now),
             "offers_seen": self.offers_seen,
+            "rogue_pxe_servers": self.rogues.status(now, wall),
             "peers": peers,
             "images": images,
             "catalog": {

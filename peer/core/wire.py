@@ -27,6 +27,7 @@ MAX_COUNTERS = 32
 MAX_NOTICES = 128
 MAX_CHUNKS = 1 << 20  # chunks in one image: 4 TiB at 4 MiB (the manifest cap is lower)
 MAX_SITE = 64
+MAX_RESPONDERS = 8
 COUNTER_MAX = (1 << 63) - 1
 
 NODE_ID = re.compile(r"[0-9a-f]{16}")
@@ -118,6 +119,10 @@ class Hello:
     counters: dict[str, int] = field(default_factory=dict)
     fetching: list[str] = field(default_factory=list)  # chunks it is pulling from the WAN
     offers_seen: bool | None = None  # its probe saw the responder's PXE offer
+    # The PXE responders this peer follows (its vote; peer/core/ranking.py says how much
+    # a vote counts, and that it never unseats a working responder).
+    responders: list[str] = field(default_factory=list)
+    records_digest: str = ""  # digest of the imaging records it holds ("" for none)
 
     @property
     def endpoint(self) -> str:
@@ -125,7 +130,7 @@ class Hello:
         return f"{host}:{self.http_port}"
 
     def candidate(self) -> Candidate:
-        return Candidate(self.node_id, self.started, self.can_answer_pxe)
+        return Candidate(self.node_id, self.can_answer_pxe)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -142,6 +147,8 @@ class Hello:
             "counters": self.counters,
             "fetching": self.fetching,
             "offers_seen": self.offers_seen,
+            "responders": self.responders,
+            "records_digest": self.records_digest,
         }
 
 
@@ -231,6 +238,9 @@ def hello_from_json(obj: object) -> Hello:
             raise WireError("bad counter")
         counters[key] = value
     offers_seen = _optional(obj, "offers_seen", bool, None)
+    records_digest = _optional(obj, "records_digest", str, "")
+    if records_digest and not HEX64.fullmatch(records_digest):  # type: ignore[arg-type]
+        raise WireError("bad field", "records_digest")
     return Hello(
         node_id=node_id,  # type: ignore[arg-type]
         site=site,  # type: ignore[arg-type]
@@ -245,6 +255,10 @@ def hello_from_json(obj: object) -> Hello:
         counters=counters,
         fetching=_hex_list(_optional(obj, "fetching", list, []), HEX64, MAX_FETCHING, "fetching"),
         offers_seen=offers_seen,  # type: ignore[arg-type]
+        responders=_hex_list(
+            _optional(obj, "responders", list, []), NODE_ID, MAX_RESPONDERS, "responders"
+        ),
+        records_digest=records_digest,  # type: ignore[arg-type]
     )
 
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 from imaging.manifest import Manifest
 from peer.store.content_store import ContentStore
+from tests.enrollment import enroll, enroll_key
+from tests.enrollment import node_id as enrolled_node_id
 from tests.netns import Netns, link, namespaces
 
 PXEPEER = [sys.executable, "-m", "peer.cli"]
@@ -225,7 +227,7 @@ class Peer:
 
     @property
     def node_id(self) -> str:
-        return (self.cache / "state" / "node_id").read_text().strip()
+        return enrolled_node_id(self.cache)
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -303,6 +305,7 @@ class SiteLab:
     peers: list[Peer] = field(default_factory=list)
     nginx: subprocess.Popen | None = None
     wan_line: subprocess.Popen | None = None
+    enroll_key: Path | None = None  # the private enroll key every peer was enrolled with
 
     # -- status ----------------------------------------------------------------------------
 
@@ -626,12 +629,15 @@ def serve_args(
     wan_rate: str | None,
     mdns: bool,
     extra: tuple[str, ...],
+    enroll_pub: Path | None = None,
 ) -> list[str]:
     args = [
         "--cache-dir", str(cache), "--trust", str(trust), "--interface", "eth0",
         "--dhcp", "off", "--http-port", str(HTTP_PORT), "--ipxe-dir", str(IPXE_DIR),
         "--origin", f"http://{ORIGIN_IP}/", "--catalog-poll", "1", "--site", "lab",
     ]  # fmt: skip
+    if enroll_pub is not None:
+        args += ["--trust", str(enroll_pub)]
     if wan_rate:
         args += ["--wan-rate", wan_rate]
     if not mdns:
@@ -656,9 +662,13 @@ def site_lab(
     extra_args: tuple[str, ...] = (),
     start: bool = True,
     seed: Callable[[int, Path], None] | None = None,
+    enrolled: bool = True,
 ) -> Iterator[SiteLab]:
     """A site of `n_peers` peers (started unless `start` is False) and an nginx origin
     serving `work/origin` (empty until something is published there).
+
+    Every peer is enrolled with one enroll key (`lab.enroll_key`, trusted by all) unless
+    `enrolled` is False (then each peer is a site of one).
 
     `lan_rate` shapes each peer's veth in both directions (e.g. "100mbit"); `seed(i,
     cache)` can fill a peer's cache before it starts.
@@ -671,6 +681,7 @@ def site_lab(
     with namespaces(*suffixes) as made:
         site_ns, origin_ns, peer_nss = made[0], made[1], made[2:]
         lab = SiteLab(work, trust, site_ns, origin_ns, origin_dir, work / "access.log")
+        lab.enroll_key, enroll_pub = enroll_key(work / "enroll-keys")
         try:
             site_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
             site_ns.run("ip", "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
@@ -702,9 +713,12 @@ def site_lab(
                 cache.mkdir(exist_ok=True)
                 if seed is not None:
                     seed(i, cache)
+                if enrolled:
+                    enroll(cache, lab.enroll_key, f"peer{i}")
                 args = serve_args(
                     ip, cache, trust, endpoints if static_peers else [],
                     wan_rate=wan_rate, mdns=mdns, extra=extra_args,
+                    enroll_pub=enroll_pub if enrolled else None,
                 )  # fmt: skip
                 lab.peers.append(Peer(i, ns, cache, work / f"peer{i}.log", args))
             lab.nginx = start_nginx(origin_ns, work, origin_dir, lab.access_log)

@@ -28,24 +28,41 @@ def test_ownership_spreads_over_all_nodes() -> None:
     assert min(counts.values()) > 50  # 100 expected each
 
 
-def test_responder_is_the_longest_running_capable_peer() -> None:
-    peers = [
-        Candidate("b", started=100.0, can_answer_pxe=True),
-        Candidate("a", started=50.0, can_answer_pxe=False),
-        Candidate("c", started=70.0, can_answer_pxe=True),
-    ]
-    assert elect_responders(peers) == ["c"]
-    assert elect_responders(peers, count=2) == ["c", "b"]
+def test_a_cold_site_elects_the_capable_peer_with_the_lowest_node_id() -> None:
+    peers = [Candidate("b", True), Candidate("a", False), Candidate("c", True)]
+    assert elect_responders(peers) == ["b"]
+    assert elect_responders(peers, count=2) == ["b", "c"]
 
 
-def test_a_joining_peer_does_not_take_the_role() -> None:
-    old = [Candidate("z", 10.0, True)]
-    assert elect_responders([*old, Candidate("a", 20.0, True)]) == ["z"]
+def test_a_working_responder_keeps_the_role_whatever_joins_or_votes() -> None:
+    peers = [Candidate("z", True), Candidate("a", True), Candidate("b", True)]
+    # "a" has a lower id and every other peer votes for it: "z" still keeps the role.
+    votes = {"a": ["a"], "b": ["a"], "z": ["z"]}
+    assert elect_responders(peers, previous=["z"], votes=votes) == ["z"]
 
 
-def test_ties_break_on_node_id() -> None:
-    assert elect_responders([Candidate("b", 1.0, True), Candidate("a", 1.0, True)]) == ["a"]
+def test_a_newcomer_follows_the_responder_its_site_already_has() -> None:
+    peers = [Candidate("z", True), Candidate("y", True), Candidate("a", True)]
+    votes = {"z": ["z"], "y": ["z"], "a": []}
+    assert elect_responders(peers, votes=votes) == ["z"]
+
+
+def test_a_liar_voting_for_itself_does_not_win_a_newcomer_from_the_site() -> None:
+    peers = [Candidate("z", True), Candidate("y", True), Candidate("a", True)]
+    votes = {"z": ["z"], "y": ["z"], "a": ["a"]}  # "a" lies: nobody follows it
+    assert elect_responders(peers, votes=votes) == ["z"]
+
+
+def test_after_a_failover_votes_count_for_nothing_and_node_ids_decide() -> None:
+    peers = [Candidate("c", True), Candidate("b", True)]  # "a", the responder, died
+    votes = {"c": ["c"], "b": ["a"]}  # "c" claims the role for itself
+    assert elect_responders(peers, previous=["a"], votes=votes) == ["b"]
+
+
+def test_a_responder_that_says_it_can_no_longer_answer_frees_its_slot() -> None:
+    peers = [Candidate("z", False), Candidate("y", True)]
+    assert elect_responders(peers, previous=["z"]) == ["y"]
 
 
 def test_no_capable_peer_means_no_responder() -> None:
-    assert elect_responders([Candidate("a", 1.0, False)]) == []
+    assert elect_responders([Candidate("a", False)]) == []

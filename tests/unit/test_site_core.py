@@ -83,16 +83,43 @@ def test_first_tick_polls_the_static_peers_and_the_origin() -> None:
     assert FetchCatalog(ORIGIN) in commands
 
 
-def test_the_longest_running_capable_peer_is_elected() -> None:
+def responder_hello(node: str, started: float = WALL) -> Hello:
+    hello = peer_hello(node, started=started)
+    hello.responders = [node]
+    return hello
+
+
+def test_a_starting_peer_joins_the_responder_its_site_already_has() -> None:
     c = core()
-    run_round(c, 3.0, peer_hello(P1, started=WALL - 100))
+    run_round(c, 3.0, responder_hello(P1))  # P1 (higher id) answers PXE already
     assert c.responders == [P1]
     assert not c.is_responder(3.0)
+    assert c.hello(3.0, "10.88.0.10").responders == [P1]
 
 
-def test_responder_failover_when_the_senior_peer_falls_silent() -> None:
+def test_a_peer_claiming_to_have_started_first_does_not_displace_the_responder() -> None:
+    c = core(node_id=P2)
+    run_round(c, 3.0, responder_hello(P1))
+    assert c.responders == [P1]
+    liar = peer_hello(ME, started=0.0)  # the lowest id, the earliest start, its own vote
+    liar.responders = [ME]
+    liar.address = "10.88.0.12"
+    for t in range(4, 30):
+        run_round(c, float(t), responder_hello(P1), liar)
+    assert c.responders == [P1]
+
+
+def test_no_election_before_the_site_has_been_heard() -> None:
     c = core()
-    run_round(c, 3.0, peer_hello(P1, started=WALL - 100))
+    c.tick(0.0, WALL)
+    c.round_done(0.5)  # a round in which the static peer has not answered yet
+    assert c.responders == []
+    assert not c.is_responder(1.0)
+
+
+def test_responder_failover_when_the_responder_falls_silent() -> None:
+    c = core()
+    run_round(c, 3.0, responder_hello(P1))
     for t in range(4, 11):
         run_round(c, float(t))  # P1 no longer answers
     assert c.responders == [ME]
@@ -100,7 +127,7 @@ def test_responder_failover_when_the_senior_peer_falls_silent() -> None:
 
 
 def test_a_peer_that_cannot_hear_its_site_stops_answering_pxe() -> None:
-    c = core()
+    c = core(static_peers=())
     run_round(c, 3.0)
     assert c.is_responder(3.0)
     # Heartbeat rounds stop (the loop died or hangs): within PEER_TIMEOUT it goes quiet.
@@ -303,8 +330,8 @@ def test_discovered_endpoints_are_capped_and_expire() -> None:
 
 def test_probe_runs_on_a_non_responder_and_reports_a_blind_spot() -> None:
     c = core(probe_seconds=30.0)
-    run_round(c, 3.0, peer_hello(P1, started=WALL - 100))
-    run_round(c, 6.0, peer_hello(P1, started=WALL - 100))
+    run_round(c, 3.0, responder_hello(P1))
+    run_round(c, 6.0, responder_hello(P1))
     commands = c.tick(6.0, WALL)
     [probe] = [x for x in commands if isinstance(x, ProbeOffers)]
     assert probe.expected == frozenset({"10.88.0.11"})

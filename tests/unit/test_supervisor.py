@@ -67,6 +67,7 @@ def test_site_stops_answering_pxe_while_its_heartbeat_loop_is_down(tmp_path: Pat
         ),
         store,
         TrustedKeys([]),
+        node_id="00000000000000aa",
     )
     ticks = []
     original_tick = site.core.tick
