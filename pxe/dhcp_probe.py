@@ -121,9 +121,9 @@ class Offer:
         if self.boot_file is not None:
             return f"boot file {self.boot_file!r}"
         if self.boot_menu:
-            return "a PXE boot menu (option 43)"
+            return "a PXE boot menu in option 43"
         if self.pxe_vendor:
-            return "PXE boot server discovery (vendor class PXEClient)"
+            return "PXE boot server discovery with vendor class PXEClient"
         return "no boot file"
 
 
@@ -334,8 +334,8 @@ async def probe_for_offers(device: str, timeout: float = PROBE_SECONDS) -> Probe
     """Broadcast a probe DISCOVER on `device` and collect every DHCP OFFER that arrives
     within `timeout` (answers to it and to anyone else), except those this host sent.
 
-    Raises OSError when port 68 cannot be opened here (a DHCP client holding it) or the
-    packet socket cannot be made (not root).
+    Raises OSError when the packet socket cannot be made (no CAP_NET_RAW) or the
+    interface is gone.
     """
     listener = _listener(device)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
@@ -343,9 +343,15 @@ async def probe_for_offers(device: str, timeout: float = PROBE_SECONDS) -> Probe
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        # Bound so the kernel does not answer a unicast offer with port-unreachable; the
-        # offers themselves are read from the packet socket, which sees the sender's MAC.
-        sock.bind(("0.0.0.0", CLIENT_PORT))
+        # Bound to 68 where we can, so the kernel does not answer a unicast offer with
+        # port-unreachable. Where a DHCP client on this host holds 68, any port will do:
+        # servers answer to port 68 whatever the source port, the packet socket reads
+        # the offers (and sees the sender's MAC) whoever owns the port, and the owner
+        # keeps the kernel quiet.
+        try:
+            sock.bind(("0.0.0.0", CLIENT_PORT))
+        except OSError:
+            sock.bind(("0.0.0.0", 0))
         sock.setblocking(False)
         xid = int.from_bytes(os.urandom(4), "big")
         collector = OfferCollector(xid)
