@@ -8,6 +8,7 @@ without a JSON parser:
     image MANIFEST_ID VERSION NAME          (the name last: it is the free-form field)
     disk SIZE SHA256                        (the whole disk image)
     chunk_size N
+    job SECRET                              (optional: 32 lowercase hex, the job's secret)
     peer 0 http://10.77.0.2:8080            (base URLs; a chunk is at BASE/v1/chunks/SHA)
     peer 1 http://10.77.0.3:8080
     chunk OFFSET SIZE SHA256 zero           (all zeros: nothing to fetch)
@@ -16,6 +17,15 @@ without a JSON parser:
 
 `end` with the chunk count is last, so an agent can tell a whole plan from one cut short
 by a dropped connection and never images from half a plan.
+
+`job` carries the per-job secret a plan requested with POST is handed (issue 8, point 4):
+the agent sends it back as `X-Pxepeer-Job` with every progress report, and keeps it off
+the console. A plan served by GET (a read-only preview) has none.
+
+The plan is not what the agent trusts for the bytes it writes: it fetches the signed
+manifest the `image` line names, checks its id and signature, and refuses a plan whose
+disk size, hashes, offsets, sizes or zero markers differ from that manifest's. The plan
+only tells it which peers to ask for each chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from imaging.manifest import FileEntry, Manifest
 FORMAT_LINE = "pxepeer-plan 1"
 DISK_ROLE = "disk"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+JOB_SECRET = re.compile(r"[0-9a-f]{32}")
+_HEADER = ("image", "disk", "chunk_size", "job")
 # A peer URL goes on a line split at spaces and is pasted into a wget command line.
 _PEER_URL = re.compile(r"https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?")
 
@@ -71,6 +83,13 @@ class Plan:
     chunk_size: int
     peers: tuple[str, ...]
     chunks: tuple[PlanChunk, ...]
+    job: str | None = None  # the job's secret (plans handed out by POST)
+
+    def __post_init__(self) -> None:
+        # Checked here, not only when parsing: a secret that is not one word of hex would
+        # break the agent's line reader or its header.
+        if self.job is not None and not JOB_SECRET.fullmatch(self.job):
+            raise PlanError("a job secret is 32 lowercase hex digits")
 
     @property
     def data_chunks(self) -> list[PlanChunk]:
@@ -87,6 +106,8 @@ class Plan:
             f"disk {self.disk_size} {self.disk_sha256}",
             f"chunk_size {self.chunk_size}",
         ]
+        if self.job is not None:
+            lines.append(f"job {self.job}")
         lines += [f"peer {i} {url}" for i, url in enumerate(self.peers)]
         for c in self.chunks:
             where = "zero" if c.zero else ",".join(str(i) for i in c.peers)
@@ -123,7 +144,9 @@ class Plan:
                     chunks.append(PlanChunk(int(offset), int(size), sha, zero, indexes))
                 elif keyword == "end":
                     end = int(rest)
-                elif keyword in ("image", "disk", "chunk_size"):
+                elif keyword in _HEADER:
+                    if keyword in fields:
+                        raise PlanError(f"two `{keyword}` lines")
                     fields[keyword] = rest.split(" ", 2)
                 else:
                     raise PlanError(f"unknown line {line!r}")
@@ -132,10 +155,15 @@ class Plan:
             manifest_id, version, name = fields["image"]
             disk_size, disk_sha = fields["disk"]
             (chunk_size,) = fields["chunk_size"]
+            job = None
+            if "job" in fields:
+                (job,) = fields["job"]
             # Converted inside the try: `disk  ` (empty fields) is malformed, not a crash.
             disk_bytes, chunk_bytes = int(disk_size), int(chunk_size)
         except (ValueError, KeyError):
             raise PlanError("malformed plan line") from None
+        if job is not None and not JOB_SECRET.fullmatch(job):
+            raise PlanError("the job secret is not 32 lowercase hex digits")
         if sorted(peers) != list(range(len(peers))):
             raise PlanError("peer indexes are not 0..N-1")
         for c in chunks:
@@ -145,7 +173,7 @@ class Plan:
                 raise PlanError(f"chunk at {c.offset} names an unknown peer")
         return cls(
             manifest_id, name, version, disk_bytes, disk_sha, chunk_bytes,
-            tuple(peers[i] for i in range(len(peers))), tuple(chunks),
+            tuple(peers[i] for i in range(len(peers))), tuple(chunks), job,
         )  # fmt: skip
 
 
@@ -166,13 +194,16 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
-def build_plan(manifest: Manifest, holders: Mapping[int, Sequence[str]]) -> Plan:
+def build_plan(
+    manifest: Manifest, holders: Mapping[int, Sequence[str]], *, job: str | None = None
+) -> Plan:
     """The plan for writing `manifest`'s disk image.
 
     `holders` maps the index of each data chunk in the disk file's chunk list to the base
     URLs of the peers that can serve it, in the order the agent should try them (the
     caller rotates them to spread the load). Zero chunks need no holder. Raises
     NoDiskImage or ChunksUnavailable rather than hand out a plan that cannot finish.
+    `job` is the job's secret, for a plan handed out by POST (PlanError if malformed).
     """
     entry = disk_entry(manifest)
     _check_text(manifest.name, "image name")
@@ -207,6 +238,7 @@ def build_plan(manifest: Manifest, holders: Mapping[int, Sequence[str]]) -> Plan
         chunk_size=manifest.chunk_size,
         peers=tuple(urls),
         chunks=tuple(chunks),
+        job=job,
     )
 
 

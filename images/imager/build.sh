@@ -2,7 +2,19 @@
 # Build the pxepeer imager: Debian's kernel plus a busybox initramfs whose init loads the
 # NIC and disk drivers and runs the imaging agent (imaging/agent/pxepeer-agent.sh), which
 # writes a disk image from the site's peers and reboots into it.
-# Usage: build.sh OUTDIR  ->  OUTDIR/vmlinuz, OUTDIR/initrd.img
+# Usage: build.sh OUTDIR --trust publisher.pub [--trust other.pub ...]
+#            ->  OUTDIR/vmlinuz, OUTDIR/initrd.img
+#
+# --trust (at least one) names the publisher keys the imager trusts, pxepeer .pub files
+# (`pxepeer keys new`; keys with a role other than publisher are skipped). They go into
+# the initramfs as /etc/pxepeer/trust/KEYID.pem (images/imager/trust-keys.sh), and the
+# agent writes a disk only from a manifest whose id matches its bytes and that one of
+# them signed: hashes, offsets, sizes and zero chunks all come from that manifest, the
+# plan the server hands out only says which peers to fetch each chunk from. The
+# verifier is Debian's openssl with the shared libraries it needs (ldd) and the dynamic
+# loader, copied from this machine like busybox: about 3 MB more in the gzip'd initrd,
+# but no signature code of our own, and Debian's security updates reach it at the next
+# build. Rebuild the imager to change the keys.
 #
 # Then put it into a store as an image of kind imager, e.g.
 #   pxepeer image add imager --kind imager --kernel OUTDIR/vmlinuz --initrd OUTDIR/initrd.img \
@@ -12,7 +24,8 @@
 #
 # The kernel package is fetched with `apt-get download` and unpacked with `dpkg-deb -x`
 # (never installed), shared with the other recipes through the cache. The output is
-# byte-for-byte reproducible: fixed mtimes and owners, sorted cpio, gzip -n.
+# byte-for-byte reproducible: fixed mtimes and owners, sorted cpio, gzip -n (the same
+# keys, kernel package and this machine's busybox and openssl give the same bytes).
 #
 # Environment:
 #   PXEPEER_LAB_CACHE        cache directory (default /var/cache/pxepeer-lab)
@@ -25,7 +38,31 @@ export LC_ALL=C
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 agent="$repo/imaging/agent/pxepeer-agent.sh"
-out=${1:?usage: build.sh OUTDIR}
+usage="usage: build.sh OUTDIR --trust PUBLISHER.pub [--trust PUBLISHER.pub ...]"
+out=${1:?$usage}
+shift
+trust=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --trust)
+            [ $# -ge 2 ] || { echo "build.sh: --trust needs a file; $usage" >&2; exit 2; }
+            trust+=("$2")
+            shift 2
+            ;;
+        --trust=*)
+            trust+=("${1#--trust=}")
+            shift
+            ;;
+        *)
+            echo "build.sh: unknown argument $1; $usage" >&2
+            exit 2
+            ;;
+    esac
+done
+if [ ${#trust[@]} -eq 0 ]; then
+    echo "build.sh: no --trust PUBLISHER.pub: an imager that trusts no key cannot verify what it writes" >&2
+    exit 2
+fi
 cache=${PXEPEER_LAB_CACHE:-/var/cache/pxepeer-lab}
 epoch=${SOURCE_DATE_EPOCH:-946684800}
 busybox=${PXEPEER_LAB_BUSYBOX:-/bin/busybox}
@@ -35,8 +72,14 @@ modules=(e1000 e1000e virtio_net virtio_pci virtio_blk virtio_scsi ata_piix ahci
 die() { echo "build.sh: $*" >&2; exit 1; }
 # shellcheck source=SCRIPTDIR/../lib/initramfs.sh
 . "$here/../lib/initramfs.sh"
-check_tools apt-get apt-cache dpkg-deb cpio gzip depmod modprobe sha256sum
+check_tools apt-get apt-cache dpkg-deb cpio gzip depmod modprobe sha256sum openssl ldd base64
 [ -f "$agent" ] || die "$agent is missing"
+openssl=$(command -v openssl)
+
+# The keys first: a bad --trust file fails the build before anything is downloaded.
+keys=$(mktemp -d)
+trap 'rm -rf "$keys"' EXIT
+bash "$here/trust-keys.sh" "$keys" "${trust[@]}" || exit 1
 
 debian_kernel
 resolve_modules "${modules[@]}"
@@ -46,16 +89,22 @@ key=$({
     echo "$deb $epoch"
     printf '%s\n' "${load_order[@]}"
     sha256sum "$here/init" "$here/udhcpc.script" "$here/../lib/initramfs.sh" "$0" "$agent" \
-        "$busybox" | cut -d' ' -f1
+        "$here/trust-keys.sh" "$busybox" | cut -d' ' -f1
+    # The trusted keys (names and contents) and the verifier with its libraries.
+    (cd "$keys" && sha256sum -- *.pem)
+    program_files "$openssl" | xargs sha256sum | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 built="$cache/builds/imager-$key"
 if [ ! -e "$built/.complete" ]; then
     stage=$(mktemp -d)
-    trap 'rm -rf "$stage"' EXIT
+    trap 'rm -rf "$stage" "$keys"' EXIT
     root="$stage/root"
     busybox_root "$root" "$here/init"
     install -m 0755 "$here/udhcpc.script" "$root/etc/udhcpc.script"
     install -m 0755 "$agent" "$root/bin/pxepeer-agent"
+    install -d -m 0755 "$root/etc/pxepeer/trust"
+    install -m 0644 "$keys"/*.pem "$root/etc/pxepeer/trust/"
+    install_program "$root" "$openssl"
     install_modules "$root"
     pack_initramfs "$root" "$stage/initrd.img"
     keep_netboot_build "$stage" "$built"
@@ -63,4 +112,7 @@ fi
 
 mkdir -p "$out"
 cp -p "$built/vmlinuz" "$built/initrd.img" "$out/"
-echo "build.sh: $out/vmlinuz ($kver) and $out/initrd.img ($(stat -c %s "$out/initrd.img") bytes)" >&2
+trusted=("$keys"/*.pem)
+trusted=("${trusted[@]##*/}")
+echo "build.sh: $out/vmlinuz ($kver) and $out/initrd.img ($(stat -c %s "$out/initrd.img") bytes)," \
+    "trusting publisher key(s) ${trusted[*]%.pem}" >&2

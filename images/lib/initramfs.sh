@@ -12,6 +12,9 @@
 #   busybox_root ROOT INIT       a root with busybox, its applet links, /init, /dev/console
 #   install_modules ROOT         the load_order modules (decompressed), load-order file and
 #                                a modules.dep of just those
+#   program_files PROGRAM        PROGRAM, the shared libraries it loads and the dynamic
+#                                loader (ldd), one path a line
+#   install_program ROOT PROGRAM those files at the same paths under ROOT
 #   pack_initramfs ROOT OUT      a gzip'd newc cpio, byte-for-byte reproducible
 #   keep_netboot_build STAGE BUILT  STAGE/initrd.img plus the kernel, moved into the
 #                                cache directory BUILT and marked complete
@@ -126,6 +129,27 @@ install_modules() {
           line = plain(mod) ":"
           for (i = 2; i <= NF; i++) if ($i in have) line = line " " plain($i)
           print line }' "$moddir/modules.dep" | sort >"$target/modules.dep"
+}
+
+program_files() {
+    local program=$1 listing
+    listing=$(ldd "$program") || die "ldd $program failed"
+    if grep -q 'not found' <<<"$listing"; then
+        die "$program needs a library this machine lacks: $(grep 'not found' <<<"$listing" | head -n 1)"
+    fi
+    echo "$program"
+    # "libx.so => /path (0x..)" and the loader "/lib64/ld-linux-x86-64.so.2 (0x..)";
+    # linux-vdso has no file.
+    awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$listing" | sort -u
+}
+
+install_program() {
+    local root=$1 file
+    # Copied (symbolic links followed) to the paths the program and the loader look them
+    # up at; the mtimes are fixed later by pack_initramfs.
+    while read -r file; do
+        install -D -m 0755 "$file" "$root$file"
+    done < <(program_files "$2")
 }
 
 pack_initramfs() {

@@ -1,6 +1,6 @@
 """HTTP for booting machines and for the API: iPXE scripts, kernels, initrds and disk
 images streamed straight from verified chunks (Range supported), first stages for UEFI
-HTTP boot, chunks for peers, and status."""
+HTTP boot, chunks for peers, signed manifests for the imaging agent, and status."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from imaging.manifest import FileEntry
+from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.imaging_api import last_imaged
@@ -58,6 +58,11 @@ class HttpContext:
 
 
 CONTEXT = web.AppKey("context", HttpContext)
+# Signature lines by manifest id, with the (mtime, size) of the file they were read from:
+# a manifest is parsed once, not once per booting machine, and a re-signed one is read
+# again. Bounded: a few images are being written at any time.
+SIGNATURES = web.AppKey("signatures", dict)
+MAX_CACHED_SIGNATURES = 32
 
 
 def _ipxe(text: str) -> web.Response:
@@ -282,6 +287,61 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _held_manifest(request: web.Request) -> Manifest:
+    """The verified manifest the path names, if this peer holds it (its chunks all here
+    or not: a plan may name other peers for them); 404 for anything else."""
+    manifest = request.app[CONTEXT].library.held_manifest(request.match_info["manifest_id"])
+    if manifest is None:
+        raise web.HTTPNotFound(text="no such manifest here\n")
+    return manifest
+
+
+async def manifest_canonical(request: web.Request) -> web.Response:
+    """The exact canonical bytes the publisher signed, for the imaging agent: it checks
+    their SHA-256 against the id and a trusted signature over them, so they are served
+    to anyone (a booting machine has no key). Parsed manifests keep them in memory."""
+    manifest = _held_manifest(request)
+    return web.Response(
+        body=manifest.canonical_bytes,
+        content_type="application/json",
+        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )
+
+
+async def manifest_signatures(request: web.Request) -> web.Response:
+    """The manifest's signatures as text, one `KEYID BASE64` line each (what the agent
+    reads without a JSON parser), from the signed manifest in the store."""
+    manifest = _held_manifest(request)
+    ctx, manifest_id = request.app[CONTEXT], request.match_info["manifest_id"]
+    path = ctx.store.manifest_path(manifest_id)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise web.HTTPNotFound(text="no such manifest here\n") from None
+    cache = request.app[SIGNATURES]
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = cache.get(manifest_id)
+    if cached is None or cached[0] != stamp:
+
+        def read() -> str:
+            signed = SignedManifest.from_bytes(path.read_bytes())
+            if signed.manifest.manifest_id != manifest_id:
+                raise ManifestError("not canonical", "the file is another manifest")
+            return "".join(f"{s.key_id} {s.to_json()['ed25519']}\n" for s in signed.signatures)
+
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, read)
+        except (OSError, ManifestError) as exc:
+            log.warning("cannot serve the signatures of %s: %s", manifest.name, exc)
+            raise web.HTTPNotFound(text="no such manifest here\n") from None
+        while len(cache) >= MAX_CACHED_SIGNATURES:
+            cache.pop(next(iter(cache)))
+        cache[manifest_id] = cached = (stamp, text)
+    return web.Response(
+        text=cached[1], content_type="text/plain", headers={"Cache-Control": "no-cache"}
+    )
+
+
 async def first_stage(request: web.Request) -> web.StreamResponse:
     """First stages over HTTP, for UEFI HTTP boot clients; same jail as TFTP."""
     ctx = request.app[CONTEXT]
@@ -331,11 +391,15 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(context: HttpContext) -> web.Application:
     app = web.Application()
     app[CONTEXT] = context
+    app[SIGNATURES] = {}
     app.router.add_get("/boot.ipxe", boot_script)
     app.router.add_get("/v1/boot/{manifest_id:[0-9a-f]{64}}.ipxe", image_script)
     app.router.add_get("/v1/images/{manifest_id:[0-9a-f]{64}}/files/{role}", image_file)
     app.router.add_get("/boot/{name:.+}", first_stage)
     app.router.add_get("/v1/chunks/{sha256}", chunk)
+    # For the imaging agent: read-only, unauthenticated, the content is publisher-signed.
+    app.router.add_get("/v1/manifests/{manifest_id:[0-9a-f]{64}}/canonical", manifest_canonical)
+    app.router.add_get("/v1/manifests/{manifest_id:[0-9a-f]{64}}/signatures", manifest_signatures)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/images", images)
     app.router.add_get("/metrics", metrics)

@@ -77,6 +77,12 @@ class ImageLibrary:
             return None
         return ServedImage(manifest_id, held.manifest, True)
 
+    def held_manifest(self, manifest_id: str) -> Manifest | None:
+        """A verified manifest this peer holds, its chunks all here or not (a plan may
+        send the imaging agent to other peers for the chunks this one lacks)."""
+        held = self._holdings.images.get(manifest_id)
+        return None if held is None else held.manifest
+
     def newest_of_kind(self, kind: ImageKind) -> ServedImage | None:
         candidates = [i for i in self.images() if i.manifest.boot.kind is kind]
         return max(candidates, key=lambda i: i.manifest.created, default=None)

@@ -82,6 +82,42 @@ def test_a_plan_parses_back_to_the_same_plan() -> None:
     assert Plan.parse(plan.render()) == plan
 
 
+SECRET = "0123456789abcdef" * 2
+
+
+def test_a_plan_with_a_job_secret_renders_it_after_chunk_size_and_parses_back() -> None:
+    plan = build_plan(disk_image(), {0: [P1], 2: [P2, P1], 3: [P1]}, job=SECRET)
+    lines = plan.render().splitlines()
+
+    assert lines[3:5] == ["chunk_size 4", f"job {SECRET}"]
+    assert Plan.parse(plan.render()) == plan and Plan.parse(plan.render()).job == SECRET
+    # Without one (a GET preview, an older server) there is no job line at all.
+    plain = build_plan(disk_image(), {0: [P1], 2: [P2, P1], 3: [P1]})
+    assert plain.job is None
+    assert not any(line.startswith("job") for line in plain.render().splitlines())
+    assert Plan.parse(plain.render()).job is None
+
+
+@pytest.mark.parametrize(
+    "job",
+    ["", SECRET.upper(), SECRET[:-1], SECRET + "0", "g" * 32, f"{SECRET[:16]} {SECRET[16:]}"],
+)
+def test_a_malformed_job_secret_is_refused_when_built_and_when_parsed(job: str) -> None:
+    with pytest.raises(PlanError, match="secret"):
+        build_plan(disk_image(), {0: [P1], 2: [P1], 3: [P1]}, job=job)
+    text = build_plan(disk_image(), {0: [P1], 2: [P1], 3: [P1]}, job=SECRET).render()
+    with pytest.raises(PlanError):
+        Plan.parse(text.replace(f"job {SECRET}", f"job {job}"))
+
+
+@pytest.mark.parametrize("keyword", ["image", "disk", "chunk_size", "job"])
+def test_a_header_line_given_twice_is_refused(keyword: str) -> None:
+    lines = build_plan(disk_image(), {0: [P1], 2: [P1], 3: [P1]}, job=SECRET).render().splitlines()
+    [line] = [x for x in lines if x.split(" ")[0] == keyword]
+    with pytest.raises(PlanError, match="two"):
+        Plan.parse("\n".join([*lines[:2], line, *lines[2:]]) + "\n")
+
+
 def test_image_without_a_disk_file_has_no_plan() -> None:
     kernel = FileEntry("kernel", 4, A, (ChunkRef(A, 4),))
     imager = Manifest("imager", "1", BootSpec(ImageKind.IMAGER, kernel="kernel"), (kernel,))
@@ -150,7 +186,46 @@ def test_the_agent_reads_a_rendered_plan(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["chunks=5", "data=3", "peers=2", "size=18", "bytes=12"]
+    assert result.stdout.split() == [
+        "chunks=5", "data=3", "peers=2", "size=18", "bytes=12", "job=no",
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="busybox is not installed")
+@pytest.mark.parametrize("job", [SECRET, None])
+def test_the_agent_reads_a_plan_with_or_without_a_job_line(tmp_path: Path, job: str | None) -> None:
+    plan_file = tmp_path / "plan"
+    plan_file.write_text(build_plan(disk_image(), {0: [P1], 2: [P1], 3: [P1]}, job=job).render())
+    result = subprocess.run(
+        ["/bin/busybox", "sh", str(AGENT), "--check-plan", str(plan_file)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"job={'yes' if job else 'no'}" in result.stdout.split()
+    assert SECRET not in result.stdout + result.stderr  # never printed
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="busybox is not installed")
+@pytest.mark.parametrize(
+    "bad",
+    [
+        f"job {SECRET.upper()}",
+        f"job {SECRET} x",
+        "job",
+        f"job {SECRET[:-1]}",
+        f"job {SECRET}\njob {SECRET}",  # twice
+    ],
+)
+def test_the_agent_refuses_a_malformed_or_second_job_line(tmp_path: Path, bad: str) -> None:
+    text = build_plan(disk_image(), {0: [P1], 2: [P1], 3: [P1]}, job=SECRET).render()
+    plan_file = tmp_path / "plan"
+    plan_file.write_text(text.replace(f"job {SECRET}", bad))
+    result = subprocess.run(
+        ["/bin/busybox", "sh", str(AGENT), "--check-plan", str(plan_file)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout
+    assert SECRET[:8] not in result.stdout + result.stderr  # not even a part of it
 
 
 def test_imager_cmdline_adds_server_and_image_last() -> None:
