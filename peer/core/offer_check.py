@@ -60,6 +60,11 @@ class RogueSighting:
     def key(self) -> tuple[str, str]:
         return (self.mac, self.ip)
 
+    @property
+    def addresses(self) -> set[str]:
+        """Every address it used: its IP source and the server id it claimed."""
+        return {self.ip} | ({self.server_id} if self.server_id else set())
+
 
 @dataclass(frozen=True)
 class OfferCheck:
@@ -147,14 +152,22 @@ class RogueServers:
         self._known: dict[tuple[str, str], RogueServer] = {}
         self.evicted = 0  # rogues dropped to make room: a flood of forged offers
 
-    def probe_completed(self, sightings: Iterable[RogueSighting], now: float) -> list[RogueServer]:
-        """Record one completed probe's rogues; the ones not known before (to log)."""
+    def probe_completed(
+        self, sightings: Iterable[RogueSighting], now: float, members: Iterable[str] = ()
+    ) -> list[RogueServer]:
+        """Record one completed probe's rogues; the ones not known before (to log).
+
+        `members`: the site's addresses now. A known rogue not seen this time whose
+        addresses have since become a member's is dropped at once: a peer whose offer
+        arrived before its first hello was heard is not left flagged for several probes.
+        """
         seen: dict[tuple[str, str], RogueSighting] = {s.key: s for s in sightings}
+        member_ips = set(members)
         new = []
         for key, known in list(self._known.items()):
             if key in seen:
                 continue
-            if known.misses + 1 >= self.misses:
+            if known.misses + 1 >= self.misses or known.sighting.addresses <= member_ips:
                 del self._known[key]
             else:
                 self._known[key] = RogueServer(

@@ -151,3 +151,12 @@ def test_the_responder_of_a_site_of_one_probes_and_reports_rogues_in_status() ->
         c.probe_done([STORE_DHCP], probe.expected, None, now)
     assert c.status(now, WALL)["rogue_pxe_servers"] == []
     assert not any(w.startswith("rogue") for w in c.warnings(now, WALL))
+
+
+def test_a_rogue_whose_address_turns_out_to_be_a_members_is_dropped_at_once() -> None:
+    """A peer's offer seen before its first hello was heard: not flagged for probes on end."""
+    rogues = RogueServers()
+    rogues.probe_completed([sighting(1), sighting(2)], 1.0)
+    rogues.probe_completed([sighting(2)], 2.0, members={sighting(1).ip, sighting(2).ip})
+    # Seen again in this very probe, sighting 2 is judged by check_offers, not here.
+    assert [r.mac for r in rogues.current()] == [sighting(2).mac]
