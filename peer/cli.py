@@ -3,16 +3,18 @@ print. Any bad input ends with one line on stderr and exit code 2, and changes n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import stat
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from imaging.builder import build_manifest
-from imaging.catalog import MAX_PRIORITY, MAX_REPLICAS, MAX_SERIAL, CatalogError
+from imaging.catalog import MAX_PRIORITY, MAX_REPLICAS, MAX_SERIAL, CatalogError, SignedCatalog
 from imaging.chunking import ChunkingError, file_size
 from imaging.manifest import BootSpec, ImageKind, SignedManifest
 from imaging.origin_layout import PublishError
@@ -28,10 +30,18 @@ from imaging.signing import (
     load_public_key,
     load_signing_key,
 )
+from peer.core.machine_records import (
+    LocalFileVerifier,
+    RecordBook,
+    SignedRecord,
+    next_assignment,
+)
 from peer.enroll import enroll
 from peer.progress_bar import ProgressBar
 from peer.serve import serve
 from peer.store.content_store import ContentStore, StoreError, normalize_mac
+from peer.store.node_identity import IdentityFileError, load_certificate, node_key
+from peer.store.record_store import RecordStore
 from pxe.boot_policy import LOCAL_BOOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -418,24 +428,27 @@ def image_remove(name: str, version: str | None, cache_dir: Path) -> None:
 @main.command()
 @click.argument("mac", required=False)
 @click.argument("image_name", metavar="IMAGE", required=False)
+@click.option("--again", is_flag=True,
+              help="Image the machine again even if it is already imaged with IMAGE.")
 @click.option("--clear", is_flag=True, help="Remove MAC's assignment.")
 @click.option("--list", "list_all", is_flag=True, help="Show all assignments.")
 @cache_dir_option
-def assign(
-    mac: str | None, image_name: str | None, clear: bool, list_all: bool, cache_dir: Path
-) -> None:
+def assign(mac: str | None, image_name: str | None, again: bool, clear: bool, list_all: bool,
+           cache_dir: Path) -> None:  # fmt: skip
     """Make machine MAC boot IMAGE without a keypress (or --clear, --list).
 
-    IMAGE may be `local` to make the machine boot its own disk without a menu."""
+    IMAGE may be `local` to make the machine boot its own disk without a menu. The
+    assignment is a record signed by this peer and replicated to every peer of the site:
+    run it on any of them. A disk image is written once per assignment; the machine
+    then boots its disk until it is assigned again (--again re-images it)."""
     if list_all:
-        if mac or image_name or clear:
+        if mac or image_name or clear or again:
             raise CliError("--list takes no other arguments")
-        for assigned_mac, assigned in sorted(open_store(cache_dir).assignments().items()):
-            click.echo(f"{assigned_mac}  {assigned}")
+        _list_machines(cache_dir)
         return
     if mac is None:
         raise CliError("give MAC IMAGE, MAC --clear or --list")
-    if clear and image_name:
+    if clear and (image_name or again):
         raise CliError("--clear takes only a MAC")
     if not clear and image_name is None:
         raise CliError("give the IMAGE to assign (or --clear)")
@@ -444,18 +457,69 @@ def assign(
     except StoreError as exc:
         raise CliError(str(exc)) from None
     store = open_store(cache_dir)
+    if image_name is not None and image_name != LOCAL_BOOT:
+        check_name(image_name, "image name")
+        if image_name not in _known_image_names(store):
+            raise CliError(f"no image {image_name} in {store.root} or in the site's catalog")
     try:
-        if clear:
-            found = store.unassign(mac)
-            click.echo(f"{mac}: " + ("cleared" if found else "was not assigned"))
-            return
-        assert image_name is not None
-        if image_name != LOCAL_BOOT and not store.find_images(image_name):
-            raise CliError(f"no image {image_name} in {store.root}")
-        store.assign(mac, image_name)
-    except StoreError as exc:
+        key = node_key(store.state_dir)
+        assert key is not None
+        cert = load_certificate(store.state_dir, key)
+    except IdentityFileError as exc:
         raise CliError(str(exc)) from None
-    click.echo(f"{mac} -> {image_name}")
+    records = RecordStore(store.state_dir, LocalFileVerifier(key.public_key))
+    book = RecordBook()
+    try:
+        records.load(book)
+        record = next_assignment(book, mac, None if clear else image_name, again,
+                                 int(time.time()), key.key_id)  # fmt: skip
+        if record is None:
+            state = book.machine(mac)
+            if clear:
+                click.echo(f"{mac}: was not assigned")
+            elif state.imaged_for_assignment:
+                click.echo(f"{mac} -> {image_name}: already imaged; it boots its disk "
+                           f"(pxepeer assign {mac} {image_name} --again re-images it)")  # fmt: skip
+            else:
+                click.echo(f"{mac} -> {image_name} (already assigned)")
+            return
+        signed = SignedRecord.sign(record, key)
+        certs = {key.key_id: cert.to_bytes()} if cert is not None else {}
+        records.add(book, [signed], certs)
+    except OSError as exc:
+        raise CliError(f"cannot write the machine records in {store.state_dir}: {exc}") from None
+    if clear:
+        click.echo(f"{mac}: cleared")
+    else:
+        again_note = " (again: it will be imaged on its next network boot)" if again else ""
+        click.echo(f"{mac} -> {image_name}{again_note}")
+
+
+def _known_image_names(store: ContentStore) -> set[str]:
+    """Images this store holds, and those the site's catalog names (a peer may not hold
+    an image yet when a machine is assigned to it)."""
+    names = {m.manifest.name for m in store.signed_manifests()}
+    with contextlib.suppress(OSError, CatalogError):
+        data = (store.state_dir / "catalog.json").read_bytes()
+        names |= {e.name for e in SignedCatalog.from_bytes(data).catalog.entries}
+    return names
+
+
+def _list_machines(cache_dir: Path) -> None:
+    store = open_store(cache_dir)
+    key = node_key(store.state_dir)
+    assert key is not None
+    book = RecordBook()
+    RecordStore(store.state_dir, LocalFileVerifier(key.public_key)).load(book)
+    for state in book.machines():
+        if state.assigned is None:
+            continue
+        imaged = state.imaged
+        if state.imaged_for_assignment and imaged is not None:
+            how = f"imaged with {imaged.image}"
+        else:
+            how = "to be imaged" if state.assigned != LOCAL_BOOT else ""
+        click.echo(f"{state.mac}  {state.assigned}  {how}".rstrip())
 
 
 # -- publish ----------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class Daemon:
             self.store,
             trusted,
             self.rejections,
-            node_id=self.identity.node_id,
+            identity=self.identity,
             credentials=self.credentials,
         )
         self.library = ImageLibrary(self.site)

@@ -97,14 +97,33 @@ def _write_new(path: Path, data: bytes) -> None:
 @click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The enroll key (private): sign this endpoint's certificate with it, or "
               "with --sign a request's.")  # fmt: skip
-@click.option("--name", "label", default=None, metavar="LABEL",
-              help="A label for this endpoint in status and logs (default: the host name).")
-@click.option("--request", "make_request", is_flag=True,
-              help="Write a signing request for the holder of the enroll key.")
-@click.option("--sign", "request_path", type=click.Path(dir_okay=False, path_type=Path),
-              metavar="REQUEST", help="Answer a signing request with --key (admin side).")
-@click.option("--certificate", "cert_path", type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE", help="Install the certificate that answers this endpoint's request.")
+@click.option(
+    "--name",
+    "label",
+    default=None,
+    metavar="LABEL",
+    help="A label for this endpoint in status and logs (default: the host name).",
+)
+@click.option(
+    "--request",
+    "make_request",
+    is_flag=True,
+    help="Write a signing request for the holder of the enroll key.",
+)
+@click.option(
+    "--sign",
+    "request_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="REQUEST",
+    help="Answer a signing request with --key (admin side).",
+)
+@click.option(
+    "--certificate",
+    "cert_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Install the certificate that answers this endpoint's request.",
+)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Where --request or --sign writes (default: NODE_ID.request / NODE_ID.cert "
               "in the current directory).")  # fmt: skip

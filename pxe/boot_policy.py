@@ -173,6 +173,7 @@ def decide_boot(
     images: Sequence[BootableImage],
     *,
     last_imaged: str | None = None,
+    imaged_for_assignment: bool = False,
     boot_default: str = LOCAL_BOOT,
 ) -> BootDecision:
     """What the machine `mac` boots when its firmware asks for its boot script.
@@ -180,7 +181,9 @@ def decide_boot(
     `assignments` maps MACs (lower case, colons) to an image name or `local`; `images`
     are the complete, verified images here, listed oldest first within a name;
     `last_imaged` is the manifest id this machine's last imaging run wrote and finished;
-    `boot_default` is the image name (or `local`) the menu picks after its timeout.
+    `imaged_for_assignment` says that run finished under the machine's current
+    assignment; `boot_default` is the image name (or `local`) the menu picks after its
+    timeout.
     """
     if mac is None:
         # Reached without our DHCP's URL (e.g. chained from another iPXE script): the
@@ -192,6 +195,16 @@ def decide_boot(
         return BootDecision(BootAction.LOCAL, f"{mac} is assigned to local disk")
     if assigned is not None:
         image = _newest(images, lambda i: i.name == assigned)
+        if image is not None and image.kind is BootKind.DISK and imaged_for_assignment:
+            # Imaged once for this assignment: its disk is what it boots, whatever newer
+            # version is published since, after any restart or failover, until someone
+            # assigns it again (pxepeer assign MAC IMAGE --again).
+            return BootDecision(
+                BootAction.LOCAL,
+                f"{mac} is assigned {assigned} and already imaged with it "
+                f"(pxepeer assign {mac} {assigned} --again re-images it)",
+                about=image,
+            )
         if image is not None:
             # An assigned machine boots (or images itself with) the newest complete
             # version with no keypress: that is what unattended rollout means.

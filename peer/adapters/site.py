@@ -41,6 +41,17 @@ from peer.adapters.discovery import MdnsDiscovery
 from peer.adapters.origin import OriginClient, OriginError
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.supervisor import Supervisor
+from peer.core.machine_records import (
+    MAX_BOOK_BYTES,
+    MachineState,
+    Record,
+    RecordBook,
+    RecordError,
+    RecordVerifier,
+    SignedRecord,
+    next_assignment,
+    parse_book,
+)
 from peer.core.peer_auth import AuthError
 from peer.core.rejections import Rejections
 from peer.core.site_core import (
@@ -49,6 +60,7 @@ from peer.core.site_core import (
     FetchCatalog,
     FetchChunk,
     FetchManifest,
+    FetchRecords,
     HeldImage,
     PollPeers,
     ProbeOffers,
@@ -66,12 +78,15 @@ from peer.core.wire import (
     parse_hello,
 )
 from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
+from peer.store.node_identity import NodeIdentity
 from peer.store.quota import Quota
+from peer.store.record_store import RecordStore
 from pxe.dhcp_probe import probe_for_offers
 
 log = logging.getLogger("pxepeer.site")
 
 CATALOG_STATE = "catalog.json"
+LEGACY_ASSIGNMENTS = "assignments.json"
 MAX_CATALOG_BYTES = 1 << 20
 STORE_SCAN_SECONDS = 2.0
 HELLO_TIMEOUT = 2.0
@@ -123,12 +138,20 @@ class Site:
         trusted: TrustedKeys,
         rejections: Rejections | None = None,
         *,
-        node_id: str,
+        identity: NodeIdentity,
         credentials: PeerCredentials | None = None,
     ):
         self.config, self.store, self.trusted = config, store, trusted
         self.rejections = rejections or Rejections()
-        self.node_id = node_id
+        self.identity = identity
+        self.node_id = identity.node_id
+        # The site's imaging state (peer/core/machine_records.py), kept in the store and
+        # replicated: records signed by this node, or by a node an enroll key vouches for.
+        self.records = RecordBook()
+        self.record_store = RecordStore(
+            store.state_dir,
+            RecordVerifier(identity.key.public_key, credentials.certs if credentials else None),
+        )
         # None: no enroll key is trusted, so this peer is a site of one: no peer protocol
         # at all (nothing polled, announced, discovered or answered).
         self.credentials = credentials
@@ -233,6 +256,9 @@ class Site:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._store_thread, self._load_catalog_state)
+        await loop.run_in_executor(self._store_thread, self.record_store.load, self.records)
+        await self._migrate_assignments()
+        self.core.records_digest = self.records.digest()
         await self._scan_store()
         self._control = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=32, use_dns_cache=False)
@@ -323,6 +349,8 @@ class Site:
                 await self._fetch_chunk(command)
             elif isinstance(command, Announce):
                 await self._announce(command)
+            elif isinstance(command, FetchRecords):
+                await self._fetch_records(command)
             elif isinstance(command, ProbeOffers):
                 await self._probe(command)
         except asyncio.CancelledError:
@@ -352,6 +380,8 @@ class Site:
         elif isinstance(command, FetchChunk):
             if command.fetch.job.ref.sha256 in self.core.planner.in_flight:
                 self.core.chunk_failed(command.fetch, "cancelled", now)
+        elif isinstance(command, FetchRecords):
+            self.core.records_fetch_done(command.node_id)
         elif isinstance(command, ProbeOffers):
             self.core.probe_done(None, command.expected, "probe failed", now)
 
@@ -602,6 +632,11 @@ class Site:
                 await asyncio.wait_for(self._rescan.wait(), timeout=STORE_SCAN_SECONDS)
             self._rescan.clear()
             await self._scan_store()
+            if self.record_store.changed_on_disk():
+                # `pxepeer assign` wrote records: take them and let the site know.
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._store_thread, self.record_store.load, self.records)
+                self._records_changed()
 
     async def _scan_store(self) -> None:
         """Manifests added to or removed from the store by the CLI while we run: new ones
@@ -724,7 +759,7 @@ class Site:
         return room, evicted
 
     def _assigned_names(self) -> list[str]:
-        return list(self.store.assignments().values())
+        return list(self.records.assignments().values())
 
     async def _announce(self, command: Announce) -> None:
         """Tell live peers at once that we hold (or lost) chunks, so they need not wait
@@ -749,6 +784,89 @@ class Site:
                     pass
 
         await asyncio.gather(*(post(e) for e in command.endpoints))
+
+    # -- machine records ---------------------------------------------------------------------
+
+    def machine(self, mac: str) -> MachineState:
+        return self.records.machine(mac)
+
+    def _records_changed(self) -> None:
+        digest = self.records.digest()
+        if digest != self.core.records_digest:
+            self.core.records_digest = digest
+            self._wake.set()
+
+    async def add_records(self, records: list[Record]) -> list[Record]:
+        """Sign records in this node's name, keep them in the store (crash-safe) and let
+        the site pull them; the records taken (an older one than the book's is not)."""
+        signed = [SignedRecord.sign(r, self.identity.key) for r in records]
+        certs = {self.node_id: self.identity.cert_bytes} if self.identity.cert else {}
+        loop = asyncio.get_running_loop()
+        taken, _ = await loop.run_in_executor(
+            self._store_thread, self.record_store.add, self.records, signed, certs
+        )
+        self._records_changed()
+        return taken
+
+    async def _migrate_assignments(self) -> None:
+        """Assignments from before machine records (state/assignments.json) become
+        records signed by this node, once; the old file is kept renamed."""
+        legacy = self.store.state_dir / LEGACY_ASSIGNMENTS
+        table = self.store.assignments() if legacy.exists() else {}
+        records = []
+        for mac, image in sorted(table.items()):
+            record = next_assignment(self.records, mac, image, False, int(time.time()),
+                                     self.node_id)  # fmt: skip
+            if record is not None:
+                records.append(record)
+        if records:
+            await self.add_records(records)
+            log.info("%d assignment(s) from %s are now machine records", len(records), legacy)
+        if legacy.exists():
+            with contextlib.suppress(OSError):
+                legacy.rename(legacy.with_suffix(".json.migrated"))
+
+    def records_bytes(self) -> bytes:
+        return self.records.to_bytes()
+
+    async def _fetch_records(self, command: FetchRecords) -> None:
+        assert self._control is not None
+        try:
+            headers, _ = self._signed("GET", "/v1/records", to=command.node_id)
+            try:
+                async with self._control.get(
+                    f"http://{command.endpoint}/v1/records", headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=30, sock_read=10),
+                ) as resp:  # fmt: skip
+                    if resp.status != 200:
+                        return
+                    body = await read_capped(resp, MAX_BOOK_BYTES)
+            except Oversize:
+                self.rejections.count("records", "oversize")
+                return
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                records, certs = await loop.run_in_executor(None, parse_book, body)
+            except RecordError as exc:
+                self.rejections.count_error("records", exc)
+                self.core.reputation.strike(command.node_id, time.monotonic())
+                return
+            try:
+                taken, refused = await loop.run_in_executor(
+                    self._store_thread, self.record_store.add, self.records, records, certs
+                )
+            except OSError as exc:
+                log.error("cannot save machine records: %s", exc)
+                return
+            for reason, n in refused.items():
+                self.rejections.count("records", reason, n)
+            if taken:
+                log.info("machine records: %d new from peer %s", len(taken), command.node_id)
+            self._records_changed()
+        finally:
+            self.core.records_fetch_done(command.node_id)
 
     # -- DHCP snooping check ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
-from peer.api.imaging_api import last_imaged
+from peer.api.imaging_api import machine_facts
 from peer.api.metrics import render_metrics
 from peer.core.boot_progress import BootProgress, Stage
 from peer.store.content_store import ChunkLost, ContentStore
@@ -159,11 +159,13 @@ async def boot_script(request: web.Request) -> web.Response:
         return _ipxe(_image_script(request, decision, {}, None))
     ctx.library.refresh()
     served = {image.manifest_id: image for image in ctx.library.images()}
+    facts = machine_facts(request.app, mac)
     decision = decide_boot(
         mac,
-        await ctx.store.read_assignments(),
+        {mac: facts.assigned} if facts.assigned else {},
         [_bootable(image) for image in served.values()],
-        last_imaged=last_imaged(request.app, mac),
+        last_imaged=facts.last_imaged,
+        imaged_for_assignment=facts.imaged_for_assignment,
         boot_default=ctx.boot_default,
     )
     ctx.progress.record(
@@ -188,7 +190,7 @@ async def image_script(request: web.Request) -> web.Response:
     decision = decide_image_boot(
         _bootable(image),
         [_bootable(i) for i in served.values()],
-        last_imaged=last_imaged(request.app, mac) if mac is not None else None,
+        last_imaged=machine_facts(request.app, mac).last_imaged if mac is not None else None,
     )
     return _ipxe(_image_script(request, decision, served, mac))
 

@@ -1,8 +1,19 @@
 """HTTP for the imaging agent: its plan, its progress reports, and the list of jobs.
 
-    GET  /v1/imaging/plan?mac=MAC[&image=NAME|MANIFEST_ID]   text plan (imaging/plan.py)
-    POST /v1/imaging/progress?mac=MAC                        key=value lines from the agent
+    POST /v1/imaging/plan?mac=MAC[&image=NAME|MANIFEST_ID]   start a job: the text plan
+                                                             (imaging/plan.py) with its secret
+    GET  /v1/imaging/plan?mac=MAC[&image=...]                the same plan, read-only: no job
+    POST /v1/imaging/progress?mac=MAC                        key=value lines from the agent,
+                                                             with X-Pxepeer-Job: SECRET
     GET  /v1/imaging                                         every machine's imaging job
+
+GET requests change nothing. A job is started only by a POST for the plan, and its
+secret (32 hex digits, only its SHA-256 kept, in state/jobs.json so a restart keeps the
+job) is in that plan alone: a progress, done, failed or corrupt report without it is
+refused with 403 and changes nothing. A `done` report with it records, signed by this
+peer and replicated to the site, that the machine is imaged for its assignment's
+generation (peer/core/machine_records.py): from then on it boots its disk, after a
+restart of every peer or a failover too, until it is assigned again.
 
 The plan names, for every data chunk of the disk image, the peers that hold it right
 now (this peer and the live peers whose holdings bitmap has it), rotated per chunk and
@@ -13,24 +24,31 @@ the machine's job: 400 bad MAC or image parameter, 404 no such image or no assig
 now (the agent asks again).
 
 Reports come from anyone on the LAN. Each is parsed on its own by
-imaging/progress_report.py (bounded before anything is built), may move the machine's
-job only along REPORT_TRANSITIONS (409 otherwise), and costs a peer named in its
-`corrupt=` field at most one strike however large the count. Every refused plan
-request or report is counted by reason in `Rejections`.
+imaging/progress_report.py (bounded before anything is built), needs its job's secret,
+may move the job only along REPORT_TRANSITIONS (409 otherwise), and costs a peer named
+in its `corrupt=` field at most one strike, and only while the job runs and only if its
+plan named that peer. Every refused plan request or report is counted by reason in
+`Rejections`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import itertools
+import json
 import logging
 import re
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
+from imaging.durable import write_atomic
 from imaging.manifest import Manifest
 from imaging.plan import (
     ChunksUnavailable,
@@ -50,6 +68,7 @@ from imaging.progress_report import (
 )
 from peer.adapters.site import Site
 from peer.core.boot_progress import BootProgress, Stage
+from peer.core.machine_records import imaged_record
 from peer.core.rejections import Rejections
 from peer.store.content_store import ContentStore, StoreError, normalize_mac
 from peer.store.image_library import ImageLibrary
@@ -57,6 +76,8 @@ from peer.store.image_library import ImageLibrary
 log = logging.getLogger("pxepeer.imaging")
 
 FINAL_STATES = ("done", "failed")
+JOB_HEADER = "X-Pxepeer-Job"
+JOBS_STATE = "jobs.json"
 RUN_STARTS = frozenset({"starting", "planning"})  # what the agent reports as it boots
 MAX_JOBS = 1024
 MAX_IMAGE_PARAM = 200
@@ -132,6 +153,8 @@ class ImagingJob:
     plans: int = 0
     started: float = 0.0
     updated: float = 0.0
+    secret_sha256: str = ""  # of the secret its plan handed out; "" for no live job
+    generation: int = 0  # of the machine's assignment when the job started (0: none)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -224,15 +247,52 @@ class ImagingApi:
             self._jobs.popitem(last=False)
         return job
 
+    def load_jobs(self) -> None:
+        """The jobs a previous run of this daemon started (their secrets' hashes), so an
+        agent mid-way keeps reporting across a restart."""
+        path = self.store.state_dir / JOBS_STATE
+        try:
+            doc = json.loads(path.read_bytes()[: 4 << 20])
+        except (OSError, ValueError):
+            return
+        for item in doc.get("jobs", []) if isinstance(doc, dict) else []:
+            try:
+                job = ImagingJob(
+                    mac=normalize_mac(str(item["mac"])),
+                    image=str(item["image"]) if item.get("image") else None,
+                    manifest_id=str(item["manifest_id"]) if item.get("manifest_id") else None,
+                    state=str(item["state"]),
+                    secret_sha256=str(item["secret_sha256"]),
+                    generation=int(item["generation"]),
+                    plan_peers=[str(u) for u in item.get("plan_peers", [])][:MAX_PEERS],
+                    started=float(item["started"]),
+                    updated=float(item["updated"]),
+                )
+            except (KeyError, TypeError, ValueError, StoreError):
+                continue
+            self._jobs[job.mac] = job
+
+    def _jobs_document(self) -> bytes:
+        live = [
+            {"mac": j.mac, "image": j.image, "manifest_id": j.manifest_id, "state": j.state,
+             "secret_sha256": j.secret_sha256, "generation": j.generation,
+             "plan_peers": j.plan_peers, "started": j.started, "updated": j.updated}
+            for j in self._jobs.values() if j.secret_sha256
+        ]  # fmt: skip
+        return json.dumps({"jobs": live}, sort_keys=True).encode() + b"\n"
+
+    async def _save_jobs(self) -> None:
+        data = self._jobs_document()
+        path = self.store.state_dir / JOBS_STATE
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, data, 0o600)
+        except OSError as exc:
+            log.error("cannot save imaging jobs to %s: %s", path, exc)
+
     def status(self) -> list[dict[str, object]]:
         """Every job, most recently updated first (for /v1/imaging and /v1/status)."""
         return [j.as_dict() for j in sorted(self._jobs.values(), key=lambda j: -j.updated)]
 
-    def completed(self, mac: str) -> str | None:
-        """The manifest id this machine last finished imaging, if its last run is done:
-        the boot script can then boot its disk instead of imaging it again."""
-        job = self._jobs.get(mac)
-        return job.manifest_id if job is not None and job.state == "done" else None
 
     def _stage(self, job: ImagingJob, detail: str) -> None:
         stage = Stage.FAILED if job.state == "failed" else Stage.IMAGING
@@ -241,7 +301,7 @@ class ImagingApi:
     # -- the plan -----------------------------------------------------------------------
 
     def _find_manifest(self, mac: str, wanted: str | None) -> Manifest:
-        name = wanted or self.store.assignments().get(mac)
+        name = wanted or self.site.machine(mac).assigned
         if not name:
             raise PlanRefused(
                 web.HTTPNotFound,
@@ -313,14 +373,23 @@ class ImagingApi:
         return mac, wanted
 
     async def plan(self, request: web.Request) -> web.Response:
+        """GET: the plan a machine would get now, changing nothing. POST: start a job."""
         mac, wanted = self._plan_params(request)
+        starts_job = request.method == "POST"
         try:
             plan = self.make_plan(mac, wanted, f"http://{request.host}")
         except PlanRefused as exc:
-            self.plan_refused(mac, str(exc), request.remote)
+            if starts_job:
+                self.plan_refused(mac, str(exc), request.remote)
             one_line = str(exc).replace("\n", " ")
             raise exc.status(text=f"{exc}\n", headers={"X-Pxepeer-Error": one_line}) from None
-        self.plan_made(mac, plan, request.remote)
+        if starts_job:
+            secret = secrets.token_hex(16)
+            plan = replace(plan, job=secret)
+            job = self.plan_made(mac, plan, request.remote)
+            job.secret_sha256 = hashlib.sha256(secret.encode()).hexdigest()
+            job.generation = self.site.machine(mac).generation
+            await self._save_jobs()
         return web.Response(
             text=plan.render(), content_type="text/plain", headers={"Cache-Control": "no-store"}
         )
@@ -360,6 +429,18 @@ class ImagingApi:
 
     # -- progress reports ------------------------------------------------------------------
 
+    def _check_secret(self, mac: str, secret: str | None) -> ImagingJob:
+        """The machine's live job, when `secret` is the one its plan handed out."""
+        job = self._jobs.get(mac)
+        if job is None or not job.secret_sha256:
+            raise ReportRefused(web.HTTPForbidden, "no_job",
+                                f"no imaging job for {mac}: ask for a plan first")  # fmt: skip
+        offered = hashlib.sha256((secret or "")[:64].encode()).hexdigest()
+        if not secret or not hmac.compare_digest(offered, job.secret_sha256):
+            raise ReportRefused(web.HTTPForbidden, "bad_secret",
+                                f"not the secret of {mac}'s imaging job")  # fmt: skip
+        return job
+
     async def report(self, request: web.Request) -> web.Response:
         mac = self._mac(request, REPORT_INPUT)
         body = await _read_bounded(request, MAX_BODY)
@@ -368,7 +449,10 @@ class ImagingApi:
             raise web.HTTPRequestEntityTooLarge(MAX_BODY, request.content_length or MAX_BODY + 1)
         try:
             report = parse_report(body)
-            self.apply_report(mac, report, request.remote)
+            self._check_secret(mac, request.headers.get(JOB_HEADER))
+            job = self.apply_report(mac, report, request.remote)
+            if report.state in FINAL_STATES:
+                await self._finish(job)
         except ReportError as exc:
             self.rejections.count_error(REPORT_INPUT, exc)
             raise _bad_request(f"bad progress report: {exc}") from None
@@ -426,6 +510,18 @@ class ImagingApi:
             log.log(level, "imaging %s (%s): %s", mac, job.image, detail)
         return job
 
+    async def _finish(self, job: ImagingJob) -> None:
+        """A run ended. `done`: the site records, in this peer's name, that the machine
+        holds its image for the assignment generation the job started under."""
+        if job.state == "done" and job.manifest_id and job.image:
+            record = imaged_record(job.mac, job.generation, job.image, job.manifest_id,
+                                   int(self._clock()), self.site.node_id)  # fmt: skip
+            try:
+                await self.site.add_records([record])
+            except OSError as exc:
+                log.error("cannot record that %s is imaged: %s", job.mac, exc)
+        await self._save_jobs()
+
     def _count_corrupt(self, job: ImagingJob, reported: dict[str, int]) -> None:
         """Corrupt chunks the agent caught count against the peer that sent them, as if
         this peer had received them: enough of them and plans leave that peer last.
@@ -436,7 +532,12 @@ class ImagingApi:
         image's chunk count and MAX_CORRUPT_COUNTED; a job remembers at most MAX_PEERS peers."""
         now = time.monotonic()
         charged: list[str] = []
+        if job.state in FINAL_STATES:
+            return  # a finished run catches nothing more
         for url, count in reported.items():
+            if url not in job.plan_peers:
+                # Only a peer this job's plan sent the agent to can have sent it a chunk.
+                continue
             if url not in job.corrupt_from and len(job.corrupt_from) >= MAX_PEERS:
                 continue
             new = count - job.corrupt_from.get(url, 0)
@@ -486,12 +587,25 @@ async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
 IMAGING = web.AppKey("imaging", ImagingApi)
 
 
-def last_imaged(app: web.Application, mac: str) -> str | None:
-    """The manifest id this machine's last imaging run wrote and finished, if any: the
-    boot policy then boots its disk rather than imaging it again (the agent's reboot
-    would otherwise loop back into the imager)."""
+@dataclass(frozen=True)
+class MachineFacts:
+    """What the site's records say about a machine, for the boot policy."""
+
+    assigned: str | None = None  # image name, "local", or None
+    imaged_for_assignment: bool = False  # boots its disk until assigned again
+    last_imaged: str | None = None  # manifest id its last finished run wrote
+
+
+def machine_facts(app: web.Application, mac: str) -> MachineFacts:
     api = app.get(IMAGING)
-    return api.completed(mac) if api is not None else None
+    if api is None:
+        return MachineFacts()
+    state = api.site.machine(mac)
+    return MachineFacts(
+        state.assigned,
+        state.imaged_for_assignment,
+        state.imaged.manifest_id if state.imaged is not None else None,
+    )
 
 
 def add_imaging_routes(
@@ -503,8 +617,10 @@ def add_imaging_routes(
     rejections: Rejections | None = None,
 ) -> ImagingApi:
     api = ImagingApi(site, library, store, progress, rejections=rejections)
+    api.load_jobs()
     app[IMAGING] = api
     app.router.add_get("/v1/imaging/plan", api.plan)
+    app.router.add_post("/v1/imaging/plan", api.plan)
     app.router.add_post("/v1/imaging/progress", api.report)
     app.router.add_get("/v1/imaging", api.jobs)
     return api

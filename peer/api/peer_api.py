@@ -18,6 +18,7 @@ touches anything else.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -92,6 +93,16 @@ async def have(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def records(request: web.Request) -> web.Response:
+    """The machine records this peer holds (peer/core/machine_records.py), for enrolled
+    peers only: each record is signed by the node that made it, so a peer that relays
+    them cannot change them."""
+    site = request.app[SITE]
+    request.get(PEER) or authenticate(request, b"", changes_state=False)
+    body = await asyncio.get_running_loop().run_in_executor(None, site.records_bytes)
+    return web.Response(body=body, content_type="application/json")
+
+
 async def catalog(request: web.Request) -> web.Response:
     data = request.app[SITE].catalog_bytes
     if data is None:
@@ -114,4 +125,5 @@ def add_peer_routes(app: web.Application, site: Site) -> None:
     app.router.add_get("/v1/peer", hello)
     app.router.add_post("/v1/have", have)
     app.router.add_get("/v1/catalog", catalog)
+    app.router.add_get("/v1/records", records)
     app.router.add_get("/v1/manifests/{manifest_id:[0-9a-f]{64}}", manifest)

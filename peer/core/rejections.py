@@ -25,11 +25,11 @@ class Rejections:
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
 
-    def count(self, kind: str, reason: str) -> None:
+    def count(self, kind: str, reason: str, n: int = 1) -> None:
         key = (kind, reason)
         if key not in self._counts and len(self._counts) >= MAX_SERIES:
             key = (kind, "other")
-        self._counts[key] += 1
+        self._counts[key] += n
 
     def count_error(self, kind: str, exc: BaseException) -> None:
         self.count(kind, reason_of(exc))

@@ -48,6 +48,7 @@ ENDPOINT_BACKOFF_MAX = 60.0  # polling an endpoint that sends garbage or is down
 ENDPOINT_EXPIRY = 300.0  # a discovered endpoint silent this long is forgotten
 MAX_DYNAMIC_ENDPOINTS = 64  # discovered (not --peer) endpoints kept at once
 PROBE_FIRST = SETTLE_SECONDS + 3
+RECORDS_PULL_SECONDS = 3.0  # at most one pull of a peer's machine records this often
 
 
 # -- commands --------------------------------------------------------------------------
@@ -95,7 +96,17 @@ class ProbeOffers:
     expected: frozenset[str]  # responder addresses whose offers should arrive (may be none)
 
 
-Command = PollPeers | FetchCatalog | FetchManifest | FetchChunk | Announce | ProbeOffers
+@dataclass(frozen=True)
+class FetchRecords:
+    """Pull a peer's machine records: its hello names a digest other than ours."""
+
+    node_id: str
+    endpoint: str
+
+
+Command = (
+    PollPeers | FetchCatalog | FetchManifest | FetchChunk | Announce | ProbeOffers | FetchRecords
+)
 
 
 # -- state records -----------------------------------------------------------------------
@@ -190,6 +201,9 @@ class SiteCore:
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
         self._pending: list[Command] = []
         self.membership_running = True  # the adapter's heartbeat loop is alive
+        self.records_digest = ""  # of the machine records this peer holds (the adapter sets it)
+        self._records_in_flight: set[str] = set()
+        self._records_next: dict[str, float] = {}
 
     # -- what this peer is and says ----------------------------------------------------
 
@@ -230,6 +244,7 @@ class SiteCore:
             fetching=self.planner.wan_fetching(),
             offers_seen=self.offers_seen,
             responders=list(self.responders),
+            records_digest=self.records_digest,
         )
 
     # -- catalog and wanted set ----------------------------------------------------------
@@ -339,6 +354,18 @@ class SiteCore:
         ):
             self._catalog_in_flight = True
             self._pending.append(FetchCatalog(endpoint))
+        node = hello.node_id
+        if (
+            hello.records_digest
+            and hello.records_digest != self.records_digest
+            and node not in self._records_in_flight
+            and now >= self._records_next.get(node, 0.0)
+        ):
+            # Its records differ from ours: pull them (merging is commutative, so both
+            # ends pulling from each other converge on the same book).
+            self._records_in_flight.add(node)
+            self._records_next[node] = now + RECORDS_PULL_SECONDS
+            self._pending.append(FetchRecords(node, endpoint))
 
     def hello_failed(self, endpoint: str, reason: str, now: float, refused: bool) -> None:
         """A poll failed: unreachable, or (`refused`) it sent a document we refuse. Either
@@ -386,6 +413,13 @@ class SiteCore:
             raise WireError("not a member")
         for manifest_id, index, _ in notice.chunks:
             self.membership.drop_claim(notice.node_id, manifest_id, index)
+
+    def records_fetch_done(self, node_id: str) -> None:
+        self._records_in_flight.discard(node_id)
+        if len(self._records_next) > 4 * MAX_DYNAMIC_ENDPOINTS:
+            self._records_next = {
+                n: t for n, t in self._records_next.items() if self.membership.get(n) is not None
+            }
 
     def set_membership_running(self, running: bool) -> None:
         self.membership_running = running
@@ -566,7 +600,7 @@ class SiteCore:
                 ", ".join(sorted(check.missing)),
             )
         self.offers_seen = check.responders_heard
-        for rogue in self.rogues.probe_completed(check.rogues, now):
+        for rogue in self.rogues.probe_completed(check.rogues, now, members):
             log.warning("%s", rogue.warning())
 
     # -- the clock -----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -37,6 +39,7 @@ from peer.api.imaging_api import (
 from peer.core.boot_progress import BootProgress
 from peer.core.rejections import Rejections
 from peer.core.reputation import Reputation
+from peer.store.content_store import ContentStore
 
 MANIFEST = "ab" * 32
 MAC = "52:54:00:77:0b:01"
@@ -156,6 +159,16 @@ class FakeSite:
         self.endpoint_of = {"node-b": "10.0.0.3:8080", "node-c": "10.0.0.4:8080"}
         self.reputation = Reputation(limit=1000)
         self.counters = SimpleNamespace(bad_chunks_received=0)
+        self.node_id = "00000000000000aa"
+        self.recorded: list[Any] = []
+
+    def machine(self, mac: str) -> Any:
+        return SimpleNamespace(assigned=None, generation=0, imaged=None,
+                               imaged_for_assignment=False)  # fmt: skip
+
+    async def add_records(self, records: list[Any]) -> list[Any]:
+        self.recorded.extend(records)
+        return records
 
 
 def make_api() -> tuple[ImagingApi, FakeSite]:
@@ -166,8 +179,8 @@ def make_api() -> tuple[ImagingApi, FakeSite]:
 
 PLAN = Plan(
     manifest_id=MANIFEST, name="demo-disk", version="1", disk_size=8 << 20,
-    disk_sha256="cd" * 32, chunk_size=4 << 20, peers=(PEER_B,),
-    chunks=(PlanChunk(0, 4 << 20, "ef" * 32, False, (0,)),
+    disk_sha256="cd" * 32, chunk_size=4 << 20, peers=(PEER_B, "http://10.0.0.4:8080"),
+    chunks=(PlanChunk(0, 4 << 20, "ef" * 32, False, (0, 1)),
             PlanChunk(4 << 20, 4 << 20, "00" * 32, True)),
 )  # fmt: skip
 
@@ -186,6 +199,7 @@ def job_state(api: ImagingApi) -> str | None:
 
 def test_a_huge_corrupt_count_costs_the_peer_one_strike_and_a_capped_count() -> None:
     api, site = make_api()
+    apply(api, "PLAN")
     apply(api, "writing", total="10", corrupt=f"{PEER_B}=99999999999,http://10.0.0.4:8080=2")
     assert site.reputation.total_strikes == {"node-b": 1, "node-c": 1}
     assert site.counters.bad_chunks_received == 10 + 2  # at most the image's chunk count
@@ -196,23 +210,36 @@ def test_a_huge_corrupt_count_costs_the_peer_one_strike_and_a_capped_count() -> 
 
 def test_corrupt_chunks_counted_per_report_are_capped_whatever_total_is_claimed() -> None:
     api, site = make_api()
+    apply(api, "PLAN")
     apply(api, "writing", total=str(2**53), corrupt=f"{PEER_B}=5000000")
     assert site.counters.bad_chunks_received == MAX_CORRUPT_COUNTED
     assert site.reputation.total_strikes == {"node-b": 1}
 
 
-def test_corrupt_chunks_from_an_unknown_url_strike_nobody() -> None:
+def test_corrupt_chunks_from_a_peer_the_plan_did_not_name_strike_nobody() -> None:
     api, site = make_api()
-    apply(api, "writing", corrupt="http://10.9.9.9:8080=3")
+    apply(api, "PLAN")
+    # node-c is a known peer, but this job's plan never sent the agent to it.
+    apply(api, "writing", corrupt="http://10.9.9.9:8080=3,http://10.0.0.5:8080=2")
     assert site.reputation.total_strikes == {} and site.counters.bad_chunks_received == 0
-    assert api._jobs[MAC].corrupt_from == {"http://10.9.9.9:8080": 3}
+    assert api._jobs[MAC].corrupt_from == {}
+
+
+def test_corrupt_reports_after_the_run_ended_strike_nobody() -> None:
+    api, site = make_api()
+    apply(api, "PLAN")
+    for state in ("writing", "verifying", "done"):
+        apply(api, state, manifest=MANIFEST)
+    apply(api, "done", corrupt=f"{PEER_B}=5")
+    assert site.reputation.total_strikes == {}
 
 
 def test_a_job_remembers_a_bounded_number_of_corrupt_sources() -> None:
     api, _ = make_api()
+    urls = [f"http://10.1.{batch}.{i}:80" for batch in range(3) for i in range(MAX_PEERS)]
+    api.plan_made(MAC, replace(PLAN, peers=tuple(urls)), "10.0.0.50")
     for batch in range(3):
-        urls = [f"http://10.1.{batch}.{i}:80=1" for i in range(MAX_PEERS)]
-        apply(api, "writing", corrupt=",".join(urls))
+        apply(api, "writing", corrupt=",".join(f"{u}=1" for u in urls[batch::3]))
     assert len(api._jobs[MAC].corrupt_from) == MAX_PEERS
 
 
@@ -221,9 +248,8 @@ def test_a_whole_run_moves_the_job_through_every_state() -> None:
     for state in ("planning", "PLAN", "writing", "writing", "verifying", "done"):
         apply(api, state, manifest=MANIFEST)
         assert job_state(api) == ("planned" if state == "PLAN" else state)
-    assert api.completed(MAC) == MANIFEST
     apply(api, "planning")  # the machine is imaged again later
-    assert job_state(api) == "planning" and api.completed(MAC) is None
+    assert job_state(api) == "planning"
 
 
 @pytest.mark.parametrize(
@@ -272,13 +298,13 @@ def test_every_state_can_start_a_new_run_and_no_report_enters_planned() -> None:
         assert not report_allowed(current, "planned")
 
 
-def test_refused_reports_are_answered_and_counted_by_reason_over_http() -> None:
+def test_refused_reports_are_answered_and_counted_by_reason_over_http(tmp_path: Path) -> None:
     async def run() -> tuple[list[int], dict[str, dict[str, int]], float]:
         rejections = Rejections()
         app = web.Application()
         api = add_imaging_routes(
-            app, cast(Any, FakeSite()), cast(Any, None), cast(Any, None), BootProgress(),
-            rejections,
+            app, cast(Any, FakeSite()), cast(Any, None), ContentStore(tmp_path / "c"),
+            BootProgress(), rejections,
         )  # fmt: skip
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             statuses = []
@@ -293,12 +319,13 @@ def test_refused_reports_are_answered_and_counted_by_reason_over_http() -> None:
                 async with client.post(f"/v1/imaging/progress?{query}", data=data) as resp:
                     statuses.append(resp.status)
             elapsed = time.monotonic() - started
-        assert api.completed(MAC) is None
+        assert MAC not in api._jobs
         return statuses, rejections.snapshot(), elapsed
 
     statuses, counted, elapsed = asyncio.run(run())
-    assert statuses == [204, 409, 400, 413, 400]
+    # No job was started (no POST for a plan): no report without its secret counts.
+    assert statuses == [403, 403, 400, 413, 400]
     assert counted == {
-        REPORT_INPUT: {"transition": 1, "invalid_utf8": 1, "too_big": 1, "bad_mac": 1}
+        REPORT_INPUT: {"no_job": 2, "invalid_utf8": 1, "too_big": 1, "bad_mac": 1}
     }
     assert elapsed < 5

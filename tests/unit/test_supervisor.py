@@ -14,6 +14,7 @@ from peer.adapters import supervisor as supervisor_module
 from peer.adapters.site import HEARTBEAT_TASK, Site, SiteConfig
 from peer.adapters.supervisor import Supervisor
 from peer.store.content_store import ContentStore
+from peer.store.node_identity import load_identity
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,7 @@ def test_site_stops_answering_pxe_while_its_heartbeat_loop_is_down(tmp_path: Pat
         ),
         store,
         TrustedKeys([]),
-        node_id="00000000000000aa",
+        identity=load_identity(store.state_dir),
     )
     ticks = []
     original_tick = site.core.tick
