@@ -917,6 +917,8 @@ say "pxepeer imaging agent starting"
 bring_up_network || fail "no network: no NIC got an address by DHCP"
 [ -n "$mac" ] || fail "cannot tell this machine's MAC address"
 [ -n "$server" ] || fail "no pxepeer.server=http://IP:PORT on the kernel command line"
+# No report before the plan: the plan request itself starts the job on the server, and
+# a report without the job's secret would only be refused.
 state=planning
 fetch_plan || fail "${why:-no plan}"
 # Nothing is written before this: the bytes must be those a trusted publisher signed.
@@ -926,7 +928,6 @@ if [ -n "$image" ] && [ "$image" != "$manifest" ] && [ "$image" != "$name" ]; th
 fi
 bind_plan || fail "$why"
 say "image $name $version (manifest ${manifest%"${manifest#????????????}"}, signed by key $signer): $((disk_size / MIB)) MiB disk, $ndata data chunks ($((data_bytes / MIB)) MiB) from $npeers peer(s)"
-report
 
 pick_disk || fail "no disk found (looked for ${disk:-/dev/vda /dev/sda /dev/nvme0n1})"
 have=$(disk_bytes)

@@ -1,7 +1,8 @@
 """The imaging API and the imaging agent against real `pxepeer serve` processes.
 
 Three peers serve HTTP on the loopback interface of a network namespace made for the test
-(ports 8081-8083, each told of the others with --peer). The agent is the real script run
+(ports 8081-8083, each told of the others with --peer, each enrolled with the test's
+enroll key and trusting it, so they form one site). The agent is the real script run
 by busybox ash with busybox's applets first on PATH, as in the imager, writing to a file
 that stands in for the machine's disk.
 """
@@ -25,6 +26,7 @@ import pytest
 from imaging.manifest import Manifest
 from imaging.plan import Plan
 from peer.store.content_store import ContentStore
+from tests.enrollment import enroll, enroll_key
 from tests.netns import Netns, can_use_netns, namespaces
 
 PXEPEER = [sys.executable, "-m", "peer.cli"]
@@ -71,6 +73,7 @@ class Site:
     procs: list[subprocess.Popen | None]
     logs: list[Path]
     keys: Path
+    enroll_pub: Path
     disk_image: Path
     manifest: Manifest
 
@@ -91,7 +94,8 @@ class Site:
         with open(self.logs[i], "a") as log:
             self.procs[i] = self.ns.popen(
                 *PXEPEER, "serve", "--cache-dir", str(self.caches[i]),
-                "--trust", str(self.keys / "publisher.pub"), "--http-port", str(PORTS[i]),
+                "--trust", str(self.keys / "publisher.pub"), "--trust", str(self.enroll_pub),
+                "--http-port", str(PORTS[i]),
                 "--no-mdns", "--site", "imaging-test", *others,
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             )  # fmt: skip
@@ -139,6 +143,14 @@ class Site:
                 [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
             ).stdout.split():
                 (applets / name).symlink_to(BUSYBOX)
+            # The imager's verifier, and its trusted keys as images/imager/build.sh puts
+            # them in: the agent writes only what the publisher signed.
+            (applets / "openssl").symlink_to(shutil.which("openssl") or "/usr/bin/openssl")
+            subprocess.run(
+                ["bash", str(REPO / "images" / "imager" / "trust-keys.sh"),
+                 str(self.work / "trust"), str(self.keys / "publisher.pub")],
+                check=True,
+            )  # fmt: skip
         cmdline = f"console=ttyS0 pxepeer.server={self.url(server)}"
         if image:
             cmdline += f" pxepeer.image={image}"
@@ -153,6 +165,7 @@ class Site:
             "PXEPEER_AGENT_EXIT": "1",
             "PXEPEER_RUN": str(run),
             "PXEPEER_REPORT_EVERY": "1",
+            "PXEPEER_TRUST_DIR": str(self.work / "trust"),
             **(env or {}),
         }
         return subprocess.run(
@@ -185,16 +198,19 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "--key", str(keys / "publisher.key"), "--cache-dir", str(publisher),
     )  # fmt: skip
     [signed] = ContentStore(publisher).find_images(IMAGE)
+    enroll_private, enroll_pub = enroll_key(work / "enroll")
     caches = []
     for i in range(len(PORTS)):
         cache = work / f"cache{i}"
-        shutil.copytree(publisher, cache, ignore=shutil.ignore_patterns("node_id"))
+        # Each store its own node key: never a copy of the publisher's.
+        shutil.copytree(publisher, cache, ignore=shutil.ignore_patterns("node.*", "node_id"))
+        enroll(cache, enroll_private, f"peer{i}")
         caches.append(cache)
     pxepeer("assign", MAC, IMAGE, "--cache-dir", str(caches[0]))
     with namespaces("img") as (ns,):
         site = Site(
             ns, work, caches, [None] * len(PORTS), [work / f"serve{i}.log" for i in range(3)],
-            keys, disk_image, signed.manifest,
+            keys, enroll_pub, disk_image, signed.manifest,
         )  # fmt: skip
         try:
             for i in range(len(PORTS)):
