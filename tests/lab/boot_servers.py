@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.enrollment import enroll, enroll_key
 from tests.lab.virtual_store import LabError, Peer, Service, VirtualStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,10 +71,30 @@ def pxepeer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 class PxepeerStore:
     cache: Path
     keys: Path
+    # Set for a store enrolled with the lab's enroll key: serve trusts that key, and so
+    # forms a site with the other enrolled peers. None: a site of one.
+    enroll_pub: Path | None = None
 
     @property
     def public_key(self) -> Path:
         return self.keys / "publisher.pub"
+
+
+def enrolled_store(keys: Path, cache: Path, name: str) -> PxepeerStore:
+    """The store at `cache` (made if missing) enrolled as `name` with the lab's enroll
+    key, made once beside the publisher key in `keys`: a member of the lab's site."""
+    cache.mkdir(parents=True, exist_ok=True)
+    private, public = enroll_key(keys)
+    enroll(cache, private, name)
+    return PxepeerStore(cache=cache, keys=keys, enroll_pub=public)
+
+
+def enrolled_copy(store: PxepeerStore, workdir: Path, name: str) -> PxepeerStore:
+    """A copy of a prepared store (`workdir/NAME-cache`) for one member of a site: its
+    own node key (none is copied) and a certificate from the lab's enroll key."""
+    cache = workdir / f"{name}-cache"
+    shutil.copytree(store.cache, cache, ignore=shutil.ignore_patterns("node.*", "node_id"))
+    return enrolled_store(store.keys, cache, name)
 
 
 def prepare_pxepeer_store(
@@ -136,6 +157,8 @@ def start_pxepeer(
         "--trust", str(store.public_key), "--dhcp", dhcp, "--http-port", str(HTTP_PORT),
         "--ipxe-dir", str(IPXE_DIR), "--log-level", "debug",
     ]  # fmt: skip
+    if store.enroll_pub is not None:
+        args += ["--trust", str(store.enroll_pub)]
     if pool:
         args += ["--pool", pool]
     args += list(extra_args)

@@ -6,6 +6,10 @@ The promise under test: the download completes and verifies, the VM boots, statu
 shows the strikes, and no task died. The hostile process is tests/integration/hostile.py,
 started by PID in its own namespace on the lab bridge and known to every real peer
 through `--peer`; an nginx origin sits on the bridge too.
+
+Every peer is enrolled with the lab's enroll key (issue 8), and so is the hostile one:
+a compromised member whose signed hellos, manifests, chunks and have-notices get past
+authentication, so what is under test is still what the peers do with what it says.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-import shutil
 import sys
 import threading
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.enrollment import node_id as enrolled_node_id
 from tests.integration.site_lab import MIB, BuiltImage, build_image, shape_link
 from tests.integration.test_attacks import rejected, task_trouble
 from tests.lab.boot_servers import (
@@ -31,6 +35,8 @@ from tests.lab.boot_servers import (
     REPO,
     PxepeerServer,
     PxepeerStore,
+    enrolled_copy,
+    enrolled_store,
     pxepeer,
     start_pxepeer,
 )
@@ -41,7 +47,6 @@ pytestmark = pytest.mark.lab
 MARKER = "PXEPEER-TEST-IMAGE: booted"
 CHAOS_SECONDS = 120
 SITE = "chaos"
-FAKE_ID = "bad0bad0bad0bad0"  # the hostile peer's node id, in every hello it sends
 HOSTILE = [sys.executable, "-m", "tests.integration.hostile"]
 
 ORIGIN_CONF = """\
@@ -60,15 +65,6 @@ http {{
     server {{ listen {ip}:80; root {root}; }}
 }}
 """
-
-
-def _own_cache(store: PxepeerStore, workdir: Path, name: str) -> PxepeerStore:
-    """A copy of the prepared cache (the test image, every lab MAC assigned to it)
-    without its node id: each peer is its own node."""
-    cache = workdir / f"{name}-cache"
-    shutil.copytree(store.cache, cache)
-    (cache / "state" / "node_id").unlink(missing_ok=True)
-    return PxepeerStore(cache=cache, keys=store.keys)
 
 
 def _site(server: PxepeerServer) -> dict:
@@ -127,6 +123,7 @@ class Chaos:
     watched: list[PxepeerServer]  # every real peer: RSS and status latency sampled
     holdings: list[Path]  # the manifest files the fake holder claims
     seconds: float
+    identity: Path  # the hostile's enrolled store: its node key signs what it sends
     done: list[str] = field(default_factory=list)
     reported: list[tuple[PxepeerServer, PxepeerServer]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
@@ -161,8 +158,8 @@ class Chaos:
 
     def _fake(self, *args: str) -> Service:
         service = self._spawn(
-            "peer", "--listen", f"{self.hostile.ip}:{HTTP_PORT}", "--node-id", FAKE_ID,
-            "--site", SITE, *args,
+            "peer", "--listen", f"{self.hostile.ip}:{HTTP_PORT}",
+            "--identity", str(self.identity), "--site", SITE, *args,
         )  # fmt: skip
         self.done.append(f"fake peer {' '.join(args)}: {self._ready(service)}")
         return service
@@ -198,7 +195,8 @@ class Chaos:
 
         def have_bomb() -> None:
             target = rng.choice(self.peers)
-            self._once("have", target.base_url, "--node-id", FAKE_ID,
+            self._once("have", target.base_url, "--identity", str(self.identity),
+                       "--to", _site(target)["node_id"],
                        "--manifest-id", "ab" * 32, "--size", str(2**34))  # fmt: skip
 
         return [
@@ -295,10 +293,11 @@ def test_chaos_peers_keep_serving_a_download_and_a_vm_boot_under_every_attack_at
         return start_pxepeer(lab, nodes[name], cache, extra_args=tuple(args),
                              name=f"{name}-serve")  # fmt: skip
 
-    seeded = [serve("peer1", _own_cache(pxepeer_store, lab.workdir, "peer1"))]
-    time.sleep(2)  # peer1 is the senior: the responder
-    seeded += [serve(n, _own_cache(pxepeer_store, lab.workdir, n)) for n in names[1:3]]
+    # peer1 up first takes the role, and keeps it as the others join.
+    seeded = [serve("peer1", enrolled_copy(pxepeer_store, lab.workdir, "peer1"))]
     responder = seeded[0]
+    _wait("peer1 to answer PXE", lambda: _site(responder)["this_peer_responds"], 30, responder)
+    seeded += [serve(n, enrolled_copy(pxepeer_store, lab.workdir, n)) for n in names[1:3]]
     _wait("the three peers to agree peer1 answers PXE",
           lambda: all(_site(s)["responders"] == [_site(responder)["node_id"]] for s in seeded)
           and _site(responder)["this_peer_responds"], 40, *seeded)  # fmt: skip
@@ -307,19 +306,21 @@ def test_chaos_peers_keep_serving_a_download_and_a_vm_boot_under_every_attack_at
 
     # The fourth peer starts empty behind a 12 Mbit/s port: the download (45 s at best)
     # spans the chaos.
-    fourth_cache = PxepeerStore(cache=lab.workdir / "peer4-cache", keys=pxepeer_store.keys)
-    fourth_cache.cache.mkdir()
+    fourth_cache = enrolled_store(pxepeer_store.keys, lab.workdir / "peer4-cache", "peer4")
+    # A compromised member: enrolled like the others.
+    hostile_store = enrolled_store(pxepeer_store.keys, lab.workdir / "hostile-cache", "hostile")
+    fake_id = enrolled_node_id(hostile_store.cache)
     host = nodes["peer4"].ip.rsplit(".", 1)[1]
     shape_link(nodes["peer4"].ns, "lan0", "12mbit", 1000)
     shape_link(lab.store, f"vp{host}", "12mbit", 1000)
     everyone = [*seeded]
     holdings = [i.cache / "manifests" / f"{i.manifest_id}.json" for i in (bulk, fresh)]
-    chaos = Chaos(lab, hostile, seeded, everyone, holdings, CHAOS_SECONDS)
+    chaos = Chaos(lab, hostile, seeded, everyone, holdings, CHAOS_SECONDS, hostile_store.cache)
     thread = threading.Thread(target=chaos.run, daemon=True)
     began = time.monotonic()
     thread.start()
     _wait("the fake holder to be heard", lambda: all(
-        FAKE_ID in {p["node_id"] for p in _site(s)["peers"]} for s in seeded), 20)  # fmt: skip
+        fake_id in {p["node_id"] for p in _site(s)["peers"]} for s in seeded), 20)  # fmt: skip
     fresh.publish(origin_dir)
     time.sleep(max(0.0, began + 5 - time.monotonic()))
     fourth = serve("peer4", fourth_cache)
@@ -363,7 +364,7 @@ def test_chaos_peers_keep_serving_a_download_and_a_vm_boot_under_every_attack_at
     # never the 99,999,999,999 each report claims (test_attacks checks the exact bound;
     # here a chunk a seeded peer failed to deliver may add a strike).
     rep = _site(fourth)["reputation"]
-    assert rep.get(FAKE_ID, {}).get("bad_chunks", 0) >= 1, rep
+    assert rep.get(fake_id, {}).get("bad_chunks", 0) >= 1, rep
     assert chaos.reported, chaos.done
     for target, named in chaos.reported:
         reports = sum(1 for t, n in chaos.reported if (t, n) == (target, named))

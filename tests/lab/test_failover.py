@@ -3,26 +3,22 @@ that powers on afterwards still network-boots from the peer that took over."""
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.lab.boot_servers import MACS, PxepeerServer, PxepeerStore, start_pxepeer
+from tests.lab.boot_servers import (
+    MACS,
+    PxepeerServer,
+    PxepeerStore,
+    enrolled_copy,
+    start_pxepeer,
+)
 from tests.lab.virtual_store import Firmware, LabError, VirtualStore
 
 pytestmark = pytest.mark.lab
 
 MARKER = "PXEPEER-TEST-IMAGE: booted"
-
-
-def _own_cache(store: PxepeerStore, workdir: Path, name: str) -> PxepeerStore:
-    """A copy of the prepared cache without its node id: each peer is its own node."""
-    cache = workdir / f"{name}-cache"
-    shutil.copytree(store.cache, cache)
-    (cache / "state" / "node_id").unlink(missing_ok=True)
-    return PxepeerStore(cache=cache, keys=store.keys)
 
 
 def _site(server: PxepeerServer) -> dict:
@@ -47,18 +43,23 @@ def test_vm_boots_from_the_peer_that_took_over_after_the_responder_died(
 ) -> None:
     lab.start_router()
     first_peer, second_peer = lab.add_peer("peer1"), lab.add_peer("peer2")
+    # Both enrolled with the lab's enroll key: one site. peer1, up first, takes the role
+    # and keeps it when peer2 joins (whatever their node ids).
     first = start_pxepeer(
-        lab, first_peer, _own_cache(pxepeer_store, lab.workdir, "peer1"),
+        lab, first_peer, enrolled_copy(pxepeer_store, lab.workdir, "peer1"),
         extra_args=("--peer", f"{second_peer.ip}:8080"), name="peer1-serve",
     )  # fmt: skip
+    _wait("peer1 to answer PXE", lambda: _site(first)["this_peer_responds"], 30, first)
     second = start_pxepeer(
-        lab, second_peer, _own_cache(pxepeer_store, lab.workdir, "peer2"),
+        lab, second_peer, enrolled_copy(pxepeer_store, lab.workdir, "peer2"),
         extra_args=("--peer", f"{first_peer.ip}:8080"), name="peer2-serve",
     )  # fmt: skip
     _wait(
-        "both peers to agree that peer1 (the senior) answers PXE",
-        lambda: _site(second)["responders"] == [_site(first)["node_id"]]
-        and _site(first)["this_peer_responds"],
+        "both peers to agree that peer1 (up first) answers PXE",
+        lambda: (
+            _site(second)["responders"] == [_site(first)["node_id"]]
+            and _site(first)["this_peer_responds"]
+        ),
         30,
         first,
         second,

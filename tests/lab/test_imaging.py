@@ -3,8 +3,9 @@ PXE-boots the imager from a site of three peers, the agent writes the demo OS fr
 several of them, and the machine then boots the demo OS from its own disk.
 
 The site: three `pxepeer serve` peers (each with its own copy of the same store: the
-demo OS disk image and the imager, whose command line is only `console=ttyS0`) in peer
-namespaces on the lab bridge, told of each other with --peer; the store router hands
+demo OS disk image and the imager, whose command line is only `console=ttyS0`; each
+enrolled with the lab's enroll key) in peer namespaces on the lab bridge, told of each
+other with --peer; the store router hands
 out addresses, one peer is elected to answer PXE, and its boot script for a machine
 assigned a disk image boots the imager with pxepeer.server and pxepeer.image added.
 QEMU is started with -no-reboot, so the agent's final reboot ends the first QEMU; the
@@ -28,6 +29,7 @@ from tests.lab.boot_servers import (
     REPO,
     PxepeerServer,
     PxepeerStore,
+    enrolled_store,
     pxepeer,
     start_pxepeer,
 )
@@ -145,8 +147,11 @@ def _start_site(lab: VirtualStore, store: PxepeerStore, images: ImagingImages) -
     peers = [lab.add_peer(name) for name in PEERS]
     servers = {}
     for peer in peers:
-        own = PxepeerStore(cache=lab.workdir / f"cache-{peer.name}", keys=store.keys)
-        shutil.copytree(store.cache, own.cache)
+        # Each peer its own copy of the store, its own node key, and a certificate from
+        # the lab's enroll key: the three form one site.
+        cache = lab.workdir / f"cache-{peer.name}"
+        shutil.copytree(store.cache, cache, ignore=shutil.ignore_patterns("node.*", "node_id"))
+        own = enrolled_store(store.keys, cache, peer.name)
         others = [f"--peer={p.ip}:8080" for p in peers if p is not peer]
         servers[peer.name] = start_pxepeer(
             lab, peer, own, extra_args=("--no-mdns", *others), name=f"pxepeer-{peer.name}"
