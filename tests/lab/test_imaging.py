@@ -61,11 +61,12 @@ class ImagingImages:
     demo_disk: Path
     imager_kernel: Path
     imager_initrd: Path
+    keys: Path  # the publisher key pair the imager trusts; the site stores sign with it
 
 
-def _build(script: Path, outdir: Path) -> None:
+def _build(script: Path, outdir: Path, *args: str) -> None:
     result = subprocess.run(
-        ["bash", str(script), str(outdir)], capture_output=True, text=True, check=False
+        ["bash", str(script), str(outdir), *args], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise LabError(f"{script} failed:\n{result.stderr[-3000:]}")
@@ -74,17 +75,20 @@ def _build(script: Path, outdir: Path) -> None:
 @pytest.fixture(scope="session")
 def imaging_images(tmp_path_factory: pytest.TempPathFactory) -> ImagingImages:
     out = tmp_path_factory.mktemp("imaging-images")
+    keys = out / "keys"
+    pxepeer("keys", "new", "--out", str(keys))
     _build(DEMO_BUILD, out / "demo")
-    _build(IMAGER_BUILD, out / "imager")
+    # The imager writes only what this publisher signed.
+    _build(IMAGER_BUILD, out / "imager", "--trust", str(keys / "publisher.pub"))
     return ImagingImages(out / "demo" / "disk.raw", out / "imager" / "vmlinuz",
-                         out / "imager" / "initrd.img")  # fmt: skip
+                         out / "imager" / "initrd.img", keys)  # fmt: skip
 
 
 def _site_store(workdir: Path, images: ImagingImages, macs: list[str]) -> PxepeerStore:
     """One store with the demo OS and the imager, signed, and the machines assigned the
     demo OS: no keypress, no image named on any command line."""
     cache, keys = workdir / "cache", workdir / "keys"
-    pxepeer("keys", "new", "--out", str(keys))
+    shutil.copytree(images.keys, keys)  # the publisher the imager trusts
     key = str(keys / "publisher.key")
     pxepeer("image", "add", DEMO, "--disk", str(images.demo_disk), "--key", key,
             "--cache-dir", str(cache))  # fmt: skip
