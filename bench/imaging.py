@@ -179,8 +179,15 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pxepeer-bench-imaging-"))
     work.mkdir(parents=True, exist_ok=True)
 
+    keys, publisher = work / "keys", work / "store"
+    if not (keys / "publisher.key").exists():
+        pxepeer("keys", "new", "--out", str(keys))
     imager = work / "imager"
-    subprocess.run(["bash", str(IMAGER_BUILD), str(imager)], check=True, capture_output=True)
+    # The imager writes only what this publisher signed (the bench image below).
+    subprocess.run(
+        ["bash", str(IMAGER_BUILD), str(imager), "--trust", str(keys / "publisher.pub")],
+        check=True, capture_output=True,
+    )  # fmt: skip
     kernel, initrd = imager / "vmlinuz", imager / "initrd.img"
     ref_initrd = work / "reference-initrd.img"
     reference_initrd(initrd, ref_initrd)
@@ -193,9 +200,6 @@ def main() -> int:
     size = disk.stat().st_size
     want = hashlib.sha256(disk.read_bytes()).hexdigest()
 
-    keys, publisher = work / "keys", work / "store"
-    if not (keys / "publisher.key").exists():
-        pxepeer("keys", "new", "--out", str(keys))
     pxepeer("image", "add", IMAGE, "--disk", str(disk), "--key", str(keys / "publisher.key"),
             "--cache-dir", str(publisher), timeout=1200)  # fmt: skip
     disk_mb = args.size_mb + 64
