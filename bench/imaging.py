@@ -33,7 +33,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.lab.boot_servers import HTTP_PORT, PxepeerStore, _nginx_conf, pxepeer, start_pxepeer
+from tests.lab.boot_servers import (
+    HTTP_PORT,
+    _nginx_conf,
+    enrolled_store,
+    pxepeer,
+    start_pxepeer,
+)
 from tests.lab.virtual_store import (
     VM,
     Firmware,
@@ -220,11 +226,13 @@ def main() -> int:
             cache = work / f"cache-{peers[i].name}"
             if not cache.exists():
                 # Hard links: chunks are immutable files, and three copies of 300 MiB
-                # would only measure the host's page cache.
-                shutil.copytree(publisher, cache, copy_function=os.link)
+                # would only measure the host's page cache. No node key: each peer
+                # makes its own, enrolled below with the lab's enroll key (one site).
+                shutil.copytree(publisher, cache, copy_function=os.link,
+                                ignore=shutil.ignore_patterns("node.*", "node_id"))  # fmt: skip
             others = [f"--peer={p.ip}:{HTTP_PORT}" for p in peers if p is not peers[i]]
             servers.append(start_pxepeer(
-                lab, peers[i], PxepeerStore(cache, keys), dhcp="off",
+                lab, peers[i], enrolled_store(keys, cache, peers[i].name), dhcp="off",
                 extra_args=("--no-mdns", *others), name=f"pxepeer-{peers[i].name}",
             ))  # fmt: skip
 
