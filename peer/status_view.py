@@ -60,6 +60,15 @@ def render_status(doc: dict) -> str:
         f"PXE responder: {', '.join(site.get('responders') or []) or 'none'}"
         + ("  (this peer)" if site.get("this_peer_responds") else ""),
     ]
+    membership = site.get("membership") or {}
+    if membership.get("mode") == "site of one":
+        lines.append("membership: site of one (no enroll key trusted: no peer protocol)")
+    elif membership:
+        refused = sum((membership.get("refused") or {}).values())
+        lines.append(
+            f"membership: enrolled as {membership.get('label') or '-'} by enroll key "
+            f"{membership.get('issuer')}; {refused} peer request(s) refused"
+        )
     catalog = site.get("catalog")
     lines.append(
         f"catalog: serial {catalog['serial']}{'  EXPIRED' if catalog['expired'] else ''}"

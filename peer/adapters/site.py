@@ -911,6 +911,20 @@ class Site:
         doc["rejected"] = self.rejections.snapshot()
         doc["rejected_manifests"] = dict(self.rejected_manifests)
         doc["membership"] = self.membership_status()
+        doc["machine_records"] = {
+            "digest": self.records.digest(),
+            "machines": [
+                {
+                    "mac": m.mac,
+                    "assigned": m.assigned,
+                    "generation": m.generation,
+                    "imaged": m.imaged.image if m.imaged else None,
+                    "imaged_generation": m.imaged.generation if m.imaged else None,
+                    "imaged_for_assignment": m.imaged_for_assignment,
+                }
+                for m in self.records.machines()[:1000]
+            ],
+        }
         return doc
 
     def membership_status(self) -> dict[str, object]:

@@ -663,12 +663,15 @@ def site_lab(
     start: bool = True,
     seed: Callable[[int, Path], None] | None = None,
     enrolled: bool = True,
+    foreign: frozenset[int] = frozenset(),
 ) -> Iterator[SiteLab]:
     """A site of `n_peers` peers (started unless `start` is False) and an nginx origin
     serving `work/origin` (empty until something is published there).
 
     Every peer is enrolled with one enroll key (`lab.enroll_key`, trusted by all) unless
-    `enrolled` is False (then each peer is a site of one).
+    `enrolled` is False (then each peer is a site of one); the peers in `foreign` are
+    enrolled with another enroll key, trusted by them alone (they speak the peer protocol
+    perfectly, and are members of no site here).
 
     `lan_rate` shapes each peer's veth in both directions (e.g. "100mbit"); `seed(i,
     cache)` can fill a peer's cache before it starts.
@@ -713,12 +716,15 @@ def site_lab(
                 cache.mkdir(exist_ok=True)
                 if seed is not None:
                     seed(i, cache)
+                own_key, own_pub = lab.enroll_key, enroll_pub
+                if i in foreign:
+                    own_key, own_pub = enroll_key(work / "foreign-enroll-keys")
                 if enrolled:
-                    enroll(cache, lab.enroll_key, f"peer{i}")
+                    enroll(cache, own_key, f"peer{i}")
                 args = serve_args(
                     ip, cache, trust, endpoints if static_peers else [],
                     wan_rate=wan_rate, mdns=mdns, extra=extra_args,
-                    enroll_pub=enroll_pub if enrolled else None,
+                    enroll_pub=own_pub if enrolled else None,
                 )  # fmt: skip
                 lab.peers.append(Peer(i, ns, cache, work / f"peer{i}.log", args))
             lab.nginx = start_nginx(origin_ns, work, origin_dir, lab.access_log)

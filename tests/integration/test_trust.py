@@ -1,0 +1,309 @@
+"""Trust on the store LAN (issue 8), with real `pxepeer serve` processes in network
+namespaces (tests/integration/site_lab.py):
+
+- a process enrolled by another enroll key speaks the peer protocol perfectly and is a
+  member of nothing: not in the view, never elected, owns no chunk, cannot forge a
+  have-notice or get a peer struck;
+- an enrolled peer that lies about its start and votes for itself does not displace the
+  working responder;
+- a peer request captured on the wire and sent again is refused;
+- an assignment made on any peer reaches every peer and survives a restart of all;
+- a store that trusts an enroll key but is not enrolled refuses to start, and one that
+  trusts none is a site of one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import TCP
+from scapy.utils import rdpcap
+
+from imaging.signing import load_signing_key
+from peer.core.peer_auth import sign_request
+from tests.enrollment import enroll
+from tests.integration.site_lab import (
+    HTTP_PORT,
+    MIB,
+    PXEPEER,
+    REPO,
+    BuiltImage,
+    Peer,
+    SiteLab,
+    build_image,
+    lab_skip_reason,
+    pxepeer,
+    site_lab,
+    stop_process,
+)
+
+skip_reason = lab_skip_reason()
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(skip_reason is not None, reason=skip_reason or ""),
+]
+
+MAC = "52:54:00:08:00:01"
+PXE = ("--dhcp", "proxy")  # a peer that can answer PXE is a candidate for the role
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    work = tmp_path_factory.mktemp("publisher")
+    pxepeer("keys", "new", "--out", str(work / "keys"))
+    return build_image(work, work / "keys", "pos", 16 * MIB, work / "cache")
+
+
+def node_ids(lab: SiteLab) -> list[str]:
+    return [p.node_id for p in lab.peers]
+
+
+def make_lowest(lab: SiteLab, peer: Peer, key: Path) -> None:
+    """Give `peer` a new node key until its node id is the lowest of the lab: if anything
+    it claims could win it the role, this is the peer that would win."""
+    for _ in range(200):
+        others = [p.node_id for p in lab.peers if p is not peer]
+        if peer.node_id < min(others):
+            return
+        for name in ("node.key", "node.cert"):
+            (peer.cache / "state" / name).unlink()
+        enroll(peer.cache, key, f"peer{peer.index}")
+    raise AssertionError("could not draw a low node id")
+
+
+def responders(lab: SiteLab, peer: Peer) -> list[str]:
+    return lab.status(peer)["responders"]
+
+
+def members_seen(lab: SiteLab, peer: Peer) -> set[str]:
+    return {p["node_id"] for p in lab.status(peer)["peers"] if not p["self"]}
+
+
+def post(peer_from: Peer, url: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST from inside `peer_from`'s namespace; the HTTP status."""
+    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+            "-X", "POST", "--data-binary", "@-"]  # fmt: skip
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    result = subprocess.run(peer_from.ns.exec_argv(*args, url), input=body,
+                            capture_output=True, check=False)  # fmt: skip
+    return int(result.stdout or b"0")
+
+
+def test_a_process_enrolled_elsewhere_cannot_join_be_elected_own_a_chunk_or_strike(
+    tmp_path: Path, image: BuiltImage
+) -> None:
+    with site_lab(tmp_path, image.pub, 3, foreign=frozenset({2}), extra_args=PXE,
+                  start=False) as lab:  # fmt: skip
+        real, stranger = lab.peers[:2], lab.peers[2]
+        make_lowest(lab, stranger, tmp_path / "foreign-enroll-keys" / "enroll.key")
+        for p in lab.peers:
+            p.start()
+        image.publish(lab.origin_dir)
+        lab.wait_complete(image.manifest_id, peers=real, timeout=120)
+        real_ids = {p.node_id for p in real}
+        # The view, the election and the WAN ownership are the two real peers' alone:
+        # every chunk crossed the WAN once for them (the stranger, a site of its own,
+        # fetched its own copy), so no chunk waited on a WAN owner that was not theirs.
+        for p, other in ((real[0], real[1]), (real[1], real[0])):
+            assert members_seen(lab, p) == {other.node_id}
+            assert responders(lab, p) == [min(real_ids)]
+        gets = [r.chunk for r in lab.requests() if r.chunk and r.addr != stranger.ip]
+        assert sorted(gets) == sorted(image.chunks), gets
+        refused = lab.status(real[0])["membership"]["refused"]
+        assert refused.get("untrusted issuer", 0) > 0, refused
+
+        # A have-notice naming the other real peer: unsigned, then signed by the stranger.
+        victim, target = real[1], real[0]
+        notice = json.dumps({"node_id": victim.node_id, "gone": True, "chunks": [
+            {"manifest_id": image.manifest_id, "index": 0, "size": len(image.chunks)}
+        ]}).encode()  # fmt: skip
+        url = f"{target.url}/v1/have"
+        assert post(stranger, url, notice, {"Content-Type": "application/json"}) == 403
+        key = load_signing_key(stranger.cache / "state" / "node.key")
+        cert = (stranger.cache / "state" / "node.cert").read_bytes().strip()
+        signed = sign_request(key, cert, "POST", "/v1/have", notice, target.node_id,
+                              int(time.time() * 1000), "ab" * 16)  # fmt: skip
+        assert post(stranger, url, notice, signed) == 403
+        # A corrupt report against the other real peer, as if from an imaging agent.
+        report = f"state=writing\ncorrupt=http://{victim.ip}:{HTTP_PORT}=5\n".encode()
+        assert post(stranger, f"{target.url}/v1/imaging/progress?mac={MAC}", report, {}) == 403
+        st = lab.status(target)
+        assert victim.node_id not in st["reputation"], st["reputation"]  # no strike at all
+        image_status = next(i for i in st["images"] if i["manifest_id"] == image.manifest_id)
+        n = len(image.chunks)
+        assert image_status["chunks"][victim.node_id] == [n, n]  # the forged "gone" changed nothing
+
+
+def test_an_enrolled_peer_lying_about_its_start_does_not_displace_the_responder(
+    tmp_path: Path, image: BuiltImage
+) -> None:
+    with site_lab(tmp_path, image.pub, 3, extra_args=PXE, start=False) as lab:
+        honest, liar = lab.peers[:2], lab.peers[2]
+        assert lab.enroll_key is not None
+        make_lowest(lab, liar, lab.enroll_key)
+        for p in honest:
+            p.start()
+        lab.wait_up(honest)
+        lab.wait_until("a responder", lambda: all(responders(lab, p) for p in honest), 20)
+        working = responders(lab, honest[0])
+        assert working == [min(p.node_id for p in honest)]
+        # The liar: enrolled, signs correctly, and says it started at the epoch and is
+        # the responder it follows. It has the lowest node id of the three.
+        with open(liar.log, "a") as log:
+            proc = liar.ns.popen(sys_executable(), "-m", "tests.integration.lying_peer",
+                                 "serve", *liar.args, stdout=log, stderr=subprocess.STDOUT,
+                                 cwd=REPO)  # fmt: skip
+        try:
+            lab.wait_until("the liar to be a member",
+                           lambda: all(liar.node_id in members_seen(lab, p) for p in honest),
+                           30)  # fmt: skip
+            hello_seen = [p for p in lab.status(honest[0])["peers"] if p["node_id"] == liar.node_id]
+            assert hello_seen[0]["started"] == 0
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                for p in honest:
+                    assert responders(lab, p) == working, lab.tails()
+                time.sleep(1)
+        finally:
+            stop_process(proc)
+
+
+def sys_executable() -> str:
+    return PXEPEER[0]
+
+
+def captured_have_posts(pcap: Path) -> list[tuple[str, bytes]]:
+    """(destination IP, the whole HTTP request) of every have-notice POST in a capture."""
+    flows: dict[tuple, bytearray] = {}
+    dest: dict[tuple, str] = {}
+    for packet in rdpcap(str(pcap)):
+        if TCP not in packet or not bytes(packet[TCP].payload):
+            continue
+        ip = packet.payload
+        key = (ip.src, ip[TCP].sport, ip.dst, ip[TCP].dport)
+        flows.setdefault(key, bytearray()).extend(bytes(packet[TCP].payload))
+        dest[key] = ip.dst
+    requests = []
+    for key, data in flows.items():
+        for part in bytes(data).split(b"POST /v1/have ")[1:]:
+            raw = b"POST /v1/have " + part
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )  # fmt: skip
+            if len(rest) >= length:
+                requests.append((dest[key], head + b"\r\n\r\n" + rest[:length]))
+    return requests
+
+
+def send_raw(peer_from: Peer, ip: str, request: bytes) -> int:
+    """Send bytes captured off the wire, unchanged, to ip:HTTP_PORT; the HTTP status."""
+    script = (
+        "import socket,sys\n"
+        f"s=socket.create_connection(({ip!r},{HTTP_PORT}),timeout=5)\n"
+        "s.sendall(sys.stdin.buffer.read())\n"
+        "print(s.recv(4096).split(b' ')[1].decode())\n"
+    )
+    result = subprocess.run(peer_from.ns.exec_argv(PXEPEER[0], "-c", script), input=request,
+                            capture_output=True, check=True)  # fmt: skip
+    return int(result.stdout)
+
+
+def test_a_captured_peer_request_sent_again_later_is_refused(
+    tmp_path: Path, image: BuiltImage
+) -> None:
+    with site_lab(tmp_path, image.pub, 3) as lab:
+        pcap = tmp_path / "lan.pcap"
+        dump = lab.site_ns.popen("tcpdump", "-i", "br0", "-s", "0", "-U", "-w", str(pcap),
+                                 "tcp port 8080", stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            image.publish(lab.origin_dir)
+            lab.wait_complete(image.manifest_id, timeout=120)
+            time.sleep(1)
+        finally:
+            stop_process(dump)
+        captured = captured_have_posts(pcap)
+        assert captured, "no have-notice was captured"
+        ip, request = captured[-1]
+        attacker = next(p for p in lab.peers if p.ip != ip)
+        target = next(p for p in lab.peers if p.ip == ip)
+        before = lab.status(target)["membership"]["refused"]
+        assert send_raw(attacker, ip, request) == 403  # again, inside the time window
+        other = next(p for p in lab.peers if p.ip not in (ip, attacker.ip))
+        assert send_raw(attacker, other.ip, request) == 403  # to another peer
+        refused = lab.status(target)["membership"]["refused"]
+        assert refused.get("replayed", 0) == before.get("replayed", 0) + 1, refused
+        assert lab.status(other)["membership"]["refused"].get("wrong target", 0) >= 1
+        # Later, when its nonce has left the cache, the request is too old to be taken.
+        time.sleep(31)
+        assert send_raw(attacker, ip, request) == 403
+        assert lab.status(target)["membership"]["refused"].get("stale", 0) >= 1
+
+
+def records_of(lab: SiteLab, peer: Peer) -> dict[str, dict]:
+    return {m["mac"]: m for m in lab.status(peer)["machine_records"]["machines"]}
+
+
+def test_an_assignment_made_on_any_peer_reaches_all_and_survives_a_restart_of_all(
+    tmp_path: Path, image: BuiltImage
+) -> None:
+    with site_lab(tmp_path, image.pub, 3) as lab:
+        image.publish(lab.origin_dir)
+        lab.wait_up()
+        lab.wait_until("the catalog everywhere",
+                       lambda: all(lab.status(p)["catalog"] for p in lab.peers), 30)  # fmt: skip
+        out = pxepeer("assign", MAC, "pos", "--cache-dir", str(lab.peers[2].cache)).stdout
+        assert f"{MAC} -> pos" in out
+
+        def everywhere() -> bool:
+            return all(records_of(lab, p).get(MAC, {}).get("assigned") == "pos"
+                       for p in lab.peers)  # fmt: skip
+
+        lab.wait_until("the assignment on every peer", everywhere, 15)
+        digests = {lab.status(p)["machine_records"]["digest"] for p in lab.peers}
+        assert len(digests) == 1
+        for p in lab.peers:
+            p.stop()
+        for p in lab.peers:
+            p.start()
+        lab.wait_up()
+        assert everywhere()
+        listed = pxepeer("assign", "--list", "--cache-dir", str(lab.peers[0].cache)).stdout
+        assert f"{MAC}  pos  to be imaged" in listed
+        # The same assignment again changes nothing; --again makes a new generation.
+        out = pxepeer("assign", MAC, "pos", "--cache-dir", str(lab.peers[0].cache)).stdout
+        assert "already assigned" in out
+        pxepeer("assign", MAC, "pos", "--again", "--cache-dir", str(lab.peers[0].cache))
+        lab.wait_until("generation 2 everywhere",
+                       lambda: all(records_of(lab, p)[MAC]["generation"] == 2
+                                   for p in lab.peers), 15)  # fmt: skip
+
+
+def test_an_unenrolled_store_refuses_to_serve_and_one_without_enroll_keys_is_a_site_of_one(
+    tmp_path: Path, image: BuiltImage
+) -> None:
+    enroll_dir = tmp_path / "enroll"
+    pxepeer("keys", "new", "--out", str(enroll_dir), "--role", "enroll")
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [*PXEPEER, "serve", "--cache-dir", str(cache), "--trust", str(image.pub),
+         "--trust", str(enroll_dir / "enroll.pub"), "--http-port", "18080"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not enrolled" in result.stderr
+    assert "pxepeer enroll --key" in result.stderr
+    with site_lab(tmp_path / "lab", image.pub, 2, enrolled=False) as lab:
+        lab.wait_until("status", lambda: all(lab.try_status(p) for p in lab.peers), 20)
+        time.sleep(3)
+        for p in lab.peers:
+            st = lab.status(p)
+            assert st["membership"]["mode"] == "site of one"
+            assert members_seen(lab, p) == set()
+        assert "site of one" in lab.status_cli(lab.peers[0])
