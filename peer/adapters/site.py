@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiofiles
 import aiofiles.os
@@ -151,6 +151,7 @@ class Site:
         self.record_store = RecordStore(
             store.state_dir,
             RecordVerifier(identity.key.public_key, credentials.certs if credentials else None),
+            adopt=lambda r: SignedRecord.sign(replace(r, by=identity.node_id), identity.key),
         )
         # None: no enroll key is trusted, so this peer is a site of one: no peer protocol
         # at all (nothing polled, announced, discovered or answered).

@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from imaging.durable import write_atomic
@@ -35,10 +35,16 @@ LOCK_FILE = "machines.lock"
 
 
 class RecordStore:
-    def __init__(self, state_dir: Path, verifier: RecordVerifier):
+    def __init__(self, state_dir: Path, verifier: RecordVerifier,
+                 adopt: Callable[[Record], SignedRecord] | None = None):  # fmt: skip
         self.path = state_dir / BOOK_FILE
         self.lock_path = state_dir / LOCK_FILE
         self.verifier = verifier
+        # Records in this store's own file that no certificate vouches for (made by
+        # `pxepeer assign` before the store was enrolled, or in a store prepared once and
+        # copied to each peer) are taken over: signed again in this node's name. Only the
+        # local file, never a peer's book: whoever can write this file owns the node key.
+        self.adopt = adopt
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
 
     @contextlib.contextmanager
@@ -74,6 +80,15 @@ class RecordStore:
         except (RecordError, OSError) as exc:
             log.error("cannot read machine records %s: %s", self.path, exc)
             return []
+        own = self.verifier.own.key_id if self.verifier.own is not None else None
+        if self.adopt is not None:
+            vouched = {own, *certs, *book.certs}
+            orphans = [s for s in records if s.record.by not in vouched]
+            records = [s for s in records if s.record.by in vouched]
+            records += [self.adopt(s.record) for s in orphans]
+            if orphans:
+                log.info("took over %d machine record(s) no certificate vouches for",
+                         len(orphans))  # fmt: skip
         taken, refused = book.merge(records, certs, self.verifier)
         if refused:
             log.warning("machine records in %s not taken: %s", self.path, refused)

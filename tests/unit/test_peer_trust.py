@@ -314,3 +314,32 @@ def test_a_book_round_trips_and_hostile_books_are_record_errors() -> None:
             parse_book(bytes(mutated))
         except RecordError:
             pass
+
+
+def test_records_in_the_stores_own_file_that_no_certificate_vouches_for_are_taken_over(
+    tmp_path,
+) -> None:
+    from dataclasses import replace
+
+    from peer.store.record_store import RecordStore
+
+    prepared = new_key()  # e.g. `pxepeer assign` in a store prepared before enrollment
+    first = next_assignment(RecordBook(), MAC, "pos", False, 100, prepared.key_id)
+    assert first is not None
+    source = RecordBook()
+    RecordStore(tmp_path, RecordVerifier(prepared.public_key, None)).add(
+        source, [signed(first, prepared)], {}
+    )
+    book = RecordBook()
+    store = RecordStore(
+        tmp_path,
+        verifier_for(A_KEY),
+        adopt=lambda r: SignedRecord.sign(replace(r, by=A_KEY.key_id), A_KEY),
+    )
+    store.load(book)
+    assert book.machine(MAC).assigned == "pos"
+    assert book.get(MAC, "assignment").by == A_KEY.key_id  # type: ignore[union-attr]
+    # Without adoption (a peer's book is never adopted) the same record is refused.
+    strict = RecordBook()
+    RecordStore(tmp_path, verifier_for(A_KEY)).load(strict)
+    assert len(strict) == 0
