@@ -15,11 +15,12 @@ The disk is compared byte for byte with the image.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,19 @@ class Site:
     lab: VirtualStore
     servers: dict[str, PxepeerServer]
     images: ImagingImages
+    stores: dict[str, PxepeerStore] = field(default_factory=dict)
+    args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def restart(self, name: str) -> PxepeerServer:
+        """Stop the peer if it runs, and start it again on the same store."""
+        old = self.servers[name]
+        if old.service.running():
+            old.stop()
+        self.servers[name] = start_pxepeer(
+            self.lab, old.peer, self.stores[name], extra_args=self.args[name],
+            name=f"pxepeer-{name}",
+        )  # fmt: skip
+        return self.servers[name]
 
     def counters(self) -> dict[str, int]:
         """Chunk bytes each peer has served, by peer name."""
@@ -149,7 +163,7 @@ class Site:
 def _start_site(lab: VirtualStore, store: PxepeerStore, images: ImagingImages) -> Site:
     lab.start_router()
     peers = [lab.add_peer(name) for name in PEERS]
-    servers = {}
+    servers, stores, args = {}, {}, {}
     for peer in peers:
         # Each peer its own copy of the store, its own node key, and a certificate from
         # the lab's enroll key: the three form one site.
@@ -157,10 +171,11 @@ def _start_site(lab: VirtualStore, store: PxepeerStore, images: ImagingImages) -
         shutil.copytree(store.cache, cache, ignore=shutil.ignore_patterns("node.*", "node_id"))
         own = enrolled_store(store.keys, cache, peer.name)
         others = [f"--peer={p.ip}:8080" for p in peers if p is not peer]
+        stores[peer.name], args[peer.name] = own, ("--no-mdns", *others)
         servers[peer.name] = start_pxepeer(
-            lab, peer, own, extra_args=("--no-mdns", *others), name=f"pxepeer-{peer.name}"
+            lab, peer, own, extra_args=args[peer.name], name=f"pxepeer-{peer.name}"
         )
-    site = Site(lab, servers, images)
+    site = Site(lab, servers, images, stores, args)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         views = [len(s.status()["site"]["peers"]) for s in servers.values()]
@@ -374,3 +389,66 @@ def test_a_failed_run_is_never_done_and_the_next_boot_resumes_from_the_disk(
     assert sum(site.counters().values()) - served_before == sum(r.size for r in refetched)
     [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
     assert job["state"] == "done", job
+
+
+def _imaged_everywhere(site: Site, mac: str) -> bool:
+    for server in site.servers.values():
+        if not server.service.running():
+            continue
+        machines = server.status()["site"]["machine_records"]["machines"]
+        if not any(m["mac"] == mac and m["imaged_for_assignment"] for m in machines):
+            return False
+    return True
+
+
+def _wait(what: str, check, timeout: float, site: Site) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{site.logs()}")
+
+
+def test_an_imaged_machine_boots_its_disk_after_failover_and_restarts_until_assigned_again(
+    site: Site,
+) -> None:
+    mac = MACS["bios"]
+    vm = _image_vm(site, "bios")
+    _wait_imaged(site, vm)
+    assert _same_as_image(vm, site.images.demo_disk)
+    # "Imaged" is a record the site holds, not a job one peer remembers.
+    _wait("every peer to know the machine is imaged", lambda: _imaged_everywhere(site, mac),
+          30, site)  # fmt: skip
+
+    # The responder that imaged it dies; the machine is powered on again and boots its
+    # disk on the word of the new responder.
+    first = site.responder()
+    first.service.proc.kill()
+    first.service.proc.wait()
+    survivors = [s for s in site.servers.values() if s is not first]
+    _wait("a new responder", lambda: any(s.status()["site"]["this_peer_responds"]
+                                         for s in survivors), 30, site)  # fmt: skip
+    new = site.responder()
+    again = site.lab.boot_vm("bios", Firmware.BIOS, mac, disk_mb=DISK_MB, keep_disk=True)
+    again.wait_for(DEMO_MARKER, timeout=240)
+    assert again.serial.first(r"PXEPEER-IMAGING") is None, again.serial.tail(40)
+    stages = new.machine(mac) or {}
+    assert "already imaged" in json.dumps(stages), stages
+    again.wait_exit(timeout=60)
+
+    # A restart of every peer changes nothing.
+    for name in PEERS:
+        site.restart(name)
+    responder = site.responder(timeout=60)
+    script = site.lab.http_get(f"{responder.base_url}/boot.ipxe?mac={mac}").decode()
+    assert "sanboot" in script and "pxepeer.server=" not in script, script
+
+    # Assigned again on any peer, it is imaged again (resuming: the disk holds it all).
+    pxepeer("assign", mac, DEMO, "--again", "--cache-dir", str(site.stores["peer3"].cache))
+    _wait("the new assignment at the responder", lambda: "pxepeer.server=" in site.lab.http_get(
+        f"{responder.base_url}/boot.ipxe?mac={mac}").decode(), 30, site)  # fmt: skip
+    third = site.lab.boot_vm("bios", Firmware.BIOS, mac, disk_mb=DISK_MB, keep_disk=True)
+    _wait_imaged(site, third)
+    assert _same_as_image(third, site.images.demo_disk)
+    _wait("the new generation imaged everywhere", lambda: _imaged_everywhere(site, mac), 30, site)
