@@ -1,10 +1,19 @@
 """Responder election, failover and the DHCP-snooping check, with real `pxepeer serve`
-processes in their own namespaces on one bridge, and captured firmware DISCOVERs."""
+processes in their own namespaces on one bridge, and captured firmware DISCOVERs.
+
+The peers are enrolled with one enroll key, so their node ids come from their keys
+(peer/core/identity.py). The rules (peer/core/ranking.py elect_responders): a working
+responder keeps the role; a starting peer follows the responder its site already
+names; after a failover the lowest live node id takes it. The stores are enrolled
+before the test so that a has the highest node id and c the lowest: a peer that joins
+later with a lower id would have won an election by id, and must not.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from pxe.dhcp import MessageType
+from tests.enrollment import enroll, enroll_key
+from tests.enrollment import node_id as enrolled_node_id
 from tests.netns import Netns, can_use_netns, namespaces, sh
 from tests.unit.test_dhcp import request_of
 
@@ -61,6 +72,14 @@ class Site:
         subprocess.run([*PXEPEER, "keys", "new", "--out", str(keys)], check=True, cwd=REPO,
                        capture_output=True)  # fmt: skip
         self.trust = keys / "publisher.pub"
+        # Three enrolled stores, named by node id: a the highest, c the lowest.
+        enroll_private, self.enroll_pub = enroll_key(work / "enroll")
+        made = []
+        for i in range(3):
+            cache = work / f"store{i}"
+            made.append((enroll(cache, enroll_private, f"store{i}"), cache))
+        for name, (_, cache) in zip("abc", sorted(made, reverse=True), strict=True):
+            shutil.move(cache, work / name)
 
     def peer_ip(self, name: str) -> str:
         return f"{PREFIX}.{11 + 'abc'.index(name)}"
@@ -70,7 +89,8 @@ class Site:
         log = open(self.work / f"{name}.log", "a")
         self.procs[name] = self.peer_ns[name].popen(
             *PXEPEER, "serve", "--interface", "eth0", "--cache-dir", str(self.work / name),
-            "--trust", str(self.trust), "--ipxe-dir", str(IPXE_DIR), "--no-mdns",
+            "--trust", str(self.trust), "--trust", str(self.enroll_pub),
+            "--ipxe-dir", str(IPXE_DIR), "--no-mdns",
             "--offer-check", "2", *[a for o in others for a in ("--peer", o)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
@@ -90,7 +110,14 @@ class Site:
         )
 
     def node(self, name: str) -> str:
-        return (self.work / name / "state" / "node_id").read_text().strip()
+        return enrolled_node_id(self.work / name)
+
+    def responds(self, name: str) -> bool:
+        status = self.status(name)
+        return status is not None and status["this_peer_responds"]
+
+    def views(self, names: str) -> list[dict | None]:
+        return [self.status(n) for n in names]
 
     def offers(self) -> list[str]:
         """Servers (option 54 senders) that answer a captured BIOS PXE DISCOVER."""
@@ -128,51 +155,89 @@ def site(tmp_path: Path):
             lab.stop_all()
 
 
-def test_one_responder_answers_and_another_takes_over_when_it_dies(site: Site) -> None:
+def agreed(views: list[dict | None], want: int) -> tuple[str, ...] | None:
+    """The responders every view names, when all `views` answer, each sees `want` live
+    peers and all name the same single responder; else None."""
+    if not all(v and len(v["peers"]) == want for v in views):
+        return None
+    chosen = {tuple(v["responders"]) for v in views if v}
+    return next(iter(chosen)) if len(chosen) == 1 and len(next(iter(chosen))) == 1 else None
+
+
+def start_with_a_responding(site: Site) -> None:
+    """a up alone until it answers PXE, then b and c (both lower node ids) join."""
+    assert site.node("a") > site.node("b") > site.node("c")
     site.start("a")
-    time.sleep(1.5)  # a is the senior peer
+    wait_until("a alone to take the role", lambda: site.responds("a"), 30, site.logs)
     site.start("b")
     site.start("c")
-
-    def all_agree() -> bool:
-        views = [site.status(n) for n in "abc"]
-        return all(v and len(v["peers"]) == 3 for v in views) and len(
-            {tuple(v["responders"]) for v in views if v}
-        ) == 1
-
-    wait_until("three peers agreeing on one responder", all_agree, 30, site.logs)
-    assert site.status("b")["responders"] == [site.node("a")]
     wait_until(
-        "a to claim the role (past its settle time)",
-        lambda: (s := site.status("a")) is not None and s["this_peer_responds"],
-        10,
+        "three peers agreeing on one responder",
+        lambda: agreed(site.views("abc"), 3) is not None,
+        30,
         site.logs,
     )
+
+
+def test_the_first_peer_up_keeps_the_role_when_peers_with_lower_node_ids_join(
+    site: Site,
+) -> None:
+    start_with_a_responding(site)
+    # c has the lowest node id, and an election by id alone would pick it: nobody does.
+    assert agreed(site.views("abc"), 3) == (site.node("a"),)
+    # Still so after longer than the peer timeout (6 s), and a alone answers PXE.
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        views = site.views("abc")
+        assert all(v and v["responders"] == [site.node("a")] for v in views), views
+        time.sleep(0.5)
+    assert not site.responds("b") and not site.responds("c")
     # Exactly one offer per DISCOVER, from the responder.
-    senders = site.offers()
-    assert [s.split(":")[0] for s in senders] == [site.peer_ip("a")]
+    assert [s.split(":")[0] for s in site.offers()] == [site.peer_ip("a")]
 
+
+def test_failover_goes_to_the_lowest_live_node_id_and_a_restarted_responder_stays_out(
+    site: Site,
+) -> None:
+    start_with_a_responding(site)
     site.procs["a"].kill()  # a power cut: no goodbye
+    site.procs["a"].wait()
     killed = time.monotonic()
-    survivors = {site.node("b"): "b", site.node("c"): "c"}
 
-    def successor_agreed() -> bool:
-        views = [site.status(n) for n in "bc"]
-        chosen = {tuple(v["responders"]) for v in views if v}
-        return len(chosen) == 1 and len(next(iter(chosen))) == 1 and (
-            next(iter(chosen))[0] in survivors
-        )
-
-    took_over = wait_until("b or c to take over", successor_agreed, 30, site.logs)
+    # b and c both agree on c, the lowest live node id, within the failover bound (the
+    # peer timeout, 6 s, and a heartbeat round).
+    took_over = wait_until(
+        "c, the lowest node id, to take over",
+        lambda: agreed(site.views("bc"), 2) == (site.node("c"),),
+        30,
+        site.logs,
+    )
     assert took_over - killed < 10, "failover should take seconds"
-    successor = survivors[site.status("b")["responders"][0]]
-    wait_until("the successor to answer PXE", lambda: site.offers() != [], 10, site.logs)
-    assert [s.split(":")[0] for s in site.offers()] == [site.peer_ip(successor)]
+    wait_until("c to answer PXE", lambda: site.responds("c"), 10, site.logs)
+    assert [s.split(":")[0] for s in site.offers()] == [site.peer_ip("c")]
+
+    # a comes back: the highest node id, and the responder before. It follows c, the
+    # responder its site names, and c keeps the role while it works.
+    site.start("a")
+    wait_until(
+        "the restarted a to hear its site and elect",
+        lambda: (v := site.status("a")) is not None and len(v["peers"]) == 3
+        and v["responders"] != [],
+        30,
+        site.logs,
+    )  # fmt: skip
+    end = time.monotonic() + 8  # longer than the peer timeout
+    while time.monotonic() < end:
+        views = site.views("abc")
+        assert all(v and v["responders"] == [site.node("c")] for v in views), views
+        assert not site.responds("a")
+        time.sleep(0.5)
+    assert [s.split(":")[0] for s in site.offers()] == [site.peer_ip("c")]
 
 
 def test_filtered_offers_are_detected_and_reported_in_status(site: Site) -> None:
     site.start("a")
-    time.sleep(1.5)
+    wait_until("a to take the role", lambda: site.responds("a"), 30, site.logs)
     site.start("b")
     wait_until(
         "b's probe to see a's offers",
