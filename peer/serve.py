@@ -101,7 +101,9 @@ class ServeUsageError(click.ClickException):
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="PUBKEY",
-    help="A publisher public key (.pub); images signed by other keys are not served.",
+    help="A public key (.pub) of any role, repeatable: publisher keys verify images and "
+    "catalogs (others' are not served); an enroll key makes the site its enrolled peers "
+    "(without one this peer is a site of one); operator keys sign control documents.",
 )
 @click.option(
     "--dhcp",

@@ -28,6 +28,7 @@ tests skip it with that reason.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib
 import json
@@ -1188,6 +1189,93 @@ def _report_adversarial() -> list[bytes]:
     ]
 
 
+# --- node certificates and machine records (peer/core/identity.py, machine_records.py) -----
+
+
+def _throwaway_keys() -> tuple[Any, Any]:
+    signing = importlib.import_module("imaging.signing")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    seed = hashlib.sha256(b"pxepeer fuzz").digest()
+    enroll = signing.SigningKey(Ed25519PrivateKey.from_private_bytes(seed))
+    node = signing.SigningKey(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()))
+    return enroll, node
+
+
+def _certificate_build() -> Parser:
+    identity = importlib.import_module("peer.core.identity")
+    enroll, _ = _throwaway_keys()
+    keys = {enroll.key_id: enroll.public_key}
+
+    def use(cert: Any, _data: bytes) -> None:
+        cert.to_bytes()
+        with contextlib.suppress(identity.IdentityError):
+            cert.verify(keys)
+
+    return Parser(identity.NodeCertificate.from_bytes, (identity.IdentityError,), use=use)
+
+
+@cache
+def certificate_samples() -> list[bytes]:
+    identity = importlib.import_module("peer.core.identity")
+    enroll, node = _throwaway_keys()
+    return [
+        identity.NodeCertificate.issue(node.public_key, label, NOW, enroll).to_bytes()
+        for label in ("till-3", "", "back office PC")
+    ]
+
+
+def _certificate_adversarial() -> list[bytes]:
+    sample = json.loads(certificate_samples()[0])
+    huge = dict(sample, certificate=dict(sample["certificate"], issued=10**400))
+    return [
+        json.dumps(huge).encode(),
+        b"[" * 5000,
+        json.dumps({"certificate": {"label": "x" * 4000}, "signature": {}}).encode(),
+    ]
+
+
+def _records_build() -> Parser:
+    records = importlib.import_module("peer.core.machine_records")
+    identity = importlib.import_module("peer.core.identity")
+    enroll, node = _throwaway_keys()
+    verifier = records.RecordVerifier(
+        node.public_key, identity.CertificateCache({enroll.key_id: enroll.public_key})
+    )
+
+    def use(parsed: Any, _data: bytes) -> None:
+        book = records.RecordBook()
+        book.merge(parsed[0], parsed[1], verifier)
+        book.to_bytes()
+        book.machines()
+
+    return Parser(records.parse_book, (records.RecordError,), use=use)
+
+
+@cache
+def records_samples() -> list[bytes]:
+    records = importlib.import_module("peer.core.machine_records")
+    identity = importlib.import_module("peer.core.identity")
+    enroll, node = _throwaway_keys()
+    cert = identity.NodeCertificate.issue(node.public_key, "p", NOW, enroll).to_bytes()
+    book = records.RecordBook()
+    made = [
+        records.Record("assignment", f"52:54:00:00:00:{i:02x}", 1, "pos", None, NOW, node.key_id)
+        for i in range(3)
+    ] + [records.imaged_record("52:54:00:00:00:01", 1, "pos 1", _hex64("disk"), NOW, node.key_id)]
+    book.merge([records.SignedRecord.sign(r, node) for r in made], {node.key_id: cert},
+               records.RecordVerifier(node.public_key, None))  # fmt: skip
+    return [book.to_bytes(), records.RecordBook().to_bytes()]
+
+
+def _records_adversarial() -> list[bytes]:
+    doc = json.loads(records_samples()[0])
+    entry = doc["records"][0]
+    many = dict(doc, records=[entry] * 2000)
+    deep = dict(doc, records=[dict(entry, record=dict(entry["record"], generation=10**300))])
+    return [json.dumps(many).encode(), json.dumps(deep).encode(), b'{"records":' * 3000]
+
+
 # --- the registry ------------------------------------------------------------------------
 
 
@@ -1210,6 +1298,10 @@ TARGETS: tuple[Target, ...] = (
            mutate_kv, _report_adversarial),
     Target("range", "peer.api.byte_range:parse_range", _range_build, range_samples,
            mutate_range, _range_adversarial, max_random=256),
+    Target("certificate", "peer.core.identity:NodeCertificate.from_bytes", _certificate_build,
+           certificate_samples, mutate_json, _certificate_adversarial),
+    Target("records", "peer.core.machine_records:parse_book", _records_build, records_samples,
+           mutate_json, _records_adversarial),
 )  # fmt: skip
 
 BY_NAME = {t.name: t for t in TARGETS}
