@@ -832,6 +832,7 @@ class Site:
 
     async def _fetch_records(self, command: FetchRecords) -> None:
         assert self._control is not None
+        taken: list[Record] = []
         try:
             headers, _ = self._signed("GET", "/v1/records", to=command.node_id)
             try:
@@ -867,7 +868,7 @@ class Site:
                 log.info("machine records: %d new from peer %s", len(taken), command.node_id)
             self._records_changed()
         finally:
-            self.core.records_fetch_done(command.node_id)
+            self.core.records_fetch_done(command.node_id, len(taken), time.monotonic())
 
     # -- DHCP snooping check ---------------------------------------------------------------
 

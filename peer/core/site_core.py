@@ -49,6 +49,7 @@ ENDPOINT_EXPIRY = 300.0  # a discovered endpoint silent this long is forgotten
 MAX_DYNAMIC_ENDPOINTS = 64  # discovered (not --peer) endpoints kept at once
 PROBE_FIRST = SETTLE_SECONDS + 3
 RECORDS_PULL_SECONDS = 3.0  # at most one pull of a peer's machine records this often
+RECORDS_PULL_MAX = 120.0  # ... backing off to this while pulls bring nothing new
 
 
 # -- commands --------------------------------------------------------------------------
@@ -204,6 +205,7 @@ class SiteCore:
         self.records_digest = ""  # of the machine records this peer holds (the adapter sets it)
         self._records_in_flight: set[str] = set()
         self._records_next: dict[str, float] = {}
+        self._records_pause: dict[str, float] = {}  # node -> current pull interval
 
     # -- what this peer is and says ----------------------------------------------------
 
@@ -364,7 +366,7 @@ class SiteCore:
             # Its records differ from ours: pull them (merging is commutative, so both
             # ends pulling from each other converge on the same book).
             self._records_in_flight.add(node)
-            self._records_next[node] = now + RECORDS_PULL_SECONDS
+            self._records_next[node] = now + self._records_pause.get(node, RECORDS_PULL_SECONDS)
             self._pending.append(FetchRecords(node, endpoint))
 
     def hello_failed(self, endpoint: str, reason: str, now: float, refused: bool) -> None:
@@ -414,12 +416,22 @@ class SiteCore:
         for manifest_id, index, _ in notice.chunks:
             self.membership.drop_claim(notice.node_id, manifest_id, index)
 
-    def records_fetch_done(self, node_id: str) -> None:
+    def records_fetch_done(self, node_id: str, new: int = 0, now: float | None = None) -> None:
+        """A pull ended, taking `new` records. A peer whose book keeps differing while it
+        brings nothing (records we cannot verify, a peer lying about its digest) is
+        pulled less and less often: a full book may be megabytes."""
         self._records_in_flight.discard(node_id)
+        pause = self._records_pause.get(node_id, RECORDS_PULL_SECONDS)
+        pause = RECORDS_PULL_SECONDS if new else min(pause * 2, RECORDS_PULL_MAX)
+        self._records_pause[node_id] = pause
+        if now is not None:
+            self._records_next[node_id] = now + pause
         if len(self._records_next) > 4 * MAX_DYNAMIC_ENDPOINTS:
             self._records_next = {
                 n: t for n, t in self._records_next.items() if self.membership.get(n) is not None
             }
+            self._records_pause = {n: p for n, p in self._records_pause.items()
+                                   if n in self._records_next}  # fmt: skip
 
     def set_membership_running(self, running: bool) -> None:
         self.membership_running = running

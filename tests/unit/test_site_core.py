@@ -369,3 +369,27 @@ def test_a_timeout_alone_does_not_send_a_chunk_to_the_origin() -> None:
     again = chunk_fetches(c.tick(4.1, WALL))
     retried = {f.fetch.job.index for f in first}
     assert not [f for f in again if f.fetch.job.index in retried and f.fetch.source == ORIGIN]
+
+
+def test_a_peer_with_other_machine_records_is_pulled_once_at_a_time_and_less_when_fruitless() -> (
+    None
+):
+    from peer.core.site_core import RECORDS_PULL_SECONDS, FetchRecords
+
+    c = core()
+    c.records_digest = "a" * 64
+    hello = peer_hello(P1)
+    hello.records_digest = "b" * 64
+
+    def pulls(now: float) -> list[FetchRecords]:
+        c.hello_received("10.88.0.11:8080", hello, now)
+        return [x for x in c.tick(now, WALL) if isinstance(x, FetchRecords)]
+
+    assert pulls(1.0) == [FetchRecords(P1, "10.88.0.11:8080")]
+    assert pulls(1.5) == []  # one in flight
+    c.records_fetch_done(P1, 0, 2.0)  # it brought nothing new
+    assert pulls(2.0 + RECORDS_PULL_SECONDS) == []  # backing off: 6 s now
+    assert len(pulls(2.0 + 2 * RECORDS_PULL_SECONDS)) == 1
+    hello.records_digest = c.records_digest  # the same book: nothing to pull
+    c.records_fetch_done(P1, 3, 10.0)
+    assert pulls(30.0) == []
