@@ -1,12 +1,13 @@
-"""A hostile process on the site LAN, for the attack tests (issue 7).
+"""A hostile process on the site LAN, for the attack tests (issues 7 and 8).
 
 Run in a namespace of its own on the lab's bridge (never anywhere else):
 
-    python -m tests.integration.hostile peer --listen IP:PORT [--hello valid|inf|surrogate]
-        [--holds MANIFEST_FILE ... --bits all|none] [--manifest genuine|inf|surrogate]
-        [--chunks none|404|endless]
+    python -m tests.integration.hostile peer --listen IP:PORT [--identity CACHE]
+        [--hello valid|inf|surrogate] [--holds MANIFEST_FILE ... --bits all|none]
+        [--manifest genuine|inf|surrogate] [--chunks none|404|endless]
     python -m tests.integration.hostile progress URL --mac MAC --corrupt PEER_URL=COUNT
-    python -m tests.integration.hostile have URL --node-id ID --manifest-id ID --size N
+    python -m tests.integration.hostile have URL --identity CACHE --to NODE_ID
+        --manifest-id ID --size N
     python -m tests.integration.hostile tftp-hold IP --count 64 --timeout 255 --hold S
     python -m tests.integration.hostile half-open IP:PORT --count 1100 --hold S
 
@@ -16,6 +17,13 @@ with the genuine manifest or a poisoned copy, and GET /v1/chunks/SHA with nothin
 404 or an endless body. GET /hostile/stats tells the test what it was asked for. The
 other modes are one-shot client attacks. Every mode prints `ready ...` on stdout once
 its attack is in place, so the test can start measuring.
+
+Peers speak only to enrolled nodes (peer/core/peer_auth.py), so the attacks on what a
+peer parses come from a *compromised* enrolled node: `--identity CACHE` names a store
+holding a node key and a certificate from the site's enroll key (state/node.key,
+state/node.cert), and the fake peer signs its hello responses, and `have` its request,
+the way a real peer does (peer/adapters/peer_credentials.py). Without `--identity` the
+fake peer answers unsigned, as any host on the LAN could.
 
 The documents are written as raw bytes on purpose: Python's json never emits `1e999` or
 a lone `\\ud800` escape, which is exactly what a real peer must be able to receive.
@@ -38,6 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+
+from peer.core.peer_auth import AUTH_HEADER, AuthError, parse_auth, sign_request, sign_response
+from peer.store.node_identity import NodeIdentity, load_identity
 
 SITE = "lab"  # the site lab's --site; `peer --site` for others
 # A lone high surrogate as the 6 bytes of its JSON escape (what the wire carries).
@@ -145,14 +156,35 @@ class Stats:
 ENDLESS_BLOCK = os.urandom(1 << 20)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def load_enrolled(cache: str) -> NodeIdentity:
+    """The node key and certificate of the store at `cache` (enrolled by the test)."""
+    identity = load_identity(Path(cache) / "state")
+    if identity.cert is None:
+        raise SystemExit(f"{cache} is not enrolled: no state/node.cert")
+    return identity
+
+
 def fake_peer_app(args: argparse.Namespace) -> web.Application:
     address, _, port = args.listen.rpartition(":")
     holdings = {h.manifest_id: h for h in (load_holding(Path(p)) for p in args.holds)}
-    node_id = args.node_id or secrets.token_hex(8)
+    identity = load_enrolled(args.identity) if args.identity else None
+    node_id = args.node_id or (identity.node_id if identity else secrets.token_hex(8))
     stats = Stats()
 
     async def hello(request: web.Request) -> web.Response:
         stats.hello += 1
+        nonce = ""
+        if identity is not None:
+            # Signed over the asker's nonce, as a real peer answers: the poisoned body
+            # then reaches the asker's parser (a bad signature would stop it before).
+            try:
+                nonce = parse_auth(request.headers.get(AUTH_HEADER)).nonce
+            except AuthError as exc:
+                raise web.HTTPForbidden(text=f"{exc.reason}\n") from None
         body = hello_body(
             args.hello,
             node_id,
@@ -162,7 +194,12 @@ def fake_peer_app(args: argparse.Namespace) -> web.Application:
             args.bits == "all",
             args.site,
         )
-        return web.Response(body=body, content_type="application/json")
+        headers = (
+            sign_response(identity.key, identity.cert_bytes, nonce, 200, body, _now_ms())
+            if identity is not None
+            else {}
+        )
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def manifest(request: web.Request) -> web.Response:
         stats.manifest += 1
@@ -211,13 +248,14 @@ async def run_peer(args: argparse.Namespace) -> None:
 # -- one-shot client attacks --------------------------------------------------------------
 
 
-async def _post(url: str, body: bytes, content_type: str, timeout: float) -> str:
+async def _post(url: str, body: bytes, content_type: str, timeout: float,
+                headers: dict[str, str] | None = None) -> str:  # fmt: skip
     import aiohttp
 
     try:
         async with aiohttp.ClientSession() as session:
             async with session.post(
-                url, data=body, headers={"Content-Type": content_type},
+                url, data=body, headers={"Content-Type": content_type, **(headers or {})},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:  # fmt: skip
                 return f"{resp.status} {(await resp.text())[:200]!r}"
@@ -235,14 +273,20 @@ async def run_progress(args: argparse.Namespace) -> None:
 
 
 async def run_have(args: argparse.Namespace) -> None:
-    """A have-notice whose bitmap size claims `size` chunks (2^34: a 2 GiB bitmap)."""
+    """A have-notice whose bitmap size claims `size` chunks (2^34: a 2 GiB bitmap), signed
+    by the enrolled node at --identity for the peer --to, fresh: it passes every check
+    of who sent it and reaches the notice parser."""
+    identity = load_enrolled(args.identity)
     doc = {
-        "node_id": args.node_id,
+        "node_id": args.node_id or identity.node_id,
         "chunks": [{"manifest_id": args.manifest_id, "index": 0, "size": args.size}],
     }
     body = json.dumps(doc).encode()
+    headers = sign_request(identity.key, identity.cert_bytes, "POST", "/v1/have", body,
+                           args.to, _now_ms(), secrets.token_hex(16))  # fmt: skip
     print(f"sending {len(body)} bytes", flush=True)
-    outcome = await _post(f"{args.url}/v1/have", body, "application/json", args.timeout)
+    outcome = await _post(f"{args.url}/v1/have", body, "application/json", args.timeout,
+                          headers)  # fmt: skip
     print(f"ready {outcome}", flush=True)
 
 
@@ -332,7 +376,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
     peer = sub.add_parser("peer", help="pretend to be a peer")
     peer.add_argument("--listen", required=True, metavar="IP:PORT")
-    peer.add_argument("--node-id", default=None)
+    peer.add_argument(
+        "--identity",
+        default=None,
+        metavar="CACHE",
+        help="an enrolled store whose node key signs the hello responses",
+    )
+    peer.add_argument("--node-id", default=None, help="the node id the hellos name "
+                      "(default: the identity's, else random)")  # fmt: skip
     peer.add_argument("--site", default=SITE)
     peer.add_argument("--hello", choices=("valid", "inf", "surrogate"), default="valid")
     peer.add_argument("--holds", action="append", default=[], metavar="MANIFEST_FILE",
@@ -349,7 +400,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
     have = sub.add_parser("have", help="a have-notice")
     have.add_argument("url")
-    have.add_argument("--node-id", required=True)
+    have.add_argument(
+        "--identity",
+        required=True,
+        metavar="CACHE",
+        help="an enrolled store whose node key signs the notice",
+    )
+    have.add_argument("--to", required=True, metavar="NODE_ID", help="the target's node id")
+    have.add_argument(
+        "--node-id", default=None, help="the node the notice is about (default: the identity's)"
+    )
     have.add_argument("--manifest-id", required=True)
     have.add_argument("--size", type=int, default=2**34)
     have.add_argument("--timeout", type=float, default=3.0)

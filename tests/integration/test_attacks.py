@@ -7,6 +7,13 @@ promise each test holds them to: the peers keep serving, recover, and count it.
 The lab is tests/integration/site_lab.py: network namespaces only, no default routes.
 The hostile namespace is the lab's last peer slot, never started as a peer; the real
 peers list its address in `--peer` like any other, which is how they meet it.
+
+Peers speak only to enrolled nodes (issue 8), so the fake peer here is a *compromised*
+one: it holds its slot's node key and a certificate from the lab's enroll key, and
+signs like a real peer. Its hellos, manifests, chunks and have-notices then get past
+every check of who sent them, and what these tests prove is what comes after: the
+parsers and bounds hold against a member that lies. (What a host that is not enrolled
+can do, nothing, is tests/integration/test_trust.py.)
 """
 
 from __future__ import annotations
@@ -132,7 +139,12 @@ def attack_once(lab: SiteLab, spot: Peer, *args: str, timeout: float = 30) -> st
 
 
 def fake_peer(lab: SiteLab, spot: Peer, *args: str) -> contextlib.AbstractContextManager[Hostile]:
-    return hostile(lab, spot, "peer", "--listen", f"{spot.ip}:{HTTP_PORT}", *args)
+    """A compromised member: the spot's store is enrolled like every lab peer's, and the
+    fake signs with its node key."""
+    return hostile(
+        lab, spot, "peer", "--listen", f"{spot.ip}:{HTTP_PORT}", "--identity", str(spot.cache),
+        *args,
+    )  # fmt: skip
 
 
 # -- what the real peers say ------------------------------------------------------------------
@@ -271,7 +283,12 @@ def test_hello_holding_a_poison_value_is_refused_counted_and_the_site_carries_on
         *real, spot = lab.peers
         senior, others = real[0], real[1:]
         senior.start()
-        time.sleep(1.5)  # the senior peer: the responder
+        # The first peer up elects itself; the others follow the responder it names.
+        lab.wait_until(
+            "the first peer to answer PXE",
+            lambda: bool((st := lab.try_status(senior)) and st["this_peer_responds"]),
+            30,
+        )
         for p in others:
             p.start()
         with fake_peer(lab, spot, "--hello", kind) as fake:
@@ -294,11 +311,7 @@ def test_hello_holding_a_poison_value_is_refused_counted_and_the_site_carries_on
                 assert rejected(metrics(lab, p), "hello") > 0, metrics(lab, p)
             assert_no_task_died(lab, real)
 
-            lab.wait_until(
-                "the senior peer to answer PXE",
-                lambda: bool((st := lab.try_status(senior)) and st["this_peer_responds"]),
-                15,
-            )
+            assert all(lab.status(p)["responders"] == [senior.node_id] for p in real)
             senior.kill9()
             survivors = {p.node_id for p in others}
 
@@ -354,13 +367,17 @@ def test_have_notice_claiming_2_to_the_34_chunks_allocates_nothing_and_is_counte
         target.start()
         with fake_peer(lab, spot) as fake:
             fake_id = fake.stats(lab)["node_id"]
+            assert fake_id == spot.node_id
             lab.wait_until("the target to hear the fake peer", lambda: sees(lab, target, fake_id),
                            30)  # fmt: skip
             before = target.rss_bytes()
             answer = attack_once(
-                lab, spot, "have", target.url, "--node-id", fake_id,
-                "--manifest-id", small.manifest_id, "--size", str(2**34),
+                lab, spot, "have", target.url, "--identity", str(spot.cache),
+                "--to", target.node_id, "--manifest-id", small.manifest_id, "--size", str(2**34),
             )  # fmt: skip
+            # Signed by an enrolled node, fresh, for this target: refused by the notice
+            # parser (400), not by authentication (403).
+            assert answer.startswith("ready 400"), answer
             peak = before
             end = time.monotonic() + 4
             while time.monotonic() < end:
