@@ -6,6 +6,7 @@ Run in a namespace of its own on the lab's bridge (never anywhere else):
         [--hello valid|inf|surrogate] [--holds MANIFEST_FILE ... --bits all|none]
         [--manifest genuine|inf|surrogate] [--chunks none|404|endless]
     python -m tests.integration.hostile progress URL --mac MAC --corrupt PEER_URL=COUNT
+        [--image NAME]
     python -m tests.integration.hostile have URL --identity CACHE --to NODE_ID
         --manifest-id ID --size N
     python -m tests.integration.hostile tftp-hold IP --count 64 --timeout 255 --hold S
@@ -263,12 +264,40 @@ async def _post(url: str, body: bytes, content_type: str, timeout: float,
         return f"no answer ({type(exc).__name__})"
 
 
+async def _job_secret(url: str, mac: str, image: str, timeout: float) -> str | None:
+    """Start an imaging job as a booting machine does (POST the plan request) and take
+    the job's secret from the plan; None if no plan came back."""
+    import aiohttp
+
+    from imaging.plan import Plan, PlanError
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{url}/v1/imaging/plan", params={"mac": mac, "image": image},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:  # fmt: skip
+                text = await resp.text()
+        return Plan.parse(text).job
+    except (TimeoutError, aiohttp.ClientError, OSError, PlanError, ValueError):
+        return None
+
+
 async def run_progress(args: argparse.Namespace) -> None:
-    """One imaging progress report naming a peer with a huge count of corrupt chunks."""
+    """One imaging progress report naming a peer with a huge count of corrupt chunks.
+    With --image, first a plan for that image, as any machine on the LAN may ask, so the
+    report carries its job's secret and reaches the corrupt-count bookkeeping."""
+    headers = {}
+    if args.image:
+        secret = await _job_secret(args.url, args.mac, args.image, args.timeout)
+        if secret is None:
+            print("ready no plan", flush=True)
+            return
+        headers["X-Pxepeer-Job"] = secret
     body = f"state=writing\ncorrupt={args.corrupt}\n".encode()
     print(f"sending {len(body)} bytes", flush=True)
     outcome = await _post(f"{args.url}/v1/imaging/progress?mac={args.mac}", body,
-                          "text/plain", args.timeout)  # fmt: skip
+                          "text/plain", args.timeout, headers)  # fmt: skip
     print(f"ready {outcome}", flush=True)
 
 
@@ -396,6 +425,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     progress.add_argument("url")
     progress.add_argument("--mac", default="52-54-00-aa-bb-cc")
     progress.add_argument("--corrupt", required=True, metavar="PEER_URL=COUNT")
+    progress.add_argument("--image", default=None, help="ask for a plan for this image first")
     progress.add_argument("--timeout", type=float, default=3.0)
 
     have = sub.add_parser("have", help="a have-notice")
