@@ -96,10 +96,15 @@ def probe(ns: Netns, source_port: int, dest: str, *payloads: bytes) -> list[tupl
         sys.executable, "-m", "tests.integration.dhcp_probe", "eth0", str(source_port), dest,
         *(p.hex() for p in payloads),
     )  # fmt: skip
+    # The peer's own offer probe (a DISCOVER it broadcasts now and then, to spot rogue
+    # servers) is answered by broadcast too: keep only the replies to what we sent.
+    ours = {p[4:8] for p in payloads}
     replies = []
     for line in result.stdout.splitlines():
         sender, data = line.split()
-        replies.append((sender, bytes.fromhex(data)))
+        reply = bytes.fromhex(data)
+        if reply[4:8] in ours:
+            replies.append((sender, reply))
     return replies
 
 
