@@ -208,7 +208,10 @@ def decide_boot(
         if image is not None:
             # An assigned machine boots (or images itself with) the newest complete
             # version with no keypress: that is what unattended rollout means.
-            decision = decide_image_boot(image, images, last_imaged=last_imaged)
+            # Whether its disk already holds the image is the assignment's record
+            # (imaged_for_assignment, above), not the last run: an assignment made
+            # again (--again) must image the machine even with the same image.
+            decision = decide_image_boot(image, images)
             return replace(decision, reason=f"{mac} is assigned {assigned}: {decision.reason}")
         # Not here yet (still downloading, or a typo): the menu and its default, so a
         # machine never boots something else unattended and never re-images by accident.

@@ -81,17 +81,21 @@ class RecordStore:
             log.error("cannot read machine records %s: %s", self.path, exc)
             return []
         own = self.verifier.own.key_id if self.verifier.own is not None else None
+        orphans = []
         if self.adopt is not None:
             vouched = {own, *certs, *book.certs}
             orphans = [s for s in records if s.record.by not in vouched]
             records = [s for s in records if s.record.by in vouched]
             records += [self.adopt(s.record) for s in orphans]
-            if orphans:
-                log.info("took over %d machine record(s) no certificate vouches for",
-                         len(orphans))  # fmt: skip
         taken, refused = book.merge(records, certs, self.verifier)
         if refused:
             log.warning("machine records in %s not taken: %s", self.path, refused)
+        if orphans:
+            # Written back at once (the caller holds the lock): taken over once, not at
+            # every read.
+            log.info("took over %d machine record(s) no certificate vouches for", len(orphans))
+            write_atomic(self.path, book.to_bytes(), 0o644)
+            self._seen = self._stat()
         return taken
 
     def load(self, book: RecordBook) -> list[Record]:

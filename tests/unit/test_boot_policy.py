@@ -94,14 +94,29 @@ def test_assigned_disk_image_runs_the_imager_told_to_write_its_newest_version() 
     assert decision.boot == IMAGER and decision.write == POS_V2 and decision.about == POS_V2
 
 
-def test_disk_image_already_written_to_this_machine_boots_its_disk() -> None:
+def test_a_machine_imaged_for_its_assignment_boots_its_disk() -> None:
+    decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY, last_imaged=POS_V1.manifest_id,
+                           imaged_for_assignment=True)  # fmt: skip
+    assert decision.action is BootAction.LOCAL and "already imaged" in decision.reason
+    assert "--again" in decision.reason
+
+
+def test_a_newer_version_does_not_re_image_a_machine_imaged_for_its_assignment() -> None:
+    # Only a new assignment (pxepeer assign MAC IMAGE --again) images it again.
+    decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY, last_imaged=POS_V1.manifest_id,
+                           imaged_for_assignment=True)  # fmt: skip
+    assert decision.action is BootAction.LOCAL
+
+
+def test_a_machine_assigned_again_is_imaged_even_with_the_image_it_holds() -> None:
     decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY, last_imaged=POS_V2.manifest_id)
-    assert decision.action is BootAction.LOCAL and "already written" in decision.reason
-
-
-def test_a_newer_version_than_the_one_written_is_imaged_again() -> None:
-    decision = decide_boot(MAC, {MAC: "pos"}, LIBRARY, last_imaged=POS_V1.manifest_id)
     assert decision.action is BootAction.IMAGER and decision.write == POS_V2
+
+
+def test_a_menu_choice_of_the_image_last_written_boots_the_disk() -> None:
+    # Unassigned: the menu's choice, after the agent's reboot, is the disk it wrote.
+    decision = decide_image_boot(POS_V2, LIBRARY, last_imaged=POS_V2.manifest_id)
+    assert decision.action is BootAction.LOCAL and "already written" in decision.reason
 
 
 def test_disk_image_without_an_imager_here_boots_the_local_disk() -> None:
