@@ -147,7 +147,10 @@ class Site:
         """The peer answering PXE, once the election has settled."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            chosen = [s for s in self.servers.values() if s.status()["site"]["this_peer_responds"]]
+            chosen = [
+                s for s in self.servers.values()
+                if s.service.running() and s.status()["site"]["this_peer_responds"]
+            ]  # fmt: skip
             if len(chosen) == 1:
                 return chosen[0]
             time.sleep(0.5)
