@@ -471,12 +471,17 @@ def test_a_report_claiming_billions_of_corrupt_chunks_is_one_strike_answered_at_
     strikes_before = status["reputation"].get(peer1, {}).get("bad_chunks", 0)
     bad_before = site.counters(0)["bad_chunks_received"]
     # Once, strikes were counted one by one on the event loop: this froze the daemon.
+    # The report comes from a live job (its plan, by POST, named peer 1), with its secret.
+    mac = "52:54:00:77:0b:66"
+    plan = site.curl("-X", "POST", f"{site.url(0)}/v1/imaging/plan?mac={mac}&image={IMAGE}")
+    parsed = Plan.parse(plan.stdout.decode())
+    assert parsed.job is not None and site.url(1) in parsed.peers, parsed.peers
     report = f"state=writing\ntotal=10\ncorrupt={site.url(1)}=99999999999\n"
 
     started = time.monotonic()
     result = site.curl(
         "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", report,
-        f"{site.url(0)}/v1/imaging/progress?mac=52:54:00:77:0b:66",
+        "-H", f"X-Pxepeer-Job: {parsed.job}", f"{site.url(0)}/v1/imaging/progress?mac={mac}",
     )  # fmt: skip
     answered = time.monotonic() - started
 
@@ -489,11 +494,18 @@ def test_a_report_claiming_billions_of_corrupt_chunks_is_one_strike_answered_at_
 def test_a_report_the_job_cannot_take_is_refused_and_changes_nothing(site: Site) -> None:
     mac = "52:54:00:77:0b:67"
     url = f"{site.url(0)}/v1/imaging/progress?mac={mac}"
-    # `done` out of nowhere would make the machine boot its disk instead of imaging it.
+    # `done` out of nowhere would make the machine boot its disk instead of imaging it:
+    # without the secret of a job its plan started, it is refused and changes nothing.
     forged = site.curl(
         "-i", "--data-binary", f"state=done\nmanifest={site.manifest.manifest_id}", url
     )
-    assert forged.stdout.startswith(b"HTTP/1.1 409"), forged.stdout[:200]
+    assert forged.stdout.startswith(b"HTTP/1.1 403"), forged.stdout[:200]
+    # A GET for the plan is a preview: it starts no job and hands out no secret.
+    preview = site.curl("-f", f"{site.url(0)}/v1/imaging/plan?mac={mac}&image={IMAGE}")
+    assert Plan.parse(preview.stdout.decode()).job is None
+    forged = site.curl("-i", "-H", "X-Pxepeer-Job: " + "0" * 32, "--data-binary",
+                       "state=writing", url)  # fmt: skip
+    assert forged.stdout.startswith(b"HTTP/1.1 403"), forged.stdout[:200]
     bad = site.curl("-i", "--data-binary", "state=writing\nowner=me", url)
     assert bad.stdout.startswith(b"HTTP/1.1 400") and b"unknown_key" in bad.stdout
     jobs = site.get_json(f"{site.url(0)}/v1/imaging")["jobs"]
@@ -507,4 +519,4 @@ def test_a_machine_whose_last_run_finished_boots_its_disk_not_the_imager(site: S
     # The last agent run above wrote the image for MAC and reported done.
     assert site.job()["state"] == "done"
     script = site.curl("-f", f"{site.url(0)}/boot.ipxe?mac={MAC}").stdout.decode()
-    assert "already written to this machine" in script and "sanboot" in script
+    assert "already imaged" in script and "sanboot" in script
