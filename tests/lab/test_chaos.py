@@ -124,6 +124,7 @@ class Chaos:
     holdings: list[Path]  # the manifest files the fake holder claims
     seconds: float
     identity: Path  # the hostile's enrolled store: its node key signs what it sends
+    plan_image: str  # a disk image every seeded peer holds: the reports' jobs plan it
     done: list[str] = field(default_factory=list)
     reported: list[tuple[PxepeerServer, PxepeerServer]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
@@ -188,8 +189,10 @@ class Chaos:
             # To a peer the floods (aimed at the responder) leave alone: the hostile is
             # over its own per-client connection cap there.
             target, named = rng.sample(self.peers[1:], 2)
-            answer = self._once("progress", target.base_url, "--corrupt",
-                                f"{named.base_url}=99999999999")  # fmt: skip
+            # A plan first (a report counts only with its job's secret, and only against
+            # a peer the plan named), as any machine on the LAN may ask for one.
+            answer = self._once("progress", target.base_url, "--image", self.plan_image,
+                                "--corrupt", f"{named.base_url}=99999999999")  # fmt: skip
             if answer.startswith("ready 204"):
                 self.reported.append((target, named))
 
@@ -315,7 +318,8 @@ def test_chaos_peers_keep_serving_a_download_and_a_vm_boot_under_every_attack_at
     shape_link(lab.store, f"vp{host}", "12mbit", 1000)
     everyone = [*seeded]
     holdings = [i.cache / "manifests" / f"{i.manifest_id}.json" for i in (bulk, fresh)]
-    chaos = Chaos(lab, hostile, seeded, everyone, holdings, CHAOS_SECONDS, hostile_store.cache)
+    chaos = Chaos(lab, hostile, seeded, everyone, holdings, CHAOS_SECONDS, hostile_store.cache,
+                  bulk.name)  # fmt: skip
     thread = threading.Thread(target=chaos.run, daemon=True)
     began = time.monotonic()
     thread.start()
