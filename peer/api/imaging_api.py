@@ -379,7 +379,10 @@ class ImagingApi:
         try:
             plan = self.make_plan(mac, wanted, f"http://{request.host}")
         except PlanRefused as exc:
-            if starts_job:
+            live = self._jobs.get(mac)
+            if starts_job and not (live and live.secret_sha256 and live.state not in FINAL_STATES):
+                # A refusal ends a run only when no job is live: whoever asks for a plan
+                # that cannot be made must not be able to fail another's running job.
                 self.plan_refused(mac, str(exc), request.remote)
             one_line = str(exc).replace("\n", " ")
             raise exc.status(text=f"{exc}\n", headers={"X-Pxepeer-Error": one_line}) from None

@@ -520,3 +520,21 @@ def test_a_machine_whose_last_run_finished_boots_its_disk_not_the_imager(site: S
     assert site.job()["state"] == "done"
     script = site.curl("-f", f"{site.url(0)}/boot.ipxe?mac={MAC}").stdout.decode()
     assert "already imaged" in script and "sanboot" in script
+
+
+def test_a_plan_refused_to_someone_else_does_not_fail_a_running_job(site: Site) -> None:
+    mac = "52:54:00:77:0b:68"
+    base = f"{site.url(0)}/v1/imaging"
+    plan = Plan.parse(
+        site.curl("-X", "POST", f"{base}/plan?mac={mac}&image={IMAGE}").stdout.decode()
+    )
+    assert plan.job is not None
+    # Anyone can ask for a plan for that MAC; one that cannot be made changes nothing.
+    refused = site.curl("-i", "-X", "POST", f"{base}/plan?mac={mac}&image=nope")
+    assert refused.stdout.startswith(b"HTTP/1.1 404")
+    report = site.curl("-o", "/dev/null", "-w", "%{http_code}", "--data-binary",
+                       "state=writing\ndone=1", "-H", f"X-Pxepeer-Job: {plan.job}",
+                       f"{base}/progress?mac={mac}")  # fmt: skip
+    assert report.stdout == b"204"
+    [job] = [j for j in site.get_json(base)["jobs"] if j["mac"] == mac]
+    assert job["state"] == "writing"
