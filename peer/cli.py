@@ -511,14 +511,17 @@ def _list_machines(cache_dir: Path) -> None:
     assert key is not None
     book = RecordBook()
     RecordStore(store.state_dir, LocalFileVerifier(key.public_key)).load(book)
+    disks = {m.manifest.name for m in store.signed_manifests()
+             if m.manifest.boot.kind is ImageKind.DISK}  # fmt: skip
     for state in book.machines():
         if state.assigned is None:
             continue
         imaged = state.imaged
+        how = ""
         if state.imaged_for_assignment and imaged is not None:
             how = f"imaged with {imaged.image}"
-        else:
-            how = "to be imaged" if state.assigned != LOCAL_BOOT else ""
+        elif state.assigned in disks:
+            how = "to be imaged"
         click.echo(f"{state.mac}  {state.assigned}  {how}".rstrip())
 
 
