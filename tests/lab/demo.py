@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tests.lab.boot_servers import (
@@ -25,6 +25,7 @@ from tests.lab.boot_servers import (
     PxepeerStore,
     build_test_image,
     prepare_pxepeer_store,
+    pxepeer,
     start_pxepeer,
 )
 from tests.lab.virtual_store import (
@@ -132,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     say(f"   {image.kernel} ({image.kernel.stat().st_size} bytes), {image.initrd}")
     say("2. pxepeer keys new, image add, assign (this VM boots the image without a menu)")
     store = prepare_pxepeer_store(work / "pxepeer", image, {DEMO_MAC: IMAGE_NAME})
+    say("   pxepeer keys new --role enroll, pxepeer enroll: the peer's node key and certificate")
+    enroll_key = store.keys / "enroll.key"
+    if not enroll_key.exists():
+        pxepeer("keys", "new", "--out", str(store.keys), "--role", "enroll")
+    out = pxepeer("enroll", "--key", str(enroll_key), "--name", "peer1",
+                  "--cache-dir", str(store.cache)).stdout.strip()  # fmt: skip
+    say(f"   {out}")
+    store = replace(store, enroll_pub=enroll_key.with_suffix(".pub"))
 
     try:
         return _run(work, firmware, store)
