@@ -113,29 +113,15 @@ class NodeCertificate:
     @classmethod
     def from_bytes(cls, data: bytes) -> NodeCertificate:
         """Parse (not verify) a certificate; IdentityError and nothing else."""
+        doc = _parse_key_document(data, "certificate", "signature", CERT_FORMAT, _CERT_KEYS,
+                                  "issued")  # fmt: skip
         try:
-            doc = strict_json.loads(data, MAX_CERT_BYTES)
-            outer = as_object(doc, "certificate document", frozenset({"certificate", "signature"}))
-            inner = as_object(require(outer, "certificate", "document"), "certificate", _CERT_KEYS)
-            if require(inner, "format", "certificate") != CERT_FORMAT:
-                raise IdentityError("bad format", f"not a {CERT_FORMAT}")
-            node_key = _b64_key(require(inner, "node_key", "certificate"), "node_key")
-            if require(inner, "node_id", "certificate") != node_id_of(node_key):
-                raise IdentityError("bad node id", "node_id is not derived from node_key")
-            label = check_label(text(require(inner, "label", "certificate"), "label",
-                                     MAX_LABEL, empty=True))  # fmt: skip
-            issued = integer(require(inner, "issued", "certificate"), "issued", 0, 1 << 40)
-            issuer = text(require(inner, "issuer", "certificate"), "issuer", 16)
-            signature = Signature.from_json(require(outer, "signature", "document"))
-        except strict_json.StrictJsonError as exc:
-            raise IdentityError(exc.reason) from None
+            issuer = text(require(doc.inner, "issuer", "certificate"), "issuer", 16)
         except FieldError as exc:
             raise IdentityError(exc.reason, exc.detail) from None
-        except SignatureError as exc:
-            raise IdentityError(exc.reason, str(exc)) from None
-        if signature.key_id != issuer:
+        if doc.signature.key_id != issuer:
             raise IdentityError("bad signature", "signed by another key than its issuer")
-        return cls(node_key, label, issued, issuer, signature, canonical_json(inner))
+        return cls(doc.node_key, doc.label, doc.time, issuer, doc.signature, doc.body)
 
     def verify(self, enroll_keys: dict[str, PublicKey]) -> str:
         """The node id, when an enroll key we trust signed this; IdentityError if not."""
@@ -184,31 +170,49 @@ class EnrollRequest:
     @classmethod
     def from_bytes(cls, data: bytes) -> EnrollRequest:
         """Parse and check a request, including its proof of possession."""
+        doc = _parse_key_document(data, "request", "proof", REQUEST_FORMAT, _REQUEST_KEYS,
+                                  "created")  # fmt: skip
         try:
-            doc = strict_json.loads(data, MAX_CERT_BYTES)
-            outer = as_object(doc, "request document", frozenset({"request", "proof"}))
-            inner = as_object(require(outer, "request", "document"), "request", _REQUEST_KEYS)
-            if require(inner, "format", "request") != REQUEST_FORMAT:
-                raise IdentityError("bad format", f"not a {REQUEST_FORMAT}")
-            node_key = _b64_key(require(inner, "node_key", "request"), "node_key")
-            if require(inner, "node_id", "request") != node_id_of(node_key):
-                raise IdentityError("bad node id", "node_id is not derived from node_key")
-            label = check_label(text(require(inner, "label", "request"), "label",
-                                     MAX_LABEL, empty=True))  # fmt: skip
-            created = integer(require(inner, "created", "request"), "created", 0, 1 << 40)
-            proof = Signature.from_json(require(outer, "proof", "document"))
-        except strict_json.StrictJsonError as exc:
-            raise IdentityError(exc.reason) from None
-        except FieldError as exc:
-            raise IdentityError(exc.reason, exc.detail) from None
-        except SignatureError as exc:
-            raise IdentityError(exc.reason, str(exc)) from None
-        body = canonical_json(inner)
-        try:
-            PublicKey(node_key).verify(proof.value, body)
+            PublicKey(doc.node_key).verify(doc.signature.value, doc.body)
         except SignatureError:
             raise IdentityError("bad proof", "not signed by the key it is for") from None
-        return cls(node_key, label, created, proof, body)
+        return cls(doc.node_key, doc.label, doc.time, doc.signature, doc.body)
+
+
+@dataclass(frozen=True)
+class _KeyDocument:
+    inner: dict[str, object]
+    node_key: bytes
+    label: str
+    time: int
+    signature: Signature
+    body: bytes  # the canonical bytes of `inner`, which the signature covers
+
+
+def _parse_key_document(data: bytes, name: str, signature_name: str, fmt: str,
+                        keys: frozenset[str], time_field: str) -> _KeyDocument:  # fmt: skip
+    """The part certificates and requests share: {NAME: {format, node_key, node_id,
+    label, TIME, ...}, SIGNATURE_NAME: signature}, every field checked, the node id
+    derived from the key. IdentityError and nothing else."""
+    try:
+        doc = strict_json.loads(data, MAX_CERT_BYTES)
+        outer = as_object(doc, f"{name} document", frozenset({name, signature_name}))
+        inner = as_object(require(outer, name, "document"), name, keys)
+        if require(inner, "format", name) != fmt:
+            raise IdentityError("bad format", f"not a {fmt}")
+        node_key = _b64_key(require(inner, "node_key", name), "node_key")
+        if require(inner, "node_id", name) != node_id_of(node_key):
+            raise IdentityError("bad node id", "node_id is not derived from node_key")
+        label = check_label(text(require(inner, "label", name), "label", MAX_LABEL, empty=True))
+        when = integer(require(inner, time_field, name), time_field, 0, 1 << 40)
+        signature = Signature.from_json(require(outer, signature_name, "document"))
+    except strict_json.StrictJsonError as exc:
+        raise IdentityError(exc.reason) from None
+    except FieldError as exc:
+        raise IdentityError(exc.reason, exc.detail) from None
+    except SignatureError as exc:
+        raise IdentityError(exc.reason, str(exc)) from None
+    return _KeyDocument(inner, node_key, label, when, signature, canonical_json(inner))
 
 
 class CertificateCache:
