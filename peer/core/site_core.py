@@ -35,6 +35,10 @@ log = logging.getLogger("pxepeer.site")
 
 HEARTBEAT_SECONDS = 1.0
 SETTLE_SECONDS = 2.5  # one heartbeat round and an mDNS answer before claiming the role
+# A first election waits longer: a responder once followed is kept, so a peer that elected
+# itself before mDNS showed it the others (zeroconf probes for ~0.75 s before it
+# announces; then a resolve and a heartbeat round) would stay a second responder.
+FIRST_ELECTION_SECONDS = 5.0
 PEER_TIMEOUT = 6.0
 MANIFEST_RETRY_FIRST, MANIFEST_RETRY_MAX = 5.0, 300.0  # after a manifest is refused
 ORIGIN_BACKOFF_MAX = 8.0
@@ -626,7 +630,7 @@ class SiteCore:
         so electing itself before it has heard its site would leave two responders."""
         if self.responders:
             return True
-        if not self.settled(now):
+        if not self.settled(now) or now - self.started_at < FIRST_ELECTION_SECONDS:
             return False
         polled = all(s.last_ok is not None or s.failures for s in self.endpoints.values())
         return polled or now - self.started_at > PEER_TIMEOUT
