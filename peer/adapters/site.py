@@ -165,6 +165,7 @@ class Site:
                 can_answer_pxe=config.can_answer_pxe,
                 has_origin=bool(config.origin_url),
                 static_peers=config.static_peers if credentials is not None else (),
+                alone=credentials is None,
                 responders=config.responders,
                 catalog_poll_seconds=config.catalog_poll_seconds,
                 probe_seconds=(

@@ -129,6 +129,7 @@ class SiteSettings:
     responders: int = 1
     catalog_poll_seconds: float = 15.0
     probe_seconds: float = 0.0  # 0: no DHCP-snooping probe
+    alone: bool = False  # a site of one: no peer can ever appear, nothing to wait for
 
 
 @dataclass
@@ -630,7 +631,9 @@ class SiteCore:
         so electing itself before it has heard its site would leave two responders."""
         if self.responders:
             return True
-        if not self.settled(now) or now - self.started_at < FIRST_ELECTION_SECONDS:
+        if not self.settled(now):
+            return False
+        if not self.settings.alone and now - self.started_at < FIRST_ELECTION_SECONDS:
             return False
         polled = all(s.last_ok is not None or s.failures for s in self.endpoints.values())
         return polled or now - self.started_at > PEER_TIMEOUT

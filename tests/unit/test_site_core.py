@@ -395,3 +395,9 @@ def test_a_peer_with_other_machine_records_is_pulled_once_at_a_time_and_less_whe
     hello.records_digest = c.records_digest  # the same book: nothing to pull
     c.records_fetch_done(P1, 3, 10.0)
     assert pulls(30.0) == []
+
+
+def test_a_site_of_one_answers_pxe_as_soon_as_it_has_settled() -> None:
+    c = core(static_peers=(), alone=True)
+    run_round(c, 3.0)
+    assert c.is_responder(3.0)
