@@ -9,8 +9,10 @@ other with --peer; the store router hands
 out addresses, one peer is elected to answer PXE, and its boot script for a machine
 assigned a disk image boots the imager with pxepeer.server and pxepeer.image added.
 QEMU is started with -no-reboot, so the agent's final reboot ends the first QEMU; the
-test then starts the same disk again with `-boot c` and waits for the demo OS's marker.
-The disk is compared byte for byte with the image.
+test then starts the same disk again, without a network, and waits for the demo OS's
+marker: a BIOS machine through the MBR and SYSLINUX, a UEFI machine (OVMF, its NVRAM as
+imaging left it) through the disk's EFI System Partition and systemd-boot. The demo OS
+says which firmware started it. The disk is compared byte for byte with the image.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tests.lab.boot_servers import (
     start_pxepeer,
 )
 from tests.lab.virtual_store import (
+    OVMF_CODE,
     QEMU,
     VM,
     Firmware,
@@ -55,6 +58,7 @@ IMAGING_TIMEOUT = 420  # TCG on a shared 2-core runner: boot ~30 s, writing 64 M
 DISK_MB = 96  # bigger than the 64 MiB image, as real disks are
 DONE = "PXEPEER-IMAGING: done"
 DEMO_MARKER = "PXEPEER-DEMO-OS: booted from disk"
+DEMO_FIRMWARE = r"PXEPEER-DEMO-OS: firmware (\w+)"  # what the demo OS's kernel saw
 
 
 @dataclass(frozen=True)
@@ -196,20 +200,46 @@ def site(lab: VirtualStore, imaging_images: ImagingImages) -> Iterator[Site]:
 
 
 def boot_from_disk(lab: VirtualStore, vm: VM) -> VM:
-    """The imaged VM's disk started again, booting from it (no network at all)."""
+    """The imaged VM's disk started again, booting from it (no network at all), with the
+    same firmware: SeaBIOS, or OVMF with the machine's own NVRAM as imaging left it."""
     serial = vm.workdir / "serial-disk.log"
     serial.write_bytes(b"")
+    disk = vm.workdir / "disk.raw"
     args = [
         QEMU, "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
-        "-serial", f"file:{serial}", "-no-reboot", "-boot", "c", "-net", "none",
-        "-drive", f"file={vm.workdir / 'disk.raw'},format=raw,if=ide",
+        "-serial", f"file:{serial}", "-no-reboot", "-net", "none",
     ]  # fmt: skip
+    if vm.firmware is Firmware.BIOS:
+        args += ["-boot", "c", "-drive", f"file={disk},format=raw,if=ide"]
+    else:
+        # A copy, so the imaging run's NVRAM stays as it was for a look after a failure.
+        # No NVRAM entry names a loader file on this disk: OVMF boots it by the
+        # removable-media path \EFI\BOOT\BOOTX64.EFI on its EFI System Partition, as
+        # any UEFI PC does with a newly written disk.
+        vars_copy = vm.workdir / "OVMF_VARS-disk.fd"
+        shutil.copyfile(vm.workdir / "OVMF_VARS.fd", vars_copy)
+        args += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            "-drive", f"file={disk},format=raw,if=none,id=d0",
+            "-device", "virtio-blk-pci,drive=d0,bootindex=1",
+        ]  # fmt: skip
     started, started_wall = time.monotonic(), time.time()
     service = lab.spawn(lab.store, f"qemu-{vm.name}-disk", args)
     disk_vm = VM(f"{vm.name}-disk", vm.firmware, vm.mac, service, SerialLog(serial, started),
                  started, started_wall, vm.workdir)  # fmt: skip
     lab.vms.append(disk_vm)
     return disk_vm
+
+
+def _boots_the_demo_os(lab: VirtualStore, vm: VM, firmware: str) -> None:
+    """The imaged disk boots the demo OS on `firmware` (as the demo OS itself tells)."""
+    disk_vm = boot_from_disk(lab, vm)
+    disk_vm.wait_for(DEMO_MARKER, timeout=180)
+    disk_vm.wait_for(DEMO_FIRMWARE, timeout=30)
+    hit = disk_vm.serial.first(DEMO_FIRMWARE)
+    assert hit is not None and hit[1].split()[-1] == firmware, disk_vm.serial.tail(40)
+    assert disk_vm.wait_exit(timeout=60) == 0
 
 
 def _same_as_image(vm: VM, image: Path) -> bool:
@@ -242,9 +272,7 @@ def test_bios_machine_images_its_disk_from_several_peers_then_boots_it(site: Sit
     assert job["state"] == "done" and job["chunks_done"] == job["chunks_total"], job
     assert len(job["peers_used"]) >= 2, job
 
-    disk_vm = boot_from_disk(site.lab, vm)
-    disk_vm.wait_for(DEMO_MARKER, timeout=120)
-    assert disk_vm.wait_exit(timeout=60) == 0
+    _boots_the_demo_os(site.lab, vm, "bios")
 
 
 def test_two_machines_image_at_once_from_the_same_site(site: Site) -> None:
@@ -259,13 +287,13 @@ def test_two_machines_image_at_once_from_the_same_site(site: Site) -> None:
         assert jobs[vm.mac]["state"] == "done", jobs[vm.mac]
 
 
-def test_uefi_machine_on_virtio_writes_a_verified_disk(site: Site) -> None:
-    # The demo OS boots on BIOS only (SYSLINUX in the MBR); UEFI is checked up to the disk.
+def test_uefi_machine_on_virtio_images_its_disk_then_boots_it(site: Site) -> None:
     vm = _image_vm(site, "uefi", Firmware.UEFI)
     _wait_imaged(site, vm)
 
     assert vm.serial.first(r"PXEPEER-IMAGING: writing to /dev/vda") is not None
     assert _same_as_image(vm, site.images.demo_disk)
+    _boots_the_demo_os(site.lab, vm, "uefi")
 
 
 def test_a_peer_killed_during_imaging_does_not_stop_the_machine(site: Site) -> None:
