@@ -1,0 +1,138 @@
+"""`GET /boot.grub?mac=MAC`: the GRUB configuration of one Secure Boot machine.
+
+The counterpart of `/boot.ipxe` for machines that booted shim and Debian's signed GRUB
+(`pxepeer serve --secure-boot shim`, pxe/secure_boot.py). The same data is gathered
+(assignment, imaged records, the complete images), the same pure decision is asked
+(pxe/boot_policy.py `decide_boot`), and pxe/grub.py renders it: assignment, menu,
+local disk, the imager with the same command line as the iPXE script's.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from imaging.plan import PlanError, imager_cmdline
+from peer.api.http_server import CONTEXT, _base_url, _bootable, _client_mac, _menu_key
+from peer.api.imaging_api import machine_facts
+from peer.core.boot_progress import Stage
+from peer.store.image_library import ServedImage
+from pxe.boot_policy import LOCAL_BOOT, BootAction, BootDecision, decide_boot, decide_image_boot
+from pxe.grub import (
+    GrubLinuxBoot,
+    GrubMenuItem,
+    linux_boot_body,
+    local_boot_body,
+    render_ask_mac,
+    render_linux_boot,
+    render_local_boot,
+    render_menu,
+)
+
+GRUB_CONFIG_PATH = "/boot.grub"
+
+
+def _grub(text: str) -> web.Response:
+    return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+def _linux(base: str, image: ServedImage, mac: str | None, cmdline: str) -> GrubLinuxBoot:
+    files = f"{base}/v1/images/{image.manifest_id}/files"
+    # The MAC rides along so the kernel and initrd fetches show in the machine's progress.
+    query = f"?mac={mac.replace(':', '-')}" if mac else ""
+    initrds = (f"{files}/initrd{query}",) if image.manifest.boot.initrd else ()
+    return GrubLinuxBoot(
+        title=image.title, kernel_url=f"{files}/kernel{query}", initrd_urls=initrds, cmdline=cmdline
+    )
+
+
+def _decided(
+    base: str, decision: BootDecision, served: dict[str, ServedImage], mac: str | None
+) -> GrubLinuxBoot | str:
+    """What a LINUX, IMAGER or LOCAL decision loads, or the reason it boots the disk."""
+    boot = served.get(decision.boot.manifest_id) if decision.boot is not None else None
+    if decision.action not in (BootAction.LINUX, BootAction.IMAGER) or boot is None:
+        return decision.reason
+    cmdline = boot.manifest.boot.cmdline
+    if decision.action is BootAction.IMAGER:
+        write = decision.write.manifest_id if decision.write is not None else None
+        try:
+            cmdline = imager_cmdline(cmdline, base, write)
+        except PlanError as exc:
+            # The Host we were reached by cannot go on a kernel command line: the disk.
+            return str(exc)
+    return _linux(base, boot, mac, cmdline)
+
+
+def _body(
+    base: str, decision: BootDecision, served: dict[str, ServedImage], mac: str | None
+) -> str:
+    decided = _decided(base, decision, served, mac)
+    if isinstance(decided, GrubLinuxBoot):
+        return linux_boot_body(decided)
+    return local_boot_body(decided)
+
+
+def render_decision(
+    request: web.Request,
+    decision: BootDecision,
+    served: dict[str, ServedImage],
+    mac: str | None,
+    last_imaged: str | None,
+) -> str:
+    """The GRUB configuration for a boot decision (pxe/boot_policy.py decided)."""
+    base = _base_url(request)
+    if decision.action is BootAction.ASK_MAC:
+        return render_ask_mac(base + GRUB_CONFIG_PATH)
+    if decision.action is BootAction.MENU:
+        # Each entry is decided now, as /v1/boot/ID.ipxe decides it when iPXE chains
+        # there: a disk image boots the imager, or the disk when this machine has it.
+        bootables = [_bootable(i) for i in served.values()]
+        items = [
+            GrubMenuItem(
+                key=_menu_key(image),
+                title=image.title,
+                body=_body(
+                    base, decide_image_boot(image, bootables, last_imaged=last_imaged), served, mac
+                ),
+            )
+            for image in decision.menu
+        ]
+        ctx = request.app[CONTEXT]
+        default_key = _menu_key(decision.default) if decision.default else LOCAL_BOOT
+        return render_menu(
+            items, title="pxepeer", default_key=default_key, timeout_ms=ctx.menu_timeout_ms
+        )
+    decided = _decided(base, decision, served, mac)
+    if isinstance(decided, GrubLinuxBoot):
+        return render_linux_boot(decided)
+    return render_local_boot(decided)
+
+
+async def grub_config(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    mac = _client_mac(request)
+    if mac is None:
+        return _grub(render_ask_mac(_base_url(request) + GRUB_CONFIG_PATH))
+    ctx.library.refresh()
+    served = {image.manifest_id: image for image in ctx.library.images()}
+    facts = machine_facts(request.app, mac)
+    decision = decide_boot(
+        mac,
+        {mac: facts.assigned} if facts.assigned else {},
+        [_bootable(image) for image in served.values()],
+        last_imaged=facts.last_imaged,
+        imaged_for_assignment=facts.imaged_for_assignment,
+        boot_default=ctx.boot_default,
+    )
+    ctx.progress.record(
+        Stage.SCRIPT,
+        mac=mac,
+        ip=request.remote,
+        image=decision.about.title if decision.about else None,
+        detail=f"GRUB: {decision.reason}",
+    )
+    return _grub(render_decision(request, decision, served, mac, facts.last_imaged))
+
+
+def add_grub_routes(app: web.Application) -> None:
+    app.router.add_get(GRUB_CONFIG_PATH, grub_config)

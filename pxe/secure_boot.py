@@ -1,0 +1,113 @@
+"""The shim chain for Secure Boot machines, as PXE serves it.
+
+`pxepeer serve --secure-boot shim`: UEFI x64 PXE clients get Debian's Microsoft-signed
+shim (`shimx64.efi`) instead of iPXE, which their firmware would refuse ("Access
+Denied"). shim then fetches `grubx64.efi` (Debian's signed network GRUB) from the same
+TFTP server, next to itself, and GRUB reads `grub/grub.cfg` (its prefix is
+`(tftp,SERVER)/grub`). That file is generated (pxe/grub.py `render_bootstrap`) and
+sends GRUB on to this machine's configuration over HTTP. Everything else (BIOS, iPXE,
+other architectures) is served from the iPXE directory as before. The files come from
+`images/secureboot/fetch.sh OUTDIR` (`--secure-boot-dir OUTDIR`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from pxe.boot_source import (
+    BootFile,
+    BootFileError,
+    BootSource,
+    DirectoryBootSource,
+    normalize_boot_name,
+)
+from pxe.dhcp import Architecture
+
+SHIM = "shimx64.efi"
+GRUB = "grubx64.efi"  # the name shim loads next to itself (its DEFAULT_LOADER)
+MOK_MANAGER = "mmx64.efi"  # optional: shim starts it for pending MOK changes
+GRUB_CONFIG = "grub/grub.cfg"  # GRUB 2.12 netboot: $prefix is (tftp,SERVER)/grub
+CHAIN_FILES = (SHIM, GRUB, MOK_MANAGER)
+
+# The architectures whose PXE clients get shim: x86-64 UEFI, including the ROMs that
+# announce 9 (EFI byte code) for x86-64. Debian's shim and GRUB are x86-64 builds.
+SHIM_ARCHITECTURES = (Architecture.X64_UEFI, Architecture.EBC)
+
+
+class SecureBootMode(Enum):
+    OFF = "off"  # every UEFI client gets iPXE (refused by firmware with Secure Boot on)
+    SHIM = "shim"  # UEFI x64 PXE clients get shim -> signed GRUB -> signed kernel
+
+
+class SecureBootDirError(BootFileError):
+    """--secure-boot-dir lacks a file the chain needs; the message says which."""
+
+
+def with_shim(first_stages: Mapping[Architecture, str]) -> dict[Architecture, str]:
+    """The first stage table with shim for UEFI x64 clients; BIOS and the rest unchanged.
+
+    iPXE clients (user class iPXE) never see this table: they get the boot script, and
+    they are not running under Secure Boot (the firmware would have refused them).
+    """
+    table = dict(first_stages)
+    for arch in SHIM_ARCHITECTURES:
+        table[arch] = SHIM
+    return table
+
+
+@dataclass
+class MemoryBootFile:
+    """A generated boot file. No descriptor: the TFTP server sends it from a thread."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def fileno(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class SecureBootSource:
+    """shim, GRUB and GRUB's bootstrap configuration; every other name from `fallback`
+    (the iPXE directory), so BIOS and iPXE clients are served exactly as before."""
+
+    def __init__(self, fallback: BootSource, chain_dir: str | os.PathLike[str], bootstrap: str):
+        self.fallback = fallback
+        try:
+            self.chain = DirectoryBootSource(chain_dir)
+        except BootFileError:
+            raise SecureBootDirError(
+                f"--secure-boot-dir {chain_dir} does not exist "
+                "(images/secureboot/fetch.sh DIR makes it)"
+            ) from None
+        missing = [n for n in (SHIM, GRUB) if not (self.chain.root / n).is_file()]
+        if missing:
+            raise SecureBootDirError(
+                f"--secure-boot-dir {chain_dir} has no {' or '.join(missing)} "
+                "(images/secureboot/fetch.sh DIR makes them)"
+            )
+        self.bootstrap = bootstrap.encode()
+
+    def open_boot_file(self, name: str) -> BootFile:
+        relative = normalize_boot_name(name)
+        if relative in CHAIN_FILES:
+            return self.chain.open_boot_file(relative)
+        if relative == GRUB_CONFIG:
+            return MemoryBootFile(self.bootstrap)
+        return self.fallback.open_boot_file(name)
+
+    def names(self) -> list[str]:
+        chain = [n for n in CHAIN_FILES if (self.chain.root / n).is_file()]
+        fallback = getattr(self.fallback, "names", lambda: [])()
+        return sorted({*chain, GRUB_CONFIG, *fallback})
