@@ -19,6 +19,7 @@ from imaging.signing import KeyFileError, PublicKey, TrustedKeys, load_public_ke
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.site import Site, SiteConfig
+from peer.api.grub_boot import GRUB_CONFIG_PATH, add_grub_routes
 from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_open_files_limit
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
@@ -30,11 +31,13 @@ from peer.store.content_store import ContentStore, StoreError
 from peer.store.image_library import ImageLibrary
 from peer.store.node_identity import IdentityFileError, NodeIdentity, load_identity
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
-from pxe.boot_source import BootFileError, DirectoryBootSource
+from pxe.boot_source import BootFileError, BootSource, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
 from pxe.dhcp_probe import PROBE_USER_CLASS
 from pxe.dhcp_server import DhcpResponder
+from pxe.grub import render_bootstrap
 from pxe.leases import LeasePool
+from pxe.secure_boot import SecureBootMode, SecureBootSource, with_shim
 from pxe.tftp_server import TftpEvent, TftpServer
 
 log = logging.getLogger("pxepeer.daemon")
@@ -59,6 +62,8 @@ class ServeConfig:
     http_port: int
     tftp_port: int
     ipxe_dir: Path
+    secure_boot: SecureBootMode = SecureBootMode.OFF
+    secure_boot_dir: Path | None = None  # shimx64.efi, grubx64.efi: --secure-boot shim
     boot_default: str = LOCAL_BOOT
     menu_timeout_ms: int = 5000
     site: str | None = None  # default: the interface's subnet
@@ -131,14 +136,19 @@ class Daemon:
         if self.credentials is None and config.static_peers:
             log.warning("--peer ignored: no enroll key is trusted; this peer is a site of one")
         self.progress = BootProgress()
-        self.boot_source: DirectoryBootSource | None = None
+        self.boot_source: BootSource | None = None
         self.first_stages = {}
         if config.interface is not None:
             try:
-                self.boot_source = DirectoryBootSource(config.ipxe_dir)
-                self.first_stages = resolve_first_stages(self.boot_source.names())
+                ipxe = DirectoryBootSource(config.ipxe_dir)
+                self.first_stages = resolve_first_stages(ipxe.names())
             except (BootFileError, NoFirstStage) as exc:
                 raise StartupError(f"{exc} (--ipxe-dir {config.ipxe_dir})") from None
+            self.boot_source = ipxe
+            if config.secure_boot is SecureBootMode.SHIM:
+                self.boot_source = self._secure_boot_source(ipxe)
+        elif config.secure_boot is SecureBootMode.SHIM:
+            log.warning("--secure-boot shim ignored: no --interface, this peer answers no PXE")
         self.dhcp: DhcpResponder | None = None
         self.tftp: TftpServer | None = None
         self.imaging: ImagingApi | None = None
@@ -169,6 +179,19 @@ class Daemon:
         self.http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
         self.dns_discovery: DnsDiscovery | None = None
+
+    def _secure_boot_source(self, ipxe: BootSource) -> BootSource:
+        """shim for UEFI x64 PXE clients, then GRUB, whose TFTP bootstrap config sends
+        it to /boot.grub on this peer's HTTP server (pxe/secure_boot.py, pxe/grub.py)."""
+        cfg = self.config
+        assert cfg.address is not None and cfg.secure_boot_dir is not None
+        bootstrap = render_bootstrap(f"http://{cfg.address.ip}:{cfg.http_port}{GRUB_CONFIG_PATH}")
+        try:
+            source = SecureBootSource(ipxe, cfg.secure_boot_dir, bootstrap)
+        except BootFileError as exc:
+            raise StartupError(str(exc)) from None
+        self.first_stages = with_shim(self.first_stages)
+        return source
 
     # -- boot progress hooks -------------------------------------------------------------
 
@@ -239,6 +262,8 @@ class Daemon:
         self.imaging = add_imaging_routes(
             app, self.site, self.library, self.store, self.progress, self.rejections
         )
+        if cfg.secure_boot is SecureBootMode.SHIM:
+            add_grub_routes(app)
         # Connection caps, header and body deadlines, and the open-file limit raised first
         # (peer/api/http_guard.py): a LAN full of half-open connections must not starve us.
         self.http_guard = guard = HttpGuard(open_files=raise_open_files_limit())
@@ -366,6 +391,7 @@ class Daemon:
             },
             "tftp": vars(self.tftp.stats) if self.tftp else None,
             "first_stages": {a.name: f for a, f in self.first_stages.items()},
+            "secure_boot": cfg.secure_boot.value,
             "boot_default": cfg.boot_default,
             "images": self.library.describe(),
             "machines": self.progress.snapshot(),

@@ -21,6 +21,7 @@ from pxe.boot_policy import LOCAL_BOOT
 from pxe.dhcp import DhcpMode
 from pxe.leases import PoolError, parse_pool_range
 from pxe.netif import InterfaceError, interface_ipv4, interface_mtu
+from pxe.secure_boot import SecureBootMode
 
 PEER_ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgG]?)(bit|b|B|)(?:/s|ps)?$")
@@ -123,6 +124,23 @@ class ServeUsageError(click.ClickException):
     help="Where the iPXE first stages (undionly.kpxe, snponly.efi, ipxe.efi) are.",
 )
 @click.option(
+    "--secure-boot",
+    type=click.Choice([m.value for m in SecureBootMode]),
+    default=SecureBootMode.OFF.value,
+    show_default=True,
+    help="shim: UEFI x64 PXE clients get Debian's Microsoft-signed shim, Debian's signed "
+    "GRUB and a GRUB configuration made per machine, so PCs with Secure Boot on boot too "
+    "(and those with it off); BIOS and iPXE clients keep iPXE.",
+)
+@click.option(
+    "--secure-boot-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/usr/local/lib/pxepeer/secureboot",
+    show_default=True,
+    help="Where shimx64.efi and grubx64.efi (and mmx64.efi) are: "
+    "images/secureboot/fetch.sh DIR makes them.",
+)
+@click.option(
     "--boot-default",
     default=LOCAL_BOOT,
     show_default=True,
@@ -178,6 +196,8 @@ def serve(
     http_port: int,
     tftp_port: int,
     ipxe_dir: Path,
+    secure_boot: str,
+    secure_boot_dir: Path,
     boot_default: str,
     menu_timeout: int,
     site: str | None,
@@ -266,6 +286,8 @@ def serve(
         http_port=http_port,
         tftp_port=tftp_port,
         ipxe_dir=ipxe_dir,
+        secure_boot=SecureBootMode(secure_boot),
+        secure_boot_dir=secure_boot_dir,
         boot_default=boot_default,
         menu_timeout_ms=menu_timeout * 1000,
         site=site,
