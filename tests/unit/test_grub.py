@@ -9,13 +9,14 @@ regenerated golden cannot hide a regression of the behaviour these tests name.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from imaging.plan import imager_cmdline
 from pxe.boot_source import BootFileNotFound, DirectoryBootSource
-from pxe.dhcp import Architecture
+from pxe.dhcp import PXE_PORT, Architecture, ClientKind, DhcpMode, MessageType, decide, parse_client
 from pxe.grub import (
     GrubLinuxBoot,
     GrubMenuItem,
@@ -37,6 +38,7 @@ from pxe.secure_boot import (
     SecureBootSource,
     with_shim,
 )
+from tests.unit.test_dhcp import TARGETS, request_of
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "grub"
 BASE = "http://10.77.0.2:8080"
@@ -209,3 +211,35 @@ def test_shim_replaces_ipxe_for_uefi_x64_only() -> None:
         Architecture.EBC: SHIM,
         Architecture.ARM64_UEFI: "arm64-snponly.efi",
     }
+
+
+# -- the DHCP decision with shim on, against real firmware's requests ---------------------
+
+
+def shim_answers(pcap: str, port: int, kind: MessageType) -> tuple[ClientKind, str]:
+    targets = replace(TARGETS, first_stage=with_shim(TARGETS.first_stage))
+    payload, port, source = request_of(pcap, port=port, kind=kind)
+    info = parse_client(payload)
+    reply = decide(info, targets, DhcpMode.PROXY, port=port, source=source)
+    assert reply is not None
+    return info.kind, reply.file.decode()
+
+
+def test_with_shim_edk2_native_pxe_gets_shim_on_discover_and_on_port_4011() -> None:
+    assert shim_answers("edk2-virtio-proxy.pcap", 67, MessageType.DISCOVER) == (
+        ClientKind.PXE,
+        SHIM,
+    )
+    assert shim_answers("edk2-virtio-proxy.pcap", PXE_PORT, MessageType.REQUEST) == (
+        ClientKind.PXE,
+        SHIM,
+    )
+
+
+def test_with_shim_ipxe_clients_keep_the_script_and_bios_keeps_undionly() -> None:
+    # An iPXE ROM is not running under Secure Boot (the firmware would have refused it).
+    kind, file = shim_answers("uefi-virtio-proxy.pcap", 67, MessageType.DISCOVER)
+    assert kind is ClientKind.IPXE and file.startswith("http://10.77.0.2:8080/boot.ipxe?mac=")
+    kind, file = shim_answers("bios-virtio-proxy.pcap", 67, MessageType.DISCOVER)
+    assert kind is ClientKind.IPXE and file.startswith("http://10.77.0.2:8080/boot.ipxe?mac=")
+    assert with_shim(TARGETS.first_stage)[Architecture.X86_BIOS] == "undionly.kpxe"
