@@ -44,6 +44,18 @@ PEER_IF = "lan0"
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot on (shared FIRMWARE-NOTES, "Secure Boot in QEMU"): .ms carries Microsoft's
+# keys (a store PC), .snakeoil a test key in PK/KEK/db (/usr/share/ovmf/PkKek-1-snakeoil.*).
+OVMF_SECURE = {
+    "edk2-ms": (
+        Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
+        Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+    ),
+    "edk2-snakeoil": (
+        Path("/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd"),
+        Path("/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd"),
+    ),
+}
 QEMU = "qemu-system-x86_64"
 
 NS_PREFIX = "pxlab"
@@ -53,6 +65,8 @@ class Firmware(StrEnum):
     BIOS = "bios"  # SeaBIOS + the e1000's iPXE option ROM (QEMU's default ROM)
     UEFI = "uefi"  # OVMF + the virtio NIC's iPXE EFI ROM
     EDK2 = "edk2"  # OVMF's own PXE stack: NIC ROM removed, first stage over TFTP
+    EDK2_MS = "edk2-ms"  # EDK2, Secure Boot on with Microsoft's keys (OVMF_SECURE)
+    EDK2_SNAKEOIL = "edk2-snakeoil"  # EDK2, Secure Boot on with the snakeoil test key
 
 
 class LabError(Exception):
@@ -523,15 +537,21 @@ class VirtualStore:
         if firmware is Firmware.BIOS:
             args += ["-device", f"e1000,netdev=n0,mac={mac}", "-device", "ide-hd,drive=d0"]
         else:
+            code, nvram = OVMF_SECURE.get(firmware.value, (OVMF_CODE, OVMF_VARS))
+            if firmware.value in OVMF_SECURE:
+                # The Secure Boot builds keep their variables in SMM: q35 with SMM, and
+                # flash that only SMM code may write.
+                args += ["-machine", "q35,smm=on",
+                         "-global", "driver=cfi.pflash01,property=secure,value=on"]  # fmt: skip
             vars_copy = vmdir / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, vars_copy)  # a fresh NVRAM: no stale boot entries
+            shutil.copyfile(nvram, vars_copy)  # a fresh NVRAM: no stale boot entries
             args += [
-                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
                 "-device", "virtio-blk-pci,drive=d0,bootindex=2",
             ]  # fmt: skip
             nic = f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"
-            if firmware is Firmware.EDK2:
+            if firmware is Firmware.EDK2 or firmware.value in OVMF_SECURE:
                 nic += ",romfile="  # no iPXE ROM: OVMF's own PXE, first stage over TFTP
             args += ["-device", nic]
         args += list(extra_args)
