@@ -5,7 +5,15 @@ shim (`shimx64.efi`) instead of iPXE, which their firmware would refuse ("Access
 Denied"). shim then fetches `grubx64.efi` (Debian's signed network GRUB) from the same
 TFTP server, next to itself, and GRUB reads `grub/grub.cfg` (its prefix is
 `(tftp,SERVER)/grub`). That file is generated (pxe/grub.py `render_bootstrap`) and
-sends GRUB on to this machine's configuration over HTTP. Everything else (BIOS, iPXE,
+sends GRUB on to this machine's configuration over HTTP.
+
+Which names GRUB asks for is fixed by the configuration Debian embeds in the signed
+image (its memdisk's grub.cfg, read out of trixie's grubnetx64.efi.signed):
+`$prefix/x86_64-efi/grub.cfg` if it exists, else `$prefix/grub.cfg-default-amd64` if
+`$prefix/grub.cfg-amd64` exists, else `$prefix/grub.cfg`. So GRUB's own per-MAC search
+(grub.cfg-01-MAC, grub.cfg-IPHEX) never runs, and TFTP cannot tell machines apart by
+file name: one bootstrap for all, and the per-machine decision over HTTP, where the
+MAC (GRUB's $net_default_mac) is in the URL. Everything else (BIOS, iPXE,
 other architectures) is served from the iPXE directory as before. The files come from
 `images/secureboot/fetch.sh OUTDIR` (`--secure-boot-dir OUTDIR`).
 """
