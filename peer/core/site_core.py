@@ -217,8 +217,15 @@ class SiteCore:
     def settled(self, now: float) -> bool:
         """Long enough up, and a heartbeat round heard, to trust the view: before that
         every peer would think it owns every chunk (and a restarted one would fetch
-        again what a peer took over while it was down)."""
-        return now - self.started_at >= SETTLE_SECONDS and self.last_round_at is not None
+        again what a peer took over while it was down). The round must have ended after
+        the settling time, not merely at all: a peer taking over this one's chunks
+        decides when it hears this one's first hello (nothing in flight) and says so in
+        its next hello, which a round from the first second would not carry yet."""
+        return (
+            now - self.started_at >= SETTLE_SECONDS
+            and self.last_round_at is not None
+            and self.last_round_at - self.started_at >= SETTLE_SECONDS
+        )
 
     def hears_site(self, now: float) -> bool:
         """The heartbeat rounds are running: without them this peer cannot know whether

@@ -401,3 +401,11 @@ def test_a_site_of_one_answers_pxe_as_soon_as_it_has_settled() -> None:
     c = core(static_peers=(), alone=True)
     run_round(c, 3.0)
     assert c.is_responder(3.0)
+
+
+def test_the_view_settles_only_with_a_round_heard_after_the_settling_time() -> None:
+    c = core(static_peers=())
+    c.round_done(1.0)  # hellos from the first second: a peer's takeover is not in them yet
+    assert not c.settled(3.0)
+    c.round_done(3.0)
+    assert c.settled(3.0)
