@@ -8,10 +8,11 @@ Rules, in order:
 2. A chunk no peer holds is fetched from the origin only by its *WAN owner*: the first
    of the rendezvous ranking over the peers that want the image and can reach the
    origin. If the owner dies, the view changes and the next peer owns it. If the owner
-   lives but the chunk has not appeared for `takeover_after` seconds (its WAN link is
-   stuck), ownership passes down the ranking one step per period. A chunk another peer
-   says it is already fetching from the WAN is left to it (a peer joining mid-download
-   must not fetch the same chunk again).
+   lives but has made no progress on the image for `takeover_after` seconds (its WAN
+   link is stuck: it holds no more of it than before), ownership passes down the
+   ranking one step per period. A chunk another peer says it is already fetching from
+   the WAN is left to it (a peer joining mid-download must not fetch the same chunk
+   again).
 3. Otherwise wait: someone else is fetching it.
 
 A holder that failed to deliver a chunk (404, timeout, more bytes than the chunk) has
@@ -62,6 +63,26 @@ class SwarmPlanner:
     # from then would hand chunks down the ranking the moment the link comes back.
     owner_since: dict[str, tuple[str, float]] = field(default_factory=dict)  # sha -> owner
     elsewhere_since: dict[str, float] = field(default_factory=dict)  # sha -> seen in flight
+    # When each peer last held more chunks of an image than before: an owner that is
+    # working through its queue is busy, not stuck, and keeps its chunks (taking them
+    # over would fetch them twice). (node, manifest) -> (chunks held, when that grew)
+    progress: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+
+    def note_progress(self, live: list[Hello], now: float) -> None:
+        seen = set()
+        for h in live:
+            for manifest_id, bitmap in h.holdings.items():
+                key = (h.node_id, manifest_id)
+                seen.add(key)
+                held = bitmap.count()
+                before = self.progress.get(key)
+                if before is None or held > before[0]:
+                    self.progress[key] = (held, now)
+                elif held < before[0]:
+                    self.progress[key] = (held, before[1])
+        for key in list(self.progress):
+            if key not in seen:
+                del self.progress[key]
 
     def load(self, source: str) -> int:
         return sum(1 for s in self.in_flight.values() if s == source)
@@ -92,7 +113,11 @@ class SwarmPlanner:
         if first != ranking[0]:
             first, since = ranking[0], now
             self.owner_since[job.ref.sha256] = (first, since)
-        waited = now - since
+        # Stuck means no progress: the clock restarts whenever the owner holds more of
+        # the image than before (a lie about that is found out by the peers that then
+        # ask it for those chunks, and strikes shun it).
+        grew = self.progress.get((first, job.manifest_id), (0, since))[1]
+        waited = now - max(since, grew)
         step = int(waited // self.limits.takeover_after) if self.limits.takeover_after else 0
         return ranking[min(step, len(ranking) - 1)]
 
@@ -119,6 +144,7 @@ class SwarmPlanner:
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
         sources = [h for h in live if h.node_id not in shunned]
+        self.note_progress(sources, now)
         elsewhere = {sha for h in live for sha in h.fetching}
         planned_load: dict[str, int] = {}
         for job in missing:

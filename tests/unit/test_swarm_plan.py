@@ -120,3 +120,17 @@ def test_after_a_wan_outage_the_first_owner_back_keeps_its_chunks() -> None:
     assert planner.plan([job], [hello("p1")], set(), True, 101.0) == []
     assert planner.plan([job], [hello("p1")], set(), True, 125.0) == []
     assert planner.plan([job], [hello("p1")], set(), True, 132.0)[0].source == ORIGIN
+
+
+def test_an_owner_working_through_its_queue_keeps_its_chunks_past_the_takeover_period(
+) -> None:
+    """Busy is not stuck: taking over from an owner that keeps storing chunks of the
+    image would fetch its chunks twice (it gets to them a moment later)."""
+    limits = Limits(wan_in_flight=100, takeover_after=30.0)
+    job = next(j for j in jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["p1", "me"])
+    planner = SwarmPlanner("me", limits)
+    for t, held in ((0.0, []), (20.0, [1]), (40.0, [1, 2]), (55.0, [1, 2, 3])):
+        assert planner.plan([job], [hello("p1", have=held)], set(), True, t) == []
+    # Then it stops making progress: 30 s later its chunk is taken over.
+    assert planner.plan([job], [hello("p1", have=[1, 2, 3])], set(), True, 80.0) == []
+    assert planner.plan([job], [hello("p1", have=[1, 2, 3])], set(), True, 86.0)[0].source == ORIGIN
