@@ -19,7 +19,7 @@ from imaging.signing import KeyFileError, PublicKey, TrustedKeys, load_public_ke
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.site import Site, SiteConfig
-from peer.api.grub_boot import GRUB_CONFIG_PATH, add_grub_routes
+from peer.api.grub_boot import GRUB_CONFIG_PATH, GRUB_HTTP_PORT, add_grub_routes
 from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_open_files_limit
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
@@ -271,14 +271,27 @@ class Daemon:
         self._runner = web.AppRunner(app, access_log=None, **guard.runner_kwargs())
         await self._runner.setup()
         hosts = listen_addresses(str(cfg.address.ip) if cfg.address else None, cfg.listen)
+        ports = [cfg.http_port]
+        if cfg.secure_boot is SecureBootMode.SHIM and cfg.http_port != GRUB_HTTP_PORT:
+            # Debian's signed GRUB 2.12 honours (http,HOST:PORT) for configfile but its
+            # `linux` and `initrd` connect to port 80 whatever the path says (seen in the
+            # lab): kernels and initrds for Secure Boot machines are served there too.
+            ports.append(GRUB_HTTP_PORT)
         for host in hosts:
-            try:
-                await GuardedSite(self._runner, host, cfg.http_port, guard).start()
-            except OSError as exc:
-                await self._runner.cleanup()
-                raise StartupError(
-                    f"cannot listen on HTTP {host} port {cfg.http_port}: {exc.strerror}"
-                ) from None
+            for port in ports:
+                try:
+                    await GuardedSite(self._runner, host, port, guard).start()
+                except OSError as exc:
+                    await self._runner.cleanup()
+                    why = (
+                        " (--secure-boot shim: Debian's signed GRUB loads kernels from "
+                        "port 80 only)"
+                        if port != cfg.http_port
+                        else ""
+                    )
+                    raise StartupError(
+                        f"cannot listen on HTTP {host} port {port}: {exc.strerror}{why}"
+                    ) from None
         log.info(
             "HTTP on %s port %d (at most %d connections, %d per client; %d open files); "
             "%d image(s) trusted",

@@ -9,6 +9,8 @@ local disk, the imager with the same command line as the iPXE script's.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from aiohttp import web
 
 from imaging.plan import PlanError, imager_cmdline
@@ -29,14 +31,25 @@ from pxe.grub import (
 )
 
 GRUB_CONFIG_PATH = "/boot.grub"
+# Debian's signed GRUB 2.12 opens `linux` and `initrd` paths on port 80 even when the
+# device names another port ((http,HOST:8080) works for configfile, not for those: seen
+# in the lab), so the daemon also serves HTTP on port 80 with --secure-boot shim and the
+# kernel and initrd paths name no port.
+GRUB_HTTP_PORT = 80
 
 
 def _grub(text: str) -> web.Response:
     return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
 
+def _grub_files_base(base: str) -> str:
+    """`base` (http://HOST:PORT) as GRUB's `linux` and `initrd` can reach it: port 80."""
+    host = urlsplit(base).hostname or ""
+    return f"http://{host}" if GRUB_HTTP_PORT == 80 else f"http://{host}:{GRUB_HTTP_PORT}"
+
+
 def _linux(base: str, image: ServedImage, mac: str | None, cmdline: str) -> GrubLinuxBoot:
-    files = f"{base}/v1/images/{image.manifest_id}/files"
+    files = f"{_grub_files_base(base)}/v1/images/{image.manifest_id}/files"
     # The MAC rides along so the kernel and initrd fetches show in the machine's progress.
     query = f"?mac={mac.replace(':', '-')}" if mac else ""
     initrds = (f"{files}/initrd{query}",) if image.manifest.boot.initrd else ()
