@@ -45,7 +45,10 @@ def quote(word: str) -> str:
 def grub_path(url: str) -> str:
     """`http://10.0.0.2:8080/v1/x?mac=..` as GRUB names it: `(http,10.0.0.2:8080)/v1/x?mac=..`.
 
-    GRUB 2.12 reads a port after the server in the device name. Only http:// is accepted:
+    GRUB 2.12 reads a port after the server in the device name, but Debian's signed build
+    honours it only for files such as configfile's: its `linux` and `initrd` connect to
+    port 80 whatever the name says (seen in the lab), so callers give those port-80 URLs
+    (peer/api/grub_boot.py, and serve listens there). Only http:// is accepted:
     the signed GRUB has no TLS, and a URL of another kind is a bug of the caller.
     """
     parts = urlsplit(url)
