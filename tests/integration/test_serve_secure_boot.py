@@ -150,16 +150,6 @@ def test_assigned_machine_gets_a_grub_config_booting_the_imager_to_write_its_ima
     assert curl(site["cli"], url) == site["kernel"]
 
 
-def test_grub_fetches_are_answered_with_the_connection_closed(site) -> None:
-    # GRUB reuses its source ports every boot: a connection left open would block the next.
-    head = curl(site["cli"], "-i", f"{BASE}/boot.grub?mac={MAC}").decode().lower()
-    assert "connection: close" in head
-    head = curl(site["cli"], "-I", f"http://{SERVER_IP}/v1/status").decode().lower()
-    assert "connection: close" in head
-    head = curl(site["cli"], "-I", f"{BASE}/v1/status").decode().lower()
-    assert "connection: close" not in head  # everything else keeps its connections
-
-
 def test_unassigned_machine_gets_a_grub_menu_defaulting_to_local_disk(site) -> None:
     menu = curl(site["cli"], f"{BASE}/boot.grub?mac=52-54-00-00-00-99").decode()
     assert "set default='local'" in menu
