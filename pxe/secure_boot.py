@@ -13,7 +13,11 @@ image (its memdisk's grub.cfg, read out of trixie's grubnetx64.efi.signed):
 `$prefix/grub.cfg-amd64` exists, else `$prefix/grub.cfg`. So GRUB's own per-MAC search
 (grub.cfg-01-MAC, grub.cfg-IPHEX) never runs, and TFTP cannot tell machines apart by
 file name: one bootstrap for all, and the per-machine decision over HTTP, where the
-MAC (GRUB's $net_default_mac) is in the URL. Everything else (BIOS, iPXE,
+MAC (GRUB's $net_default_mac) is in the URL. Seen in the lab (OVMF, Secure Boot on),
+in order: shimx64.efi (EDK2: a tsize probe, then the file), shim's
+revocations_sku.efi, revocations_sbat.efi, shim_certificate_0.efi (absent: fine),
+grubx64.efi, then GRUB's /grub/x86_64-efi/{command,fs,crypto,terminal}.lst (absent:
+fine) and /grub/grub.cfg; the `-e` tests cost no TFTP request. Everything else (BIOS, iPXE,
 other architectures) is served from the iPXE directory as before. The files come from
 `images/secureboot/fetch.sh OUTDIR` (`--secure-boot-dir OUTDIR`).
 """
