@@ -14,11 +14,16 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from imaging.plan import PlanError, imager_cmdline
-from peer.api.http_server import CONTEXT, _base_url, _bootable, _client_mac, _menu_key
-from peer.api.imaging_api import machine_facts
-from peer.core.boot_progress import Stage
+from peer.api.http_server import (
+    CONTEXT,
+    _base_url,
+    _bootable,
+    _client_mac,
+    _menu_key,
+    decide_for_machine,
+)
 from peer.store.image_library import ServedImage
-from pxe.boot_policy import LOCAL_BOOT, BootAction, BootDecision, decide_boot, decide_image_boot
+from pxe.boot_policy import LOCAL_BOOT, BootAction, BootDecision, decide_image_boot
 from pxe.grub import (
     GrubLinuxBoot,
     GrubMenuItem,
@@ -122,28 +127,10 @@ def render_decision(
 
 
 async def grub_config(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
     mac = _client_mac(request)
     if mac is None:
         return _grub(render_ask_mac(_base_url(request) + GRUB_CONFIG_PATH))
-    ctx.library.refresh()
-    served = {image.manifest_id: image for image in ctx.library.images()}
-    facts = machine_facts(request.app, mac)
-    decision = decide_boot(
-        mac,
-        {mac: facts.assigned} if facts.assigned else {},
-        [_bootable(image) for image in served.values()],
-        last_imaged=facts.last_imaged,
-        imaged_for_assignment=facts.imaged_for_assignment,
-        boot_default=ctx.boot_default,
-    )
-    ctx.progress.record(
-        Stage.SCRIPT,
-        mac=mac,
-        ip=request.remote,
-        image=decision.about.title if decision.about else None,
-        detail=f"GRUB: {decision.reason}",
-    )
+    decision, served, facts = decide_for_machine(request, mac, via="GRUB: ")
     return _grub(render_decision(request, decision, served, mac, facts.last_imaged))
 
 

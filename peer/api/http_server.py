@@ -17,7 +17,7 @@ from aiohttp import web
 from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
-from peer.api.imaging_api import machine_facts
+from peer.api.imaging_api import MachineFacts, machine_facts
 from peer.api.metrics import render_metrics
 from peer.core.boot_progress import BootProgress, Stage
 from peer.store.content_store import ChunkLost, ContentStore
@@ -150,13 +150,23 @@ def _image_script(
 
 
 async def boot_script(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
     mac = _client_mac(request)
     if mac is None:
         # The policy needs nothing else to ask for the MAC: skip the library scan, so a
         # request without one stays cheap whoever sends it.
         decision = decide_boot(None, {}, ())
         return _ipxe(_image_script(request, decision, {}, None))
+    decision, served, _ = decide_for_machine(request, mac)
+    return _ipxe(_image_script(request, decision, served, mac))
+
+
+def decide_for_machine(
+    request: web.Request, mac: str, via: str = ""
+) -> tuple[BootDecision, dict[str, ServedImage], MachineFacts]:
+    """What `mac` boots now (pxe/boot_policy.py decides from the site's records and the
+    images here), recorded as the machine's script stage: one place for the iPXE script
+    and the GRUB configuration (peer/api/grub_boot.py), so both decide alike."""
+    ctx = request.app[CONTEXT]
     ctx.library.refresh()
     served = {image.manifest_id: image for image in ctx.library.images()}
     facts = machine_facts(request.app, mac)
@@ -173,9 +183,9 @@ async def boot_script(request: web.Request) -> web.Response:
         mac=mac,
         ip=request.remote,
         image=decision.about.title if decision.about else None,
-        detail=decision.reason,
+        detail=f"{via}{decision.reason}",
     )
-    return _ipxe(_image_script(request, decision, served, mac))
+    return decision, served, facts
 
 
 async def image_script(request: web.Request) -> web.Response:
