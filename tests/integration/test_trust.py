@@ -129,6 +129,11 @@ def test_a_process_enrolled_elsewhere_cannot_join_be_elected_own_a_chunk_or_stri
         signed = sign_request(key, cert, "POST", "/v1/have", notice, target.node_id,
                               int(time.time() * 1000), "ab" * 16)  # fmt: skip
         assert post(stranger, url, notice, signed) == 403
+        # The site's machine records are for members only.
+        got = subprocess.run(stranger.ns.exec_argv(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+            f"{target.url}/v1/records"), capture_output=True, check=False)  # fmt: skip
+        assert got.stdout == b"403"
         # A corrupt report against the other real peer, as if from an imaging agent.
         report = f"state=writing\ncorrupt=http://{victim.ip}:{HTTP_PORT}=5\n".encode()
         assert post(stranger, f"{target.url}/v1/imaging/progress?mac={MAC}", report, {}) == 403
