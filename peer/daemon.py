@@ -32,12 +32,18 @@ from peer.store.image_library import ImageLibrary
 from peer.store.node_identity import IdentityFileError, NodeIdentity, load_identity
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, BootSource, DirectoryBootSource
-from pxe.dhcp import BootTargets, ClientInfo, DhcpMode, MessageType, Reply
+from pxe.dhcp import BootTargets, ClientInfo, ClientKind, DhcpMode, MessageType, Reply
 from pxe.dhcp_probe import PROBE_USER_CLASS
 from pxe.dhcp_server import DhcpResponder
 from pxe.grub import render_bootstrap
 from pxe.leases import LeasePool
-from pxe.secure_boot import SecureBootMode, SecureBootSource, with_shim
+from pxe.secure_boot import (
+    OrgSignedSource,
+    SecureBootMode,
+    SecureBootSource,
+    with_org_ipxe,
+    with_shim,
+)
 from pxe.tftp_server import TftpEvent, TftpServer
 
 log = logging.getLogger("pxepeer.daemon")
@@ -63,7 +69,8 @@ class ServeConfig:
     tftp_port: int
     ipxe_dir: Path
     secure_boot: SecureBootMode = SecureBootMode.OFF
-    secure_boot_dir: Path | None = None  # shimx64.efi, grubx64.efi: --secure-boot shim
+    # shimx64.efi, grubx64.efi (--secure-boot shim); org-signed snponly.efi, ipxe.efi (org)
+    secure_boot_dir: Path | None = None
     boot_default: str = LOCAL_BOOT
     menu_timeout_ms: int = 5000
     site: str | None = None  # default: the interface's subnet
@@ -147,8 +154,13 @@ class Daemon:
             self.boot_source = ipxe
             if config.secure_boot is SecureBootMode.SHIM:
                 self.boot_source = self._secure_boot_source(ipxe)
-        elif config.secure_boot is SecureBootMode.SHIM:
-            log.warning("--secure-boot shim ignored: no --interface, this peer answers no PXE")
+            elif config.secure_boot is SecureBootMode.ORG:
+                self.boot_source = self._org_signed_source(ipxe)
+        elif config.secure_boot is not SecureBootMode.OFF:
+            log.warning(
+                "--secure-boot %s ignored: no --interface, this peer answers no PXE",
+                config.secure_boot.value,
+            )
         self.dhcp: DhcpResponder | None = None
         self.tftp: TftpServer | None = None
         self.imaging: ImagingApi | None = None
@@ -193,6 +205,17 @@ class Daemon:
         self.first_stages = with_shim(self.first_stages)
         return source
 
+    def _org_signed_source(self, ipxe: BootSource) -> BootSource:
+        """iPXE signed with the organisation's db key for UEFI x64 PXE clients; it chains
+        unified kernel images signed with the same key (pxe/secure_boot.py)."""
+        assert self.config.secure_boot_dir is not None
+        try:
+            source = OrgSignedSource(ipxe, self.config.secure_boot_dir)
+            self.first_stages = with_org_ipxe(self.first_stages, source.present)
+        except BootFileError as exc:
+            raise StartupError(str(exc)) from None
+        return source
+
     # -- boot progress hooks -------------------------------------------------------------
 
     def _on_dhcp(self, info: ClientInfo, reply: Reply | None, port: int) -> None:
@@ -214,6 +237,8 @@ class Daemon:
             # A 4011 boot-server REQUEST comes from the address the store's DHCP server
             # leased: the one the machine's TFTP requests will come from next.
             self.progress.learn_ip(info.mac, str(dest_ip))
+        if info.kind is ClientKind.IMAGER:
+            return  # the imager finding its server: a step of imaging, not a new boot
         if reply.file:
             self.progress.record(
                 Stage.OFFER,
@@ -239,6 +264,7 @@ class Daemon:
             first_stage=self.first_stages,
             script_url=f"{base}/boot.ipxe?mac={{mac}}",
             http_first_stage_base=f"{base}/boot/",
+            http_base=base,
         )
 
     async def start(self) -> None:

@@ -135,6 +135,12 @@ class ClientKind(Enum):
     PXE = "pxe"  # firmware PXE (vendor class PXEClient), wants a first stage over TFTP
     HTTP = "http"  # UEFI HTTP boot (vendor class HTTPClient), wants an http:// URL
     IPXE = "ipxe"  # already running iPXE: wants the boot script, never the first stage again
+    # pxepeer's imager asking, on port 4011 only, which peer's HTTP service to use (its
+    # signed command line cannot name one; imaging/agent/pxe-discover.c).
+    IMAGER = "imager"
+
+
+IMAGER_VENDOR_CLASS = "pxepeer-imager"
 
 
 class DhcpMode(Enum):
@@ -295,7 +301,9 @@ def parse_client(data: bytes) -> ClientInfo:
     arch_code = _architecture(raw.get(93), vendor_class)
     arch = Architecture.from_code(arch_code) if arch_code is not None else None
 
-    if vendor_class.startswith("PXEClient") or vendor_class.startswith("HTTPClient"):
+    if vendor_class.startswith(IMAGER_VENDOR_CLASS):
+        kind = ClientKind.IMAGER
+    elif vendor_class.startswith("PXEClient") or vendor_class.startswith("HTTPClient"):
         if b"iPXE" in user_classes or 175 in raw:
             kind = ClientKind.IPXE
         elif vendor_class.startswith("HTTPClient"):
@@ -345,6 +353,16 @@ class BootTargets:
     script_url: str
     # Base for first stages over HTTP (UEFI HTTP boot clients), e.g. http://10.0.0.2:8080/boot/
     http_first_stage_base: str
+    # This peer's HTTP service, e.g. http://10.0.0.2:8080: the answer to the imager's
+    # question (ClientKind.IMAGER); empty = derived from http_first_stage_base.
+    http_base: str = ""
+
+    @property
+    def imager_server(self) -> str:
+        if self.http_base:
+            return self.http_base
+        scheme, _, rest = self.http_first_stage_base.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 @dataclass(frozen=True)
@@ -384,6 +402,8 @@ class Reply:
 
 def _boot_file_for(info: ClientInfo, targets: BootTargets) -> tuple[str, str] | None:
     """(boot file, why) for a PXE client, or None when nothing fits its architecture."""
+    if info.kind is ClientKind.IMAGER:
+        return targets.imager_server, "pxepeer imager asks for its server"
     if info.kind is ClientKind.IPXE:
         # Already in iPXE: hand it the script, never the first stage again (no chainload loop).
         mac = info.mac.replace(":", "-")
@@ -432,6 +452,8 @@ def _destination(
 def _pxe_vendor_options(
     info: ClientInfo, targets: BootTargets, boot_file: str
 ) -> list[tuple[int, bytes]]:
+    if info.kind is ClientKind.IMAGER:
+        return [(60, IMAGER_VENDOR_CLASS.encode())]  # what pxe-discover looks for
     vendor = (
         b"HTTPClient"
         if boot_file.startswith("http") and info.kind is ClientKind.HTTP
@@ -461,6 +483,10 @@ def decide(
 ) -> Reply | None:
     """The reply to one request, or None to stay silent. `port` is where it arrived."""
     boot = _boot_file_for(info, targets) if info.is_pxe else None
+    if info.kind is ClientKind.IMAGER and port != PXE_PORT:
+        # The imager asks on 4011 only; on 67 it would be one more offer beside the
+        # store router's, for a client that already has its address.
+        return None
 
     if port == PXE_PORT:
         # Boot-server discovery (PXE spec): a client that already has an address asks us

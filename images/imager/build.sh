@@ -40,6 +40,7 @@ export LC_ALL=C
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 agent="$repo/imaging/agent/pxepeer-agent.sh"
+discover_src="$repo/imaging/agent/pxe-discover.c"
 usage="usage: build.sh OUTDIR --trust PUBLISHER.pub [--trust PUBLISHER.pub ...]"
 out=${1:?$usage}
 shift
@@ -82,6 +83,12 @@ openssl=$(command -v openssl)
 keys=$(mktemp -d)
 trap 'rm -rf "$keys"' EXIT
 bash "$here/trust-keys.sh" "$keys" "${trust[@]}" || exit 1
+# The agent's boot-server discovery (for an imager whose signed command line names no
+# server), a static C program of ~200 lines: busybox cannot send a UDP broadcast.
+cc=${PXEPEER_IMAGER_CC:-gcc}
+check_tools "$cc"
+"$cc" -static -Os -s -Wall -o "$keys/pxe-discover" "$discover_src" ||
+    die "could not compile $discover_src with $cc"
 
 debian_kernel
 resolve_modules "${modules[@]}"
@@ -91,7 +98,7 @@ key=$({
     echo "$deb $epoch"
     printf '%s\n' "${load_order[@]}"
     sha256sum "$here/init" "$here/udhcpc.script" "$here/../lib/initramfs.sh" "$0" "$agent" \
-        "$here/trust-keys.sh" "$busybox" | cut -d' ' -f1
+        "$here/trust-keys.sh" "$busybox" "$keys/pxe-discover" | cut -d' ' -f1
     # The trusted keys (names and contents) and the verifier with its libraries.
     (cd "$keys" && sha256sum -- *.pem)
     program_files "$openssl" | xargs sha256sum | cut -d' ' -f1
@@ -104,6 +111,7 @@ if [ ! -e "$built/.complete" ]; then
     busybox_root "$root" "$here/init"
     install -m 0755 "$here/udhcpc.script" "$root/etc/udhcpc.script"
     install -m 0755 "$agent" "$root/bin/pxepeer-agent"
+    install -m 0755 "$keys/pxe-discover" "$root/bin/pxe-discover"
     install -d -m 0755 "$root/etc/pxepeer/trust"
     install -m 0644 "$keys"/*.pem "$root/etc/pxepeer/trust/"
     install_program "$root" "$openssl"

@@ -30,7 +30,9 @@
 # Any fatal problem prints `PXEPEER-IMAGING: FAILED <reason>` and reports `failed`; only a
 # disk whose every chunk was verified is reported done (`PXEPEER-IMAGING: done`).
 #
-# Kernel command line: pxepeer.server=http://IP:PORT (required), pxepeer.image=NAME or
+# Kernel command line: pxepeer.server=http://IP:PORT (without it, the agent asks the
+# subnet's PXE boot server with pxe-discover, imaging/agent/pxe-discover.c, as a signed
+# unified kernel image must), pxepeer.image=NAME or
 # MANIFEST_ID (else the machine's assignment decides; the signed manifest must be that
 # image), pxepeer.disk=/dev/X, pxepeer.jobs=N (parallel chunk
 # downloads, default 4), pxepeer.zeros=check (a zero chunk's region is read and zeroed
@@ -510,6 +512,7 @@ bring_up_network() {
             if udhcpc -i "$nic" -V pxepeer-payload -s /etc/udhcpc.script -f -q -n -t 10 -T 2 \
                 >/dev/null 2>&1; then
                 [ -n "$mac" ] || mac=$(cat "/sys/class/net/$nic/address")
+                net_iface=$nic
                 say "network up on $nic ($(cat /run/ip 2>/dev/null)), mac $mac"
                 return 0
             fi
@@ -916,7 +919,15 @@ mkdir -p "$RUN"
 say "pxepeer imaging agent starting"
 bring_up_network || fail "no network: no NIC got an address by DHCP"
 [ -n "$mac" ] || fail "cannot tell this machine's MAC address"
-[ -n "$server" ] || fail "no pxepeer.server=http://IP:PORT on the kernel command line"
+if [ -z "$server" ] && [ -n "${net_iface:-}" ]; then
+    # A signed unified kernel image cannot name the peer on its command line (it was
+    # signed before any peer was elected): ask the subnet's PXE boot server, on port
+    # 4011, where the store's DHCP server does not answer. Whoever answers only says
+    # where to fetch from; nothing unsigned is written whatever it says.
+    say "no pxepeer.server on the command line: asking the PXE boot server on $net_iface"
+    server=$(pxe-discover -t 60 "$net_iface") && say "boot server $server"
+fi
+[ -n "$server" ] || fail "no pxepeer.server=http://IP:PORT on the kernel command line, and no PXE boot server answered"
 # No report before the plan: the plan request itself starts the job on the server, and
 # a report without the job's secret would only be refused.
 state=planning

@@ -431,3 +431,37 @@ def test_a_bug_while_answering_costs_one_datagram_never_the_endpoint(
     monkeypatch.undo()
     endpoint.datagram_received(_discover(), ("0.0.0.0", 68))
     assert responder.stats.replies_sent == 1
+
+
+def _imager_request(message_type: MessageType = MessageType.REQUEST) -> bytes:
+    """What imaging/agent/pxe-discover.c sends: a boot-server REQUEST with its address."""
+    header = bytearray(236)
+    header[0:4] = b"\x01\x01\x06\x00"
+    header[4:8] = b"\x12\x34\x56\x78"
+    header[12:16] = IPv4Address("10.77.0.50").packed
+    header[28:34] = bytes.fromhex("525400775b01")
+    vendor = b"pxepeer-imager:Arch:00007"
+    options = (
+        bytes([53, 1, message_type, 60, len(vendor)])
+        + vendor
+        + b"\x5d\x02\x00\x07\x37\x02\x3c\x43\xff"
+    )
+    return bytes(header) + b"\x63\x82\x53\x63" + options
+
+
+def test_the_imager_asking_on_4011_is_told_this_peers_http_service() -> None:
+    info = parse_client(_imager_request())
+    assert info.kind is ClientKind.IMAGER
+    source = (IPv4Address("10.77.0.50"), 40000)
+    reply = decide(info, TARGETS, DhcpMode.PROXY, port=PXE_PORT, source=source)
+    assert reply is not None and reply.message_type is MessageType.ACK
+    assert reply.file == b"http://10.77.0.2:8080"
+    assert reply.option(60) == b"pxepeer-imager"  # what pxe-discover checks
+    assert reply.option(43) is None
+    assert reply.destination == source  # unicast back, never a broadcast
+
+
+def test_the_imagers_question_on_port_67_gets_no_offer_beside_the_routers() -> None:
+    info = parse_client(_imager_request(MessageType.DISCOVER))
+    for mode in DhcpMode:
+        assert decide(info, TARGETS, mode, port=67, source=(IPv4Address("0.0.0.0"), 68)) is None
