@@ -44,7 +44,7 @@ _MANIFEST_KEYS = frozenset({"format", "name", "version", "boot", "files", "chunk
                             "created", "extra"})  # fmt: skip
 _FILE_KEYS = frozenset({"role", "size", "sha256", "chunks"})
 _CHUNK_KEYS = frozenset({"sha256", "size", "zero"})
-_BOOT_KEYS = frozenset({"kind", "kernel", "initrd", "cmdline"})
+_BOOT_KEYS = frozenset({"kind", "kernel", "initrd", "cmdline", "uki"})
 _SIGNED_KEYS = frozenset({"manifest", "signatures"})
 
 
@@ -190,10 +190,15 @@ class BootSpec:
     kernel: str | None = None  # role of the kernel file
     initrd: str | None = None
     cmdline: str = ""
+    # Role of a signed unified kernel image (imaging/uki.py): kernel, initrd and `cmdline`
+    # in one PE, booted whole (`chain`), its command line baked in and signed. Written
+    # only when set, so the ids of manifests without one stay what they were.
+    uki: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"kind": self.kind.value, "kernel": self.kernel, "initrd": self.initrd,
-                "cmdline": self.cmdline}  # fmt: skip
+                "cmdline": self.cmdline,
+                **({"uki": self.uki} if self.uki is not None else {})}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: object) -> BootSpec:
@@ -210,14 +215,14 @@ class BootSpec:
         if kind is None:
             raise ManifestError("unknown kind", "boot.kind")
         roles = []
-        for key in ("kernel", "initrd"):
+        for key in ("kernel", "initrd", "uki"):
             value = fields.get(key)
             roles.append(None if value is None else doc_fields.token(value, f"boot.{key}"))
         # Pasted into an iPXE script: a newline would be a second command.
         cmdline = doc_fields.text(
             fields.get("cmdline", ""), "boot.cmdline", MAX_CMDLINE_LEN, empty=True
         )
-        return cls(kind, roles[0], roles[1], cmdline)
+        return cls(kind, roles[0], roles[1], cmdline, roles[2])
 
 
 @dataclass(frozen=True)
@@ -305,7 +310,7 @@ class Manifest:
         roles = [f.role for f in files]
         if len(set(roles)) != len(roles):
             raise ManifestError("duplicate role", "a file role appears twice")
-        for role in (boot.kernel, boot.initrd):
+        for role in (boot.kernel, boot.initrd, boot.uki):
             if role is not None and role not in roles:
                 raise ManifestError("unknown boot file", f"boot names {role}, which is not a file")
         return cls(name, version, boot, tuple(files), chunk_size, created, extra)

@@ -130,15 +130,18 @@ class ServeUsageError(click.ClickException):
     show_default=True,
     help="shim: UEFI x64 PXE clients get Debian's Microsoft-signed shim, Debian's signed "
     "GRUB and a GRUB configuration made per machine, so PCs with Secure Boot on boot too "
-    "(and those with it off); BIOS and iPXE clients keep iPXE.",
+    "(and those with it off); BIOS and iPXE clients keep iPXE. org: UEFI x64 PXE clients "
+    "get iPXE signed with the organisation's own db key (pxepeer secure-boot sign-ipxe), "
+    "which chains imagers added as signed unified kernel images (image add --uki).",
 )
 @click.option(
     "--secure-boot-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default="/usr/local/lib/pxepeer/secureboot",
     show_default=True,
-    help="Where shimx64.efi and grubx64.efi (and mmx64.efi) are: "
-    "images/secureboot/fetch.sh DIR makes them.",
+    help="shim: where shimx64.efi and grubx64.efi (and mmx64.efi) are "
+    "(images/secureboot/fetch.sh DIR makes them); org: where the signed snponly.efi and "
+    "ipxe.efi are (pxepeer secure-boot sign-ipxe --out DIR makes them).",
 )
 @click.option(
     "--boot-default",

@@ -56,6 +56,37 @@ def render_linux_boot(boot: LinuxBoot) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class UkiBoot:
+    """A signed unified kernel image (kernel, initrd and command line in one PE)."""
+
+    title: str
+    url: str
+
+
+def render_uki_boot(boot: UkiBoot) -> str:
+    """`chain` the UKI with no arguments: its signed, baked-in command line is the one
+    that counts (systemd's stub ignores a loader's under Secure Boot), so the firmware's
+    signature check covers all the machine runs. BIOS cannot run a PE: the local disk."""
+    title = _label(boot.title)
+    return "\n".join(
+        [
+            "#!ipxe",
+            "iseq ${platform} efi || goto bios",
+            f"echo pxepeer: booting {title} (unified kernel image)",
+            f"chain {boot.url} || goto failed",
+            ":failed",
+            f"echo pxepeer: boot of {title} failed, retrying in 10 s",
+            "sleep 10",
+            "reboot",
+            ":bios",
+            f"echo pxepeer: {title} is a UEFI unified kernel image: booting from local disk",
+            "sanboot --no-describe --drive 0x80 || exit 1",
+            "",
+        ]
+    )
+
+
 def render_local_boot(reason: str) -> str:
     # BIOS: boot the first hard disk. UEFI: leave iPXE so the firmware tries the next
     # boot option (the disk).

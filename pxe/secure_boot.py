@@ -52,6 +52,9 @@ SHIM_ARCHITECTURES = (Architecture.X64_UEFI, Architecture.EBC)
 class SecureBootMode(Enum):
     OFF = "off"  # every UEFI client gets iPXE (refused by firmware with Secure Boot on)
     SHIM = "shim"  # UEFI x64 PXE clients get shim -> signed GRUB -> signed kernel
+    # UEFI x64 PXE clients get iPXE signed with the organisation's own db key (pxepeer
+    # secure-boot sign-ipxe), which chains unified kernel images signed with the same key.
+    ORG = "org"
 
 
 class SecureBootDirError(BootFileError):
@@ -123,3 +126,63 @@ class SecureBootSource:
         chain = [n for n in CHAIN_FILES if (self.chain.root / n).is_file()]
         fallback = getattr(self.fallback, "names", lambda: [])()
         return sorted({*chain, GRUB_CONFIG, *fallback})
+
+
+# -- the organisation's own key (--secure-boot org) ------------------------------------
+#
+# A site whose PCs have the organisation's certificate in db needs neither shim nor
+# GRUB: iPXE signed with that key loads under Secure Boot, and iPXE's `chain` of an EFI
+# image goes through the firmware's LoadImage, which checks the next signature against
+# db too. The imager is a unified kernel image signed with the same key
+# (imaging/uki.py), so kernel, initrd and command line are all covered. The signed iPXE
+# builds keep Debian's names (snponly.efi, ipxe.efi) in their own directory and are
+# served in place of the unsigned ones: every UEFI x64 client gets a signed iPXE, which
+# also boots where Secure Boot is off.
+
+ORG_FIRST_STAGES = ("snponly.efi", "ipxe.efi")  # Debian's UEFI x64 iPXE builds, signed
+
+
+def with_org_ipxe(
+    first_stages: Mapping[Architecture, str], signed: list[str]
+) -> dict[Architecture, str]:
+    """The first stage table with the org-signed iPXE (the first of ORG_FIRST_STAGES
+    present in `signed`) for UEFI x64 clients; BIOS and other architectures unchanged."""
+    name = next((n for n in ORG_FIRST_STAGES if n in signed), None)
+    if name is None:
+        raise SecureBootDirError(
+            "no signed " + " or ".join(ORG_FIRST_STAGES) + " for --secure-boot org"
+        )
+    table = dict(first_stages)
+    for arch in SHIM_ARCHITECTURES:
+        table[arch] = name
+    return table
+
+
+class OrgSignedSource:
+    """The org-signed iPXE builds from `signed_dir`, every other name from `fallback`."""
+
+    def __init__(self, fallback: BootSource, signed_dir: str | os.PathLike[str]):
+        self.fallback = fallback
+        hint = "(pxepeer secure-boot sign-ipxe --out DIR makes it)"
+        try:
+            self.signed = DirectoryBootSource(signed_dir)
+        except BootFileError:
+            raise SecureBootDirError(
+                f"--secure-boot-dir {signed_dir} does not exist {hint}"
+            ) from None
+        self.present = [n for n in ORG_FIRST_STAGES if (self.signed.root / n).is_file()]
+        if not self.present:
+            raise SecureBootDirError(
+                f"--secure-boot-dir {signed_dir} has no signed "
+                + " or ".join(ORG_FIRST_STAGES)
+                + f" {hint}"
+            )
+
+    def open_boot_file(self, name: str) -> BootFile:
+        if normalize_boot_name(name) in self.present:
+            return self.signed.open_boot_file(normalize_boot_name(name))
+        return self.fallback.open_boot_file(name)
+
+    def names(self) -> list[str]:
+        fallback = getattr(self.fallback, "names", lambda: [])()
+        return sorted({*self.present, *fallback})

@@ -70,6 +70,13 @@ def _decided(
     boot = served.get(decision.boot.manifest_id) if decision.boot is not None else None
     if decision.action not in (BootAction.LINUX, BootAction.IMAGER) or boot is None:
         return decision.reason
+    if boot.manifest.boot.kernel is None and boot.manifest.boot.uki is not None:
+        # Signed with the organisation's own key for its db (pxepeer serve --secure-boot
+        # org), not for shim: said on the console, and the disk boots.
+        return (
+            f"{boot.title} is a unified kernel image for --secure-boot org; "
+            "GRUB (--secure-boot shim) does not boot it"
+        )
     cmdline = boot.manifest.boot.cmdline
     if decision.action is BootAction.IMAGER:
         write = decision.write.manifest_id if decision.write is not None else None

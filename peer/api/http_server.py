@@ -32,14 +32,24 @@ from pxe.boot_policy import (
     decide_image_boot,
 )
 from pxe.boot_source import BootFileError, BootSource
-from pxe.ipxe import LinuxBoot, MenuItem, render_linux_boot, render_local_boot, render_menu
+from pxe.ipxe import (
+    LinuxBoot,
+    MenuItem,
+    UkiBoot,
+    render_linux_boot,
+    render_local_boot,
+    render_menu,
+    render_uki_boot,
+)
 
 log = logging.getLogger("pxepeer.http")
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAC = re.compile(r"^([0-9a-f]{2}[:-]){5}[0-9a-f]{2}$")
 WRITE_SLICE = 1 << 20
-ROLE_STAGE = {"kernel": Stage.KERNEL, "initrd": Stage.INITRD}
+# A unified kernel image (kernel, initrd and command line in one signed PE) is the
+# machine's kernel stage: it is the one file the firmware loads.
+ROLE_STAGE = {"kernel": Stage.KERNEL, "initrd": Stage.INITRD, "uki": Stage.KERNEL}
 
 
 @dataclass
@@ -87,7 +97,7 @@ def _bootable(image: ServedImage) -> BootableImage:
         version=manifest.version,
         manifest_id=image.manifest_id,
         kind=BootKind(manifest.boot.kind.value),
-        has_kernel=manifest.boot.kernel is not None,
+        has_kernel=manifest.boot.kernel is not None or manifest.boot.uki is not None,
         created=manifest.created,
     )
 
@@ -138,6 +148,12 @@ def _image_script(
     boot = served.get(decision.boot.manifest_id) if decision.boot is not None else None
     if decision.action is BootAction.LOCAL or boot is None:
         return render_local_boot(decision.reason)
+    if boot.manifest.boot.uki is not None:
+        # Signed whole, command line included (imaging/uki.py): nothing is added to it,
+        # so the imager finds its server itself and asks for a plan (its assignment).
+        files = f"{_base_url(request)}/v1/images/{boot.manifest_id}/files"
+        query = f"?mac={mac.replace(':', '-')}" if mac else ""
+        return render_uki_boot(UkiBoot(boot.title, f"{files}/{boot.manifest.boot.uki}{query}"))
     if decision.action is BootAction.IMAGER:
         write = decision.write.manifest_id if decision.write is not None else None
         try:
