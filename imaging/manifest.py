@@ -44,7 +44,12 @@ _MANIFEST_KEYS = frozenset({"format", "name", "version", "boot", "files", "chunk
                             "created", "extra"})  # fmt: skip
 _FILE_KEYS = frozenset({"role", "size", "sha256", "chunks"})
 _CHUNK_KEYS = frozenset({"sha256", "size", "zero"})
-_BOOT_KEYS = frozenset({"kind", "kernel", "initrd", "cmdline", "uki"})
+_BOOT_KEYS = frozenset({"kind", "kernel", "initrd", "cmdline", "uki", "arch"})
+# The CPU a kernel runs on, in Debian's names (`pxepeer image add --arch`). Manifests
+# from before architectures were recorded have no `arch`: they are x86-64, and so is
+# one that omits it now (written only when not the default, so their ids stay).
+DEFAULT_ARCH = "amd64"
+ARCHES = frozenset({"amd64", "arm64"})
 _SIGNED_KEYS = frozenset({"manifest", "signatures"})
 
 
@@ -56,8 +61,8 @@ class ManifestError(ValueError):
     imaging/doc_fields ("bad type", "unknown field", "missing field", "out of range",
     "too long", "empty", "bad text", "bad name", "bad hash", "too many"), and "not a
     manifest", "unknown kind", "too many chunks", "chunk count mismatch", "chunk size
-    mismatch", "duplicate role", "unknown boot file", "not canonical", "bad signature
-    entry".
+    mismatch", "duplicate role", "unknown boot file", "unknown arch", "not canonical",
+    "bad signature entry".
     """
 
     def __init__(self, reason: str, detail: str = ""):
@@ -194,11 +199,13 @@ class BootSpec:
     # in one PE, booted whole (`chain`), its command line baked in and signed. Written
     # only when set, so the ids of manifests without one stay what they were.
     uki: str | None = None
+    arch: str = DEFAULT_ARCH  # the CPU the kernel runs on; written only when not amd64
 
     def to_json(self) -> dict[str, object]:
         return {"kind": self.kind.value, "kernel": self.kernel, "initrd": self.initrd,
                 "cmdline": self.cmdline,
-                **({"uki": self.uki} if self.uki is not None else {})}  # fmt: skip
+                **({"uki": self.uki} if self.uki is not None else {}),
+                **({"arch": self.arch} if self.arch != DEFAULT_ARCH else {})}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: object) -> BootSpec:
@@ -222,7 +229,10 @@ class BootSpec:
         cmdline = doc_fields.text(
             fields.get("cmdline", ""), "boot.cmdline", MAX_CMDLINE_LEN, empty=True
         )
-        return cls(kind, roles[0], roles[1], cmdline, roles[2])
+        arch = fields.get("arch", DEFAULT_ARCH)
+        if arch not in ARCHES:
+            raise ManifestError("unknown arch", "boot.arch")
+        return cls(kind, roles[0], roles[1], cmdline, roles[2], arch=str(arch))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import click
 from imaging.builder import build_manifest
 from imaging.catalog import MAX_PRIORITY, MAX_REPLICAS, MAX_SERIAL, CatalogError, SignedCatalog
 from imaging.chunking import ChunkingError, file_size
-from imaging.manifest import BootSpec, ImageKind, SignedManifest
+from imaging.manifest import ARCHES, DEFAULT_ARCH, BootSpec, ImageKind, SignedManifest
 from imaging.origin_layout import PublishError
 from imaging.origin_layout import publish as publish_image
 from imaging.signing import (
@@ -192,6 +192,13 @@ def _remember_publisher(store: ContentStore, public: PublicKey) -> None:
     help="How it boots (default: linux with --kernel, disk with only --disk).",
 )
 @uki_options
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHES)),
+    default=DEFAULT_ARCH,
+    show_default=True,
+    help="The CPU the kernel runs on: machines boot only kernels (and imagers) of their own.",
+)
 @cache_dir_option
 def image_add(
     name: str,
@@ -207,6 +214,7 @@ def image_add(
     sb_key: Path | None,
     sb_cert: Path | None,
     sb_pass_file: Path | None,
+    arch: str,
     cache_dir: Path,
 ) -> None:
     """Chunk the image's files into the store and write its signed manifest."""
@@ -221,6 +229,10 @@ def image_add(
     image_kind = ImageKind(kind) if kind else (ImageKind.LINUX if kernel else ImageKind.DISK)
     if image_kind in (ImageKind.LINUX, ImageKind.IMAGER, ImageKind.WINPE) and kernel is None:
         raise CliError(f"a {image_kind.value} image needs --kernel")
+    if arch != DEFAULT_ARCH and kernel is None:
+        # A disk image is written by the imager of the machine's own architecture; what
+        # it boots afterwards is its own business.
+        raise CliError("--arch names the CPU of a kernel: this image has no --kernel")
     if uki and (disk is not None or image_kind not in (ImageKind.LINUX, ImageKind.IMAGER)):
         raise CliError("--uki makes a linux or imager image of --kernel and --initrd, no --disk")
     files = {
@@ -251,6 +263,7 @@ def image_add(
         initrd="initrd" if "initrd" in files else None,
         cmdline=cmdline,
         uki="uki" if "uki" in files else None,
+        arch=arch,
     )
     # Made before chunking starts, so the first rate shown counts from the first byte.
     bars = {

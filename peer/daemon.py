@@ -38,9 +38,12 @@ from pxe.dhcp_server import DhcpResponder
 from pxe.grub import render_bootstrap
 from pxe.leases import LeasePool
 from pxe.secure_boot import (
+    Arm64GrubSource,
     OrgSignedSource,
     SecureBootMode,
     SecureBootSource,
+    arm64_first_stage,
+    with_arm64_grub,
     with_org_ipxe,
     with_shim,
 )
@@ -145,6 +148,9 @@ class Daemon:
         self.progress = BootProgress()
         self.boot_source: BootSource | None = None
         self.first_stages = {}
+        # GRUB's per-machine configuration (/boot.grub) and port 80 for its kernels: the
+        # shim chain, and ARM64 machines whenever their GRUB is in --secure-boot-dir.
+        self.serves_grub = config.secure_boot is SecureBootMode.SHIM
         if config.interface is not None:
             try:
                 ipxe = DirectoryBootSource(config.ipxe_dir)
@@ -156,6 +162,7 @@ class Daemon:
                 self.boot_source = self._secure_boot_source(ipxe)
             elif config.secure_boot is SecureBootMode.ORG:
                 self.boot_source = self._org_signed_source(ipxe)
+            self.boot_source = self._arm64_source(self.boot_source)
         elif config.secure_boot is not SecureBootMode.OFF:
             log.warning(
                 "--secure-boot %s ignored: no --interface, this peer answers no PXE",
@@ -215,6 +222,24 @@ class Daemon:
         except BootFileError as exc:
             raise StartupError(str(exc)) from None
         return source
+
+    def _arm64_source(self, source: BootSource) -> BootSource:
+        """ARM64 UEFI PXE clients get Debian's arm64 shim (or its GRUB alone) whenever
+        --secure-boot-dir has grubaa64.efi, in every --secure-boot mode: Debian builds no
+        arm64 iPXE, and this chain boots with Secure Boot off too (pxe/secure_boot.py)."""
+        cfg = self.config
+        first = arm64_first_stage(cfg.secure_boot_dir)
+        if first is None or cfg.address is None or cfg.secure_boot_dir is None:
+            return source
+        bootstrap = render_bootstrap(f"http://{cfg.address.ip}:{cfg.http_port}{GRUB_CONFIG_PATH}")
+        try:
+            arm64 = Arm64GrubSource(source, cfg.secure_boot_dir, bootstrap)
+        except BootFileError as exc:
+            raise StartupError(str(exc)) from None
+        self.first_stages = with_arm64_grub(self.first_stages, first)
+        self.serves_grub = True
+        log.info("ARM64 UEFI PXE clients get %s from %s", first, cfg.secure_boot_dir)
+        return arm64
 
     # -- boot progress hooks -------------------------------------------------------------
 
@@ -288,7 +313,7 @@ class Daemon:
         self.imaging = add_imaging_routes(
             app, self.site, self.library, self.store, self.progress, self.rejections
         )
-        if cfg.secure_boot is SecureBootMode.SHIM:
+        if self.serves_grub:
             add_grub_routes(app)
         # Connection caps, header and body deadlines, and the open-file limit raised first
         # (peer/api/http_guard.py): a LAN full of half-open connections must not starve us.
@@ -298,7 +323,7 @@ class Daemon:
         await self._runner.setup()
         hosts = listen_addresses(str(cfg.address.ip) if cfg.address else None, cfg.listen)
         ports = [cfg.http_port]
-        if cfg.secure_boot is SecureBootMode.SHIM and cfg.http_port != GRUB_HTTP_PORT:
+        if self.serves_grub and cfg.http_port != GRUB_HTTP_PORT:
             # Debian's signed GRUB 2.12 honours (http,HOST:PORT) for configfile but its
             # `linux` and `initrd` connect to port 80 whatever the path says (seen in the
             # lab): kernels and initrds for Secure Boot machines are served there too.
@@ -310,8 +335,8 @@ class Daemon:
                 except OSError as exc:
                     await self._runner.cleanup()
                     why = (
-                        " (--secure-boot shim: Debian's signed GRUB loads kernels from "
-                        "port 80 only)"
+                        " (--secure-boot shim, or ARM64 GRUB in --secure-boot-dir: Debian's "
+                        "signed GRUB loads kernels from port 80 only)"
                         if port != cfg.http_port
                         else ""
                     )

@@ -141,7 +141,9 @@ class ServeUsageError(click.ClickException):
     show_default=True,
     help="shim: where shimx64.efi and grubx64.efi (and mmx64.efi) are "
     "(images/secureboot/fetch.sh DIR makes them); org: where the signed snponly.efi and "
-    "ipxe.efi are (pxepeer secure-boot sign-ipxe --out DIR makes them).",
+    "ipxe.efi are (pxepeer secure-boot sign-ipxe --out DIR makes them). In any mode, "
+    "with grubaa64.efi (and shimaa64.efi: fetch.sh --arch arm64 DIR) here, ARM64 UEFI PXE "
+    "clients boot that chain.",
 )
 @click.option(
     "--boot-default",

@@ -27,6 +27,24 @@ FIRST_STAGE_CANDIDATES: Mapping[Architecture, tuple[str, ...]] = {
 
 LOCAL_BOOT = "local"
 
+# A machine's CPU architecture, in Debian's names (the manifest's `boot.arch`, and
+# images/imager/build.sh --arch). An image's kernel runs only on its own; a machine that
+# does not say (iPXE scripts, an older GRUB bootstrap) is taken for x86-64, which is what
+# every image was before architectures were recorded.
+DEFAULT_ARCH = "amd64"
+ARCHES = ("amd64", "arm64")
+# What the boot loaders call them: GRUB's $grub_cpu and iPXE's ${buildarch}.
+_LOADER_CPU = {"x86_64": "amd64", "amd64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
+
+
+def machine_arch(loader_cpu: str | None) -> str | None:
+    """Debian's name for the CPU a boot loader reports (GRUB's `$grub_cpu`, iPXE's
+    `${buildarch}`), or None for a missing or unknown word (the caller decides, not a
+    guess here)."""
+    if not loader_cpu:
+        return None
+    return _LOADER_CPU.get(loader_cpu.strip().lower())
+
 
 class NoFirstStage(LookupError):
     pass
@@ -78,6 +96,7 @@ class BootableImage:
     kind: BootKind
     has_kernel: bool = True  # the manifest names a kernel file to load
     created: str = ""  # ISO 8601; newest wins among versions of a name
+    arch: str = DEFAULT_ARCH  # the CPU its kernel runs on (disk images: not looked at)
 
     @property
     def title(self) -> str:
@@ -114,16 +133,24 @@ def _newest(
     return best
 
 
+def runs_on(image: BootableImage, arch: str) -> bool:
+    """Whether a machine of `arch` can be offered `image` at all: a kernel of its own
+    CPU, or a disk image (written by the imager of the machine's architecture)."""
+    return image.kind is BootKind.DISK or image.arch == arch
+
+
 def decide_image_boot(
     image: BootableImage,
     images: Sequence[BootableImage],
     *,
     last_imaged: str | None = None,
+    arch: str = DEFAULT_ARCH,
 ) -> BootDecision:
     """What booting `image` means for a machine: the menu's choice, or its assignment.
 
     `images` are the complete images here (to find the imager); `last_imaged` is the
-    manifest id of the disk image this machine's last imaging run wrote and finished.
+    manifest id of the disk image this machine's last imaging run wrote and finished;
+    `arch` is the machine's CPU (DEFAULT_ARCH when it did not say).
     """
     if image.kind is BootKind.DISK:
         if last_imaged == image.manifest_id:
@@ -134,12 +161,15 @@ def decide_image_boot(
                 f"{image.title} already written to this machine's disk",
                 about=image,
             )
-        imager = _newest(images, lambda i: i.kind is BootKind.IMAGER)
+        # The imager of the machine's own CPU: an x86-64 kernel on an arm64 machine is
+        # refused by its firmware (or GRUB), and the machine would loop on the attempt.
+        imager = _newest(images, lambda i: i.kind is BootKind.IMAGER and i.arch == arch)
         if imager is None or not imager.has_kernel:
             # A disk image cannot be booted by itself; without an imager the safe thing is
             # the disk the machine already has, never a half-written one.
+            what = "imager image" if arch == DEFAULT_ARCH else f"{arch} imager image"
             return BootDecision(
-                BootAction.LOCAL, f"no imager image here to write {image.title}", about=image
+                BootAction.LOCAL, f"no {what} here to write {image.title}", about=image
             )
         # The imager is told the exact manifest id, so it writes the version decided here
         # even if a newer one is published while it boots.
@@ -148,6 +178,14 @@ def decide_image_boot(
             f"imaging with {imager.title} to write {image.title}",
             boot=imager,
             write=image,
+            about=image,
+        )
+    if image.arch != arch:
+        # Its kernel cannot run here (an assignment or a default made for other machines):
+        # the disk, with the reason on the console, rather than a kernel that never starts.
+        return BootDecision(
+            BootAction.LOCAL,
+            f"{image.title} is an {image.arch} image; this machine is {arch}",
             about=image,
         )
     if image.kind is BootKind.IMAGER and image.has_kernel:
@@ -175,6 +213,7 @@ def decide_boot(
     last_imaged: str | None = None,
     imaged_for_assignment: bool = False,
     boot_default: str = LOCAL_BOOT,
+    arch: str = DEFAULT_ARCH,
 ) -> BootDecision:
     """What the machine `mac` boots when its firmware asks for its boot script.
 
@@ -183,7 +222,8 @@ def decide_boot(
     `last_imaged` is the manifest id this machine's last imaging run wrote and finished;
     `imaged_for_assignment` says that run finished under the machine's current
     assignment; `boot_default` is the image name (or `local`) the menu picks after its
-    timeout.
+    timeout; `arch` is the machine's CPU (DEFAULT_ARCH when its boot loader did not
+    say): it boots only kernels of that architecture, and images with its imager.
     """
     if mac is None:
         # Reached without our DHCP's URL (e.g. chained from another iPXE script): the
@@ -194,7 +234,11 @@ def decide_boot(
         # The admin's explicit word: this machine boots its disk, no menu, no keypress.
         return BootDecision(BootAction.LOCAL, f"{mac} is assigned to local disk")
     if assigned is not None:
-        image = _newest(images, lambda i: i.name == assigned)
+        # Of a name published for several architectures, this machine's own; else the
+        # newest of any, whose decision then says why it cannot boot here.
+        image = _newest(images, lambda i: i.name == assigned and runs_on(i, arch)) or _newest(
+            images, lambda i: i.name == assigned
+        )
         if image is not None and image.kind is BootKind.DISK and imaged_for_assignment:
             # Imaged once for this assignment: its disk is what it boots, whatever newer
             # version is published since, after any restart or failover, until someone
@@ -211,17 +255,25 @@ def decide_boot(
             # Whether its disk already holds the image is the assignment's record
             # (imaged_for_assignment, above), not the last run: an assignment made
             # again (--again) must image the machine even with the same image.
-            decision = decide_image_boot(image, images)
+            decision = decide_image_boot(image, images, arch=arch)
             return replace(decision, reason=f"{mac} is assigned {assigned}: {decision.reason}")
         # Not here yet (still downloading, or a typo): the menu and its default, so a
         # machine never boots something else unattended and never re-images by accident.
         return _menu(
-            images, boot_default, f"{mac} is assigned {assigned}, which is not available here"
+            images,
+            boot_default,
+            f"{mac} is assigned {assigned}, which is not available here",
+            arch,
         )
-    return _menu(images, boot_default, "no assignment: menu")
+    return _menu(images, boot_default, "no assignment: menu", arch)
 
 
-def _menu(images: Sequence[BootableImage], boot_default: str, reason: str) -> BootDecision:
+def _menu(
+    images: Sequence[BootableImage], boot_default: str, reason: str, arch: str
+) -> BootDecision:
+    # Only what this machine's CPU can boot is listed (an arm64 machine sees no x86-64
+    # kernels; disk images stay, each written by the imager of its architecture).
+    images = [i for i in images if runs_on(i, arch)]
     # The default is only ever an image the admin named; anything else (including a
     # default that is not here) falls to the local disk, which is always safe.
     default = None

@@ -177,14 +177,16 @@ def render_ask_mac(config_url: str) -> str:
 
 def bootstrap_body(config_url: str) -> str:
     # net_default_mac is the MAC of the interface GRUB booted from (set from the PXE
-    # offer shim was loaded by), written aa:bb:cc:dd:ee:ff as /boot.grub accepts it.
-    # Double quotes: $net_default_mac expands, the `?` stays a character.
+    # offer shim was loaded by), written aa:bb:cc:dd:ee:ff as /boot.grub accepts it;
+    # grub_cpu is the CPU GRUB was built for (x86_64, arm64), so an ARM64 machine is
+    # given its own architecture's kernels. Double quotes: the variables expand, `?`
+    # and `&` stay characters.
     path = grub_path(config_url)
     if '"' in path or "$" in path or "\\" in path:
         raise ValueError(f"configuration URL {config_url!r} cannot be quoted for GRUB")
     return "\n".join(
         [
-            f'configfile "{path}?mac=${{net_default_mac}}"',
+            f'configfile "{path}?mac=${{net_default_mac}}&arch=${{grub_cpu}}"',
             # Reached only when the configuration could not be loaded (HTTP down, the
             # server restarted elsewhere): start the network boot over, as iPXE does.
             f"echo {quote(f'pxepeer: cannot load {config_url}; rebooting in 10 s')}",

@@ -28,6 +28,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from pxe.boot_source import (
     BootFile,
@@ -186,3 +187,75 @@ class OrgSignedSource:
     def names(self) -> list[str]:
         fallback = getattr(self.fallback, "names", lambda: [])()
         return sorted({*self.present, *fallback})
+
+
+# -- ARM64 UEFI (architecture 11) --------------------------------------------------------
+#
+# Debian builds no arm64 iPXE, so an ARM64 UEFI machine boots the same GRUB chain as a
+# Secure Boot PC: Debian's signed shim for arm64 (shimaa64.efi) when it is there, which
+# loads grubaa64.efi beside itself, else that GRUB straight from the PXE offer (trixie's
+# grubnetaa64: 2.06 ignores proxy offers like its x64 twin). GRUB reads the same
+# `grub/grub.cfg` bootstrap as on x64 and asks /boot.grub for this machine's
+# configuration, saying `arch=arm64` ($grub_cpu), so the boot policy picks the arm64
+# imager. This is offered whenever the chain directory has grubaa64.efi, whatever
+# --secure-boot says: a store with ARM64 machines and Secure Boot off has nothing else
+# to boot them with, and shim runs with Secure Boot off as well as on.
+
+ARM64_SHIM = "shimaa64.efi"
+ARM64_GRUB = "grubaa64.efi"  # shim's DEFAULT_LOADER on arm64
+ARM64_MOK_MANAGER = "mmaa64.efi"
+ARM64_CHAIN_FILES = (ARM64_SHIM, ARM64_GRUB, ARM64_MOK_MANAGER)
+
+
+def arm64_first_stage(chain_dir: str | os.PathLike[str] | None) -> str | None:
+    """What ARM64 UEFI PXE clients are offered from `chain_dir`: shim when both shim and
+    GRUB are there, GRUB when only it is, None without GRUB (shim alone loads nothing)."""
+    if chain_dir is None:
+        return None
+    root = Path(chain_dir)
+    if not (root / ARM64_GRUB).is_file():
+        return None
+    return ARM64_SHIM if (root / ARM64_SHIM).is_file() else ARM64_GRUB
+
+
+def with_arm64_grub(
+    first_stages: Mapping[Architecture, str], first_stage: str
+) -> dict[Architecture, str]:
+    """The first stage table with `first_stage` (arm64_first_stage's answer) for ARM64
+    UEFI PXE clients, in place of an arm64 iPXE an admin may have dropped in --ipxe-dir:
+    the signed chain boots with Secure Boot on too. Other architectures unchanged."""
+    table = dict(first_stages)
+    table[Architecture.ARM64_UEFI] = first_stage
+    return table
+
+
+class Arm64GrubSource:
+    """The arm64 shim, GRUB and MokManager from `chain_dir` and GRUB's bootstrap
+    configuration; every other name from `fallback` (the iPXE directory, or the x64
+    Secure Boot source, which serves the same bootstrap)."""
+
+    def __init__(self, fallback: BootSource, chain_dir: str | os.PathLike[str], bootstrap: str):
+        self.fallback = fallback
+        try:
+            self.chain = DirectoryBootSource(chain_dir)
+        except BootFileError:
+            raise SecureBootDirError(f"--secure-boot-dir {chain_dir} does not exist") from None
+        if not (self.chain.root / ARM64_GRUB).is_file():
+            raise SecureBootDirError(
+                f"--secure-boot-dir {chain_dir} has no {ARM64_GRUB} "
+                "(images/secureboot/fetch.sh --arch arm64 DIR makes it)"
+            )
+        self.bootstrap = bootstrap.encode()
+
+    def open_boot_file(self, name: str) -> BootFile:
+        relative = normalize_boot_name(name)
+        if relative in ARM64_CHAIN_FILES:
+            return self.chain.open_boot_file(relative)
+        if relative == GRUB_CONFIG:
+            return MemoryBootFile(self.bootstrap)
+        return self.fallback.open_boot_file(name)
+
+    def names(self) -> list[str]:
+        chain = [n for n in ARM64_CHAIN_FILES if (self.chain.root / n).is_file()]
+        fallback = getattr(self.fallback, "names", lambda: [])()
+        return sorted({*chain, GRUB_CONFIG, *fallback})

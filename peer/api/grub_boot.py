@@ -20,6 +20,7 @@ from peer.api.http_server import (
     _bootable,
     _client_mac,
     _menu_key,
+    client_arch,
     decide_for_machine,
 )
 from peer.store.image_library import ServedImage
@@ -117,7 +118,12 @@ def render_decision(
                 key=_menu_key(image),
                 title=image.title,
                 body=_body(
-                    base, decide_image_boot(image, bootables, last_imaged=last_imaged), served, mac
+                    base,
+                    decide_image_boot(
+                        image, bootables, last_imaged=last_imaged, arch=client_arch(request)
+                    ),
+                    served,
+                    mac,
                 ),
             )
             for image in decision.menu

@@ -23,6 +23,7 @@ from peer.core.boot_progress import BootProgress, Stage
 from peer.store.content_store import ChunkLost, ContentStore
 from peer.store.image_library import ImageLibrary, ServedImage
 from pxe.boot_policy import (
+    DEFAULT_ARCH,
     LOCAL_BOOT,
     BootableImage,
     BootAction,
@@ -30,6 +31,7 @@ from pxe.boot_policy import (
     BootKind,
     decide_boot,
     decide_image_boot,
+    machine_arch,
 )
 from pxe.boot_source import BootFileError, BootSource
 from pxe.ipxe import (
@@ -99,7 +101,14 @@ def _bootable(image: ServedImage) -> BootableImage:
         kind=BootKind(manifest.boot.kind.value),
         has_kernel=manifest.boot.kernel is not None or manifest.boot.uki is not None,
         created=manifest.created,
+        arch=manifest.boot.arch,
     )
+
+
+def client_arch(request: web.Request) -> str:
+    """The machine's CPU as its boot loader put it in the URL (`arch=`: GRUB's
+    $grub_cpu, iPXE's ${buildarch}); x86-64 when absent or unknown, as before."""
+    return machine_arch(request.query.get("arch")) or DEFAULT_ARCH
 
 
 def _menu_key(image: BootableImage) -> str:
@@ -193,6 +202,7 @@ def decide_for_machine(
         last_imaged=facts.last_imaged,
         imaged_for_assignment=facts.imaged_for_assignment,
         boot_default=ctx.boot_default,
+        arch=client_arch(request),
     )
     ctx.progress.record(
         Stage.SCRIPT,
@@ -217,6 +227,7 @@ async def image_script(request: web.Request) -> web.Response:
         _bootable(image),
         [_bootable(i) for i in served.values()],
         last_imaged=machine_facts(request.app, mac).last_imaged if mac is not None else None,
+        arch=client_arch(request),
     )
     return _ipxe(_image_script(request, decision, served, mac))
 

@@ -132,7 +132,10 @@ def test_tftp_serves_shim_grub_and_the_bootstrap_and_bios_keeps_undionly(site) -
     for name in ("shimx64.efi", "grubx64.efi"):
         assert curl(cli, f"tftp://{SERVER_IP}/{name}") == (chain / name).read_bytes()
     bootstrap = curl(cli, f"tftp://{SERVER_IP}/grub/grub.cfg").decode()
-    assert f'configfile "(http,{SERVER_IP}:8080)/boot.grub?mac=${{net_default_mac}}"' in bootstrap
+    assert (
+        f'configfile "(http,{SERVER_IP}:8080)/boot.grub'
+        '?mac=${net_default_mac}&arch=${grub_cpu}"' in bootstrap
+    )
     assert (
         curl(cli, f"tftp://{SERVER_IP}/undionly.kpxe") == (IPXE_DIR / "undionly.kpxe").read_bytes()
     )

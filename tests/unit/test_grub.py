@@ -68,7 +68,10 @@ def imager_boot() -> GrubLinuxBoot:
 def test_bootstrap_loads_this_machines_configuration_over_http_by_grubs_own_mac() -> None:
     text = render_bootstrap(f"{BASE}/boot.grub")
     golden("bootstrap.cfg", text)
-    assert 'configfile "(http,10.77.0.2:8080)/boot.grub?mac=${net_default_mac}"' in text
+    assert (
+        'configfile "(http,10.77.0.2:8080)/boot.grub?mac=${net_default_mac}&arch=${grub_cpu}"'
+        in text
+    )
     # A server that cannot be reached starts the network boot over instead of a prompt.
     assert text.rstrip().endswith("reboot")
 
@@ -147,7 +150,10 @@ def test_grub_path_names_the_http_device_with_its_port_and_refuses_other_schemes
 
 def test_a_request_without_a_mac_asks_again_with_grubs_mac() -> None:
     text = render_ask_mac(f"{BASE}/boot.grub")
-    assert 'configfile "(http,10.77.0.2:8080)/boot.grub?mac=${net_default_mac}"' in text
+    assert (
+        'configfile "(http,10.77.0.2:8080)/boot.grub?mac=${net_default_mac}&arch=${grub_cpu}"'
+        in text
+    )
 
 
 # -- pxe/secure_boot.py -----------------------------------------------------------------
