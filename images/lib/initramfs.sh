@@ -4,7 +4,9 @@
 # once with `dpkg-deb -x` into the cache (never installed here).
 #
 # Callers set: cache (directory), epoch (mtime of every file), busybox (a static busybox)
-# and define die(). Functions:
+# and define die(); optionally kernel_arch (Debian architecture of the kernel, default
+# amd64) and busybox_applets (a busybox this machine can run that lists the same applets,
+# when $busybox is another architecture's). Functions:
 #   check_tools TOOL...          die unless each is installed, and busybox is static
 #   debian_kernel                sets deb, tree, kver, moddir
 #   resolve_modules MODULE...    sets load_order: module files (relative to moddir) with
@@ -18,7 +20,7 @@
 #   pack_initramfs ROOT OUT      a gzip'd newc cpio, byte-for-byte reproducible
 #   keep_netboot_build STAGE BUILT  STAGE/initrd.img plus the kernel, moved into the
 #                                cache directory BUILT and marked complete
-# Env: PXEPEER_LAB_KERNEL_PKG  kernel package (default: what linux-image-amd64 depends on)
+# Env: PXEPEER_LAB_KERNEL_PKG  kernel package (default: what linux-image-ARCH depends on)
 
 check_tools() {
     local tool
@@ -33,24 +35,25 @@ check_tools() {
 
 debian_kernel() {
     mkdir -p "$cache/debs"
-    local pkg version=
-    pkg=${PXEPEER_LAB_KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null |
+    local pkg version='' arch=${kernel_arch:-amd64}
+    pkg=${PXEPEER_LAB_KERNEL_PKG:-$(apt-cache depends "linux-image-$arch:$arch" 2>/dev/null |
         awk '/Depends: linux-image-[0-9]/ {print $2; exit}')}
+    pkg=${pkg%:*} # apt names a foreign architecture's package PKG:ARCH
     deb=
     if [ -n "$pkg" ]; then
-        version=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null |
+        version=$(apt-cache show --no-all-versions "$pkg:$arch" 2>/dev/null |
             awk '/^Version:/ {print $2; exit}')
-        [ -n "$version" ] && deb="$cache/debs/${pkg}_${version//:/%3a}_amd64.deb"
+        [ -n "$version" ] && deb="$cache/debs/${pkg}_${version//:/%3a}_$arch.deb"
     fi
     if [ -z "$deb" ]; then
         # No apt metadata (offline, no `apt-get update`): the newest cached package.
-        deb=$(find "$cache/debs" -maxdepth 1 -name 'linux-image-*-amd64_*.deb' | sort -V | tail -n 1)
+        deb=$(find "$cache/debs" -maxdepth 1 -name "linux-image-*-${arch}_*.deb" | sort -V | tail -n 1)
         [ -n "$deb" ] || die "cannot find the kernel package: run apt-get update (or set PXEPEER_LAB_KERNEL_PKG)"
     fi
     if [ ! -s "$deb" ]; then
         echo "build.sh: downloading $pkg $version" >&2
         # Root's downloads are not readable by apt's sandbox user; the warning is noise.
-        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2)
+        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg:$arch=$version" >&2)
         [ -s "$deb" ] || die "apt-get download did not produce $deb"
     fi
     tree="$cache/unpacked/$(basename "$deb" .deb)"
@@ -92,7 +95,7 @@ busybox_root() {
     install -m 0755 "$busybox" "$root/bin/busybox"
     # Applet links made here, not with `busybox --install` at boot, so they are in the
     # archive in a fixed order.
-    for applet in $("$busybox" --list-full); do
+    for applet in $("${busybox_applets:-$busybox}" --list-full); do
         [ "$applet" = bin/busybox ] || ln -sf /bin/busybox "$root/$applet"
     done
     install -m 0755 "$init" "$root/init"
