@@ -57,6 +57,15 @@ OVMF_SECURE = {
     ),
 }
 QEMU = "qemu-system-x86_64"
+# ARM64 UEFI (Firmware.AAVMF): QEMU's virt machine with Debian's AAVMF (qemu-efi-aarch64),
+# no Secure Boot. Its code and variable stores are 64 MiB flash images each.
+QEMU_AARCH64 = "qemu-system-aarch64"
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+# Under TCG, cortex-a57 boots the arm64 kernel and imager faster than `max`, whose
+# pointer authentication and other extensions are all emulated (measured on this host:
+# tests/lab/test_arm64.py header).
+AARCH64_CPU = "cortex-a57"
 
 NS_PREFIX = "pxlab"
 
@@ -67,6 +76,7 @@ class Firmware(StrEnum):
     EDK2 = "edk2"  # OVMF's own PXE stack: NIC ROM removed, first stage over TFTP
     EDK2_MS = "edk2-ms"  # EDK2, Secure Boot on with Microsoft's keys (OVMF_SECURE)
     EDK2_SNAKEOIL = "edk2-snakeoil"  # EDK2, Secure Boot on with the snakeoil test key
+    AAVMF = "aavmf"  # ARM64: AAVMF's own PXE (architecture 11) on QEMU virt, no iPXE ROM
 
 
 class LabError(Exception):
@@ -528,14 +538,26 @@ class VirtualStore:
         serial = vmdir / "serial.log"
         serial.write_bytes(b"")
 
+        qemu = QEMU_AARCH64 if firmware is Firmware.AAVMF else QEMU
         args = [
-            QEMU, "-accel", "tcg", "-m", str(memory_mb), "-nographic", "-monitor", "none",
+            qemu, "-accel", "tcg", "-m", str(memory_mb), "-nographic", "-monitor", "none",
             "-serial", f"file:{serial}", "-no-reboot", "-boot", "n",
             "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
             "-drive", f"file={disk},format=raw,if=none,id=d0",
         ]  # fmt: skip
         if firmware is Firmware.BIOS:
             args += ["-device", f"e1000,netdev=n0,mac={mac}", "-device", "ide-hd,drive=d0"]
+        elif firmware is Firmware.AAVMF:
+            vars_copy = vmdir / "AAVMF_VARS.fd"
+            shutil.copyfile(AAVMF_VARS, vars_copy)  # a fresh NVRAM: no stale boot entries
+            args += [
+                "-machine", "virt", "-cpu", AARCH64_CPU,
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={AAVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+                "-device", "virtio-blk-pci,drive=d0,bootindex=2",
+                # No option ROM: AAVMF's own PXE client, as on an ARM64 board or server.
+                "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1,romfile=",
+            ]  # fmt: skip
         else:
             code, nvram = OVMF_SECURE.get(firmware.value, (OVMF_CODE, OVMF_VARS))
             if firmware.value in OVMF_SECURE:
