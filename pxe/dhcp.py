@@ -10,6 +10,14 @@ The rules follow what real firmware does (see tests/fixtures/pcaps and the field
 SeaBIOS/OVMF iPXE ROMs announce `iPXE` in their very first DISCOVER, OVMF's own PXE
 stack (EDK2) asks again on port 4011 from source port 4011 with a new xid, and iPXE's
 4011 REQUEST comes from port 68 with xid 0.
+
+UEFI HTTP boot (tests/fixtures/pcaps/edk2-http-*.pcap): OVMF's HttpBootDxe sends
+"HTTPClient:Arch:00016:UNDI:003000" (option 93 = 16) and keeps only offers that echo
+"HTTPClient" in option 60 and carry an http:// URL (option 67, else the file field). It
+collects every offer until its DISCOVER times out, then takes, in order, an address offer
+with a URL, or the router's address offer plus a proxy offer (yiaddr 0) whose URL names
+the server by IP (HttpOfferTypeProxyIpUri): our proxy offer beside the store's DHCP.
+It sends no port-4011 request, and nothing of the PXE menu (option 43) applies.
 """
 
 from __future__ import annotations
@@ -583,9 +591,15 @@ def _reply(
         file = boot_file.encode()
         siaddr = targets.server_ip
         if not full:
-            # In full mode the offer is a plain DHCP offer with a boot file (as dnsmasq
-            # does); option 60 there would make firmware wait for PXE menus.
             options.extend(_pxe_vendor_options(info, targets, boot_file))
+        elif info.kind is ClientKind.HTTP:
+            # UEFI HTTP boot reads the URL only from an offer that says "HTTPClient" in
+            # option 60 (UEFI spec, HTTP Boot; EDK2 HttpBootParseDhcp4Packet); without
+            # it OVMF calls this an address-only offer, waits for a second one with the
+            # URL, and gives up after four DISCOVERs (~64 s, seen in the lab).
+            options.append((60, b"HTTPClient"))
+        # Otherwise in full mode the offer is a plain DHCP offer with a boot file (as
+        # dnsmasq does); "PXEClient" there would make firmware wait for PXE menus.
         options.append((66, str(targets.server_ip).encode()))
         options.append((67, file))
     if len(file) > 127:
