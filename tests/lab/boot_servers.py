@@ -31,6 +31,7 @@ MACS = {
     "uefi": "52:54:00:77:02:01",
     "edk2": "52:54:00:77:03:01",
     "full": "52:54:00:77:04:01",
+    "http": "52:54:00:77:05:01",  # OVMF with PXE off: UEFI HTTP boot (test_http_boot.py)
     "reference": "52:54:00:77:0a:01",
 }
 # iPXE first stages the reference's TFTP offers (Debian's ipxe package).
