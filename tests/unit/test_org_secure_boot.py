@@ -16,6 +16,9 @@ from imaging.manifest import (
     Manifest,
     ManifestError,
 )
+from peer.api.grub_boot import _decided
+from peer.store.image_library import ServedImage
+from pxe.boot_policy import BootableImage, BootAction, BootDecision, BootKind
 from pxe.boot_source import BootFileNotFound, DirectoryBootSource
 from pxe.dhcp import Architecture
 from pxe.ipxe import UkiBoot, render_uki_boot
@@ -126,3 +129,14 @@ def test_a_manifest_without_uki_is_written_as_before_so_its_id_is_unchanged() ->
     # The boot object of every manifest signed before boot.uki existed: same bytes, same id.
     boot = json.loads(_uki_manifest(uki=None).canonical_bytes)["boot"]
     assert boot == {"kind": "imager", "kernel": None, "initrd": None, "cmdline": "console=ttyS0"}
+
+
+def test_grub_boots_the_disk_with_a_clear_reason_for_a_uki_imager() -> None:
+    # Signed for the organisation's db, not for shim: GRUB machines are told and go on
+    # to their disk rather than failing half-way through a chainload.
+    manifest = _uki_manifest()
+    served = ServedImage(manifest.manifest_id, manifest, complete=True)
+    imager = BootableImage("imager", "1", manifest.manifest_id, BootKind.IMAGER)
+    decision = BootDecision(BootAction.IMAGER, "imaging", boot=imager, about=imager)
+    said = _decided("http://10.0.0.2:8080", decision, {manifest.manifest_id: served}, None)
+    assert isinstance(said, str) and "unified kernel image for --secure-boot org" in said
