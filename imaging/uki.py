@@ -54,6 +54,7 @@ class PeSection:
 
 @dataclass(frozen=True)
 class PeImage:
+    machine: int  # 0x8664 x86-64, 0xaa64 arm64
     image_base: int
     section_alignment: int
     sections: tuple[PeSection, ...]
@@ -64,12 +65,19 @@ class PeImage:
 
 def pe_sections(data: bytes) -> PeImage:
     """The section table of a PE32+ image (the headers only; raises UkiError otherwise)."""
+    try:
+        return _pe_sections(data)
+    except struct.error:
+        raise UkiError("not a PE", "truncated PE headers") from None
+
+
+def _pe_sections(data: bytes) -> PeImage:
     if len(data) < 0x40 or data[:2] != b"MZ":
         raise UkiError("not a PE", "no MZ header")
     (pe,) = struct.unpack_from("<I", data, 0x3C)
     if data[pe : pe + 4] != b"PE\0\0":
         raise UkiError("not a PE", "no PE signature")
-    count, opt_size = struct.unpack_from("<2xH12xH", data, pe + 4)
+    machine, count, opt_size = struct.unpack_from("<HH12xH", data, pe + 4)
     opt = pe + 24
     (magic,) = struct.unpack_from("<H", data, opt)
     if magic != 0x20B:
@@ -84,7 +92,27 @@ def pe_sections(data: bytes) -> PeImage:
         name, vsize, vma, rsize, roff = struct.unpack_from("<8sIIII", raw)
         sections.append(PeSection(name.rstrip(b"\0").decode("ascii", "replace"),
                                   vma, vsize, roff, rsize))  # fmt: skip
-    return PeImage(image_base, section_alignment, tuple(sections))
+    return PeImage(machine, image_base, section_alignment, tuple(sections))
+
+
+def _same_machine(kernel: Path, machine: int, stub: Path) -> None:
+    """An EFI-stub kernel is a PE too: one for another CPU than the stub's would only
+    fail on the machine, after signing and publishing."""
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise UkiError("missing input", f"{kernel}: {exc.strerror}") from None
+    try:
+        kernel_machine = pe_sections(head).machine
+    except UkiError:
+        return  # not a PE we can read (or its section table lies beyond 4 KiB): objcopy decides
+    if kernel_machine != machine:
+        raise UkiError(
+            "wrong architecture",
+            f"--kernel {kernel} is for PE machine {kernel_machine:#x}, --uki-stub {stub} "
+            f"for {machine:#x}",
+        )
 
 
 def _aligned(value: int) -> int:
@@ -122,6 +150,7 @@ def build_uki(
         raise UkiError(exc.reason, f"--uki-stub {stub}: {exc}") from None
     if stub_pe.section(".sdmagic") is None:
         raise UkiError("not a stub", f"--uki-stub {stub} is not systemd's EFI stub")
+    _same_machine(kernel, stub_pe.machine, stub)
     with tempfile.TemporaryDirectory(prefix="pxepeer-uki-") as tmp:
         osrel_file, cmdline_file = Path(tmp) / "osrel", Path(tmp) / "cmdline"
         osrel_file.write_text(osrel)

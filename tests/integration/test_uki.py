@@ -245,3 +245,22 @@ def test_image_add_uki_with_a_wrong_passphrase_is_one_line_and_changes_nothing(
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
         assert snapshot(cache) == before
+
+
+def test_the_builder_refuses_a_kernel_for_another_cpu_than_the_stubs(
+    tmp_path: Path, inputs: tuple[Path, Path]
+) -> None:
+    _, initrd = inputs
+    # An arm64 EFI-stub kernel's headers: MZ, e_lfanew, PE, machine 0xaa64 (no sections).
+    arm64 = bytearray(4096)
+    arm64[:2] = b"MZ"
+    arm64[0x3C:0x40] = (0x40).to_bytes(4, "little")
+    arm64[0x40:0x48] = b"PE\0\0" + (0xAA64).to_bytes(2, "little") + b"\0\0"
+    arm64[0x54:0x56] = (240).to_bytes(2, "little")  # SizeOfOptionalHeader
+    arm64[0x58:0x5A] = (0x20B).to_bytes(2, "little")  # PE32+
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(bytes(arm64))
+    with pytest.raises(UkiError) as err:
+        build_uki(kernel, initrd, "", tmp_path / "x.efi", osrel="")
+    assert err.value.reason == "wrong architecture"
+    assert not (tmp_path / "x.efi").exists()
