@@ -221,6 +221,20 @@ def test_add_writes_a_signed_manifest_named_by_its_id(demo: Image, keys: Keys) -
     assert rebuilt == demo.kernel_bytes
 
 
+def test_add_with_arch_arm64_signs_it_into_the_boot_section(tmp_path: Path, keys: Keys) -> None:
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(os.urandom(5000))
+    cache = tmp_path / "cache"
+    ok("image", "add", "imager-arm64", "--kind", "imager", "--arch", "arm64",
+       "--kernel", kernel, "--key", keys.key, "--cache-dir", cache)  # fmt: skip
+    ok("image", "add", "imager", "--kind", "imager", "--kernel", kernel, "--key", keys.key,
+       "--cache-dir", cache)  # fmt: skip
+    arch = {m.manifest.name: m.manifest.boot.arch for m in manifests(cache)}
+    assert arch == {"imager-arm64": "arm64", "imager": "amd64"}
+    raw = {p.read_bytes().count(b'"arch"') for p in (cache / "manifests").iterdir()}
+    assert raw == {0, 1}  # amd64, the default, is not written: old manifests keep their ids
+
+
 def test_add_prints_no_progress_for_small_files(tmp_path: Path, keys: Keys) -> None:
     (tmp_path / "k").write_bytes(os.urandom(MIB))
     result = ok("image", "add", "small", "--kernel", tmp_path / "k", "--key", keys.key,
@@ -361,6 +375,9 @@ BAD_ADD: dict[str, list[str]] = {
     "linux-kind-without-kernel": ["new", "--disk", "{kernel}", "--kind", "linux", "--key",
                                   "{key}"],
     "unknown-kind": ["new", "--kernel", "{kernel}", "--kind", "bsd", "--key", "{key}"],
+    "unknown-arch": ["new", "--kernel", "{kernel}", "--arch", "sparc", "--key", "{key}"],
+    # the imager of each machine's own architecture writes a disk image: it has no CPU
+    "arch-of-a-disk-image": ["new", "--disk", "{kernel}", "--arch", "arm64", "--key", "{key}"],
     "unknown-option": ["new", "--kernel", "{kernel}", "--key", "{key}", "--colour"],
     "missing-key-option": ["new", "--kernel", "{kernel}"],
     "missing-name": ["--kernel", "{kernel}", "--key", "{key}"],
