@@ -32,21 +32,17 @@ from imaging.sb_sign import SbSigner, verify
 from imaging.signing import load_signing_key
 from imaging.uki import DEFAULT_STUB, build_signed_uki, os_release, pe_sections
 from peer.store.content_store import ContentStore
-from tests.lab.boot_servers import PxepeerServer, PxepeerStore, pxepeer, start_pxepeer
-from tests.lab.test_secure_boot import (
-    DISK_MB,
-    DONE,
-    IMAGER_BUILD,
-    MIB,
-    TIMEOUT,
-    _responding,
-    _run,
-    tftp_requests,
-)
+from tests.lab.boot_servers import REPO, PxepeerServer, PxepeerStore, pxepeer, start_pxepeer
+from tests.lab.test_secure_boot import _responding, _run, tftp_requests
 from tests.lab.virtual_store import OVMF_SECURE, VM, Firmware, LabError, VirtualStore
 
 pytestmark = pytest.mark.lab
 
+IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
+MIB = 1024 * 1024
+DISK_MB = 48
+TIMEOUT = 420  # TCG on a shared 2-core runner: the chain ~30 s, then imaging
+DONE = "PXEPEER-IMAGING: done"
 SB_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")
 SB_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
 SB_PASSPHRASE = "snakeoil"
