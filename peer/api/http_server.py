@@ -435,6 +435,9 @@ def build_app(context: HttpContext) -> web.Application:
     app.router.add_get("/v1/boot/{manifest_id:[0-9a-f]{64}}.ipxe", image_script)
     app.router.add_get("/v1/images/{manifest_id:[0-9a-f]{64}}/files/{role}", image_file)
     app.router.add_get("/boot/{name:.+}", first_stage)
+    # GRUB loaded by UEFI HTTP boot (shim mode) reads its bootstrap from its $prefix,
+    # (http,HOST:PORT)/grub: the same names TFTP serves, from the same boot source.
+    app.router.add_get("/{name:grub/.+}", first_stage)
     app.router.add_get("/v1/chunks/{sha256}", chunk)
     # For the imaging agent: read-only, unauthenticated, the content is publisher-signed.
     app.router.add_get("/v1/manifests/{manifest_id:[0-9a-f]{64}}/canonical", manifest_canonical)

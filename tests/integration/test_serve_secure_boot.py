@@ -157,3 +157,18 @@ def test_unassigned_machine_gets_a_grub_menu_defaulting_to_local_disk(site) -> N
     menu = curl(site["cli"], f"{BASE}/boot.grub?mac=52-54-00-00-00-99").decode()
     assert "set default='local'" in menu
     assert "menuentry 'imager 1' --id" in menu and "--id 'local'" in menu
+
+
+def test_uefi_http_boot_gets_shim_by_url_and_grub_finds_its_bootstrap_over_http(site) -> None:
+    """OVMF's HTTP boot (captured DISCOVER, vendor class HTTPClient) is offered shim by
+    URL; shim loads grubx64.efi from the same directory, and that GRUB's $prefix is
+    (http,HOST:8080)/grub, so the bootstrap TFTP serves must be at /grub/grub.cfg too
+    (all seen in the lab: OVMF with Microsoft's keys booted the signed kernel this way)."""
+    cli, chain = site["cli"], site["chain"]
+    discover = request_of("edk2-http-proxy.pcap", port=67, kind=MessageType.DISCOVER)[0]
+    reply = probe(cli, 68, "255.255.255.255:67", discover)
+    assert reply[108:236].rstrip(b"\0") == f"{BASE}/boot/shimx64.efi".encode()
+    for name in ("shimx64.efi", "grubx64.efi"):
+        assert curl(cli, f"{BASE}/boot/{name}") == (chain / name).read_bytes()
+    bootstrap = curl(cli, f"tftp://{SERVER_IP}/grub/grub.cfg")
+    assert curl(cli, f"{BASE}/grub/grub.cfg") == bootstrap
