@@ -124,9 +124,15 @@ def _shim(inputs: Inputs) -> tuple[PxepeerStore, tuple[str, ...]]:
     return store, ("--secure-boot", "shim", "--secure-boot-dir", str(inputs.chain))
 
 
+def _http(inputs: Inputs) -> tuple[PxepeerStore, tuple[str, ...]]:
+    # The ipxe path's server and imager; only the firmware's way to iPXE differs.
+    return _store(inputs, "http", _kernel_imager(inputs)), ()
+
+
 PATHS = {
     "ipxe": BootPath("ipxe", Firmware.EDK2, _ipxe),
     "shim": BootPath("shim", Firmware.EDK2_MS, _shim),
+    "http": BootPath("http", Firmware.EDK2, _http, vm_args=NO_PXE),
 }
 
 
