@@ -351,6 +351,7 @@ def image_list(trust: tuple[Path, ...], as_json: bool, cache_dir: Path) -> None:
                 "name": m.name,
                 "version": m.version,
                 "kind": m.boot.kind.value,
+                "arch": m.boot.arch,
                 "size": m.total_size,
                 "chunks": len(refs),
                 "chunks_held": have,
@@ -363,7 +364,8 @@ def image_list(trust: tuple[Path, ...], as_json: bool, cache_dir: Path) -> None:
             (
                 m.name,
                 m.version,
-                m.boot.kind.value,
+                # The CPU only where it is not the default: `imager/arm64`.
+                m.boot.kind.value + ("" if m.boot.arch == DEFAULT_ARCH else f"/{m.boot.arch}"),
                 f"{m.total_size / 2**20:.1f}MiB",
                 f"{have}/{len(refs)}",
                 signer,

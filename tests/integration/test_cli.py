@@ -233,6 +233,8 @@ def test_add_with_arch_arm64_signs_it_into_the_boot_section(tmp_path: Path, keys
     assert arch == {"imager-arm64": "arm64", "imager": "amd64"}
     raw = {p.read_bytes().count(b'"arch"') for p in (cache / "manifests").iterdir()}
     assert raw == {0, 1}  # amd64, the default, is not written: old manifests keep their ids
+    kinds = {row[0]: row[2] for row in list_rows(cache)[1:]}
+    assert kinds == {"imager-arm64": "imager/arm64", "imager": "imager"}
 
 
 def test_add_prints_no_progress_for_small_files(tmp_path: Path, keys: Keys) -> None:
