@@ -112,8 +112,11 @@ def signed_uki(
     try:
         build_signed_uki(kernel, initrd, cmdline, output, signer,
                          osrel=os_release(name, version), stub=stub)  # fmt: skip
+        ok, said = verify(output, signer.cert_path)
     except (UkiError, SbSignError) as exc:
         raise SecureBootCliError(str(exc)) from None
+    if not ok:
+        raise SecureBootCliError(f"the signed UKI does not verify against --sb-cert: {said}")
     return output
 
 
