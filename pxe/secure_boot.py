@@ -20,6 +20,14 @@ grubx64.efi, then GRUB's /grub/x86_64-efi/{command,fs,crypto,terminal}.lst (abse
 fine) and /grub/grub.cfg; the `-e` tests cost no TFTP request. Everything else (BIOS, iPXE,
 other architectures) is served from the iPXE directory as before. The files come from
 `images/secureboot/fetch.sh OUTDIR` (`--secure-boot-dir OUTDIR`).
+
+UEFI HTTP boot clients (vendor class HTTPClient) get the same chain by URL,
+http://PEER:PORT/boot/shimx64.efi (pxe/dhcp.py maps architecture 16 to 7 and the table
+below). Seen in the lab (OVMF with Microsoft's keys, PXE off): shim asks the same HTTP
+directory for the same names (GET /boot/revocations_*.efi ..., /boot//grubx64.efi),
+and GRUB's $prefix becomes (http,PEER:PORT)/grub, so it reads /grub/grub.cfg over HTTP
+(HEAD, then GET): the HTTP server serves `grub/...` from this source as TFTP does. The
+bootstrap names its device, so it works from either root.
 """
 
 from __future__ import annotations
