@@ -115,6 +115,10 @@ def local_boot_body(reason: str) -> str:
         [
             f"echo {quote('pxepeer: ' + _label(reason) + ': booting from local disk')}",
             f"if search --no-floppy --file --set=pxepeer_disk {REMOVABLE_LOADER}; then",
+            # Upstream GRUB gives the started image $root's device, whatever device the
+            # path names: left at the network, a shim on the disk believes it was
+            # netbooted and asks the network for its GRUB ("Fetching Netboot Image").
+            "    set root=$pxepeer_disk",
             f"    chainloader ($pxepeer_disk){REMOVABLE_LOADER}",
             "    boot",
             "fi",

@@ -11,15 +11,18 @@
 #         SYSLINUX, which reads syslinux.cfg. mbr.bin does not look at the type.
 #   UEFI: the firmware boots the removable-media path \EFI\BOOT\BOOTX64.EFI, which is
 #         what a machine with a fresh NVRAM (no boot entry for this disk) runs; that is
-#         systemd-boot, reading \loader\loader.conf and \loader\entries\demo.conf.
-# Why systemd-boot and not a unified kernel image (the stub + kernel + initrd in one PE):
-# a UKI would carry a second copy of the kernel (~8 MiB) and the initrd in every image
-# the site stores and every machine downloads; systemd-boot (~140 KiB) loads the same
-# vmlinuz and initrd.img SYSLINUX does. A UKI is what Secure Boot with a signed initrd
-# needs; the demo OS is booted without Secure Boot (OVMF without it in the lab).
-# systemd-boot comes from Debian's systemd-boot-efi package, fetched with `apt-get
-# download` and unpacked into the cache with `dpkg-deb -x` like the kernel, never
-# installed.
+#         Debian's shim (signed by Microsoft's UEFI CA), which starts grubx64.efi beside
+#         it, Debian's signed GRUB, which reads \EFI\debian\grub.cfg (its built-in
+#         prefix) and boots Debian's signed kernel.
+# Why shim + GRUB: a store PC has Secure Boot on with Microsoft's keys, and the disk a
+# machine was imaged with must boot there (pxepeer's network GRUB chainloads this same
+# \EFI\BOOT\BOOTX64.EFI once a machine is imaged); shim runs with Secure Boot off too.
+# systemd-boot is unsigned and a unified kernel image would need an organisation's key
+# in db. The initrd is not covered by this chain (GRUB's linux verifies the kernel
+# only); a signed UKI covers it, and images/imager shows that chain.
+# shim-signed and grub-efi-amd64-signed come from the host's Debian release, fetched
+# with `apt-get download` and unpacked into the cache with `dpkg-deb -x` like the
+# kernel, never installed.
 #
 # Made without loop devices or mounts, so it runs unprivileged and in containers: the FAT
 # file system is made in a file of the partition's size (mkfs.fat), filled with mtools,
@@ -29,7 +32,6 @@
 # Environment:
 #   PXEPEER_LAB_CACHE        cache directory (default /var/cache/pxepeer-lab)
 #   PXEPEER_DEMO_DISK_MB     disk size in MiB (default 64)
-#   PXEPEER_SYSTEMD_BOOT_EFI systemd-bootx64.efi to use instead of Debian's package's
 #   SOURCE_DATE_EPOCH        timestamp of every file, in the initramfs and on the FAT
 #                            (default 2000-01-01): the disk is byte-for-byte reproducible
 set -euo pipefail
@@ -54,48 +56,46 @@ check_tools apt-get apt-cache dpkg-deb cpio gzip depmod sha256sum sfdisk mkfs.fa
 [ -f "$mbr_bin" ] || die "$mbr_bin is missing (apt-get install syslinux-common)"
 [ "$disk_mb" -ge 32 ] || die "PXEPEER_DEMO_DISK_MB must be at least 32 (kernel + FAT overhead)"
 
-# Sets sdboot: systemd-boot's x86-64 EFI binary, from PXEPEER_SYSTEMD_BOOT_EFI or from
-# Debian's systemd-boot-efi package (the candidate version, or offline the newest cached).
-systemd_boot() {
-    local pkg=systemd-boot-efi version='' sb_deb='' sb_tree
-    if [ -n "${PXEPEER_SYSTEMD_BOOT_EFI:-}" ]; then
-        sdboot=$PXEPEER_SYSTEMD_BOOT_EFI
-        [ -f "$sdboot" ] || die "PXEPEER_SYSTEMD_BOOT_EFI=$sdboot is not a file"
-        return
-    fi
+# signed_file PKG PATH: sets file to PATH inside the cached, unpacked .deb of PKG (the
+# candidate version, or offline the newest cached one).
+signed_file() {
+    local pkg=$1 path=$2 version='' deb='' tree
     mkdir -p "$cache/debs"
     version=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null |
         awk '/^Version:/ {print $2; exit}')
-    [ -n "$version" ] && sb_deb="$cache/debs/${pkg}_${version//:/%3a}_amd64.deb"
-    if [ -z "$sb_deb" ]; then
-        sb_deb=$(find "$cache/debs" -maxdepth 1 -name "${pkg}_*_amd64.deb" | sort -V | tail -n 1)
-        [ -n "$sb_deb" ] || die "cannot find $pkg: run apt-get update (or set PXEPEER_SYSTEMD_BOOT_EFI)"
+    [ -n "$version" ] && deb="$cache/debs/${pkg}_${version//:/%3a}_amd64.deb"
+    if [ -z "$deb" ]; then
+        deb=$(find "$cache/debs" -maxdepth 1 -name "${pkg}_*_amd64.deb" | sort -V | tail -n 1)
+        [ -n "$deb" ] || die "cannot find $pkg: run apt-get update"
     fi
-    if [ ! -s "$sb_deb" ]; then
+    if [ ! -s "$deb" ]; then
         echo "build.sh: downloading $pkg $version" >&2
-        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2)
-        [ -s "$sb_deb" ] || die "apt-get download did not produce $sb_deb"
+        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg:amd64=$version" >&2)
+        [ -s "$deb" ] || die "apt-get download did not produce $deb"
     fi
-    sb_tree="$cache/unpacked/$(basename "$sb_deb" .deb)"
-    if [ ! -e "$sb_tree/.complete" ]; then
-        rm -rf "$sb_tree"
-        mkdir -p "$sb_tree"
-        dpkg-deb -x "$sb_deb" "$sb_tree"
-        touch "$sb_tree/.complete"
+    tree="$cache/unpacked/$(basename "$deb" .deb)"
+    if [ ! -e "$tree/.complete" ]; then
+        rm -rf "$tree"
+        mkdir -p "$tree"
+        dpkg-deb -x "$deb" "$tree"
+        touch "$tree/.complete"
     fi
-    sdboot="$sb_tree/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
-    [ -f "$sdboot" ] || die "no systemd-bootx64.efi in $sb_deb"
+    file="$tree/$path"
+    [ -f "$file" ] || die "no $path in $deb"
 }
 
 debian_kernel
-systemd_boot
+signed_file shim-signed usr/lib/shim/shimx64.efi.signed
+shim=$file
+signed_file grub-efi-amd64-signed usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
+grub=$file
 
 mkdir -p "$out"
 key=$({
     echo "$deb $epoch $disk_mb"
-    sha256sum "$here/init" "$here/syslinux.cfg" "$here/loader/loader.conf" \
-        "$here/loader/entries/demo.conf" "$0" "$here/../lib/initramfs.sh" \
-        "$busybox" "$mbr_bin" "$(command -v syslinux)" "$sdboot" | cut -d' ' -f1
+    sha256sum "$here/init" "$here/syslinux.cfg" "$here/grub.cfg" "$0" \
+        "$here/../lib/initramfs.sh" "$busybox" "$mbr_bin" "$(command -v syslinux)" \
+        "$shim" "$grub" | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 built="$cache/builds/demo-os-$key"
 if [ ! -e "$built/.complete" ]; then
@@ -110,11 +110,11 @@ if [ ! -e "$built/.complete" ]; then
     install -m 0644 "$tree/boot/vmlinuz-$kver" "$stage/vmlinuz"
     touch -d "@$epoch" "$stage/vmlinuz" "$stage/initrd.img"
     cp "$here/syslinux.cfg" "$stage/syslinux.cfg"
-    cp "$here/loader/loader.conf" "$stage/loader.conf"
-    cp "$here/loader/entries/demo.conf" "$stage/demo.conf"
-    install -m 0644 "$sdboot" "$stage/BOOTX64.EFI"
-    touch -d "@$epoch" "$stage/syslinux.cfg" "$stage/loader.conf" "$stage/demo.conf" \
-        "$stage/BOOTX64.EFI"
+    cp "$here/grub.cfg" "$stage/grub.cfg"
+    install -m 0644 "$shim" "$stage/BOOTX64.EFI"
+    install -m 0644 "$grub" "$stage/grubx64.efi"
+    touch -d "@$epoch" "$stage/syslinux.cfg" "$stage/grub.cfg" "$stage/BOOTX64.EFI" \
+        "$stage/grubx64.efi"
 
     # --- the FAT partition, as a file of its own ------------------------------------------
     part_bytes=$(((disk_mb << 20) - part_start_sectors * 512))
@@ -126,10 +126,9 @@ if [ ! -e "$built/.complete" ]; then
     # -m keeps the (fixed) modification times of the sources.
     mcopy -m -i "$stage/part.img" "$stage/vmlinuz" "$stage/initrd.img" "$stage/syslinux.cfg" ::/
     # The UEFI side. Directories are stamped with SOURCE_DATE_EPOCH by mtools.
-    mmd -i "$stage/part.img" ::/EFI ::/EFI/BOOT ::/loader ::/loader/entries
-    mcopy -m -i "$stage/part.img" "$stage/BOOTX64.EFI" ::/EFI/BOOT/
-    mcopy -m -i "$stage/part.img" "$stage/loader.conf" ::/loader/
-    mcopy -m -i "$stage/part.img" "$stage/demo.conf" ::/loader/entries/
+    mmd -i "$stage/part.img" ::/EFI ::/EFI/BOOT ::/EFI/debian
+    mcopy -m -i "$stage/part.img" "$stage/BOOTX64.EFI" "$stage/grubx64.efi" ::/EFI/BOOT/
+    mcopy -m -i "$stage/part.img" "$stage/grub.cfg" ::/EFI/debian/
     # The mtools installer: writes ldlinux.sys/ldlinux.c32 and the boot sector into the
     # file; no loop device, no mount.
     syslinux --install "$stage/part.img"

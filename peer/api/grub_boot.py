@@ -9,6 +9,9 @@ local disk, the imager with the same command line as the iPXE script's.
 
 from __future__ import annotations
 
+import socket
+import struct
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -147,13 +150,35 @@ async def grub_config(request: web.Request) -> web.Response:
     return _grub(render_decision(request, decision, served, mac, facts.last_imaged))
 
 
-# Known open problem (seen in the lab): GRUB's TCP starts every boot at source port 21550
-# with a sequence number of about the milliseconds since GRUB started, so a machine that
-# boots again while this server still holds state for its last boot's connection (in
-# TIME_WAIT if the server closed it first, or ESTABLISHED) gets an ACK it does not
-# handle and says "cannot load". So the server never closes GRUB's connections first
-# (GRUB closes them itself once a file is read); forcing a close made it worse.
+# GRUB's TCP starts every boot at source port 21550 with a sequence number of about the
+# milliseconds since GRUB started (grub-core/net/tcp.c), so a machine's next boot reuses
+# the 4-tuple of its last boot's first connection, with a sequence number that may be
+# below the old one. GRUB never closes its /boot.grub connection; if this server still
+# holds it (ESTABLISHED within the keep-alive time, then FIN_WAIT2 for 60 s after its own
+# close), Linux answers the new SYN with a bare ACK, which GRUB ignores: "cannot load"
+# (seen in the lab, imaging then booting the disk within a minute). So every connection
+# GRUB opens gets SO_LINGER 0: when aiohttp closes it (idle past the keep-alive timeout,
+# or after GRUB's own FIN once a file is read: all data acknowledged either way) the
+# close is a reset and the server keeps no state for the next boot to collide with.
+GRUB_USER_AGENT = "GRUB "
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+@web.middleware
+async def grub_connections_reset_on_close(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.headers.get("User-Agent", "").startswith(GRUB_USER_AGENT):
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass  # the connection is already gone
+    return await handler(request)
 
 
 def add_grub_routes(app: web.Application) -> None:
+    app.middlewares.append(grub_connections_reset_on_close)
     app.router.add_get(GRUB_CONFIG_PATH, grub_config)

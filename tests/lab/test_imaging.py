@@ -11,7 +11,7 @@ assigned a disk image boots the imager with pxepeer.server and pxepeer.image add
 QEMU is started with -no-reboot, so the agent's final reboot ends the first QEMU; the
 test then starts the same disk again, without a network, and waits for the demo OS's
 marker: a BIOS machine through the MBR and SYSLINUX, a UEFI machine (OVMF, its NVRAM as
-imaging left it) through the disk's EFI System Partition and systemd-boot. The demo OS
+imaging left it) through the disk's EFI System Partition, shim and GRUB. The demo OS
 says which firmware started it. The disk is compared byte for byte with the image.
 """
 

@@ -5,13 +5,17 @@ The machine: OVMF with Secure Boot on and Microsoft's keys (OVMF_CODE_4M.ms.fd a
 copy of OVMF_VARS_4M.ms.fd, q35 with SMM), a virtio NIC without an option ROM, so
 OVMF's own PXE client boots, as on a store PC. The site: one `pxepeer serve
 --secure-boot shim` (a site of one) beside the store router's DHCP, its store holding a
-disk image assigned to the machine and the imager (images/imager/build.sh --trust, on
-Debian's signed kernel). The chain: shim (Debian's, Microsoft-signed) over TFTP, then
+disk image assigned to the machine (the demo OS, images/demo-os: shim + Debian's signed
+GRUB and kernel on its ESP) and the imager (images/imager/build.sh --trust, on Debian's
+signed kernel). The chain: shim (Debian's, Microsoft-signed) over TFTP, then
 Debian's signed network GRUB (trixie's), GRUB's bootstrap config over TFTP, this
 machine's config from /boot.grub over HTTP, the signed kernel and the imager's initrd
 over HTTP. The test fails fast on the firmware's "Access Denied" (an unsigned loader),
 checks inside the VM that Secure Boot is on (the kernel's EFI stub and the imager's own
-line, read from the firmware), and that the disk holds the image byte for byte.
+line, read from the firmware), and that the disk holds the image byte for byte. Then
+the machine is powered on again with its disk: it network-boots as before, pxepeer's
+GRUB configuration now sends it to its disk, GRUB chainloads the disk's
+EFI/BOOT/BOOTX64.EFI (shim), and the demo OS boots with Secure Boot still on.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ pytestmark = pytest.mark.lab
 
 FETCH = REPO / "images" / "secureboot" / "fetch.sh"
 IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
+DEMO_BUILD = REPO / "images" / "demo-os" / "build.sh"
 MAC = "52:54:00:77:5b:01"
 DISK = "sb-disk"
 IMAGER = "imager"
-MIB = 1024 * 1024
 DISK_MB = 48
 TIMEOUT = 420  # TCG on a shared 2-core runner: the chain ~30 s, then imaging
 DONE = "PXEPEER-IMAGING: done"
@@ -65,17 +69,13 @@ def secure_boot_files(tmp_path_factory: pytest.TempPathFactory) -> SecureBootFil
     pxepeer("keys", "new", "--out", str(keys))
     _run("bash", str(FETCH), str(out / "chain"))
     _run("bash", str(IMAGER_BUILD), str(out / "imager"), "--trust", str(keys / "publisher.pub"))
-    # A disk image with data at both ends and zeros between, as disk images are.
-    disk = out / "disk.raw"
-    with open(disk, "wb") as f:
-        f.truncate(32 * MIB)
-        f.write(os.urandom(4 * MIB))
-        f.seek(20 * MIB)
-        f.write(os.urandom(MIB))
-        f.seek(32 * MIB - 16)
-        f.write(b"end of the disk.")
-    return SecureBootFiles(out / "chain", out / "imager" / "vmlinuz",
-                           out / "imager" / "initrd.img", disk, keys)  # fmt: skip
+    result = subprocess.run(["bash", str(DEMO_BUILD), str(out / "demo")], capture_output=True,
+                            text=True, env=dict(os.environ, PXEPEER_DEMO_DISK_MB="32"))  # fmt: skip
+    if result.returncode != 0:
+        raise LabError(f"demo OS build failed:\n{result.stderr[-3000:]}")
+    imager = out / "imager"
+    return SecureBootFiles(out / "chain", imager / "vmlinuz", imager / "initrd.img",
+                           out / "demo" / "disk.raw", keys)  # fmt: skip
 
 
 def _store(workdir: Path, files: SecureBootFiles) -> PxepeerStore:
@@ -175,3 +175,8 @@ def test_secure_boot_pc_with_microsoft_keys_boots_shim_grub_and_images_its_disk(
     # Imaged: its next network boot goes to its disk, not into the imager again.
     config = lab.http_get(f"{server.base_url}/boot.grub?mac={MAC}").decode()
     assert "chainloader" in config and "pxepeer.server=" not in config, config
+    again = lab.boot_vm("sb", Firmware.EDK2_MS, MAC, disk_mb=DISK_MB, keep_disk=True)
+    _wait(again, server, r"PXEPEER-DEMO-OS: booted from disk", TIMEOUT)
+    _wait(again, server, r"PXEPEER-DEMO-OS: secure boot enabled", 60)
+    assert again.serial.first(r"PXEPEER-IMAGER") is None, again.serial.tail(40)
+    assert again.wait_exit(timeout=60) == 0  # the demo OS powers off

@@ -102,7 +102,9 @@ def test_local_boot_starts_the_disks_removable_loader_and_falls_back_to_the_firm
     golden("local.cfg", text)
     lines = text.splitlines()
     assert "if search --no-floppy --file --set=pxepeer_disk /EFI/BOOT/BOOTX64.EFI; then" in lines
-    assert "    chainloader ($pxepeer_disk)/EFI/BOOT/BOOTX64.EFI" in lines
+    # $root moves to the disk first: the started loader gets $root's device as its own.
+    root = lines.index("    set root=$pxepeer_disk")
+    assert lines[root + 1] == "    chainloader ($pxepeer_disk)/EFI/BOOT/BOOTX64.EFI"
     assert lines[-1] == "exit"
 
 
