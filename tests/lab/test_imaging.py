@@ -206,7 +206,7 @@ def boot_from_disk(lab: VirtualStore, vm: VM) -> VM:
     serial.write_bytes(b"")
     disk = vm.workdir / "disk.raw"
     args = [
-        QEMU, "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
+        QEMU, "-accel", "tcg", "-m", "512", "-nographic", "-monitor", "none",
         "-serial", f"file:{serial}", "-no-reboot", "-net", "none",
     ]  # fmt: skip
     if vm.firmware is Firmware.BIOS:
