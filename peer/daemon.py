@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from peer.api.imaging_api import ImagingApi, add_imaging_routes
 from peer.api.peer_api import add_peer_routes
 from peer.core.boot_progress import BootProgress, Stage
 from peer.core.identity import IdentityError
+from peer.core.rate_schedule import RateSchedule, as_schedule, limit_status
 from peer.core.rejections import Rejections
+from peer.core.throttle import ScheduledBucket
 from peer.store.content_store import ContentStore, StoreError
 from peer.store.image_library import ImageLibrary
 from peer.store.node_identity import IdentityFileError, NodeIdentity, load_identity
@@ -79,7 +82,8 @@ class ServeConfig:
     site: str | None = None  # default: the interface's subnet
     origin_url: str | None = None
     static_peers: tuple[str, ...] = ()
-    wan_rate: float = 0.0  # bytes per second
+    wan_rate: float | RateSchedule = 0.0  # bytes per second (0: no cap), or a schedule
+    lan_rate: float | RateSchedule = 0.0  # cap on what this peer serves over HTTP
     responders: int = 1
     mdns: bool = True
     discovery_zone: str | None = None  # --discovery dns:ZONE
@@ -194,6 +198,9 @@ class Daemon:
             credentials=self.credentials,
         )
         self.library = ImageLibrary(self.site)
+        # --lan-rate: None when never capped, so chunks keep going out by sendfile.
+        lan = as_schedule(config.lan_rate)
+        self.lan_limit = None if lan.is_constant and lan.default is None else ScheduledBucket(lan)
         self._runner: web.AppRunner | None = None
         self.http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
@@ -307,6 +314,7 @@ class Daemon:
             status=self.status,
             on_chunk_served=self._count_served,
             on_chunk_lost=self.site.chunk_lost,
+            lan_limit=self.lan_limit,
         )
         app = build_app(context)
         add_peer_routes(app, self.site)
@@ -462,4 +470,9 @@ class Daemon:
             "site": self.site.status(),
             "imaging": self.imaging.status() if self.imaging is not None else [],
             "dns_discovery": self.dns_discovery.status() if self.dns_discovery else None,
+            # --wan-rate and --lan-rate as configured and in force now (local time).
+            "rate_limits": {
+                "wan": limit_status(as_schedule(cfg.wan_rate), datetime.now()),
+                "lan": limit_status(as_schedule(cfg.lan_rate), datetime.now()),
+            },
         }

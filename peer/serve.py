@@ -17,6 +17,7 @@ from peer.adapters.dns_discovery import (
     system_nameservers,
     validate_zone,
 )
+from peer.core.rate_schedule import ScheduleError, parse_rate_value, parse_schedule
 from pxe.boot_policy import LOCAL_BOOT
 from pxe.dhcp import DhcpMode
 from pxe.leases import PoolError, parse_pool_range
@@ -24,17 +25,14 @@ from pxe.netif import InterfaceError, interface_ipv4, interface_mtu
 from pxe.secure_boot import SecureBootMode
 
 PEER_ENDPOINT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
-RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgG]?)(bit|b|B|)(?:/s|ps)?$")
 
 
 def parse_rate(text: str) -> float:
-    """Bytes per second from '20Mbit', '2.5MB', '500k' (bytes), '0'."""
-    match = RATE.match(text.strip())
-    if not match:
-        raise ValueError(f"--wan-rate {text!r}: want e.g. 20Mbit or 2.5MB")
-    number, prefix, unit = match.groups()
-    value = float(number) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[prefix.lower()]
-    return value / 8 if unit == "bit" or unit == "b" else value
+    """Bytes per second from '20Mbit', '2.5MB', '500k' (bytes), '0' (no cap: 0)."""
+    try:
+        return parse_rate_value(text) or 0.0
+    except ScheduleError:
+        raise ValueError(f"--wan-rate {text!r}: want e.g. 20Mbit or 2.5MB") from None
 
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?B)?$")
@@ -164,9 +162,18 @@ class ServeUsageError(click.ClickException):
 )
 @click.option(
     "--wan-rate",
-    metavar="RATE",
+    metavar="RATE|SCHEDULE",
     default="0",
-    help="Cap on origin downloads, e.g. 20Mbit, 2.5MB (per second); 0 = no cap.",
+    help="Cap on origin downloads, e.g. 20Mbit, 2.5MB (per second); 0 = no cap. A schedule "
+    "by the store's local time: '2Mbit Mon-Fri 08:00-20:00, 50Mbit' (first window that "
+    "covers the time wins; the entry without days or window is the default).",
+)
+@click.option(
+    "--lan-rate",
+    metavar="RATE|SCHEDULE",
+    default="0",
+    help="Cap on what this peer serves to peers and machines over HTTP (chunks, image "
+    "files), same syntax as --wan-rate; 0 = no cap.",
 )
 @click.option("--responders", type=click.IntRange(1, 8), default=1, show_default=True,
               help="How many peers answer PXE at once.")  # fmt: skip
@@ -209,6 +216,7 @@ def serve(
     origin: str | None,
     peers: tuple[str, ...],
     wan_rate: str,
+    lan_rate: str,
     responders: int,
     mdns: bool,
     discovery: str,
@@ -258,7 +266,8 @@ def serve(
         raise ServeUsageError("--pool only applies with --dhcp full")
 
     try:
-        rate = parse_rate(wan_rate)
+        wan_schedule = parse_schedule(wan_rate, "--wan-rate")
+        lan_schedule = parse_schedule(lan_rate, "--lan-rate")
         quota_bytes = parse_size(quota)
     except ValueError as exc:
         raise ServeUsageError(str(exc)) from None
@@ -298,7 +307,8 @@ def serve(
         site=site,
         origin_url=origin,
         static_peers=peers,
-        wan_rate=rate,
+        wan_rate=wan_schedule,
+        lan_rate=lan_schedule,
         responders=responders,
         mdns=mdns and discovery_kind == "mdns",
         discovery_zone=zone,

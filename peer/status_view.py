@@ -52,6 +52,22 @@ def _rejected_lines(doc: dict) -> list[str]:
     return lines
 
 
+def _rate_lines(doc: dict) -> list[str]:
+    """--wan-rate and --lan-rate: the cap now, and the schedule when there is one."""
+    out = []
+    limits = doc.get("rate_limits") or {}
+    for key, label in (("wan", "WAN rate (origin downloads)"), ("lan", "LAN rate (serving)")):
+        limit = limits.get(key)
+        if not isinstance(limit, dict):
+            continue
+        line = f"{label}: {limit.get('rate_text')}"
+        if limit.get("next_change"):
+            line += f" until {limit['next_change']}, then {limit.get('next_rate_text')}"
+            line += f"  (schedule: {limit.get('schedule')})"
+        out.append(line)
+    return out
+
+
 def render_status(doc: dict) -> str:
     site = doc.get("site") or {}
     lines = [
@@ -75,6 +91,7 @@ def render_status(doc: dict) -> str:
         if catalog
         else "catalog: none"
     )
+    lines.extend(_rate_lines(doc))
     lines.append("")
     lines.append(
         f"{'PEER':<18}{'ADDRESS':<22}{'ROLE':<11}{'WAN IN':>12}{'LAN IN':>12}{'LAN OUT':>12}"

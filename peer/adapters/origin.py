@@ -4,20 +4,24 @@ The catalog is polled with If-None-Match, so an unchanged catalog costs one smal
 request. Chunk downloads go through the token bucket and the delay controller: each
 response's time to first byte is a round-trip sample, and the body is read in slices
 that each wait for their budget, so `--wan-rate` holds over any interval longer than
-a slice.
+a slice. A `--wan-rate` schedule is read again at each slice (cheaply: the schedule
+itself is consulted only at window edges and once a minute), so a long download slows
+down or speeds up at the edge of a window without being restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import aiohttp
 
 from imaging.origin_layout import CATALOG, chunk_path, manifest_path
-from peer.core.throttle import DelayController, TokenBucket
+from peer.core.rate_schedule import RateSchedule
+from peer.core.throttle import DelayController, ScheduledRate, TokenBucket
 
 SLICE = 64 * 1024
 
@@ -38,26 +42,49 @@ class OriginStats:
 class OriginClient:
     base_url: str
     session: aiohttp.ClientSession
-    wan_rate: float = 0.0  # bytes per second, 0 = unlimited
+    # Bytes per second (0 = unlimited) or a schedule of them; after construction
+    # `wan_rate` is the site's rate the schedule sets now.
+    wan_rate: float | RateSchedule = 0.0
     timeout: float = 60.0
     stats: OriginStats = field(default_factory=OriginStats)
+    clock: Callable[[], datetime] = datetime.now  # the store's local wall clock
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
+        if not isinstance(self.wan_rate, RateSchedule):
+            self.wan_rate = RateSchedule.constant(self.wan_rate)
+        self.limit = ScheduledRate(self.wan_rate)
+        self.limit.update(self.clock())
+        self.wan_rate = self.limit.rate
         self.bucket = TokenBucket(self.wan_rate, burst=max(self.wan_rate * 0.25, SLICE))
         self.controller = DelayController(self.wan_rate)
+        self._share = 1
         self._catalog_etag: str | None = None
 
     @property
     def current_rate(self) -> float:
         return self.bucket.rate
 
+    def follow_schedule(self) -> None:
+        """At a window edge, the new rate applies at once (in full: the delay
+        controller backs off again if the link cannot take it)."""
+        if not self.limit.update(self.clock()):
+            return
+        self.wan_rate = rate = self.limit.rate
+        cap = rate / self._share
+        self.controller.max_rate = self.controller.rate = cap
+        self.bucket.set_rate(cap)
+        self.bucket.burst = max(rate * 0.25, SLICE)
+        self.bucket.tokens = min(self.bucket.tokens, self.bucket.burst)
+
     def set_share(self, peers_fetching: int) -> None:
         """`--wan-rate` is the site's: with N peers pulling from the origin at once, each
         takes 1/N of it, so the store's uplink sees the configured rate, not N times it."""
+        self._share = max(peers_fetching, 1)
+        self.follow_schedule()
         if self.wan_rate <= 0:
             return
-        cap = self.wan_rate / max(peers_fetching, 1)
+        cap = self.wan_rate / self._share
         if cap != self.controller.max_rate:
             self.controller.max_rate = cap
             self.controller.rate = min(self.controller.rate, cap) or cap
@@ -76,6 +103,7 @@ class OriginClient:
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=30)
             ) as resp:
                 rtt = time.monotonic() - sent
+                self.follow_schedule()
                 if self.wan_rate > 0:
                     self.bucket.set_rate(self.controller.observe(rtt, time.monotonic()))
                 if resp.status == 304:
@@ -92,6 +120,7 @@ class OriginClient:
                         raise OriginError(f"{url}: more than {max_bytes} bytes")
                     parts.append(piece)
                     self.stats.bytes += len(piece)
+                    self.follow_schedule()
                     wait = self.bucket.delay_for(len(piece), time.monotonic())
                     if wait > 0:
                         await asyncio.sleep(wait)

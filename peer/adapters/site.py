@@ -53,6 +53,7 @@ from peer.core.machine_records import (
     parse_book,
 )
 from peer.core.peer_auth import AuthError
+from peer.core.rate_schedule import RateSchedule
 from peer.core.rejections import Rejections
 from peer.core.site_core import (
     Announce,
@@ -107,7 +108,7 @@ class SiteConfig:
     can_answer_pxe: bool
     origin_url: str | None = None
     static_peers: tuple[str, ...] = ()
-    wan_rate: float = 0.0
+    wan_rate: float | RateSchedule = 0.0  # bytes per second (0: no cap), or a schedule
     responders: int = 1
     mdns: bool = True
     catalog_poll_seconds: float = 15.0

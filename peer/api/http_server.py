@@ -9,8 +9,10 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from aiohttp import web
 
@@ -20,6 +22,7 @@ from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.imaging_api import MachineFacts, machine_facts
 from peer.api.metrics import render_metrics
 from peer.core.boot_progress import BootProgress, Stage
+from peer.core.throttle import ScheduledBucket
 from peer.store.content_store import ChunkLost, ContentStore
 from peer.store.image_library import ImageLibrary, ServedImage
 from pxe.boot_policy import (
@@ -49,6 +52,8 @@ log = logging.getLogger("pxepeer.http")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAC = re.compile(r"^([0-9a-f]{2}[:-]){5}[0-9a-f]{2}$")
 WRITE_SLICE = 1 << 20
+# Under a --lan-rate cap responses go out in pieces this size, each waiting its turn.
+CAPPED_SLICE = 64 * 1024
 # A unified kernel image (kernel, initrd and command line in one signed PE) is the
 # machine's kernel stage: it is the one file the firmware loads.
 ROLE_STAGE = {"kernel": Stage.KERNEL, "initrd": Stage.INITRD, "uki": Stage.KERNEL}
@@ -67,6 +72,30 @@ class HttpContext:
     # A chunk found damaged or gone while serving: the site clears its bit, tells its
     # peers and fetches it again.
     on_chunk_lost: Callable[[str], None] = lambda sha: None
+    # --lan-rate: one bucket for everything this peer serves to peers and machines
+    # (chunks and image files); None or a rate of 0 now: no cap, chunks go by sendfile.
+    lan_limit: ScheduledBucket | None = None
+
+
+def _lan_rate(ctx: HttpContext) -> float:
+    """The --lan-rate cap in bytes per second now; 0: none."""
+    return ctx.lan_limit.rate(datetime.now()) if ctx.lan_limit is not None else 0.0
+
+
+async def _write(response: web.StreamResponse, data: bytes | memoryview, ctx: HttpContext) -> None:
+    """Write `data`, in paced pieces while a --lan-rate cap is in force. The cap is
+    looked up per piece, so a long download follows the schedule's window edges."""
+    limit = ctx.lan_limit
+    if limit is None or limit.rate(datetime.now()) <= 0:
+        await response.write(data)
+        return
+    view = memoryview(data)
+    for pos in range(0, len(view), CAPPED_SLICE):
+        piece = view[pos : pos + CAPPED_SLICE]
+        wait = limit.delay_for(len(piece), time.monotonic(), datetime.now())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await response.write(piece)
 
 
 CONTEXT = web.AppKey("context", HttpContext)
@@ -252,6 +281,7 @@ async def _write_range(
     chunk_size: int,
     start: int,
     stop: int,
+    ctx: HttpContext,
 ) -> None:
     loop = asyncio.get_running_loop()
     offset = 0
@@ -268,14 +298,14 @@ async def _write_range(
             if len(zeros) < min(WRITE_SLICE, hi - lo):
                 zeros = bytes(min(WRITE_SLICE, chunk_size))
             for pos in range(lo, hi, WRITE_SLICE):
-                await response.write(zeros[: min(WRITE_SLICE, hi - pos)])
+                await _write(response, zeros[: min(WRITE_SLICE, hi - pos)], ctx)
             continue
         # Every chunk is hashed again on its way out: a bit flipped on this disk must not
         # reach a machine. A bad chunk ends the response early, which clients see as failure.
         data = await loop.run_in_executor(None, store.read_chunk, ref.sha256)
         view = memoryview(data)
         for pos in range(lo, hi, WRITE_SLICE):
-            await response.write(view[pos : min(hi, pos + WRITE_SLICE)])
+            await _write(response, view[pos : min(hi, pos + WRITE_SLICE)], ctx)
 
 
 async def image_file(request: web.Request) -> web.StreamResponse:
@@ -313,7 +343,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         return response
     try:
-        await _write_range(response, ctx.store, entry, image.manifest.chunk_size, start, stop)
+        await _write_range(response, ctx.store, entry, image.manifest.chunk_size, start, stop, ctx)
     except ChunkLost as exc:
         # The response is cut short, which the client sees as a failure (the length was
         # promised), and the chunk is fetched again from the site.
@@ -406,7 +436,28 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     # re-hashing 4 MiB here per request would halve what a peer can serve.
     with contextlib.suppress(OSError):
         ctx.on_chunk_served(ctx.store.chunk_path(sha).stat().st_size)
-    return web.FileResponse(ctx.store.chunk_path(sha), headers={"Cache-Control": "immutable"})
+    if _lan_rate(ctx) <= 0:
+        return web.FileResponse(ctx.store.chunk_path(sha), headers={"Cache-Control": "immutable"})
+    return await _capped_chunk(request, ctx, sha)
+
+
+async def _capped_chunk(request: web.Request, ctx: HttpContext, sha: str) -> web.StreamResponse:
+    """A chunk under a --lan-rate cap: read whole (chunks are a few MiB at most) and
+    written in paced pieces, where sendfile would hand the kernel the lot at once."""
+    path = ctx.store.chunk_path(sha)
+    try:
+        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+    except OSError:
+        raise web.HTTPNotFound() from None
+    response = web.StreamResponse(
+        headers={"Cache-Control": "immutable", "Content-Type": "application/octet-stream"}
+    )
+    response.content_length = len(data)
+    await response.prepare(request)
+    if request.method != "HEAD":
+        await _write(response, data, ctx)
+    await response.write_eof()
+    return response
 
 
 async def status(request: web.Request) -> web.Response:

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from peer.core.rate_schedule import RateSchedule
+
+# However far away the next window edge is, the schedule is read again after this long:
+# a wall clock set forward or back is noticed within a minute.
+RECHECK = timedelta(minutes=1)
 
 
 @dataclass
@@ -77,3 +84,59 @@ class DelayController:
             self.rate = min(self.rate + self.max_rate * 0.05, self.max_rate)
         self._last_change = now
         return self.rate
+
+
+@dataclass
+class ScheduledRate:
+    """The rate a schedule sets now, read again at each window edge and at least every
+    minute, so a running transfer changes speed at the edge without being restarted."""
+
+    schedule: RateSchedule
+    rate: float = field(init=False, default=0.0)  # bytes per second; 0: no cap
+    next_change: datetime | None = field(init=False, default=None)
+    _checked: datetime | None = field(init=False, default=None)
+    _recheck: datetime | None = field(init=False, default=None)
+
+    def update(self, now: datetime) -> bool:
+        """Re-read the schedule if it is time to; True when the rate changed."""
+        if (
+            self._recheck is not None
+            and self._checked is not None
+            and self._checked <= now < self._recheck
+        ):
+            return False
+        rate = self.schedule.rate_at(now) or 0.0
+        self.next_change = self.schedule.next_change(now)
+        self._checked = now
+        self._recheck = now + RECHECK
+        if self.next_change is not None and self.next_change < self._recheck:
+            self._recheck = self.next_change
+        changed = rate != self.rate
+        self.rate = rate
+        return changed
+
+
+@dataclass
+class ScheduledBucket:
+    """A token bucket whose rate follows a schedule: `--lan-rate`, the cap on what this
+    peer serves to others, shared by every response it is sending."""
+
+    schedule: RateSchedule
+    min_burst: float = 64 * 1024
+
+    def __post_init__(self) -> None:
+        self.limit = ScheduledRate(self.schedule)
+        self.bucket = TokenBucket(0.0, burst=self.min_burst)
+
+    def rate(self, wall: datetime) -> float:
+        """Bytes per second now; 0: no cap."""
+        if self.limit.update(wall):
+            self.bucket.set_rate(self.limit.rate)
+            self.bucket.burst = max(self.limit.rate * 0.25, self.min_burst)
+            self.bucket.tokens = min(self.bucket.tokens, self.bucket.burst)
+        return self.limit.rate
+
+    def delay_for(self, nbytes: int, now: float, wall: datetime) -> float:
+        """Seconds to wait before sending `nbytes` (monotonic `now`, wall-clock `wall`)."""
+        self.rate(wall)
+        return self.bucket.delay_for(nbytes, now)
