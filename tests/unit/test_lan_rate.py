@@ -74,3 +74,35 @@ def test_an_uncapped_peer_and_a_no_cap_window_send_the_chunk_at_full_speed(
     limit = ScheduledBucket(parse_schedule("0 Mon-Sun, 1kB", "--lan-rate"))
     elapsed, body, _ = asyncio.run(_fetch_chunk(store, sha, limit))
     assert body == data and elapsed < 1.0
+
+
+def test_image_file_bytes_go_out_in_paced_pieces_under_a_cap(tmp_path: Path) -> None:
+    """What image files (kernels, initrds, disk images) are written through."""
+    from peer.api.http_server import CAPPED_SLICE, _write
+
+    class Sink:
+        def __init__(self) -> None:
+            self.pieces: list[bytes] = []
+
+        async def write(self, data: bytes) -> None:
+            self.pieces.append(bytes(data))
+
+    def context(lan_rate: str) -> HttpContext:
+        return HttpContext(
+            store=ContentStore(tmp_path / "c"), library=None, progress=BootProgress(),  # type: ignore[arg-type]
+            boot_source=None, boot_default="local", menu_timeout_ms=0, status=dict,
+            lan_limit=ScheduledBucket(parse_schedule(lan_rate, "--lan-rate")),
+        )  # fmt: skip
+
+    data = os.urandom(1 << 20)
+    sink = Sink()
+    started = time.monotonic()
+    asyncio.run(_write(sink, data, context("2MB")))  # type: ignore[arg-type]
+    elapsed = time.monotonic() - started
+    assert b"".join(sink.pieces) == data
+    assert max(map(len, sink.pieces)) == CAPPED_SLICE
+    # 0.5 MB of burst, then the rest at 2 MB/s.
+    assert 0.22 <= elapsed < 1.0, elapsed
+    uncapped = Sink()
+    asyncio.run(_write(uncapped, data, context("0")))  # type: ignore[arg-type]
+    assert uncapped.pieces == [data]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import string
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from peer.core.rate_schedule import (
 )
 from peer.core.throttle import ScheduledBucket, ScheduledRate
 from peer.serve import parse_rate
+from peer.status_view import render_status
 
 MBIT = 1e6 / 8
 # 2026-11-30 is a Monday.
@@ -301,3 +303,42 @@ def test_lan_bucket_follows_the_schedule_with_an_injected_clock() -> None:
     # A full bucket (0.25 s of rate) then 1 s of debt per MB.
     assert bucket.delay_for(1_250_000, 10.0, at(0, 8)) == pytest.approx(1.0)
     assert bucket.delay_for(0, 10.0, at(0, 20)) == 0.0  # 20:00: no cap again
+
+
+# -- the command line and pxepeer status --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--wan-rate", "2Mbit 08:00-20:00"], "--wan-rate '2Mbit 08:00-20:00': no default rate"),
+     (["--wan-rate", "fast"], "--wan-rate 'fast': 'fast' is not RATE [DAYS] [HH:MM-HH:MM]"),
+     (["--lan-rate", "1MB 09:00-25:00, 0"], "--lan-rate '1MB 09:00-25:00, 0': '25:00'")],
+)  # fmt: skip
+def test_a_bad_rate_option_is_one_line_and_exit_2(tmp_path: Path, args, message) -> None:
+    from click.testing import CliRunner
+
+    from peer.serve import serve
+
+    result = CliRunner().invoke(
+        serve, ["--trust", str(tmp_path / "k.pub"), "--cache-dir", str(tmp_path / "c"), *args]
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_pxepeer_status_shows_both_limits_and_the_next_change() -> None:
+    wan = parse_schedule("2Mbit/s 08:00-20:00, 50Mbit/s")
+    doc = {
+        "site": {"site": "lab", "peers": []},
+        "rate_limits": {
+            "wan": limit_status(wan, at(0, 9)),
+            "lan": limit_status(parse_schedule("0", "--lan-rate"), at(0, 9)),
+        },
+    }
+    text = render_status(doc)
+    assert (
+        "WAN rate (origin downloads): 2 Mbit/s until 2026-11-30T20:00, then 50 Mbit/s"
+        "  (schedule: 2Mbit/s 08:00-20:00, 50Mbit/s)"
+    ) in text
+    assert "LAN rate (serving): no cap\n" in text
