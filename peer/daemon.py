@@ -18,12 +18,14 @@ from aiohttp import web
 
 from imaging.signing import KeyFileError, PublicKey, TrustedKeys, load_public_keys
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
+from peer.adapters.metrics_registry import PeerMetrics
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.site import Site, SiteConfig
 from peer.api.grub_boot import GRUB_CONFIG_PATH, GRUB_HTTP_PORT, add_grub_routes
 from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_open_files_limit
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
+from peer.api.metrics import METRICS
 from peer.api.peer_api import add_peer_routes
 from peer.core.boot_progress import BootProgress, Stage
 from peer.core.identity import IdentityError
@@ -50,7 +52,7 @@ from pxe.secure_boot import (
     with_org_ipxe,
     with_shim,
 )
-from pxe.tftp_server import TftpEvent, TftpServer
+from pxe.tftp_server import TftpEvent, TftpEventKind, TftpServer
 
 log = logging.getLogger("pxepeer.daemon")
 
@@ -202,6 +204,9 @@ class Daemon:
         lan = as_schedule(config.lan_rate)
         self.lan_limit = None if lan.is_constant and lan.default is None else ScheduledBucket(lan)
         self._runner: web.AppRunner | None = None
+        # This daemon's own registry: several daemons may share a process (tests).
+        self.metrics = PeerMetrics(self.status)
+        self.site.on_chunk_fetch = self.metrics.chunk_fetched
         self.http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
         self.dns_discovery: DnsDiscovery | None = None
@@ -285,6 +290,8 @@ class Daemon:
             ip=event.client[0],
             detail=f"{event.filename} {event.kind.value} ({event.bytes_sent} bytes)",
         )
+        if event.kind not in (TftpEventKind.STARTED, TftpEventKind.REFUSED):
+            self.metrics.tftp_transfer_ended(event.kind.value, event.seconds)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -317,6 +324,7 @@ class Daemon:
             lan_limit=self.lan_limit,
         )
         app = build_app(context)
+        app[METRICS] = self.metrics
         add_peer_routes(app, self.site)
         self.imaging = add_imaging_routes(
             app, self.site, self.library, self.store, self.progress, self.rejections
@@ -327,7 +335,7 @@ class Daemon:
         # (peer/api/http_guard.py): a LAN full of half-open connections must not starve us.
         self.http_guard = guard = HttpGuard(open_files=raise_open_files_limit())
         guard.install(app)
-        self._runner = web.AppRunner(app, access_log=None, **guard.runner_kwargs())
+        self._runner = web.AppRunner(app, **self.metrics.runner_kwargs(), **guard.runner_kwargs())
         await self._runner.setup()
         hosts = listen_addresses(str(cfg.address.ip) if cfg.address else None, cfg.listen)
         ports = [cfg.http_port]
@@ -392,6 +400,7 @@ class Daemon:
                 pool=pool,
                 on_decision=self._on_dhcp,
                 enabled=self.site.is_responder,
+                on_reply_sent=self.metrics.dhcp_reply_sent,
             )
             try:
                 await self.dhcp.start()

@@ -51,6 +51,8 @@ class DhcpStats:
 
 
 DecisionHook = Callable[[ClientInfo, Reply | None, int], None]
+# Seconds from a request received to its reply sent (the daemon feeds a histogram).
+LatencyHook = Callable[[float], None]
 
 
 def open_dhcp_socket(device: str, port: int) -> socket.socket:
@@ -96,12 +98,14 @@ class DhcpResponder:
         ports: tuple[int, ...] = (SERVER_PORT, PXE_PORT),
         on_decision: DecisionHook | None = None,
         enabled: Callable[[], bool] = lambda: True,
+        on_reply_sent: LatencyHook | None = None,
     ):
         if mode is DhcpMode.FULL and pool is None:
             raise ValueError("full-DHCP mode needs a lease pool")
         self.device, self.targets, self.mode, self.pool = device, targets, mode, pool
         self.ports = ports
         self.on_decision = on_decision
+        self.on_reply_sent = on_reply_sent
         # The daemon may hold a responder open while another peer is the elected one.
         self.enabled = enabled
         self.stats = DhcpStats()
@@ -134,6 +138,7 @@ class DhcpResponder:
         self._endpoints.clear()
 
     def handle_datagram(self, endpoint: _Endpoint, data: bytes, addr: tuple[str, int]) -> None:
+        received = time.monotonic()
         self.stats.received += 1
         try:
             info = parse_client(data)
@@ -173,7 +178,11 @@ class DhcpResponder:
                 fields,
                 reply.reason,
             )
-            self._send(endpoint, reply)
+            if self._send(endpoint, reply) and self.on_reply_sent is not None:
+                try:
+                    self.on_reply_sent(time.monotonic() - received)
+                except Exception:
+                    self._log_bug("DHCP reply hook failed for %s", info.mac)
         if self.on_decision is not None:
             try:
                 self.on_decision(info, reply, endpoint.port)
@@ -200,14 +209,17 @@ class DhcpResponder:
         source = (IPv4Address(addr[0]), addr[1])
         return decide(info, self.targets, self.mode, port=port, source=source, lease=lease)
 
-    def _send(self, endpoint: _Endpoint, reply: Reply) -> None:
+    def _send(self, endpoint: _Endpoint, reply: Reply) -> bool:
+        """Whether the reply went out."""
         if endpoint.transport is None:
-            return
+            return False
         host, port = reply.destination
         packet = encode_reply(reply)
         try:
             endpoint.transport.sendto(packet, (str(host), port))
             self.stats.replies_sent += 1
+            return True
         except OSError as exc:
             self.stats.send_errors += 1
             log.warning("could not send DHCP reply to %s:%d: %s", host, port, exc)
+            return False

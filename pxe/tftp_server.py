@@ -119,6 +119,7 @@ class TftpEvent:
     filename: str
     kind: TftpEventKind
     bytes_sent: int
+    seconds: float = 0.0  # for an ended transfer: how long it ran
 
 
 @dataclass
@@ -987,7 +988,7 @@ class TftpServer:
             report.bytes_sent / seconds / 1e6 if seconds > 0 else 0.0, report.retransmits,
             report.outcome, f" ({report.reason})" if report.reason else "",
         )  # fmt: skip
-        self._emit(TftpEvent(running.client, running.filename, kind, report.bytes_sent))
+        self._emit(TftpEvent(running.client, running.filename, kind, report.bytes_sent, seconds))
 
     def _emit(self, event: TftpEvent) -> None:
         if self.on_event is None:

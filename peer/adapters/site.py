@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -192,6 +193,9 @@ class Site:
         self._wake = asyncio.Event()
         self._rescan = asyncio.Event()
         self._logged_failures: set[str] = set()
+        # Each chunk fetch that ran, as (source "lan"/"wan", seconds, reason or "" when
+        # stored): the daemon's metrics hook (peer/adapters/metrics_registry.py).
+        self.on_chunk_fetch: Callable[[str, float, str], None] | None = None
 
     # -- views the HTTP API reads ------------------------------------------------------
 
@@ -700,9 +704,11 @@ class Site:
                 return
         stored = False
         try:
+            began = time.monotonic()
             data, reason = await self._chunk_bytes(command)
             if data is None:
                 self.core.chunk_failed(fetch, reason, time.monotonic())
+                self._chunk_fetch_ended(command, began, reason)
                 return
             try:
                 await loop.run_in_executor(
@@ -710,18 +716,30 @@ class Site:
                 )
             except ChunkCorrupt:
                 self.core.chunk_failed(fetch, "corrupt", time.monotonic())
+                self._chunk_fetch_ended(command, began, "corrupt")
                 return
             except (StoreError, OSError) as exc:
                 log.error("cannot store chunk: %s", exc)
                 self.core.chunk_failed(fetch, "disk", time.monotonic())
+                self._chunk_fetch_ended(command, began, "disk")
                 await asyncio.sleep(5)  # a full disk: do not spin
                 return
             stored = True
             self.core.chunk_stored(fetch, len(data), time.monotonic())
+            self._chunk_fetch_ended(command, began, "")
         finally:
             if self.quota.limit:
                 # On the store thread, like reserve: the two must not interleave.
                 self._store_thread.submit(self.quota.release, command.size, stored)
+
+    def _chunk_fetch_ended(self, command: FetchChunk, began: float, reason: str) -> None:
+        if self.on_chunk_fetch is None:
+            return
+        source = "wan" if command.fetch.source == ORIGIN else "lan"
+        try:
+            self.on_chunk_fetch(source, time.monotonic() - began, reason)
+        except Exception:
+            log.exception("chunk fetch hook failed")
 
     async def _chunk_bytes(self, command: FetchChunk) -> tuple[bytes | None, str]:
         sha, size = command.fetch.job.ref.sha256, command.size

@@ -20,7 +20,7 @@ from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.imaging_api import MachineFacts, machine_facts
-from peer.api.metrics import render_metrics
+from peer.api.metrics import metrics_response
 from peer.core.boot_progress import BootProgress, Stage
 from peer.core.throttle import ScheduledBucket
 from peer.store.content_store import ChunkLost, ContentStore
@@ -474,8 +474,7 @@ async def images(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = render_metrics(request.app[CONTEXT].status())
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    return metrics_response(request.app, request.app[CONTEXT].status)
 
 
 def build_app(context: HttpContext) -> web.Application:

@@ -165,9 +165,10 @@ def test_rogue_proxy_and_full_dhcp_servers_are_reported_and_the_stores_dhcp_is_n
     assert not any(STORE_IP in w or PEER_IP in w for w in status["warnings"])
 
     metrics = (lan.peer_get("/metrics") or "").splitlines()
-    assert "pxepeer_rogue_pxe_servers 2" in metrics
+    # prometheus_client writes every value as a float.
+    assert "pxepeer_rogue_pxe_servers 2.0" in metrics
     for mac, ip in (proxy, full):
-        assert f'pxepeer_rogue_pxe_server{{mac="{mac}",ip="{ip}"}} 1' in metrics
+        assert f'pxepeer_rogue_pxe_server{{mac="{mac}",ip="{ip}"}} 1.0' in metrics
     assert not any(STORE_IP in line or PEER_IP in line for line in metrics if "rogue" in line)
 
     cli = subprocess.run(
