@@ -1,6 +1,9 @@
 """`pxepeer token new|list|revoke`: bearer tokens for a peer's HTTP API, kept hashed in
 the store (peer/store/tokens.py). A running daemon sees a new or revoked token at its
-next request; no restart."""
+next request; no restart.
+
+The store modules are imported when a token command runs, not when `pxepeer` starts:
+every other command's start-up stays as it was."""
 
 from __future__ import annotations
 
@@ -8,13 +11,14 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from peer.core.api_access import ROLE_NAMES, Role
-from peer.store.content_store import ContentStore, StoreError
-from peer.store.tokens import TokenError, TokenStore
+if TYPE_CHECKING:
+    from peer.store.tokens import TokenStore
 
+ROLE_NAMES = ("viewer", "technician", "operator")  # peer/core/api_access.py's, lowest first
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 
 
@@ -33,6 +37,9 @@ _cache_dir = click.option(
 
 
 def _tokens(cache_dir: Path) -> TokenStore:
+    from peer.store.content_store import ContentStore, StoreError
+    from peer.store.tokens import TokenStore
+
     try:
         return TokenStore(ContentStore(cache_dir).state_dir)
     except StoreError as exc:
@@ -56,6 +63,9 @@ def token_new(role: str, name: str | None, cache_dir: Path) -> None:
     if name is not None and not NAME.match(name):
         raise TokenCliError(f"token name {name!r} must be 1-64 letters, digits, '.', '_', "
                             "'@', '+' or '-', starting with a letter or digit")  # fmt: skip
+    from peer.core.api_access import Role
+    from peer.store.tokens import TokenError
+
     store = _tokens(cache_dir)
     try:
         secret, entry = store.create(Role.parse(role), name)
@@ -71,6 +81,8 @@ def token_new(role: str, name: str | None, cache_dir: Path) -> None:
 @_cache_dir
 def token_list(as_json: bool, cache_dir: Path) -> None:
     """The tokens this store issued (ids, roles, names; never the tokens)."""
+    from peer.store.tokens import TokenError
+
     store = _tokens(cache_dir)
     try:
         entries = store.entries()
@@ -97,6 +109,8 @@ def token_list(as_json: bool, cache_dir: Path) -> None:
 @_cache_dir
 def token_revoke(which: str, cache_dir: Path) -> None:
     """Revoke a token: refused from the daemon's next request on."""
+    from peer.store.tokens import TokenError
+
     try:
         entry = _tokens(cache_dir).revoke(which)
     except TokenError as exc:

@@ -24,6 +24,7 @@ from peer.core.api_access import (
     BOOT,
     OPERATOR,
     PEER,
+    ROLE_NAMES,
     TECHNICIAN,
     VIEWER,
     Credential,
@@ -32,6 +33,7 @@ from peer.core.api_access import (
 )
 from peer.core.rejections import Rejections
 from peer.store.tokens import TOKENS_FILE, TokenError, TokenStore, parse_token
+from peer.token_cli import ROLE_NAMES as CLI_ROLES
 
 # -- the store ------------------------------------------------------------------------------
 
@@ -118,6 +120,7 @@ def _decide(need, credential=Credential.NONE, role=None, loopback=False, open_lo
 
 def test_roles_are_ordered_and_higher_roles_do_what_lower_ones_may() -> None:
     assert Role.VIEWER < Role.TECHNICIAN < Role.OPERATOR
+    assert CLI_ROLES == ROLE_NAMES
     for need, lowest in ((VIEWER, Role.VIEWER), (TECHNICIAN, Role.TECHNICIAN),
                          (OPERATOR, Role.OPERATOR)):  # fmt: skip
         for role in Role:
