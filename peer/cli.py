@@ -40,6 +40,7 @@ from peer.enroll import enroll
 from peer.progress_bar import ProgressBar
 from peer.secure_boot_cli import secure_boot, signed_uki, uki_options
 from peer.serve import serve
+from peer.service_cli import install_service
 from peer.store.content_store import ContentStore, StoreError, normalize_mac
 from peer.store.node_identity import IdentityFileError, load_certificate, node_key
 from peer.store.record_store import RecordStore
@@ -649,6 +650,7 @@ def status(url: str, as_json: bool) -> None:
 main.add_command(serve)
 main.add_command(secure_boot)
 main.add_command(enroll)
+main.add_command(install_service)
 
 
 if __name__ == "__main__":

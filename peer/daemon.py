@@ -42,6 +42,7 @@ from pxe.dhcp_probe import PROBE_USER_CLASS
 from pxe.dhcp_server import DhcpResponder
 from pxe.grub import render_bootstrap
 from pxe.leases import LeasePool
+from pxe.log_format import current_format as current_log_format
 from pxe.secure_boot import (
     Arm64GrubSource,
     OrgSignedSource,
@@ -453,7 +454,10 @@ class Daemon:
         try:
             await self.start()
             await self._start_dns_discovery()
-            print("pxepeer: serving; Ctrl-C stops", flush=True)
+            if current_log_format() == "json":
+                log.info("serving")  # a JSON log has no plain lines, stdout included
+            else:
+                print("pxepeer: serving; Ctrl-C stops", flush=True)
             await self._stop.wait()
             log.info("stopping")
         finally:

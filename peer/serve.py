@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
@@ -17,10 +16,13 @@ from peer.adapters.dns_discovery import (
     system_nameservers,
     validate_zone,
 )
+from peer.config_file import config_option
 from peer.core.rate_schedule import ScheduleError, parse_rate_value, parse_schedule
 from pxe.boot_policy import LOCAL_BOOT
 from pxe.dhcp import DhcpMode
 from pxe.leases import PoolError, parse_pool_range
+from pxe.log_format import FORMATS as LOG_FORMATS
+from pxe.log_format import configure_logging
 from pxe.netif import InterfaceError, interface_ipv4, interface_mtu
 from pxe.secure_boot import SecureBootMode
 
@@ -79,6 +81,7 @@ class ServeUsageError(click.ClickException):
 
 
 @click.command()
+@config_option
 @click.option(
     "--interface",
     "interface",
@@ -199,6 +202,9 @@ class ServeUsageError(click.ClickException):
               "127.0.0.1 and on the --interface address, never on every interface "
               "unless told --listen 0.0.0.0.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              help="json: one JSON object per line (time, level, logger, message, "
+              "exception) for journald and log shippers.")  # fmt: skip
 def serve(
     interface: str | None,
     cache_dir: Path,
@@ -226,14 +232,12 @@ def serve(
     offer_check: float,
     listen: tuple[str, ...],
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve boot files and images; answer PXE boots on --interface."""
     from peer.daemon import Daemon, ServeConfig, StartupError
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format)
     mode_name = dhcp or ("proxy" if interface else "off")
     if mode_name != "off" and not interface:
         raise ServeUsageError(

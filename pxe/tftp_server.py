@@ -64,6 +64,8 @@ from pxe.boot_source import (
     BootSource,
     DirectoryBootSource,
 )
+from pxe.log_format import configure_logging
+from pxe.log_format import current_format as current_log_format
 from pxe.tftp import (
     REFUSED_BUSY,
     REFUSED_PER_CLIENT,
@@ -1064,11 +1066,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # A worker logs as the daemon that started it does (text or JSON lines).
+    configure_logging("debug" if args.verbose else "info", current_log_format())
     if args.worker_fd is not None:
         # A worker ignores ^C meant for the whole process group: its server stops it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

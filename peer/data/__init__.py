@@ -1,0 +1,1 @@
+"""Files pxepeer installs on a host: the systemd unit (`pxepeer install-service`)."""
