@@ -96,6 +96,9 @@ class StatusCollector(Collector):
         yield _gauge("pxepeer_images", "images in the store",
                      len(images) if isinstance(images, list) else 0)  # fmt: skip
         yield _imaging_jobs(snapshot.get("imaging"))
+        limits = snapshot.get("rate_limits")
+        if isinstance(limits, Mapping):
+            yield _rate_limits(limits)
 
 
 def _server_families(snapshot: Mapping[str, object]) -> Iterator[Metric]:
@@ -232,6 +235,20 @@ def _traffic_families(counters: dict[str, int]) -> Iterator[Metric]:
         else:
             yield _counter(f"pxepeer_{key}", key.replace("_", " "), value)
     yield from families.values()
+
+
+def _rate_limits(limits: Mapping[str, Any]) -> GaugeMetricFamily:
+    """--wan-rate and --lan-rate in force now (their schedules applied; 0: no cap)."""
+    family = _gauge("pxepeer_rate_limit_bytes_per_second",
+                    "bandwidth cap in force now: wan = origin downloads (the site's), "
+                    "lan = what this peer serves over HTTP; 0: no cap",
+                    labels=("direction",))  # fmt: skip
+    for direction in ("wan", "lan"):
+        limit = limits.get(direction)
+        if isinstance(limit, Mapping):
+            rate = limit.get("rate")
+            family.add_metric([direction], rate if isinstance(rate, (int, float)) else 0)
+    return family
 
 
 def _imaging_jobs(jobs: object) -> GaugeMetricFamily:

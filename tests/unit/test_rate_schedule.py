@@ -342,3 +342,21 @@ def test_pxepeer_status_shows_both_limits_and_the_next_change() -> None:
         "  (schedule: 2Mbit/s 08:00-20:00, 50Mbit/s)"
     ) in text
     assert "LAN rate (serving): no cap\n" in text
+
+
+def test_metrics_export_both_limits_in_force_now_as_one_gauge_by_direction() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from peer.api.metrics import render_metrics
+
+    snapshot = {
+        "rate_limits": {
+            "wan": limit_status(parse_schedule("2Mbit/s 08:00-20:00, 50Mbit/s"), at(0, 21)),
+            "lan": limit_status(parse_schedule("0", "--lan-rate"), at(0, 21)),
+        }
+    }
+    families = {f.name: f for f in text_string_to_metric_families(render_metrics(snapshot))}
+    family = families["pxepeer_rate_limit_bytes_per_second"]
+    assert family.type == "gauge"
+    samples = {s.labels["direction"]: s.value for s in family.samples}
+    assert samples == {"wan": 50 * MBIT, "lan": 0.0}
