@@ -63,6 +63,7 @@ def _rate_lines(doc: dict) -> list[str]:
         line = f"{label}: {limit.get('rate_text')}"
         if limit.get("next_change"):
             line += f" until {limit['next_change']}, then {limit.get('next_rate_text')}"
+        if "," in str(limit.get("schedule")):
             line += f"  (schedule: {limit.get('schedule')})"
         out.append(line)
     return out
