@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.netns import Netns, can_use_netns, namespaces, sh
 
@@ -164,11 +165,13 @@ def test_rogue_proxy_and_full_dhcp_servers_are_reported_and_the_stores_dhcp_is_n
         ), status["warnings"]
     assert not any(STORE_IP in w or PEER_IP in w for w in status["warnings"])
 
-    metrics = (lan.peer_get("/metrics") or "").splitlines()
-    # prometheus_client writes every value as a float.
-    assert "pxepeer_rogue_pxe_servers 2.0" in metrics
-    for mac, ip in (proxy, full):
-        assert f'pxepeer_rogue_pxe_server{{mac="{mac}",ip="{ip}"}} 1.0' in metrics
+    text = lan.peer_get("/metrics") or ""
+    metrics = text.splitlines()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert [s.value for s in families["pxepeer_rogue_pxe_servers"].samples] == [2]
+    listed = {(s.labels["mac"], s.labels["ip"]): s.value
+              for s in families["pxepeer_rogue_pxe_server"].samples}  # fmt: skip
+    assert listed == {proxy: 1, full: 1}
     assert not any(STORE_IP in line or PEER_IP in line for line in metrics if "rogue" in line)
 
     cli = subprocess.run(
