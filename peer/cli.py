@@ -3,7 +3,6 @@ print. Any bad input ends with one line on stderr and exit code 2, and changes n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import stat
@@ -14,7 +13,7 @@ from pathlib import Path
 import click
 
 from imaging.builder import build_manifest
-from imaging.catalog import MAX_PRIORITY, MAX_REPLICAS, MAX_SERIAL, CatalogError, SignedCatalog
+from imaging.catalog import MAX_PRIORITY, MAX_REPLICAS, MAX_SERIAL, CatalogError
 from imaging.chunking import ChunkingError, file_size
 from imaging.manifest import ARCHES, DEFAULT_ARCH, BootSpec, ImageKind, SignedManifest
 from imaging.origin_layout import PublishError
@@ -41,9 +40,11 @@ from peer.progress_bar import ProgressBar
 from peer.secure_boot_cli import secure_boot, signed_uki, uki_options
 from peer.serve import serve
 from peer.service_cli import install_service
+from peer.store.assignments import known_image_names
 from peer.store.content_store import ContentStore, StoreError, normalize_mac
 from peer.store.node_identity import IdentityFileError, load_certificate, node_key
 from peer.store.record_store import RecordStore
+from peer.token_cli import token
 from pxe.boot_policy import LOCAL_BOOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -466,9 +467,13 @@ def image_remove(name: str, version: str | None, cache_dir: Path) -> None:
               help="Image the machine again even if it is already imaged with IMAGE.")
 @click.option("--clear", is_flag=True, help="Remove MAC's assignment.")
 @click.option("--list", "list_all", is_flag=True, help="Show all assignments.")
+@click.option("--url", default=None, metavar="http://PEER:PORT",
+              help="Assign through a peer's API instead of this machine's store.")  # fmt: skip
+@click.option("--token", envvar="PXEPEER_TOKEN", default=None,
+              help="API token for --url (technician or operator; viewer for --list).")  # fmt: skip
 @cache_dir_option
 def assign(mac: str | None, image_name: str | None, again: bool, clear: bool, list_all: bool,
-           cache_dir: Path) -> None:  # fmt: skip
+           url: str | None, token: str | None, cache_dir: Path) -> None:  # fmt: skip
     """Make machine MAC boot IMAGE without a keypress (or --clear, --list).
 
     IMAGE may be `local` to make the machine boot its own disk without a menu. The
@@ -478,6 +483,9 @@ def assign(mac: str | None, image_name: str | None, again: bool, clear: bool, li
     if list_all:
         if mac or image_name or clear or again:
             raise CliError("--list takes no other arguments")
+        if url is not None:
+            _list_remote(url, token)
+            return
         _list_machines(cache_dir)
         return
     if mac is None:
@@ -490,10 +498,13 @@ def assign(mac: str | None, image_name: str | None, again: bool, clear: bool, li
         mac = normalize_mac(mac)  # checked before the store is touched
     except StoreError as exc:
         raise CliError(str(exc)) from None
+    if url is not None:
+        _assign_remote(url, token, mac, None if clear else image_name, again)
+        return
     store = open_store(cache_dir)
     if image_name is not None and image_name != LOCAL_BOOT:
         check_name(image_name, "image name")
-        if image_name not in _known_image_names(store):
+        if image_name not in known_image_names(store):
             raise CliError(f"no image {image_name} in {store.root} or in the site's catalog")
     try:
         key = node_key(store.state_dir)
@@ -529,14 +540,45 @@ def assign(mac: str | None, image_name: str | None, again: bool, clear: bool, li
         click.echo(f"{mac} -> {image_name}{again_note}")
 
 
-def _known_image_names(store: ContentStore) -> set[str]:
-    """Images this store holds, and those the site's catalog names (a peer may not hold
-    an image yet when a machine is assigned to it)."""
-    names = {m.manifest.name for m in store.signed_manifests()}
-    with contextlib.suppress(OSError, CatalogError):
-        data = (store.state_dir / "catalog.json").read_bytes()
-        names |= {e.name for e in SignedCatalog.from_bytes(data).catalog.entries}
-    return names
+def _remote(url: str | None, token: str | None) -> str:
+    from peer.api_client import RemoteError, check_url
+
+    if url is None or not token:
+        raise CliError("--url needs --token (or PXEPEER_TOKEN): pxepeer token new on the peer")
+    try:
+        return check_url(url)
+    except RemoteError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _assign_remote(url: str | None, token: str | None, mac: str, image_name: str | None,
+                   again: bool) -> None:  # fmt: skip
+    """POST /v1/assignments on the peer at `url` (peer/api/assign_api.py)."""
+    from peer.api_client import RemoteError, call
+
+    base = _remote(url, token)
+    assert token is not None
+    if image_name is not None and image_name != LOCAL_BOOT:
+        check_name(image_name, "image name")
+    try:
+        answer = call(base, token, "POST", "/v1/assignments",
+                      {"mac": mac, "image": image_name, "again": again})  # fmt: skip
+    except RemoteError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(str(answer.get("message", answer)))
+
+
+def _list_remote(url: str | None, token: str | None) -> None:
+    from peer.api_client import RemoteError, call
+
+    base = _remote(url, token)
+    assert token is not None
+    try:
+        answer = call(base, token, "GET", "/v1/assignments")
+    except RemoteError as exc:
+        raise CliError(str(exc)) from None
+    for item in answer.get("assignments", []):
+        click.echo(f"{item.get('mac')}  {item.get('image')}")
 
 
 def _list_machines(cache_dir: Path) -> None:
@@ -650,6 +692,7 @@ def status(url: str, as_json: bool) -> None:
 main.add_command(serve)
 main.add_command(secure_boot)
 main.add_command(enroll)
+main.add_command(token)
 main.add_command(install_service)
 
 

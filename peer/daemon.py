@@ -21,6 +21,8 @@ from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.metrics_registry import PeerMetrics
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.site import Site, SiteConfig
+from peer.api.assign_api import add_assign_routes
+from peer.api.auth import ApiAuth, install_api_auth
 from peer.api.grub_boot import GRUB_CONFIG_PATH, GRUB_HTTP_PORT, add_grub_routes
 from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_open_files_limit
 from peer.api.http_server import HttpContext, build_app
@@ -35,6 +37,7 @@ from peer.core.throttle import ScheduledBucket
 from peer.store.content_store import ContentStore, StoreError
 from peer.store.image_library import ImageLibrary
 from peer.store.node_identity import IdentityFileError, NodeIdentity, load_identity
+from peer.store.tokens import TokenStore
 from pxe.boot_policy import LOCAL_BOOT, NoFirstStage, resolve_first_stages
 from pxe.boot_source import BootFileError, BootSource, DirectoryBootSource
 from pxe.dhcp import BootTargets, ClientInfo, ClientKind, DhcpMode, MessageType, Reply
@@ -95,6 +98,9 @@ class ServeConfig:
     offer_check_seconds: float = 30.0
     quota_bytes: int = 0
     listen: tuple[str, ...] = ()  # HTTP addresses besides the interface's and loopback
+    # Status, /metrics and the dashboard readable from loopback without a token
+    # (peer/core/api_access.py); changes need one from anywhere.
+    api_open_loopback: bool = True
 
 
 def _load_trust(paths: tuple[Path, ...]) -> dict[str, list[PublicKey]]:
@@ -211,6 +217,7 @@ class Daemon:
         self.http_guard: HttpGuard | None = None
         self._stop = asyncio.Event()
         self.dns_discovery: DnsDiscovery | None = None
+        self.api_auth: ApiAuth | None = None
 
     def _secure_boot_source(self, ipxe: BootSource) -> BootSource:
         """shim for UEFI x64 PXE clients, then GRUB, whose TFTP bootstrap config sends
@@ -332,6 +339,14 @@ class Daemon:
         )
         if self.serves_grub:
             add_grub_routes(app)
+        add_assign_routes(app, self.site, self.rejections)
+        # Tokens before anything else reads the request (peer/api/auth.py).
+        self.api_auth = install_api_auth(
+            app, TokenStore(self.store.state_dir), self.rejections, cfg.api_open_loopback
+        )
+        if not self.api_auth.tokens.enforced:
+            log.warning("no API token issued: status and /metrics are readable by "
+                        "anyone who reaches HTTP (pxepeer token new closes them)")  # fmt: skip
         # Connection caps, header and body deadlines, and the open-file limit raised first
         # (peer/api/http_guard.py): a LAN full of half-open connections must not starve us.
         self.http_guard = guard = HttpGuard(open_files=raise_open_files_limit())
@@ -483,6 +498,7 @@ class Daemon:
             "site": self.site.status(),
             "imaging": self.imaging.status() if self.imaging is not None else [],
             "dns_discovery": self.dns_discovery.status() if self.dns_discovery else None,
+            "api_auth": self.api_auth.status() if self.api_auth is not None else None,
             # --wan-rate and --lan-rate as configured and in force now (local time).
             "rate_limits": {
                 "wan": limit_status(as_schedule(cfg.wan_rate), datetime.now()),

@@ -201,6 +201,10 @@ class ServeUsageError(click.ClickException):
               help="Serve HTTP on this address too; repeatable. HTTP always listens on "
               "127.0.0.1 and on the --interface address, never on every interface "
               "unless told --listen 0.0.0.0.")  # fmt: skip
+@click.option("--api-open-loopback/--no-api-open-loopback", default=True, show_default=True,
+              help="Status, /metrics and the dashboard need no token from 127.0.0.1 (turn "
+              "off behind a reverse proxy on this machine). Changes always need one: "
+              "pxepeer token new.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
               help="json: one JSON object per line (time, level, logger, message, "
@@ -231,6 +235,7 @@ def serve(
     quota: str,
     offer_check: float,
     listen: tuple[str, ...],
+    api_open_loopback: bool,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -321,6 +326,7 @@ def serve(
         offer_check_seconds=offer_check,
         quota_bytes=quota_bytes,
         listen=tuple(listen_on),
+        api_open_loopback=api_open_loopback,
     )
     try:
         daemon = Daemon(config)
