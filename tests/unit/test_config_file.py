@@ -102,7 +102,7 @@ def test_pxepeer_config_names_the_file(tmp_path: Path, monkeypatch: pytest.Monke
     assert params()["http_port"] == 8082
 
 
-def test_no_file_is_read_unless_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_file_is_read_unless_named() -> None:
     # /etc/pxepeer/pxepeer.toml may exist on this machine: it must not matter.
     assert params("--trust", "/a.pub")["interface"] is None
 
