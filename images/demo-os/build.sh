@@ -56,32 +56,13 @@ check_tools apt-get apt-cache dpkg-deb cpio gzip depmod sha256sum sfdisk mkfs.fa
 [ -f "$mbr_bin" ] || die "$mbr_bin is missing (apt-get install syslinux-common)"
 [ "$disk_mb" -ge 32 ] || die "PXEPEER_DEMO_DISK_MB must be at least 32 (kernel + FAT overhead)"
 
-# signed_file PKG PATH: sets file to PATH inside the cached, unpacked .deb of PKG (the
-# candidate version, or offline the newest cached one).
+# signed_file PKG PATH: sets file to PATH inside PKG's unpacked amd64 .deb.
 signed_file() {
-    local pkg=$1 path=$2 version='' deb='' tree
-    mkdir -p "$cache/debs"
-    version=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null |
-        awk '/^Version:/ {print $2; exit}')
-    [ -n "$version" ] && deb="$cache/debs/${pkg}_${version//:/%3a}_amd64.deb"
-    if [ -z "$deb" ]; then
-        deb=$(find "$cache/debs" -maxdepth 1 -name "${pkg}_*_amd64.deb" | sort -V | tail -n 1)
-        [ -n "$deb" ] || die "cannot find $pkg: run apt-get update"
-    fi
-    if [ ! -s "$deb" ]; then
-        echo "build.sh: downloading $pkg $version" >&2
-        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg:amd64=$version" >&2)
-        [ -s "$deb" ] || die "apt-get download did not produce $deb"
-    fi
-    tree="$cache/unpacked/$(basename "$deb" .deb)"
-    if [ ! -e "$tree/.complete" ]; then
-        rm -rf "$tree"
-        mkdir -p "$tree"
-        dpkg-deb -x "$deb" "$tree"
-        touch "$tree/.complete"
-    fi
-    file="$tree/$path"
-    [ -f "$file" ] || die "no $path in $deb"
+    local deb tree # not the kernel's, which debian_kernel left in these names
+    debian_deb "$1" amd64
+    unpack_deb "$deb"
+    file="$tree/$2"
+    [ -f "$file" ] || die "no $2 in $deb"
 }
 
 debian_kernel

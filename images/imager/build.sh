@@ -107,25 +107,6 @@ check_tools apt-get apt-cache dpkg-deb cpio gzip depmod modprobe sha256sum opens
 openssl=$(command -v openssl)
 
 # --- arm64: the initramfs's programs from Debian's arm64 packages -------------------------
-# arch_deb PKG: sets deb to the cached .deb of PKG:$arch's candidate version.
-arch_deb() {
-    local pkg=$1 version
-    version=$(apt-cache show --no-all-versions "$pkg:$arch" 2>/dev/null |
-        awk '/^Version:/ {print $2; exit}') || true
-    if [ -n "$version" ]; then
-        deb="$cache/debs/${pkg}_${version//:/%3a}_$arch.deb"
-    else
-        # No apt metadata for $arch (offline): the newest cached package.
-        deb=$(find "$cache/debs" -maxdepth 1 -name "${pkg}_*_$arch.deb" | sort -V | tail -n 1)
-        [ -n "$deb" ] || die "cannot find $pkg:$arch (dpkg --add-architecture $arch && apt-get update)"
-    fi
-    if [ ! -s "$deb" ]; then
-        echo "build.sh: downloading $pkg:$arch $version" >&2
-        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg:$arch=$version" >&2)
-        [ -s "$deb" ] || die "apt-get download did not produce $deb"
-    fi
-}
-
 # sysroot_files PROGRAM: PROGRAM (a path in $sysroot), the libraries it needs, theirs in
 # turn, and its loader, one path a line: what ldd prints for this machine's programs.
 sysroot_files() {
@@ -162,7 +143,7 @@ if [ "$arch" != amd64 ]; then
     triplet=aarch64-linux-gnu
     debs=()
     for pkg in busybox-static openssl libssl3 libc6; do
-        arch_deb "$pkg"
+        debian_deb "$pkg" "$arch"
         debs+=("$deb")
     done
     # All four unpacked into one tree, once: the libraries resolve inside it.

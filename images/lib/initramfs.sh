@@ -33,6 +33,38 @@ check_tools() {
     fi
 }
 
+# debian_deb PKG ARCH: sets deb to the cached .deb of PKG:ARCH's candidate version,
+# downloading it once (offline, with no package lists: the newest one cached).
+debian_deb() {
+    local pkg=$1 arch=$2 version
+    mkdir -p "$cache/debs"
+    version=$(apt-cache show --no-all-versions "$pkg:$arch" 2>/dev/null |
+        awk '/^Version:/ {print $2; exit}') || true
+    if [ -n "$version" ]; then
+        deb="$cache/debs/${pkg}_${version//:/%3a}_$arch.deb"
+    else
+        deb=$(find "$cache/debs" -maxdepth 1 -name "${pkg}_*_$arch.deb" | sort -V | tail -n 1)
+        [ -n "$deb" ] || die "cannot find $pkg:$arch: run apt-get update (for a foreign architecture, dpkg --add-architecture $arch first)"
+    fi
+    if [ ! -s "$deb" ]; then
+        echo "build.sh: downloading $pkg:$arch $version" >&2
+        # Root's downloads are not readable by apt's sandbox user; the warning is noise.
+        (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg:$arch=$version" >&2)
+        [ -s "$deb" ] || die "apt-get download did not produce $deb"
+    fi
+}
+
+# unpack_deb DEB: sets tree to DEB's files, unpacked once into the cache.
+unpack_deb() {
+    tree="$cache/unpacked/$(basename "$1" .deb)"
+    if [ ! -e "$tree/.complete" ]; then
+        rm -rf "$tree"
+        mkdir -p "$tree"
+        dpkg-deb -x "$1" "$tree"
+        touch "$tree/.complete"
+    fi
+}
+
 debian_kernel() {
     mkdir -p "$cache/debs"
     local pkg version='' arch=${kernel_arch:-amd64}
