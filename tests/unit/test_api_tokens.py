@@ -157,6 +157,7 @@ def test_authorization_headers_bearer_and_basic_password() -> None:
     assert presented_token("Basic %%%") == ""
     assert presented_token("Digest abc") == ""
     assert presented_token("Bearer " + "a" * 600) == ""
+    assert presented_token("Basic " + base64.b64encode(b"\xff:\xfe\x00").decode()) == ""
 
 
 # -- the route table ----------------------------------------------------------------------
@@ -204,7 +205,13 @@ def test_assignment_requests_are_parsed_strictly() -> None:
                          (b'{"mac": "52:54:00:aa:bb:cc", "image": "a b"}', "bad_image"),
                          (b'{"mac": "52:54:00:aa:bb:cc", "image": "d", "x": 1}', "bad_fields"),
                          (b'{"mac": "52:54:00:aa:bb:cc", "image": null, "again": true}',
-                          "bad_fields")):  # fmt: skip
+                          "bad_fields"),
+                         # Hostile JSON: never a traceback, always the parser's refusal.
+                         (b'{"mac": 1e999, "image": null}', "bad_json"),
+                         (b'{"mac": "\\ud800", "image": "demo"}', "bad_json"),
+                         (b'{"mac": NaN}', "bad_json"),
+                         (b"[" * 10_000 + b"]" * 10_000, "bad_json"),
+                         (b'{"mac": "' + b"a" * 5000 + b'"}', "bad_json")):  # fmt: skip
         with pytest.raises(AssignRefused) as caught:
             parse_request(body)
         assert caught.value.reason == reason
