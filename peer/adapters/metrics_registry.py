@@ -168,6 +168,7 @@ def _site_families(site: Mapping[str, Any]) -> Iterator[Metric]:
         mine = next((p for p in peers if isinstance(p, Mapping) and p.get("self")), None)
         if mine is not None:
             yield from _traffic_families(_ints(mine.get("counters")))
+    yield from _identity_and_images(site)
     quota = site.get("quota")
     if isinstance(quota, Mapping):
         q = _ints(quota)
@@ -235,6 +236,49 @@ def _traffic_families(counters: dict[str, int]) -> Iterator[Metric]:
         else:
             yield _counter(f"pxepeer_{key}", key.replace("_", " "), value)
     yield from families.values()
+
+
+def _identity_and_images(site: Mapping[str, Any]) -> Iterator[Metric]:
+    """Who this peer is, and how much of each image it holds: what a fleet view sums.
+
+    The fleet's `site` label comes from the scrape target (the file_sd file `pxepeer
+    fleet targets` writes, docs/fleet/); `site_name` here is the peer's own --site, so a
+    recording rule or a person can check that the inventory and the peer agree.
+    """
+    node = site.get("node_id")
+    info = _gauge("pxepeer_peer_info", "1, labelled with this peer's node id and site name",
+                  labels=("node", "site_name"))  # fmt: skip
+    if isinstance(node, str):
+        info.add_metric([node, str(site.get("site") or "")], 1)
+    yield info
+    # Only this peer's own holdings: every peer is scraped, so summing over a site's
+    # peers counts each copy once (the holdings of others it shows are hearsay).
+    held: dict[tuple[str, str], list[int]] = {}
+    images = site.get("images")
+    for image in images if isinstance(images, list) else ():
+        if not isinstance(image, Mapping) or not isinstance(node, str):
+            continue
+        counts = image.get("chunks")
+        pair = counts.get(node) if isinstance(counts, Mapping) else None
+        if not (isinstance(pair, list) and len(pair) == 2):
+            continue
+        # Manifests are signed and named by the catalog: a bounded label set. Two
+        # manifests with the same name and version add up rather than duplicate a series.
+        key = (str(image.get("name")), str(image.get("version")))
+        have, total = held.setdefault(key, [0, 0])
+        held[key] = [have + _int(pair[0]), total + _int(pair[1])]
+    have_family = _gauge("pxepeer_image_held_chunks",
+                         "chunks of the image this peer holds, by image name and version",
+                         labels=("image", "version"))  # fmt: skip
+    size_family = _gauge("pxepeer_image_chunks",
+                         "chunks a peer holds when it has the whole image (as status "
+                         "counts them), by image name and version",
+                         labels=("image", "version"))  # fmt: skip
+    for (name, version), (have, total) in sorted(held.items()):
+        have_family.add_metric([name, version], have)
+        size_family.add_metric([name, version], total)
+    yield have_family
+    yield size_family
 
 
 def _rate_limits(limits: Mapping[str, Any]) -> GaugeMetricFamily:
