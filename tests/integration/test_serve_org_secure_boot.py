@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,8 @@ import pytest
 from imaging.sb_sign import verify
 from imaging.uki import DEFAULT_STUB
 from pxe.dhcp import MessageType
-from tests.integration.test_serve_secure_boot import probe
-from tests.netns import Netns, can_use_netns, link, namespaces
+from tests.integration.serve_in_netns import curl, probe, serving
+from tests.netns import can_use_netns, link, namespaces
 from tests.unit.test_dhcp import request_of
 
 IPXE_DIR = Path("/usr/lib/ipxe")
@@ -56,7 +54,7 @@ def pxepeer(*args: str) -> None:
 
 def _serve_argv(cache: Path, keys: Path, signed: Path) -> list[str]:
     return [
-        *PXEPEER, "serve", "--interface", "lan0", "--cache-dir", str(cache),
+        "--interface", "lan0", "--cache-dir", str(cache),
         "--trust", str(keys / "publisher.pub"), "--ipxe-dir", str(IPXE_DIR), "--no-mdns",
         "--secure-boot", "org", "--secure-boot-dir", str(signed),
     ]  # fmt: skip
@@ -85,40 +83,9 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     pxepeer("assign", MAC, "pos", "--cache-dir", str(cache))
     with namespaces("srv", "cli") as (srv, cli):
         link(srv, "lan0", f"{SERVER_IP}/24", cli, "eth0", "10.231.10.50/24")
-        log_path = work / "serve.log"
-        with open(log_path, "w") as log:
-            proc = srv.popen(*_serve_argv(cache, keys, signed), stdout=log,
-                             stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
-        try:
-            _wait_responding(cli, proc, log_path)
+        with serving(srv, cli, _serve_argv(cache, keys, signed), work / "serve.log", BASE):
             yield {"srv": srv, "cli": cli, "signed": signed, "work": work, "cache": cache,
                    "keys": keys}  # fmt: skip
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _wait_responding(ns: Netns, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited: {log_path.read_text()}")
-        result = ns.run("curl", "-sf", f"{BASE}/v1/status", check=False)
-        if result.returncode == 0 and json.loads(result.stdout)["site"]["this_peer_responds"]:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"serve did not come up: {log_path.read_text()}")
-
-
-def curl(ns: Netns, *args: str) -> bytes:
-    return subprocess.run(
-        ns.exec_argv("curl", "-sf", "--max-time", "30", *args), capture_output=True, check=True
-    ).stdout
 
 
 def test_edk2_native_pxe_is_offered_the_org_signed_ipxe_over_tftp(site) -> None:
@@ -155,9 +122,8 @@ def test_assigned_machine_chains_the_signed_uki_bare_and_gets_its_signed_bytes(s
 def test_serve_without_signed_ipxe_in_the_directory_is_one_line_exit_2(site) -> None:
     empty = site["work"] / "empty"
     empty.mkdir(exist_ok=True)
-    result = site["srv"].run(
-        *_serve_argv(site["cache"], site["keys"], empty), "--http-port", "8081", check=False
-    )
+    argv = _serve_argv(site["cache"], site["keys"], empty)
+    result = site["srv"].run(*PXEPEER, "serve", *argv, "--http-port", "8081", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "secure-boot sign-ipxe" in lines[0], result.stderr

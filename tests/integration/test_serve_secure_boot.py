@@ -6,18 +6,16 @@ looks inside them); tests/lab/test_secure_boot.py boots the real ones under Secu
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pxe.dhcp import MessageType
-from tests.netns import Netns, can_use_netns, link, namespaces
+from tests.integration.serve_in_netns import curl, probe, serving
+from tests.netns import can_use_netns, link, namespaces
 from tests.unit.test_dhcp import request_of
 
 IPXE_DIR = Path("/usr/lib/ipxe")
@@ -62,57 +60,13 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     pxepeer("assign", MAC, "pos", "--cache-dir", str(cache))
     with namespaces("srv", "cli") as (srv, cli):
         link(srv, "lan0", f"{SERVER_IP}/24", cli, "eth0", "10.231.9.50/24")
-        log_path = work / "serve.log"
-        with open(log_path, "w") as log:
-            proc = srv.popen(
-                *PXEPEER, "serve", "--interface", "lan0", "--cache-dir", str(cache),
-                "--trust", str(keys / "publisher.pub"), "--ipxe-dir", str(IPXE_DIR),
-                "--no-mdns", "--secure-boot", "shim", "--secure-boot-dir", str(chain),
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            )  # fmt: skip
-        try:
-            _wait_responding(cli, proc, log_path)
-            yield {"cli": cli, "chain": chain, "kernel": kernel.read_bytes(), "log": log_path}
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _wait_responding(ns: Netns, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited: {log_path.read_text()}")
-        result = ns.run("curl", "-sf", f"{BASE}/v1/status", check=False)
-        if result.returncode == 0 and json.loads(result.stdout)["site"]["this_peer_responds"]:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"serve did not come up: {log_path.read_text()}")
-
-
-def probe(ns: Netns, source_port: int, dest: str, payload: bytes) -> bytes:
-    result = ns.run(
-        sys.executable, "-m", "tests.integration.dhcp_probe", "eth0", str(source_port), dest,
-        payload.hex(),
-    )  # fmt: skip
-    # Only the reply to our own request (the peer's offer probe is broadcast too).
-    [reply] = [
-        bytes.fromhex(line.split()[1])
-        for line in result.stdout.splitlines()
-        if bytes.fromhex(line.split()[1])[4:8] == payload[4:8]
-    ]
-    return reply
-
-
-def curl(ns: Netns, *args: str) -> bytes:
-    return subprocess.run(
-        ns.exec_argv("curl", "-sf", "--max-time", "30", *args), capture_output=True, check=True
-    ).stdout
+        argv = [
+            "--interface", "lan0", "--cache-dir", str(cache), "--trust",
+            str(keys / "publisher.pub"), "--ipxe-dir", str(IPXE_DIR), "--no-mdns",
+            "--secure-boot", "shim", "--secure-boot-dir", str(chain),
+        ]  # fmt: skip
+        with serving(srv, cli, argv, work / "serve.log", BASE):
+            yield {"cli": cli, "chain": chain, "kernel": kernel.read_bytes()}
 
 
 def test_edk2_native_pxe_is_offered_shim_and_ipxe_roms_keep_the_script(site) -> None:
