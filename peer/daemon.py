@@ -20,6 +20,7 @@ from imaging.signing import KeyFileError, PublicKey, TrustedKeys, load_public_ke
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.metrics_registry import PeerMetrics
 from peer.adapters.peer_credentials import PeerCredentials
+from peer.adapters.recent_warnings import RecentWarnings
 from peer.adapters.site import Site, SiteConfig
 from peer.api.assign_api import add_assign_routes
 from peer.api.auth import ApiAuth, install_api_auth
@@ -218,6 +219,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self.dns_discovery: DnsDiscovery | None = None
         self.api_auth: ApiAuth | None = None
+        # The last WARNING+ log records, for the dashboard (collected while running).
+        self.recent_warnings = RecentWarnings()
 
     def _secure_boot_source(self, ipxe: BootSource) -> BootSource:
         """shim for UEFI x64 PXE clients, then GRUB, whose TFTP bootstrap config sends
@@ -316,6 +319,7 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        self.recent_warnings.install()
         # The store is indexed (manifests verified once, off the loop) before HTTP opens,
         # so the first boot request already sees every image.
         await self.site.start()
@@ -461,6 +465,7 @@ class Daemon:
             await self.tftp.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.recent_warnings.uninstall()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -499,6 +504,7 @@ class Daemon:
             "imaging": self.imaging.status() if self.imaging is not None else [],
             "dns_discovery": self.dns_discovery.status() if self.dns_discovery else None,
             "api_auth": self.api_auth.status() if self.api_auth is not None else None,
+            "recent_warnings": self.recent_warnings.snapshot(),
             # --wan-rate and --lan-rate as configured and in force now (local time).
             "rate_limits": {
                 "wan": limit_status(as_schedule(cfg.wan_rate), datetime.now()),

@@ -72,7 +72,10 @@ ROUTE_NEEDS: dict[str, Need] = {
     "/v1/records": PEER,
     "/v1/manifests/{manifest_id}": PEER,
     # The API: what a person or a monitoring system reads, and what changes the site.
-    "/": VIEWER,
+    "/": VIEWER,  # the dashboard (peer/api/dashboard.py), its assets and its data
+    "/dashboard.js": VIEWER,
+    "/dashboard.css": VIEWER,
+    "/v1/dashboard": VIEWER,
     "/v1/status": VIEWER,
     "/metrics": VIEWER,
     "/v1/images": VIEWER,

@@ -19,6 +19,7 @@ from aiohttp import web
 from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
+from peer.api.dashboard import add_dashboard_routes
 from peer.api.imaging_api import MachineFacts, machine_facts
 from peer.api.metrics import metrics_response
 from peer.core.boot_progress import BootProgress, Stage
@@ -495,4 +496,6 @@ def build_app(context: HttpContext) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/images", images)
     app.router.add_get("/metrics", metrics)
+    # The dashboard at / (peer/api/dashboard.py); status looked up per request.
+    add_dashboard_routes(app, lambda: context.status())
     return app
