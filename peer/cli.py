@@ -29,6 +29,7 @@ from imaging.signing import (
     load_public_key,
     load_signing_key,
 )
+from peer.control_cli import catalog
 from peer.core.machine_records import (
     LocalFileVerifier,
     RecordBook,
@@ -36,6 +37,7 @@ from peer.core.machine_records import (
     next_assignment,
 )
 from peer.enroll import enroll
+from peer.fleet_cli import fleet
 from peer.progress_bar import ProgressBar
 from peer.secure_boot_cli import secure_boot, signed_uki, uki_options
 from peer.serve import serve
@@ -678,15 +680,39 @@ def publish(
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True,
               help="Any peer's HTTP address.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
-def status(url: str, as_json: bool) -> None:
+@click.option("--token", envvar="PXEPEER_TOKEN", default=None,
+              help="A viewer token, for a peer that is not on this machine's loopback.")
+@click.option("--site-wide", is_flag=True,
+              help="Ask every live peer of the site too: one row per peer from its own "
+                   "status (peer/site_wide.py).")  # fmt: skip
+def status(url: str, as_json: bool, token: str | None, site_wide: bool) -> None:
     """Show the site as one peer sees it: peers, responder, images per peer, WAN vs LAN."""
-    from peer.status_view import StatusUnavailable, fetch_status, render_status
+    from peer.core.fleet_targets import base_url
+    from peer.remote_status import StatusError, fetch_status
+    from peer.status_view import render_status
 
     try:
-        doc = fetch_status(url)
-    except StatusUnavailable as exc:
+        base = base_url(url)
+        if site_wide:
+            from peer.site_wide import as_json as rows_json
+            from peer.site_wide import gather, render_site
+
+            rows = gather(base, token)
+            click.echo(json.dumps(rows_json(rows), indent=1) if as_json else render_site(rows))
+            return
+        doc = fetch_status(base, token)
+    except ValueError as exc:
+        raise CliError(f"--url {exc}") from None
+    except StatusError as exc:
         raise CliError(str(exc)) from None
-    click.echo(json.dumps(doc, indent=1) if as_json else render_status(doc))
+    if as_json:
+        click.echo(json.dumps(doc, indent=1))
+        return
+    try:
+        click.echo(render_status(doc))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # A remote answer is not ours to trust: a malformed one is one line, not a trace.
+        raise CliError(f"{base}/v1/status: not a status document this pxepeer can show") from None
 
 
 main.add_command(serve)
@@ -694,6 +720,8 @@ main.add_command(secure_boot)
 main.add_command(enroll)
 main.add_command(token)
 main.add_command(install_service)
+main.add_command(catalog)
+main.add_command(fleet)
 
 
 if __name__ == "__main__":
