@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from imaging.control import ControlTrust
 from imaging.signing import KeyFileError, PublicKey, TrustedKeys, load_public_keys
 from peer.adapters.dns_discovery import DnsConfigError, DnsDiscovery, Nameserver
 from peer.adapters.metrics_registry import PeerMetrics
@@ -29,6 +30,7 @@ from peer.api.http_guard import GuardedSite, HttpGuard, listen_addresses, raise_
 from peer.api.http_server import HttpContext, build_app
 from peer.api.imaging_api import ImagingApi, add_imaging_routes
 from peer.api.metrics import METRICS
+from peer.api.override_api import add_override_routes
 from peer.api.peer_api import add_peer_routes
 from peer.core.boot_progress import BootProgress, Stage
 from peer.core.identity import IdentityError
@@ -206,6 +208,8 @@ class Daemon:
             self.rejections,
             identity=self.identity,
             credentials=self.credentials,
+            # Control documents: operator or publisher keys (imaging/control.py).
+            control_trust=ControlTrust(k for role in keys.values() for k in role),
         )
         self.library = ImageLibrary(self.site)
         # --lan-rate: None when never capped, so chunks keep going out by sendfile.
@@ -344,6 +348,7 @@ class Daemon:
         if self.serves_grub:
             add_grub_routes(app)
         add_assign_routes(app, self.site, self.rejections)
+        add_override_routes(app, self.site, self.rejections)
         # Tokens before anything else reads the request (peer/api/auth.py).
         self.api_auth = install_api_auth(
             app, TokenStore(self.store.state_dir), self.rejections, cfg.api_open_loopback

@@ -69,6 +69,32 @@ def _rate_lines(doc: dict) -> list[str]:
     return out
 
 
+def _control_lines(control: object) -> list[str]:
+    """The control document followed or refused, and each image whose paused flag or
+    priority does not come from the catalog (peer/core/site_core.py control_status)."""
+    if not isinstance(control, dict):
+        return []
+    lines = []
+    if control.get("serial") is not None:
+        applied = "" if control.get("applied") else "  EXPIRED (catalog applies)"
+        lines.append(f"control: serial {control['serial']} signed by key "
+                     f"{control.get('signer') or '-'}{applied}")  # fmt: skip
+    refused = control.get("refused")
+    if isinstance(refused, dict):
+        lines.append(f"control REFUSED: serial {refused.get('serial')} from "
+                     f"{refused.get('source')} by key {refused.get('signer') or 'none'}: "
+                     f"{refused.get('reason')}")  # fmt: skip
+    for image in control.get("images") or []:
+        if not isinstance(image, dict):
+            continue
+        by = (image.get("paused_by"), image.get("priority_by"))
+        if by == ("catalog", "catalog"):
+            continue
+        lines.append(f"  {image.get('name')}: {'paused' if image.get('paused') else 'active'} "
+                     f"({by[0]}), priority {image.get('priority')} ({by[1]})")  # fmt: skip
+    return lines
+
+
 def render_status(doc: dict) -> str:
     site = doc.get("site") or {}
     lines = [
@@ -92,6 +118,7 @@ def render_status(doc: dict) -> str:
         if catalog
         else "catalog: none"
     )
+    lines.extend(_control_lines(site.get("control")))
     lines.extend(_rate_lines(doc))
     lines.append("")
     lines.append(
@@ -110,7 +137,8 @@ def render_status(doc: dict) -> str:
     for image in site.get("images", []):
         flags = []
         if image.get("paused"):
-            flags.append("paused")
+            by = image.get("paused_by")
+            flags.append(f"paused by {by}" if by and by != "catalog" else "paused")
         if image.get("priority"):
             flags.append(f"priority {image['priority']}")
         if not image.get("in_catalog"):

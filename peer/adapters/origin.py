@@ -19,6 +19,7 @@ from datetime import datetime
 
 import aiohttp
 
+from imaging.control import CONTROL
 from imaging.origin_layout import CATALOG, chunk_path, manifest_path
 from peer.core.rate_schedule import RateSchedule
 from peer.core.throttle import DelayController, ScheduledRate, TokenBucket
@@ -60,6 +61,7 @@ class OriginClient:
         self.controller = DelayController(self.wan_rate)
         self._share = 1
         self._catalog_etag: str | None = None
+        self._control_etag: str | None = None
 
     @property
     def current_rate(self) -> float:
@@ -91,7 +93,8 @@ class OriginClient:
             self.bucket.set_rate(min(self.bucket.rate, cap) or cap)
 
     async def _get(
-        self, path: str, max_bytes: int, headers: dict[str, str] | None = None
+        self, path: str, max_bytes: int, headers: dict[str, str] | None = None,
+        absent_ok: bool = False,
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """GET one document of at most `max_bytes`: a broken or hostile origin (or a
         proxy in front of it) that sends more is cut off, not buffered."""
@@ -109,6 +112,8 @@ class OriginClient:
                 if resp.status == 304:
                     self.stats.not_modified += 1
                     return 304, b"", resp.headers.copy()
+                if resp.status == 404 and absent_ok:
+                    return 404, b"", resp.headers.copy()
                 if resp.status != 200:
                     raise OriginError(f"{url}: HTTP {resp.status}")
                 if resp.content_length is not None and resp.content_length > max_bytes:
@@ -145,6 +150,20 @@ class OriginClient:
     def forget_catalog_etag(self) -> None:
         """After rejecting a catalog, fetch it in full next time (to log why again)."""
         self._catalog_etag = None
+
+    async def fetch_control(self, max_bytes: int) -> bytes | None:
+        """The control document's bytes (imaging/control.py); b"" when the origin has
+        none, None when it has not changed since the last fetch."""
+        headers = {"If-None-Match": self._control_etag} if self._control_etag else None
+        status, body, resp_headers = await self._get(CONTROL, max_bytes, headers, absent_ok=True)
+        if status == 304:
+            return None
+        self._control_etag = resp_headers.get("ETag") if status == 200 else None
+        return body
+
+    def forget_control_etag(self) -> None:
+        """After refusing a control document, fetch it in full next time."""
+        self._control_etag = None
 
     async def fetch_manifest(self, manifest_id: str, max_bytes: int) -> bytes:
         return (await self._get(manifest_path(manifest_id), max_bytes))[1]

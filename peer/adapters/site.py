@@ -36,6 +36,16 @@ from imaging.catalog import (
     SignedCatalog,
     accept_catalog,
 )
+from imaging.control import (
+    MAX_CONTROL_BYTES,
+    Control,
+    ControlEntry,
+    ControlError,
+    ControlRejected,
+    ControlTrust,
+    SignedControl,
+    accept_control,
+)
 from imaging.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest
 from imaging.signing import SignatureError, TrustedKeys
 from peer.adapters.discovery import MdnsDiscovery
@@ -81,6 +91,7 @@ from peer.core.wire import (
 )
 from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
 from peer.store.node_identity import NodeIdentity
+from peer.store.overrides import OverrideStore
 from peer.store.quota import Quota
 from peer.store.record_store import RecordStore
 from pxe.dhcp_probe import probe_for_offers
@@ -88,6 +99,7 @@ from pxe.dhcp_probe import probe_for_offers
 log = logging.getLogger("pxepeer.site")
 
 CATALOG_STATE = "catalog.json"
+CONTROL_STATE = "control.json"  # the highest control document accepted (its serial too)
 LEGACY_ASSIGNMENTS = "assignments.json"
 MAX_CATALOG_BYTES = 1 << 20
 STORE_SCAN_SECONDS = 2.0
@@ -142,8 +154,16 @@ class Site:
         *,
         identity: NodeIdentity,
         credentials: PeerCredentials | None = None,
+        control_trust: ControlTrust | None = None,
     ):
         self.config, self.store, self.trusted = config, store, trusted
+        # Who may sign control documents: every --trust key by role (default: the
+        # publisher keys only).
+        self.control_trust = control_trust or ControlTrust(
+            k for k in map(trusted.get, trusted.key_ids()) if k is not None
+        )
+        self.control_bytes: bytes | None = None
+        self.override_store = OverrideStore(store.state_dir)
         self.rejections = rejections or Rejections()
         self.identity = identity
         self.node_id = identity.node_id
@@ -263,6 +283,10 @@ class Site:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._store_thread, self._load_catalog_state)
+        await loop.run_in_executor(self._store_thread, self._load_control_state)
+        self.core.overrides = await loop.run_in_executor(
+            self._store_thread, self.override_store.load
+        )
         await loop.run_in_executor(self._store_thread, self.record_store.load, self.records)
         await self._migrate_assignments()
         self.core.records_digest = self.records.digest()
@@ -486,6 +510,12 @@ class Site:
             data = await self._catalog_bytes(command.source)
             if data is not None:
                 await self._adopt_catalog(data, command.source)
+            # The control document travels with the catalog: from the origin at every
+            # poll, and from the peer a newer catalog came from.
+            if command.source == ORIGIN or data is not None:
+                control = await self._control_doc_bytes(command.source)
+                if control:
+                    await self._adopt_control(control, command.source)
         finally:
             self.core.catalog_fetch_done(time.monotonic())
 
@@ -544,6 +574,118 @@ class Site:
             )
         except OSError as exc:
             log.warning("cannot save catalog: %s", exc)
+
+    # -- the control document (imaging/control.py) -----------------------------------------
+
+    def _load_control_state(self) -> None:
+        """The highest control document accepted before a restart: its serial stays the
+        floor even when it no longer verifies or has expired (an old "active" must not be
+        replayed), and it applies again when it still verifies."""
+        path = self.store.state_dir / CONTROL_STATE
+        try:
+            data = path.read_bytes()
+            signed = SignedControl.from_bytes(data)
+        except FileNotFoundError:
+            return
+        except (OSError, ControlError) as exc:
+            log.warning("ignoring stored control document: %s", exc)
+            return
+        self.core.control, self.control_bytes = signed.control, data
+        try:
+            self.core.control_signer = self.control_trust.check(
+                signed.control.canonical_bytes, signed.signatures
+            )
+        except ControlRejected as exc:
+            # Kept as the floor only: an empty document of the same serial applies nothing.
+            log.warning("stored control document no longer trusted (%s): not applied", exc)
+            self.core.control = Control(signed.control.serial, signed.control.issued,
+                                        signed.control.expires, ())  # fmt: skip
+            self.core.control_signer = None
+
+    async def _control_doc_bytes(self, source: str) -> bytes | None:
+        if source == ORIGIN:
+            assert self.origin is not None
+            try:
+                return await self.origin.fetch_control(MAX_CONTROL_BYTES)
+            except OriginError as exc:
+                # The catalog's fetch already judges the origin's health; a control
+                # document that cannot be had leaves the one held in force.
+                log.warning("control document: %s", exc)
+                return None
+        assert self._control is not None
+        headers, _ = self._signed("GET", "/v1/control", to=self._node_at(source))
+        try:
+            async with self._control.get(
+                f"http://{source}/v1/control", headers=headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:  # fmt: skip
+                if resp.status != 200:
+                    return None
+                return await read_capped(resp, MAX_CONTROL_BYTES)
+        except Oversize:
+            self.rejections.count("control", "oversize")
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            pass
+        return None
+
+    async def _adopt_control(self, data: bytes, source: str) -> None:
+        """Verify (off the loop) and follow a control document, or refuse it: counted,
+        shown in status, nothing changes."""
+        label = "origin" if source == ORIGIN else f"peer {source}"
+        held = self.core.control
+        loop = asyncio.get_running_loop()
+        parsed: list[SignedControl] = []
+
+        def check() -> tuple[Control, str]:
+            signed = SignedControl.from_bytes(data)
+            parsed.append(signed)
+            return accept_control(signed, self.control_trust, held, time.time())
+
+        try:
+            control, signer = await loop.run_in_executor(None, check)
+        except (ControlError, ControlRejected) as exc:
+            serial = parsed[0].control.serial if parsed else None
+            signer_id = parsed[0].signer if parsed else None
+            if self.core.control_refused(label, serial, signer_id, exc.reason, str(exc)):
+                self.rejections.count_error("control", exc)
+            if source == ORIGIN and self.origin is not None:
+                self.origin.forget_control_etag()
+            return
+        if not self.core.control_accepted(control, signer, label):
+            return
+        self.control_bytes = data
+        self._wake.set()
+        try:
+            await loop.run_in_executor(
+                self._store_thread, self.store.write_atomic,
+                self.store.state_dir / CONTROL_STATE, data,
+            )  # fmt: skip
+        except OSError as exc:
+            log.warning("cannot save control document: %s", exc)
+
+    # -- site overrides (PUT /v1/overrides/NAME, peer/api/override_api.py) ------------------
+
+    async def set_override(self, name: str, paused: bool | None, priority: int | None,
+                           clear: frozenset[str] = frozenset()) -> ControlEntry | None:  # fmt: skip
+        """Change this site's override of `name` (written to the store first, then in
+        force); the override after, None when none is left. Raises OSError."""
+        loop = asyncio.get_running_loop()
+        overrides = await loop.run_in_executor(
+            self._store_thread, self.override_store.set, name, paused, priority, clear
+        )
+        self.core.overrides = overrides
+        self._wake.set()
+        return overrides.get(name)
+
+    async def clear_override(self, name: str) -> bool:
+        """Remove this site's override of `name`; whether it had one. Raises OSError."""
+        loop = asyncio.get_running_loop()
+        overrides, had = await loop.run_in_executor(
+            self._store_thread, self.override_store.clear, name
+        )
+        self.core.overrides = overrides
+        self._wake.set()
+        return had
 
     # -- manifests -------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ ROUTE_NEEDS: dict[str, Need] = {
     "/v1/peer": PEER,
     "/v1/have": PEER,
     "/v1/catalog": PEER,
+    "/v1/control": PEER,  # operator-signed: peers verify it (peer/api/override_api.py)
     "/v1/records": PEER,
     "/v1/manifests/{manifest_id}": PEER,
     # The API: what a person or a monitoring system reads, and what changes the site.
@@ -81,6 +82,9 @@ ROUTE_NEEDS: dict[str, Need] = {
     "/v1/images": VIEWER,
     "/v1/imaging": VIEWER,
     "/v1/assignments": TECHNICIAN,
+    # Site-local pause and priority (peer/api/override_api.py): operators only.
+    "/v1/overrides": VIEWER,
+    "/v1/overrides/{image}": OPERATOR,
 }
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

@@ -22,7 +22,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from imaging.catalog import Catalog
+from imaging.catalog import Catalog, CatalogEntry
+from imaging.control import Control, ControlEntry, Effective, effective
 from imaging.manifest import Manifest
 from peer.core.membership import Membership
 from peer.core.offer_check import RogueServers, SeenOffer, check_offers
@@ -182,6 +183,12 @@ class SiteCore:
         self.catalog: Catalog | None = None
         self.catalog_bytes: bytes | None = None
         self.catalog_problem: str | None = None
+        # The highest control document accepted (imaging/control.py; applied while not
+        # expired), its signer, the last one refused, and this site's own overrides.
+        self.control: Control | None = None
+        self.control_signer: str | None = None
+        self.control_refusal: dict[str, object] | None = None
+        self.overrides: dict[str, ControlEntry] = {}
         self.responders: list[str] = []
         self.endpoints: dict[str, Endpoint] = {
             e: Endpoint(static=True) for e in settings.static_peers
@@ -275,8 +282,8 @@ class SiteCore:
             return []
         live = [h.node_id for h in self.membership.live(now)] + [self.node_id]
         wanted = []
-        for entry in self.catalog.by_priority():
-            if entry.paused:
+        for entry, state in self.effective_entries():
+            if state.paused:
                 continue
             if entry.replicas and self.node_id not in rendezvous_rank(
                 entry.manifest_id, live
@@ -284,6 +291,53 @@ class SiteCore:
                 continue
             wanted.append(entry.manifest_id)
         return wanted
+
+    def applied_control(self) -> Control | None:
+        """The control document in force: none once it expired (the catalog rules)."""
+        if self.control is None or self.control.expired(self.wall):
+            return None
+        return self.control
+
+    def effective_entries(self) -> list[tuple[CatalogEntry, Effective]]:
+        """The catalog's entries with the paused flag and priority in force (catalog,
+        control document, site override), highest priority first."""
+        if self.catalog is None:
+            return []
+        control = self.applied_control()
+        pairs = [
+            (e, effective(e, control, self.overrides.get(e.name))) for e in self.catalog.entries
+        ]
+        return sorted(pairs, key=lambda p: (-p[1].priority, p[0].name))
+
+    def control_accepted(self, control: Control, signer: str, source: str) -> bool:
+        """A control document accepted against `self.control` (accept_control, off the
+        loop); True when it replaces ours (the adapter saves it)."""
+        self.control_refusal = None
+        if self.control is not None and control.serial <= self.control.serial:
+            return False
+        self.control, self.control_signer = control, signer
+        log.info(
+            "following control serial %d (key %s) from %s: %s",
+            control.serial, signer, source,
+            ", ".join(
+                f"{e.name}{' paused' if e.paused else ' active' if e.paused is False else ''}"
+                f"{f' priority {e.priority}' if e.priority is not None else ''}"
+                for e in control.entries
+            ) or "no images",
+        )  # fmt: skip
+        return True
+
+    def control_refused(self, source: str, serial: int | None, signer: str | None,
+                        reason: str, message: str) -> bool:  # fmt: skip
+        """A control document not followed: nothing changes; status says why. True when
+        this refusal is news (the same document refused again at every poll is counted
+        and logged once)."""
+        refusal = {"serial": serial, "signer": signer, "reason": reason, "source": source}
+        new = refusal != self.control_refusal
+        if new:
+            log.warning("control document from %s refused: %s", source, message)
+        self.control_refusal = refusal
+        return new
 
     def catalog_accepted(self, catalog: Catalog, data: bytes, source: str) -> bool:
         """A catalog whose signature, serial and expiry were checked (off the loop)
@@ -783,6 +837,17 @@ class SiteCore:
             )
         if self.catalog_problem:
             warnings.append(f"last catalog refused: {self.catalog_problem}")
+        if self.control_refusal:
+            r = self.control_refusal
+            warnings.append(
+                f"control document serial {r['serial']} from {r['source']} refused "
+                f"({r['reason']}, key {r['signer'] or 'none'}): the image settings did not change"
+            )
+        if self.control is not None and self.control.expired(wall):
+            warnings.append(
+                f"control serial {self.control.serial} expired: the catalog's paused flags and "
+                "priorities apply until the origin has a new one"
+            )
         if self.settings.has_origin and not self.wan_ok(now):
             warnings.append("origin unreachable; retrying")
         if self.quota_paused(now):
@@ -807,6 +872,24 @@ class SiteCore:
             )
         warnings.extend(r.warning() for r in self.rogues.current())
         return warnings
+
+    def control_status(self, in_force: list[tuple[CatalogEntry, Effective]]
+                       ) -> dict[str, object]:  # fmt: skip
+        """The control document held and the last refused, the site's overrides, and
+        each catalog image's settings with where they come from."""
+        held = self.control
+        return {
+            "serial": held.serial if held else None,
+            "signer": self.control_signer,
+            "expires": held.expires if held else None,
+            "applied": self.applied_control() is not None,
+            "state": "refused" if self.control_refusal else "accepted" if held else "none",
+            "refused": self.control_refusal,
+            "overrides": [self.overrides[n].to_json() for n in sorted(self.overrides)],
+            "images": [
+                {"name": e.name, "version": e.version, **state.to_json()} for e, state in in_force
+            ],
+        }
 
     def status(self, now: float, wall: float) -> dict[str, object]:
         self.wall = wall
@@ -839,11 +922,12 @@ class SiteCore:
                 }
             )
         wanted = set(self.wanted_ids(now))
-        entries = {e.manifest_id: e for e in (self.catalog.entries if self.catalog else ())}
+        in_force = self.effective_entries()
+        entries = {e.manifest_id: (e, state) for e, state in in_force}
         images = []
         for manifest_id, held in self.images.items():
             m = held.manifest
-            entry = entries.get(manifest_id)
+            entry, state = entries.get(manifest_id, (None, None))
             holders = {self.node_id: [held.bitmap.count(), held.bitmap.size]}
             for h in live:
                 bm = h.holdings.get(manifest_id)
@@ -854,8 +938,10 @@ class SiteCore:
                     "version": m.version,
                     "manifest_id": manifest_id,
                     "in_catalog": entry is not None,
-                    "priority": entry.priority if entry else None,
-                    "paused": bool(entry and entry.paused),
+                    "priority": state.priority if state else None,
+                    "paused": bool(state and state.paused),
+                    "paused_by": state.paused_by if state else None,
+                    "priority_by": state.priority_by if state else None,
                     "wanted": manifest_id in wanted,
                     "chunks": holders,
                 }
@@ -877,6 +963,7 @@ class SiteCore:
             }
             if self.catalog
             else None,
+            "control": self.control_status(in_force),
             "wan_bytes": self.counters.wan_bytes,
             "lan_bytes_in": self.counters.lan_bytes_in,
             "reputation": self.reputation.snapshot(now),
