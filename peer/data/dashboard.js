@@ -1,7 +1,7 @@
 // The pxepeer dashboard: polls /v1/dashboard (peer/api/dashboard.py says why polling)
 // and renders it. Every value in the document may come from a hostile peer or report:
 // it reaches the page through textContent, element properties and setAttribute only,
-// never as markup (the Content-Security-Policy's Trusted Types make innerHTML throw).
+// never as markup (the Content-Security-Policy's Trusted Types make every HTML sink throw).
 "use strict";
 
 (() => {
@@ -13,6 +13,7 @@
   let failures = 0;
   let timer = null;
   let inFlight = false;
+  let lastEtag = null;
 
   // -- building blocks (no markup anywhere) ----------------------------------------------
 
@@ -120,7 +121,7 @@
       row.dataset.mac = str(m.mac, "");
       cell(row, str(m.mac), "mono");
       cell(row, str(m.ip), "mono");
-      cell(row, str(m.image));
+      cell(row, str(m.image), "text");
       const state = cell(row, str(m.state, m.last_stage ? "booting" : "–"), "state");
       if (m.state === "done" || m.state === "failed") state.classList.add("state-" + m.state);
       const progress = el("div", "progress");
@@ -166,8 +167,10 @@
   function renderPeers(doc) {
     const rows = (doc.peers || []).map((p) => {
       const row = el("tr");
-      cell(row, str(p.node_id) + (p.self ? " (this peer)" : ""), "mono");
-      cell(row, str(p.address) + (p.http_port ? ":" + num(p.http_port) : ""), "mono");
+      cell(row, str(p.node_id) + (p.self ? " (this peer)" : ""), "text mono");
+      // "-": a peer with no --interface, reached on loopback or --listen addresses.
+      const address = p.address && p.address !== "-" ? p.address : "";
+      cell(row, address ? address + ":" + num(p.http_port) : "port " + num(p.http_port), "mono");
       const role = el("span", "tag" + (p.responder ? " responder" : ""),
         p.responder ? "responder" : p.can_answer_pxe ? "standby" : "peer");
       cell(row, role);
@@ -190,8 +193,8 @@
     const rows = (w.recent || []).map((r) => {
       const row = el("tr");
       cell(row, clock(r.at), "num");
-      cell(row, str(r.level), "level-" + str(r.level, "").replace(/[^A-Z]/g, ""));
-      cell(row, str(r.logger), "mono");
+      cell(row, str(r.level), "level level-" + str(r.level, "").replace(/[^A-Z]/g, ""));
+      cell(row, str(r.logger), "text mono");
       cell(row, str(r.message), "message");
       return row;
     });
@@ -220,33 +223,48 @@
     timer = setTimeout(poll, ms);
   }
 
+  function failed(what, err, deadline) {
+    failures += 1;
+    const wait = Math.min(MAX_BACKOFF_MS, POLL_MS * 2 ** Math.min(failures, 3));
+    connection(what + " (" + String(err && err.message ? err.message : err) +
+      "); trying again in " + Math.round(wait / 1000) + " s", false);
+    clearTimeout(deadline);
+    inFlight = false;
+    schedule(wait);
+  }
+
   async function poll() {
     if (inFlight) return;
     if (document.hidden) return; // resumed by visibilitychange
     inFlight = true;
     const abort = new AbortController();
     const deadline = setTimeout(() => abort.abort(), TIMEOUT_MS);
+    let doc;
+    let etag;
     try {
       // no-cache: revalidated with the ETag each time; an unchanged document is a 304.
       const response = await fetch(DOCUMENT, {
         cache: "no-cache", credentials: "same-origin", signal: abort.signal,
       });
       if (!response.ok) throw new Error("HTTP " + response.status);
-      const doc = await response.json();
+      etag = response.headers.get("ETag");
+      doc = await response.json();
       if (doc === null || typeof doc !== "object") throw new Error("not a dashboard document");
-      render(doc);
-      failures = 0;
-      connection("live · updated " + new Date().toLocaleTimeString(), true);
     } catch (err) {
-      failures += 1;
-      const wait = Math.min(MAX_BACKOFF_MS, POLL_MS * 2 ** Math.min(failures, 4));
-      connection("cannot reach this peer (" + String(err && err.message ? err.message : err) +
-        "); trying again in " + Math.round(wait / 1000) + " s", false);
-      inFlight = false;
-      clearTimeout(deadline);
-      schedule(wait);
+      failed("cannot reach this peer", err, deadline);
       return;
     }
+    try {
+      // Unchanged: the page is left alone (an open tooltip or a selection stays).
+      if (etag === null || etag !== lastEtag) render(doc);
+      lastEtag = etag;
+    } catch (err) {
+      lastEtag = null;
+      failed("cannot show what this peer sent", err, deadline);
+      return;
+    }
+    failures = 0;
+    connection("live · updated " + new Date().toLocaleTimeString(), true);
     clearTimeout(deadline);
     inFlight = false;
     schedule(POLL_MS);
