@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# sudo ./demo.sh [--firmware bios|uefi|edk2] [--workdir DIR]
+# sudo ./demo.sh [--firmware bios|uefi] [--peers N] [--wan-rate RATE] [--dashboard-port PORT]
+#                [--workdir DIR]
 #
-# A virtual store (network namespaces, a router with plain DHCP, a QEMU VM) in which the
-# VM network-boots a signed test image from `pxepeer serve`, printing each stage as it
-# happens. Installs what it needs first: Debian packages if missing, and pxepeer into a
-# venv (PXEPEER_VENV, default /var/cache/pxepeer-lab/venv). Nothing leaves the namespaces
-# it creates; they are deleted on exit, Ctrl-C included.
+# A virtual store (network namespaces, a router with plain DHCP, QEMU): N pxepeer peers
+# (default 3) follow an origin over a slow shaped WAN, fetching each chunk across it once
+# and swarming it over the LAN; the site elects a PXE responder, whose dashboard is
+# relayed to 127.0.0.1 on this host; then a blank VM is assigned the demo OS, images its
+# disk from the peers and boots the demo OS from that disk, each stage printed as it
+# happens (tests/lab/demo.py). Installs what it needs first: Debian packages if missing,
+# and pxepeer into a venv (PXEPEER_VENV, default /var/cache/pxepeer-lab/venv; a venv you
+# name that already imports pxepeer's dependencies is used as it is). Nothing leaves the
+# namespaces it creates, nothing on the host listens beyond 127.0.0.1; everything is
+# deleted on exit, Ctrl-C included.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +26,9 @@ declare -A need=(
   [/usr/lib/ipxe/undionly.kpxe]=ipxe [/usr/share/OVMF/OVMF_CODE_4M.fd]=ovmf
   [dnsmasq]=dnsmasq-base [/bin/busybox]=busybox-static [curl]=curl [ip]=iproute2
   [cpio]=cpio [depmod]=kmod [gzip]=gzip [xz]=xz-utils [zstd]=zstd [apt-get]=apt
+  [nginx]=nginx-light [tc]=iproute2 [sfdisk]=fdisk [mkfs.fat]=dosfstools [mcopy]=mtools
+  [syslinux]=syslinux [/usr/lib/syslinux/mbr/mbr.bin]=syslinux-common [openssl]=openssl
+  [gcc]=gcc [/usr/include/stdio.h]=libc6-dev [readelf]=binutils
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -37,7 +46,12 @@ fi
 # pxepeer and its Python dependencies, as the README's test command does it.
 venv=${PXEPEER_VENV:-/var/cache/pxepeer-lab/venv}
 stamp="$venv/.pxepeer-pyproject.sha256"
-if [ ! -x "$venv/bin/python" ] || ! sha256sum -c --status "$stamp" 2>/dev/null; then
+# A venv named by PXEPEER_VENV that already runs pxepeer (e.g. the test suite's) is used
+# as it is; the default one is (re)made whenever pyproject.toml changes.
+usable() {
+  [ -n "${PXEPEER_VENV:-}" ] && "$venv/bin/python" -c 'import peer.serve, peer.daemon' 2>/dev/null
+}
+if [ ! -x "$venv/bin/python" ] || { ! sha256sum -c --status "$stamp" 2>/dev/null && ! usable; }; then
   echo "setting up $venv (pip install -e .)"
   log=$(mktemp)
   if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q --upgrade pip &&
@@ -54,6 +68,7 @@ fi
 # This is the backstop if it is killed hard: its namespaces are named pxlab<its pid>-*,
 # so only the demo's own are deleted.
 child=
+# shellcheck disable=SC2317  # run by the EXIT trap, which shellcheck does not follow
 remove_leftovers() {
   [ -n "$child" ] || return 0
   for ns in $(ip netns list | awk -v p="pxlab${child}-" 'index($1, p) == 1 {print $1}'); do
