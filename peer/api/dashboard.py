@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 
 from aiohttp import web
@@ -203,7 +203,7 @@ def _machines(status: Mapping[str, object]) -> list[dict[str, object]]:
             if isinstance(j.get("mac"), str)}  # fmt: skip
     machines = [_machine(mac, boots.get(mac, {}), jobs.get(mac, {})) for mac in {**boots, **jobs}]
     # Most recently active first: the machine being imaged now is at the top.
-    machines.sort(key=lambda m: (-float(m["updated"]), str(m["mac"])))  # type: ignore[arg-type]
+    machines.sort(key=lambda m: (-float(m["updated"]), str(m["mac"])))
     return machines[:MAX_MACHINES]
 
 
@@ -217,6 +217,10 @@ def _recent(raw: object) -> list[dict[str, object]]:
         )  # fmt: skip
     recent.reverse()  # newest first
     return recent
+
+
+def _total(peers: list[dict[str, object]], key: str) -> int:
+    return min(MAX_COUNT, sum(_count(p[key]) for p in peers))
 
 
 def dashboard_view(status: Mapping[str, object]) -> dict[str, object]:
@@ -245,9 +249,9 @@ def dashboard_view(status: Mapping[str, object]) -> dict[str, object]:
         "bytes": {
             "wan": _count(site.get("wan_bytes")),
             "lan_in": _count(site.get("lan_bytes_in")),
-            "site_wan": sum(int(p["wan_bytes"]) for p in peers),  # type: ignore[call-overload]
-            "site_lan_in": sum(int(p["lan_bytes_in"]) for p in peers),  # type: ignore[call-overload]
-            "site_lan_out": sum(int(p["lan_bytes_out"]) for p in peers),  # type: ignore[call-overload]
+            "site_wan": _total(peers, "wan_bytes"),
+            "site_lan_in": _total(peers, "lan_bytes_in"),
+            "site_lan_out": _total(peers, "lan_bytes_out"),
         },
         "images": [_image(_dict(i)) for i in _list(site.get("images"))[:MAX_IMAGES]],
         "machines": _machines(status),
@@ -262,22 +266,26 @@ def _asset(name: str) -> bytes:
     return resources.files("peer.data").joinpath(name).read_bytes()
 
 
-def _static(body: bytes, content_type: str) -> Callable[[web.Request], object]:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(
-            body=body,
-            content_type=content_type,
-            charset="utf-8",
-            # Revalidated on each load: a peer upgraded under an open page serves the
-            # new script with the new document.
-            headers={**SECURITY_HEADERS, "Cache-Control": "no-cache", "ETag": _etag(body)},
-        )
-
-    return handler
-
-
 def _etag(body: bytes) -> str:
     return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def _response(request: web.Request, body: bytes, content_type: str) -> web.Response:
+    """`body` with the security headers, or a 304 when the browser holds it already.
+    no-cache: revalidated on every use, so an open page sees a changed document (and a
+    peer upgraded under it serves its new script)."""
+    etag = _etag(body)
+    headers = {**SECURITY_HEADERS, "Cache-Control": "no-cache", "ETag": etag}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=content_type, charset="utf-8", headers=headers)
+
+
+def _static(body: bytes, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return _response(request, body, content_type)
+
+    return handler
 
 
 def add_dashboard_routes(app: web.Application, status: Callable[[], Mapping[str, object]]) -> None:
@@ -285,14 +293,11 @@ def add_dashboard_routes(app: web.Application, status: Callable[[], Mapping[str,
     (called per request: the document is as fresh as `pxepeer status`)."""
 
     async def document(request: web.Request) -> web.Response:
-        body = json.dumps(dashboard_view(status()), separators=(",", ":"), default=str).encode()
-        etag = _etag(body)
-        headers = {**SECURITY_HEADERS, "Cache-Control": "no-cache", "ETag": etag}
-        if etag in request.headers.get("If-None-Match", ""):
-            return web.Response(status=304, headers=headers)
-        return web.Response(body=body, content_type="application/json", headers=headers)
+        view = dashboard_view(status())
+        body = json.dumps(view, separators=(",", ":"), default=str).encode()
+        return _response(request, body, "application/json")
 
-    app.router.add_get("/", _static(_asset(PAGE), "text/html"))  # type: ignore[arg-type]
-    app.router.add_get("/" + SCRIPT, _static(_asset(SCRIPT), "text/javascript"))  # type: ignore[arg-type]
-    app.router.add_get("/" + STYLE, _static(_asset(STYLE), "text/css"))  # type: ignore[arg-type]
+    app.router.add_get("/", _static(_asset(PAGE), "text/html"))
+    app.router.add_get("/" + SCRIPT, _static(_asset(SCRIPT), "text/javascript"))
+    app.router.add_get("/" + STYLE, _static(_asset(STYLE), "text/css"))
     app.router.add_get(DASHBOARD_PATH, document)
