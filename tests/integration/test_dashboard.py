@@ -111,28 +111,40 @@ def site(tmp_path: Path) -> Iterator[tuple[list[str], list[Path]]]:
     ports = [free_port(), free_port()]
     logs = [tmp_path / f"serve{i}.log" for i in range(2)]
     procs: list[subprocess.Popen] = []
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+
+    def wait(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if done():
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                tails = "\n".join(log.read_text()[-2000:] for log in logs if log.exists())
+                raise AssertionError(f"{what}:\n{tails}")
+            time.sleep(0.1)
+
     try:
-        for i, cache in enumerate(caches):
+        # Peer 1 first, so that peer 0's first poll of it is answered: a poll of a peer
+        # not up yet backs off for seconds. The page is peer 0's, so peer 0 seeing
+        # peer 1 is what the test waits for.
+        for i in (1, 0):
             with open(logs[i], "w") as log:
                 procs.append(subprocess.Popen(
-                    [*PXEPEER, "serve", "--cache-dir", str(cache),
+                    [*PXEPEER, "serve", "--cache-dir", str(caches[i]),
                      "--trust", str(keys / "publisher.pub"), "--trust", str(enroll_pub),
                      "--http-port", str(ports[i]), "--no-mdns", "--site", "dash-test",
                      f"--peer=127.0.0.1:{ports[1 - i]}"],
                     stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 ))  # fmt: skip
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if all(len(get_json(f"{u}/v1/status")["site"]["peers"]) == 2 for u in urls):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                tails = "\n".join(log.read_text()[-2000:] for log in logs)
-                raise AssertionError(f"the peers did not see each other:\n{tails}")
-            time.sleep(0.2)
+            if i == 1:
+                wait("peer 1 did not start", lambda: bool(get_json(f"{urls[1]}/v1/status")))
+        wait(
+            "peer 0 did not see peer 1",
+            lambda: len(get_json(f"{urls[0]}/v1/status")["site"]["peers"]) == 2,
+        )
         yield urls, logs
     finally:
         for proc in procs:  # only what this test started, by its Popen
