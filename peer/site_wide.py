@@ -109,7 +109,7 @@ def render_site(rows: list[PeerView]) -> str:
         + f"  (as {rows[0].node_id} at {rows[0].target} sees it)"
     ]
     head = f"{'PEER':<20}{'ADDRESS':<23}{'RESPONDER':<11}"
-    head += f"{'WAN IN':>11}{'LAN IN':>11}{'LAN OUT':>11}"
+    head += f"{'WAN IN':>12}{'LAN IN':>12}{'LAN OUT':>12}"
     head += "".join(f"  {name:>14}" for name in images) + "  WARNINGS"
     lines.append(head)
     warnings: list[str] = []
@@ -124,9 +124,9 @@ def render_site(rows: list[PeerView]) -> str:
         counters = mine.get("counters") if isinstance(mine.get("counters"), Mapping) else {}
         responder = "yes" if rsite.get("this_peer_responds") is True else "-"
         line += (
-            f"{responder:<11}{_mib(_int(counters.get('wan_bytes'))):>11}"
-            f"{_mib(_int(counters.get('lan_bytes_in'))):>11}"
-            f"{_mib(_int(counters.get('lan_bytes_out'))):>11}"
+            f"{responder:<11}{_mib(_int(counters.get('wan_bytes'))):>12}"
+            f"{_mib(_int(counters.get('lan_bytes_in'))):>12}"
+            f"{_mib(_int(counters.get('lan_bytes_out'))):>12}"
         )
         line += "".join(f"  {held.get(name, '-'):>14}" for name in images)
         said = rsite.get("warnings") if isinstance(rsite.get("warnings"), list) else []

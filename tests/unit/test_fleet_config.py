@@ -148,3 +148,34 @@ def test_promtool_accepts_the_scrape_config_and_rules_and_their_unit_tests_pass(
     assert "SUCCESS" in _run("check", "config", "prometheus.yml", cwd=tmp_path)
     _run("check", "rules", str(FLEET / "pxepeer.rules.yml"), cwd=FLEET)
     assert "SUCCESS" in _run("test", "rules", "pxepeer.rules.test.yml", cwd=FLEET)
+
+
+def test_every_metric_docs_operations_lists_is_on_a_peers_page() -> None:
+    from prometheus_client import generate_latest
+
+    from peer.adapters.metrics_registry import PeerMetrics
+
+    snapshot = {
+        "tftp": {"active": 1}, "http": {"open": 1}, "images": [], "imaging": [],
+        "rate_limits": {"wan": {"rate": 0}},
+        "site": {"site": "s", "node_id": "n", "this_peer_responds": False, "warnings": [],
+                 "rejected": {"hello": {"x": 1}}, "tasks": {"t": {"running": True}},
+                 "reputation": {"m": {"bad_chunks": 1}}, "rogue_pxe_servers": [],
+                 "peers": [{"self": True, "node_id": "n",
+                            "counters": {"wan_bytes": 1, "lan_bytes_out": 1,
+                                         "bad_chunks_received": 0, "wan_failures": 0,
+                                         "chunks_from_wan": 1}}],
+                 "quota": {"limit": 1, "used": 1, "reserved": 0, "evicted_chunks": 0,
+                           "refused_chunks": 0}},
+    }  # fmt: skip
+    text = generate_latest(PeerMetrics(lambda: snapshot).registry).decode()
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+    doc = (FLEET.parent / "operations.md").read_text()
+    table = doc[doc.index("## Metrics a peer exports"):]
+    listed = set(re.findall(r"`(pxepeer_[a-z_]+)`", table))
+    assert len(listed) > 25
+    assert listed <= names, f"listed but not exported: {sorted(listed - names)}"
