@@ -692,7 +692,7 @@ def status(url: str, as_json: bool, token: str | None, site_wide: bool) -> None:
     from peer.status_view import render_status
 
     try:
-        base = base_url(url)
+        base = base_url(url, allow_path=not site_wide)  # a proxy's prefix for one peer
         if site_wide:
             from peer.site_wide import as_json as rows_json
             from peer.site_wide import gather, render_site

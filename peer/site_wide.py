@@ -19,6 +19,8 @@ from peer.remote_status import StatusError, fetch_status
 
 MIB = 1024 * 1024
 WORKERS = 16
+# A store has a handful of peers; a listing longer than this is not worth an hour.
+MAX_PEERS = 256
 
 
 @dataclass
@@ -41,15 +43,20 @@ def gather(base: str, token: str | None, timeout: float = 5.0) -> list[PeerView]
     scheme = urlsplit(base).scheme
     on_loopback = is_loopback_url(base)
     pending: list[PeerView] = []
+    seen = {rows[0].target}
     peers = site.get("peers")
-    for peer in peers if isinstance(peers, list) else ():
-        if not isinstance(peer, Mapping) or peer.get("self") is True:
-            continue
+    others = [p for p in peers if isinstance(p, Mapping) and p.get("self") is not True] if (
+        isinstance(peers, list)) else []  # fmt: skip
+    for peer in others[:MAX_PEERS]:
         node = _text(peer.get("node_id"))
         try:
-            pending.append(PeerView(node, peer_target(peer, on_loopback), None))
+            target = peer_target(peer, on_loopback)
         except BadAnswer as exc:
             rows.append(PeerView(node, "-", None, f"listed with a {exc.reason}"))
+            continue
+        if target not in seen:  # a peer listed twice is asked once
+            seen.add(target)
+            pending.append(PeerView(node, target, None))
 
     def ask(view: PeerView) -> PeerView:
         try:
@@ -61,6 +68,8 @@ def gather(base: str, token: str | None, timeout: float = 5.0) -> list[PeerView]
     if pending:
         with ThreadPoolExecutor(max_workers=min(WORKERS, len(pending))) as pool:
             rows.extend(pool.map(ask, pending))
+    if len(others) > MAX_PEERS:
+        rows.append(PeerView("...", "-", None, f"{len(others) - MAX_PEERS} more not asked"))
     return rows
 
 

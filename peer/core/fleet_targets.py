@@ -61,18 +61,20 @@ class Site:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
-def base_url(url: str) -> str:
-    """`url` as http(s)://HOST[:PORT]; ValueError when it is anything else."""
+def base_url(url: str, allow_path: bool = False) -> str:
+    """`url` as http(s)://HOST[:PORT] (and, with `allow_path`, a path prefix such as a
+    reverse proxy's, without its trailing slash); ValueError when it is anything else."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r}: want http://PEER:PORT")
-    if parts.query or parts.fragment or parts.path.strip("/") or parts.username:
+    path = parts.path.rstrip("/") if allow_path else parts.path.strip("/")
+    if parts.query or parts.fragment or parts.username or (path and not allow_path):
         raise ValueError(f"{url!r}: want the peer's address only, e.g. http://PEER:8080")
     try:
         parts.port  # noqa: B018 - raises on a port out of range or not a number
     except ValueError:
         raise ValueError(f"{url!r}: bad port") from None
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc}{path if allow_path else ''}"
 
 
 def parse_inventory(text: str) -> list[Site]:

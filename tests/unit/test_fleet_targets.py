@@ -37,6 +37,7 @@ class FakePeer:
         self.body = b"{}"
         self.token: str | None = None
         self.code = 200
+        self.paths: list[str] = []
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,10 +48,13 @@ class FakePeer:
                     code, body = 401, b"401: Unauthorized"
                 elif peer.token and auth != f"Bearer {peer.token}":
                     code, body = 403, b"403: Forbidden"
-                if self.path == "/v1/status" and code == 200:
+                peer.paths.append(self.path)
+                if self.path.endswith("/v1/status") and code == 200:
                     self.send_response(200)
                 else:
                     self.send_response(code if code != 200 else 404)
+                if 300 <= code < 400:
+                    self.send_header("Location", f"http://127.0.0.1:{peer.port}/elsewhere")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -61,7 +65,7 @@ class FakePeer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
     def serve(self, doc: object) -> None:
         self.body = json.dumps(doc).encode()
@@ -201,6 +205,14 @@ def test_fetch_refuses_oversized_non_json_and_non_finite_answers(fake_peers) -> 
         assert err.value.reason == reason
 
 
+def test_a_redirect_is_not_followed_so_the_token_goes_nowhere_else(fake_peers) -> None:
+    peer = fake_peers[0]
+    peer.code = 302
+    with pytest.raises(StatusError) as err:
+        fetch_status(peer.url, token=TOKEN)
+    assert err.value.code == 302 and peer.paths == ["/v1/status"]
+
+
 # -- pxepeer fleet targets ------------------------------------------------------------------
 
 
@@ -269,6 +281,9 @@ def test_status_of_a_remote_peer_with_a_token_and_refusals_are_one_line_exit_2(
     result = run("status", "--url", a.url, env={"PXEPEER_TOKEN": TOKEN})
     assert result.exit_code == 0, result.output
     assert "site one" in result.stdout
+    # Behind a reverse proxy's path prefix too (one peer; --site-wide wants addresses).
+    result = run("status", "--url", a.url + "/pxepeer/", env={"PXEPEER_TOKEN": TOKEN})
+    assert result.exit_code == 0 and a.paths[-1] == "/pxepeer/v1/status"
     for env in ({"PXEPEER_TOKEN": ""}, {"PXEPEER_TOKEN": "wrong"}):
         result = run("status", "--url", a.url, env=env)
         assert result.exit_code == 2
