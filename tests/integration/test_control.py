@@ -84,6 +84,7 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     # Paused by the operator before the peer ever starts: it must never fetch beta.
     cli("catalog", "set", "beta", "--paused", "--key", str(keys / "operator.key"),
         "--to", str(origin))  # fmt: skip
+    old_pause = (origin / "control.json").read_bytes()  # replayed after a restart, below
 
     origin_port, port = free_port(), free_port()
     procs.append(subprocess.Popen(
@@ -94,13 +95,17 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     log = tmp_path / "serve.log"
     trust = [arg for k in ("publisher", "operator", "enroll")
              for arg in ("--trust", str(keys / f"{k}.pub"))]  # fmt: skip
-    with open(log, "w") as out:
-        procs.append(subprocess.Popen(
-            [*PXEPEER, "serve", "--cache-dir", str(cache), *trust, "--http-port", str(port),
-             "--origin", f"http://127.0.0.1:{origin_port}/", "--catalog-poll", "0.5",
-             "--no-mdns"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-        ))  # fmt: skip
+
+    def start_peer() -> None:
+        with open(log, "a") as out:
+            procs.append(subprocess.Popen(
+                [*PXEPEER, "serve", "--cache-dir", str(cache), *trust, "--http-port", str(port),
+                 "--origin", f"http://127.0.0.1:{origin_port}/", "--catalog-poll", "0.5",
+                 "--no-mdns"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+            ))  # fmt: skip
+
+    start_peer()
     url = f"http://127.0.0.1:{port}"
 
     def status() -> dict:
@@ -189,6 +194,19 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     assert json.loads(overrides.read_text())["images"] == [
         {"name": "alpha", "paused": True, "priority": None}
     ]
+
+    # 5. Restarted, the peer keeps the highest serial it accepted: the operator's old
+    # pause of beta, replayed by the origin, is refused; the site override stays.
+    peer = procs.pop()
+    peer.send_signal(signal.SIGINT)
+    peer.wait(timeout=10)
+    (origin / "control.json").write_bytes(old_pause)
+    start_peer()
+    site = wait("the replay refused", lambda s: (s["control"]["refused"] or {})
+                .get("reason") == "rollback")  # fmt: skip
+    assert site["control"]["serial"] == accepted_serial
+    assert effective(site)["beta"]["paused"] is False
+    assert effective(site)["alpha"]["paused_by"] == "site override"
     _, out, _ = cli("catalog", "set", "alpha", "--clear", "--url", url, "--token",
                     tokens["operator"])  # fmt: skip
     assert "override removed" in out
