@@ -16,21 +16,15 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from peer.core.fleet_targets import (
-    MAX_INVENTORY_BYTES,
-    BadAnswer,
-    FleetInputError,
-    Site,
-    SiteResult,
-    merge,
-    parse_inventory,
-    read_previous,
-    render,
-    status_targets,
-)
+if TYPE_CHECKING:
+    from peer.core.fleet_targets import Site, SiteResult
+
+# peer/core/fleet_targets.py and the HTTP client are imported when a fleet command runs:
+# every other command's start-up stays as it was.
 
 MAX_TOKEN_FILE = 4096
 WORKERS = 32
@@ -63,6 +57,7 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
 
 def ask_site(site: Site, token: str | None, timeout: float) -> SiteResult:
     """The first known peer of `site` that answers with a usable status gives its peers."""
+    from peer.core.fleet_targets import BadAnswer, SiteResult, status_targets
     from peer.remote_status import StatusError, fetch_status
 
     failures = []
@@ -103,6 +98,14 @@ def targets(inventory: Path, out: Path, token: str | None, token_file: Path | No
     stderr, exit status 1), so its `up` series shows the outage instead of vanishing.
     """
     from imaging.durable import write_atomic
+    from peer.core.fleet_targets import (
+        MAX_INVENTORY_BYTES,
+        FleetInputError,
+        merge,
+        parse_inventory,
+        read_previous,
+        render,
+    )
 
     secret = read_token(token, token_file)
     try:
