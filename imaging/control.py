@@ -148,8 +148,13 @@ class Control:
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_json())
 
+    @cached_property
+    def by_name(self) -> dict[str, ControlEntry]:
+        # Looked up for every catalog image at every tick: a dict, not a scan.
+        return {e.name: e for e in self.entries}
+
     def entry(self, name: str) -> ControlEntry | None:
-        return next((e for e in self.entries if e.name == name), None)
+        return self.by_name.get(name)
 
     def expired(self, now: float) -> bool:
         return now >= self.expires

@@ -112,7 +112,8 @@ class OriginClient:
                 if resp.status == 304:
                     self.stats.not_modified += 1
                     return 304, b"", resp.headers.copy()
-                if resp.status == 404 and absent_ok:
+                if resp.status in (403, 404) and absent_ok:
+                    # S3 answers 403 for a missing object when listing is not allowed.
                     return 404, b"", resp.headers.copy()
                 if resp.status != 200:
                     raise OriginError(f"{url}: HTTP {resp.status}")
@@ -153,7 +154,7 @@ class OriginClient:
 
     async def fetch_control(self, max_bytes: int) -> bytes | None:
         """The control document's bytes (imaging/control.py); b"" when the origin has
-        none, None when it has not changed since the last fetch."""
+        none (404, or S3's 403), None when it has not changed since the last fetch."""
         headers = {"If-None-Match": self._control_etag} if self._control_etag else None
         status, body, resp_headers = await self._get(CONTROL, max_bytes, headers, absent_ok=True)
         if status == 304:

@@ -163,6 +163,7 @@ class Site:
             k for k in map(trusted.get, trusted.key_ids()) if k is not None
         )
         self.control_bytes: bytes | None = None
+        self._control_fetch_problem = ""  # logged once, not at every poll
         self.override_store = OverrideStore(store.state_dir)
         self.rejections = rejections or Rejections()
         self.identity = identity
@@ -512,7 +513,10 @@ class Site:
                 await self._adopt_catalog(data, command.source)
             # The control document travels with the catalog: from the origin at every
             # poll, and from the peer a newer catalog came from.
-            if command.source == ORIGIN or data is not None:
+            # (not from an origin that just failed: it is backing off)
+            if (data is not None and command.source != ORIGIN) or (
+                command.source == ORIGIN and self.core.wan_ok(time.monotonic())
+            ):
                 control = await self._control_doc_bytes(command.source)
                 if control:
                     await self._adopt_control(control, command.source)
@@ -606,12 +610,16 @@ class Site:
         if source == ORIGIN:
             assert self.origin is not None
             try:
-                return await self.origin.fetch_control(MAX_CONTROL_BYTES)
+                data = await self.origin.fetch_control(MAX_CONTROL_BYTES)
             except OriginError as exc:
                 # The catalog's fetch already judges the origin's health; a control
                 # document that cannot be had leaves the one held in force.
-                log.warning("control document: %s", exc)
+                if str(exc) != self._control_fetch_problem:
+                    log.warning("control document: %s", exc)
+                self._control_fetch_problem = str(exc)
                 return None
+            self._control_fetch_problem = ""
+            return data
         assert self._control is not None
         headers, _ = self._signed("GET", "/v1/control", to=self._node_at(source))
         try:
