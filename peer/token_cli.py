@@ -1,4 +1,4 @@
-"""`pxepeer token new|list|revoke`: bearer tokens for a peer's HTTP API, kept hashed in
+"""`pxepeer token new|add|list|revoke`: bearer tokens for a peer's HTTP API, kept hashed in
 the store (peer/store/tokens.py). A running daemon sees a new or revoked token at its
 next request; no restart.
 
@@ -74,6 +74,29 @@ def token_new(role: str, name: str | None, cache_dir: Path) -> None:
     click.echo(secret)
     click.echo(f"token {entry.name} ({role}, id {entry.token_id}): shown once, keep it secret",
                err=True)  # fmt: skip
+
+
+@token.command("add")
+@click.option("--role", type=click.Choice(ROLE_NAMES), required=True)
+@click.option("--name", required=True, help="Who holds it, e.g. prometheus.")
+@click.option("--token-file", type=click.File("r"), required=True,
+              help="A file holding the token ('-': standard input), never the command line.")
+@_cache_dir
+def token_add(role: str, name: str, token_file, cache_dir: Path) -> None:
+    """Accept a token made on another store, so one credential (a fleet Prometheus's,
+    an operator's) works at every store it is added to."""
+    if not NAME.match(name):
+        raise TokenCliError(f"token name {name!r} must be 1-64 letters, digits, '.', '_', "
+                            "'@', '+' or '-', starting with a letter or digit")  # fmt: skip
+    from peer.core.api_access import Role
+    from peer.store.tokens import TokenError
+
+    text = token_file.read(4096).strip()
+    try:
+        entry = _tokens(cache_dir).add(Role.parse(role), name, text)
+    except TokenError as exc:
+        raise TokenCliError(str(exc)) from None
+    click.echo(f"added {entry.name} ({role}, id {entry.token_id})")
 
 
 @token.command("list")

@@ -225,6 +225,25 @@ class TokenStore:
             self._write([*entries, entry])
         return token, entry
 
+    def add(self, role: Role, name: str, token: str) -> TokenEntry:
+        """Accept a token made elsewhere (another store's `token new`), so one credential,
+        e.g. a fleet Prometheus's, opens every store it is added to. Only its hash is kept."""
+        secret = parse_token(token)
+        if secret is None:
+            raise TokenError(f"not a pxepeer token (expected {PREFIX} and 43 base64url characters)")
+        sha = _hash(secret)
+        with self._locked() as entries:
+            for e in entries:
+                if e.sha256 == sha:
+                    raise TokenError(f"this token is already here as {e.name!r} ({e.role.label})")
+                if e.name == name:
+                    raise TokenError(f"a token named {name!r} exists (token revoke {name} first)")
+            if len(entries) >= MAX_TOKENS:
+                raise TokenError(f"{MAX_TOKENS} tokens already: revoke some first")
+            entry = TokenEntry(sha, role, name, int(self._clock()))
+            self._write([*entries, entry])
+        return entry
+
     def revoke(self, which: str) -> TokenEntry:
         """Remove the token with this name or id; TokenError when none or several match."""
         with self._locked() as entries:

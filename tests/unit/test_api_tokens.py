@@ -87,6 +87,23 @@ def test_names_are_unique(tmp_path: Path) -> None:
     assert len(store.entries()) == 1
 
 
+def test_a_token_made_on_one_store_is_added_to_another_by_its_hash_only(tmp_path: Path) -> None:
+    made, other = TokenStore(tmp_path / "a"), TokenStore(tmp_path / "b")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    token, entry = made.create(Role.VIEWER, "prometheus")
+    other.create(Role.OPERATOR, "ops")
+    added = other.add(Role.VIEWER, "prometheus", token)
+    assert added.sha256 == entry.sha256 and other.lookup(token) == added
+    assert token not in (tmp_path / "b" / TOKENS_FILE).read_text()
+    with pytest.raises(TokenError, match="already here"):
+        other.add(Role.OPERATOR, "again", token)
+    with pytest.raises(TokenError, match="not a pxepeer token"):
+        other.add(Role.VIEWER, "x", token[:-1])
+    with pytest.raises(TokenError, match="exists"):
+        other.add(Role.VIEWER, "ops", made.create(Role.VIEWER)[0])
+    assert [e.name for e in other.entries()] == ["ops", "prometheus"]
+
+
 def test_the_api_closes_at_the_first_token_and_stays_closed_when_all_are_revoked(
     tmp_path: Path,
 ) -> None:
