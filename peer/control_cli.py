@@ -3,7 +3,8 @@
     pxepeer catalog set IMAGE --paused --key OPERATOR_KEY --to ORIGIN
         every site: a signed control document (imaging/control.py) beside the catalog
     pxepeer catalog set IMAGE --paused --url http://PEER:8080 --token T
-        this peer only: a site override through its API (peer/api/override_api.py)
+        this site (store) only: an override through any of its peers' API
+        (peer/api/override_api.py), a record every peer of the site takes
 
 Bad input ends with one line on stderr and exit code 2, and changes nothing.
 """
@@ -52,17 +53,18 @@ def _describe(paused: bool | None, priority: int | None) -> str:
 @click.option("--to", "origin", type=click.Path(path_type=Path), default=None,
               help="The origin directory `pxepeer publish --to` writes.")  # fmt: skip
 @click.option("--url", default=None, metavar="http://PEER:PORT",
-              help="Instead: override IMAGE on this peer only, through its API.")  # fmt: skip
+              help="Instead: override IMAGE for this site only, through a peer's API.")  # fmt: skip
 @click.option("--token", envvar="PXEPEER_TOKEN", default=None,
               help="Operator API token for --url.")  # fmt: skip
 @click.option("--clear", is_flag=True,
-              help="With --url: remove the peer's override of IMAGE.")  # fmt: skip
+              help="With --url: remove the site's override of IMAGE.")  # fmt: skip
 def catalog_set(image_name: str, paused: bool, active: bool, priority: int | None,
                 key_path: Path | None, origin: Path | None, url: str | None,
                 token: str | None, clear: bool) -> None:  # fmt: skip
     """Pause IMAGE, make it active again or give it a priority, for every site (--key,
     --to: a signed control document on the origin, which peers take from an operator
-    or publisher key they trust) or for one peer's site (--url, --token)."""
+    or publisher key they trust) or for one site, the store of the peer at --url
+    (--token: an operator token; every peer of the site follows it)."""
     if not TOKEN.fullmatch(image_name):
         raise CliError(
             f"image name {image_name!r} must be 1-64 letters, digits, '.', '_', '+' or '-', "
@@ -73,10 +75,10 @@ def catalog_set(image_name: str, paused: bool, active: bool, priority: int | Non
     wanted_paused = True if paused else False if active else None
     remote = url is not None
     if remote and (key_path is not None or origin is not None):
-        raise CliError("--url (this peer only) and --key/--to (every site) exclude each other")
+        raise CliError("--url (this site only) and --key/--to (every site) exclude each other")
     if clear:
         if not remote:
-            raise CliError("--clear removes a peer's override: give --url and --token")
+            raise CliError("--clear removes a site's override: give --url and --token")
         if wanted_paused is not None or priority is not None:
             raise CliError("--clear takes no --paused, --active or --priority")
     elif wanted_paused is None and priority is None:
@@ -158,5 +160,5 @@ def _set_remote(url: str | None, token: str | None, name: str, paused: bool | No
     if clear:
         what = "override removed" if answer.get("changed") else "had no override"
     else:
-        what = f"{_describe(paused, priority)} on this peer (site override)"
+        what = f"{_describe(paused, priority)} for this site (site override)"
     click.echo(f"{name}: {what}{now}")

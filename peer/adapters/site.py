@@ -39,7 +39,6 @@ from imaging.catalog import (
 from imaging.control import (
     MAX_CONTROL_BYTES,
     Control,
-    ControlEntry,
     ControlError,
     ControlRejected,
     ControlTrust,
@@ -61,6 +60,7 @@ from peer.core.machine_records import (
     RecordVerifier,
     SignedRecord,
     next_assignment,
+    next_override,
     parse_book,
 )
 from peer.core.peer_auth import AuthError
@@ -91,7 +91,6 @@ from peer.core.wire import (
 )
 from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
 from peer.store.node_identity import NodeIdentity
-from peer.store.overrides import OverrideStore
 from peer.store.quota import Quota
 from peer.store.record_store import RecordStore
 from pxe.dhcp_probe import probe_for_offers
@@ -164,7 +163,6 @@ class Site:
         )
         self.control_bytes: bytes | None = None
         self._control_fetch_problem = ""  # logged once, not at every poll
-        self.override_store = OverrideStore(store.state_dir)
         self.rejections = rejections or Rejections()
         self.identity = identity
         self.node_id = identity.node_id
@@ -285,12 +283,10 @@ class Site:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._store_thread, self._load_catalog_state)
         await loop.run_in_executor(self._store_thread, self._load_control_state)
-        self.core.overrides = await loop.run_in_executor(
-            self._store_thread, self.override_store.load
-        )
         await loop.run_in_executor(self._store_thread, self.record_store.load, self.records)
         await self._migrate_assignments()
         self.core.records_digest = self.records.digest()
+        self.core.overrides = self.records.overrides()
         await self._scan_store()
         self._control = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=32, use_dns_cache=False)
@@ -674,26 +670,23 @@ class Site:
     # -- site overrides (PUT /v1/overrides/NAME, peer/api/override_api.py) ------------------
 
     async def set_override(self, name: str, paused: bool | None, priority: int | None,
-                           clear: frozenset[str] = frozenset()) -> ControlEntry | None:  # fmt: skip
-        """Change this site's override of `name` (written to the store first, then in
-        force); the override after, None when none is left. Raises OSError."""
-        loop = asyncio.get_running_loop()
-        overrides = await loop.run_in_executor(
-            self._store_thread, self.override_store.set, name, paused, priority, clear
-        )
-        self.core.overrides = overrides
+                           clear: frozenset[str] = frozenset()) -> bool:  # fmt: skip
+        """Change the site's override of `name`: a record signed by this node, kept in the
+        store and pulled by every peer of the site (peer/core/machine_records.py). Whether
+        anything changed. Raises OSError, or RecordError when the book refuses it."""
+        await self.add_records([])  # what is on disk first: generations follow it
+        record = next_override(self.records, name, paused, priority, clear,
+                               int(time.time()), self.node_id)  # fmt: skip
+        if record is None:
+            return False
+        if record not in await self.add_records([record]):
+            raise RecordError("book full", "the machine records hold no more")
         self._wake.set()
-        return overrides.get(name)
+        return True
 
     async def clear_override(self, name: str) -> bool:
-        """Remove this site's override of `name`; whether it had one. Raises OSError."""
-        loop = asyncio.get_running_loop()
-        overrides, had = await loop.run_in_executor(
-            self._store_thread, self.override_store.clear, name
-        )
-        self.core.overrides = overrides
-        self._wake.set()
-        return had
+        """Remove the site's override of `name`; whether it had one. Raises OSError."""
+        return await self.set_override(name, None, None, frozenset({"paused", "priority"}))
 
     # -- manifests -------------------------------------------------------------------------
 
@@ -962,6 +955,7 @@ class Site:
         return self.records.machine(mac)
 
     def _records_changed(self) -> None:
+        self.core.overrides = self.records.overrides()  # the site's, from any peer
         digest = self.records.digest()
         if digest != self.core.records_digest:
             self.core.records_digest = digest

@@ -11,9 +11,10 @@ and the control document for the peers of the site.
     GET    /v1/control           the control document this peer follows (operator-signed:
                                  peers verify it like the origin's)
 
-Overrides are this peer's (state/overrides.json, peer/store/overrides.py): they are not
-replicated to the other peers of the site. A refused request (400, 404) changes nothing
-and is counted as `override` by reason.
+An override is a machine record signed by this node (peer/core/machine_records.py), kept
+in state/machines.json and pulled by every peer of the site like an assignment, so the
+whole site (the store) honours it. A refused request (400, 404) changes nothing and is
+counted as `override` by reason.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from imaging.strict_json import StrictJsonError, loads
 from peer.adapters.site import Site
 from peer.api.auth import TOKEN
 from peer.api.http_guard import read_body
+from peer.core.machine_records import RecordError
 from peer.core.rejections import Rejections
-from peer.store.overrides import OverrideError
 
 log = logging.getLogger("pxepeer.overrides")
 
@@ -121,8 +122,8 @@ class OverrideApi:
             raise self._refuse(exc, web.HTTPNotFound) from None
         async with self._lock:
             try:
-                await self.site.set_override(name, paused, priority, clear)
-            except OverrideError as exc:
+                changed = await self.site.set_override(name, paused, priority, clear)
+            except RecordError as exc:
                 raise self._refuse(OverrideRefused(exc.reason, str(exc)),
                                    web.HTTPBadRequest) from None  # fmt: skip
             except OSError as exc:
@@ -130,8 +131,9 @@ class OverrideApi:
                 raise web.HTTPInternalServerError(
                     text=f"cannot write the overrides: {exc.strerror}\n"
                 ) from None
-        self._log(request, f"site override of {name} set: {self.site.core.overrides.get(name)}")
-        return web.json_response({**self._answer(name), "changed": True})
+        if changed:
+            self._log(request, f"site override of {name}: {self.site.core.overrides.get(name)}")
+        return web.json_response({**self._answer(name), "changed": changed})
 
     async def delete(self, request: web.Request) -> web.Response:
         try:

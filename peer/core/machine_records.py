@@ -10,6 +10,17 @@ node, or the node an imaging agent reported `done` to) and replicated to every p
     {"kind": "imaged", "mac": M, "generation": G, "image": "NAME VERSION",
      "manifest_id": ID, "at": UNIX, "by": NODE_ID}
 
+The site's own overrides of an image's paused flag and priority (PUT /v1/overrides/NAME
+on any peer, peer/api/override_api.py) are records too, so every peer of the site honours
+them (imaging/control.py: they win over the catalog and the control document):
+
+    {"kind": "override", "mac": "00:00:00:00:00:00", "generation": G, "image": NAME,
+     "manifest_id": null, "paused": true|false|null, "priority": N|null, "at": UNIX,
+     "by": NODE_ID}
+
+one per image (the all-zero MAC is no machine's; both fields null clears the override).
+A peer of an older version refuses a book holding one ("bad kind").
+
 Per machine the book keeps one record of each kind: the one with the highest
 (generation, at, by), so every peer that has seen the same records holds the same book
 (a CRDT register per machine and kind) whatever order they arrived in. An assignment
@@ -33,13 +44,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from imaging import strict_json
-from imaging.doc_fields import FieldError, array, as_object, integer, require, text
+from imaging.catalog import MAX_PRIORITY
+from imaging.control import ControlEntry
+from imaging.doc_fields import FieldError, array, as_object, boolean, integer, require, text, token
 from imaging.manifest import canonical_json
 from imaging.signing import PublicKey, Signature, SignatureError, SigningKey
 from peer.core.identity import CertificateCache, IdentityError, NodeCertificate
 
 FORMAT = "pxepeer-machine-records 1"
-KINDS = ("assignment", "imaged")
+KINDS = ("assignment", "imaged", "override")
+OVERRIDE = "override"
+OVERRIDE_MAC = "00:00:00:00:00:00"  # an override is about an image, not a machine
 LOCAL_BOOT = "local"
 MAX_MACHINES = 20_000
 MAX_RECORDS = 2 * MAX_MACHINES
@@ -50,6 +65,7 @@ MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 NODE_ID = re.compile(r"[0-9a-f]{16}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 _RECORD_KEYS = frozenset({"kind", "mac", "generation", "image", "manifest_id", "at", "by"})
+_OVERRIDE_KEYS = frozenset({"paused", "priority"})  # in override records only
 
 
 class RecordError(Exception):
@@ -69,11 +85,24 @@ class Record:
     manifest_id: str | None
     at: int
     by: str
+    paused: bool | None = None  # override records only
+    priority: int | None = None  # override records only
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "mac": self.mac, "generation": self.generation,
-                "image": self.image, "manifest_id": self.manifest_id, "at": self.at,
-                "by": self.by}  # fmt: skip
+        doc: dict[str, object] = {
+            "kind": self.kind, "mac": self.mac, "generation": self.generation,
+            "image": self.image, "manifest_id": self.manifest_id, "at": self.at,
+            "by": self.by,
+        }  # fmt: skip
+        if self.kind == OVERRIDE:
+            # Only here: the canonical bytes (and signatures) of the other kinds stay.
+            doc["paused"], doc["priority"] = self.paused, self.priority
+        return doc
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Where the book files it: per machine and kind, or per image for overrides."""
+        return (str(self.image), OVERRIDE) if self.kind == OVERRIDE else (self.mac, self.kind)
 
     @property
     def canonical(self) -> bytes:
@@ -86,10 +115,14 @@ class Record:
     @classmethod
     def from_json(cls, obj: object) -> Record:
         try:
-            doc = as_object(obj, "record", _RECORD_KEYS)
+            doc = as_object(obj, "record", _RECORD_KEYS | _OVERRIDE_KEYS)
             kind = require(doc, "kind", "record")
             if kind not in KINDS:
                 raise RecordError("bad kind")
+            if kind == OVERRIDE:
+                return cls._override(doc)
+            if doc.keys() & _OVERRIDE_KEYS:
+                raise RecordError("bad field", "paused and priority are for overrides")
             mac = require(doc, "mac", "record")
             if not isinstance(mac, str) or not MAC.fullmatch(mac):
                 raise RecordError("bad mac")
@@ -114,6 +147,29 @@ class Record:
         if kind == "assignment" and manifest_id is not None:
             raise RecordError("bad field", "an assignment names an image, not a manifest")
         return cls(kind, mac, generation, image, manifest_id, at, by)  # type: ignore[arg-type]
+
+    @classmethod
+    def _override(cls, doc: dict[str, object]) -> Record:
+        """An override record's fields (FieldError and RecordError as from_json)."""
+        mac = require(doc, "mac", "record")
+        if mac != OVERRIDE_MAC:
+            raise RecordError("bad mac", "an override names no machine")
+        generation = integer(require(doc, "generation", "record"), "generation", 0,
+                             MAX_GENERATION)  # fmt: skip
+        image = token(require(doc, "image", "record"), "image")
+        if require(doc, "manifest_id", "record") is not None:
+            raise RecordError("bad field", "an override names an image, not a manifest")
+        paused = require(doc, "paused", "record")
+        if paused is not None:
+            paused = boolean(paused, "paused")
+        priority = require(doc, "priority", "record")
+        if priority is not None:
+            priority = integer(priority, "priority", -MAX_PRIORITY, MAX_PRIORITY)
+        at = integer(require(doc, "at", "record"), "at", 0, 1 << 40)
+        by = require(doc, "by", "record")
+        if not isinstance(by, str) or not NODE_ID.fullmatch(by):
+            raise RecordError("bad signer")
+        return cls(OVERRIDE, OVERRIDE_MAC, generation, image, None, at, by, paused, priority)
 
 
 @dataclass(frozen=True)
@@ -191,7 +247,8 @@ class LocalFileVerifier(RecordVerifier):
 
 class RecordBook:
     def __init__(self) -> None:
-        self._records: dict[tuple[str, str], SignedRecord] = {}  # (mac, kind) -> record
+        # (mac, kind) -> record; (image, "override") for overrides (Record.key)
+        self._records: dict[tuple[str, str], SignedRecord] = {}
         self.certs: dict[str, bytes] = {}  # signer node id -> certificate bytes
         self._digest: str | None = None
 
@@ -213,7 +270,8 @@ class RecordBook:
         return MachineState(mac, assignment.image, assignment.generation, imaged)
 
     def machines(self) -> list[MachineState]:
-        return [self.machine(mac) for mac in sorted({mac for mac, _ in self._records})]
+        macs = {mac for mac, kind in self._records if kind != OVERRIDE}
+        return [self.machine(mac) for mac in sorted(macs)]
 
     def assignments(self) -> dict[str, str]:
         """MAC -> assigned image name or "local" (cleared assignments left out)."""
@@ -221,6 +279,16 @@ class RecordBook:
         for (mac, kind), signed in self._records.items():
             if kind == "assignment" and signed.record.image is not None:
                 out[mac] = signed.record.image
+        return out
+
+    def overrides(self) -> dict[str, ControlEntry]:
+        """Image name -> the site's override of its paused flag and priority (cleared
+        ones left out)."""
+        out = {}
+        for (image, kind), signed in self._records.items():
+            r = signed.record
+            if kind == OVERRIDE and (r.paused is not None or r.priority is not None):
+                out[image] = ControlEntry(image, r.paused, r.priority)
         return out
 
     def digest(self) -> str:
@@ -241,7 +309,7 @@ class RecordBook:
         refused: dict[str, int] = {}
         for signed in incoming:
             record = signed.record
-            key = (record.mac, record.kind)
+            key = record.key
             current = self._records.get(key)
             if current is not None and current.record.order >= record.order:
                 continue
@@ -332,6 +400,22 @@ def next_assignment(book: RecordBook, mac: str, image: str | None, again: bool, 
     generation = (current.generation if current else 0) + 1
     return Record("assignment", mac, generation, image, None, max(at, current.at if current else 0),
                   by)  # fmt: skip
+
+
+def next_override(book: RecordBook, image: str, paused: bool | None, priority: int | None,
+                  clear: frozenset[str], at: int, by: str) -> Record | None:  # fmt: skip
+    """The override record after setting `image`'s paused and/or priority (None: keep;
+    a field named in `clear` goes back to the catalog and control document), or None
+    when nothing changes."""
+    current = book.get(image, OVERRIDE)
+    old = (current.paused, current.priority) if current else (None, None)
+    new_paused = None if "paused" in clear else old[0] if paused is None else paused
+    new_priority = None if "priority" in clear else old[1] if priority is None else priority
+    if (new_paused, new_priority) == old:
+        return None
+    generation = (current.generation if current else 0) + 1
+    return Record(OVERRIDE, OVERRIDE_MAC, generation, image, None,
+                  max(at, current.at if current else 0), by, new_paused, new_priority)  # fmt: skip
 
 
 def imaged_record(mac: str, generation: int, image: str, manifest_id: str, at: int,

@@ -2,7 +2,8 @@
 a loopback origin: an operator-signed pause keeps an image from being fetched and shows
 in status; a publisher-signed "active" is followed too; enroll-signed and untrusted
 documents are refused, counted and shown, changing nothing; a site override through the
-API needs an operator token (technician, viewer and no token refused, nothing changed)."""
+API needs an operator token (technician, viewer and no token refused, nothing changed)
+and is a record in the site's book."""
 
 from __future__ import annotations
 
@@ -172,7 +173,14 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     tokens = {role: cli("token", "new", "--role", role, "--name", role, "--cache-dir",
                         str(cache))[1].strip()
               for role in ("operator", "technician", "viewer")}  # fmt: skip
-    overrides = cache / "state" / "overrides.json"
+    book = cache / "state" / "machines.json"
+
+    def override_records() -> list[dict]:
+        if not book.exists():
+            return []
+        return [r["record"] for r in json.loads(book.read_text())["records"]
+                if r["record"]["kind"] == "override"]  # fmt: skip
+
     for role in ("technician", "viewer"):
         code, _, err = cli("catalog", "set", "alpha", "--paused", "--url", url, "--token",
                            tokens[role], ok=False)  # fmt: skip
@@ -182,18 +190,19 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5)
     assert info.value.code == 401
-    assert not overrides.exists()
+    assert override_records() == []
     _, out, _ = cli("catalog", "set", "alpha", "--paused", "--url", url, "--token",
                     tokens["operator"])  # fmt: skip
-    assert "alpha: paused on this peer (site override); now paused (site override)" in out
+    assert "alpha: paused for this site (site override); now paused (site override)" in out
     site = status()
     alpha = next(i for i in site["images"] if i["name"] == "alpha")
     assert alpha["paused"] is True and alpha["paused_by"] == "site override"
     assert alpha["wanted"] is False
     assert site["rejected"]["api_auth"] == {"forbidden": 2, "missing": 1}
-    assert json.loads(overrides.read_text())["images"] == [
-        {"name": "alpha", "paused": True, "priority": None}
-    ]
+    # A record in the site's book, signed by this peer: every peer of the site takes it.
+    (record,) = override_records()
+    assert (record["image"], record["paused"], record["priority"]) == ("alpha", True, None)
+    assert record["by"] == site["node_id"]
 
     # 5. Restarted, the peer keeps the highest serial it accepted: the operator's old
     # pause of beta, replayed by the origin, is refused; the site override stays.

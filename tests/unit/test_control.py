@@ -288,7 +288,7 @@ def test_catalog_set_signs_a_control_document_beside_the_catalog(tmp_path: Path)
         ([], "give --paused, --active or --priority N"),
         (["--paused", "--url", "http://127.0.0.1:1"], "exclude each other"),
         (["--priority", "9999999"], "9999999"),
-        (["--clear"], "--clear removes a peer's override"),
+        (["--clear"], "--clear removes a site's override"),
         (["--paused", "--url", "http://127.0.0.1:1", "--token", ""], "--url needs --token"),
     ],
 )
