@@ -254,6 +254,7 @@ def _identity_and_images(site: Mapping[str, Any]) -> Iterator[Metric]:
     # Only this peer's own holdings: every peer is scraped, so summing over a site's
     # peers counts each copy once (the holdings of others it shows are hearsay).
     held: dict[tuple[str, str], list[int]] = {}
+    received: dict[tuple[str, str, str], int] = {}
     images = site.get("images")
     for image in images if isinstance(images, list) else ():
         if not isinstance(image, Mapping) or not isinstance(node, str):
@@ -267,6 +268,10 @@ def _identity_and_images(site: Mapping[str, Any]) -> Iterator[Metric]:
         key = (str(image.get("name")), str(image.get("version")))
         have, total = held.setdefault(key, [0, 0])
         held[key] = [have + _int(pair[0]), total + _int(pair[1])]
+        by_source = image.get("received_bytes")
+        for source in (WAN, LAN):
+            count = by_source.get(source) if isinstance(by_source, Mapping) else None
+            received[(*key, source)] = received.get((*key, source), 0) + _int(count)
     have_family = _gauge("pxepeer_image_held_chunks",
                          "chunks of the image this peer holds, by image name and version",
                          labels=("image", "version"))  # fmt: skip
@@ -279,6 +284,15 @@ def _identity_and_images(site: Mapping[str, Any]) -> Iterator[Metric]:
         size_family.add_metric([name, version], total)
     yield have_family
     yield size_family
+    bytes_family = CounterMetricFamily(
+        "pxepeer_image_received_bytes",
+        "chunk bytes received and kept for the image, by source (wan: the origin); "
+        "since the daemon started",
+        labels=("image", "version", "source"),
+    )
+    for labels, value in sorted(received.items()):
+        bytes_family.add_metric(list(labels), value)
+    yield bytes_family
 
 
 def _rate_limits(limits: Mapping[str, Any]) -> GaugeMetricFamily:

@@ -180,6 +180,9 @@ class SiteCore:
         self.reputation = Reputation()
         self.counters = Counters()
         self.images: dict[str, HeldImage] = {}
+        # Chunk bytes received for each held image, by source: the fleet's "WAN bytes per
+        # image". A chunk shared by two images counts for the one it was fetched for.
+        self.image_bytes: dict[str, dict[str, int]] = {}
         self.catalog: Catalog | None = None
         self.catalog_bytes: bytes | None = None
         self.catalog_problem: str | None = None
@@ -547,6 +550,8 @@ class SiteCore:
         self.planner.finished(fetch, True)
         self._lan_attempts.pop(sha, None)
         self._lied_about.discard(sha)
+        by_source = self.image_bytes.setdefault(fetch.job.manifest_id, {"wan": 0, "lan": 0})
+        by_source["wan" if fetch.source == ORIGIN else "lan"] += nbytes
         if fetch.source == ORIGIN:
             self.origin_ok()
             self.counters.wan_bytes += nbytes
@@ -925,6 +930,8 @@ class SiteCore:
         in_force = self.effective_entries()
         entries = {e.manifest_id: (e, state) for e, state in in_force}
         images = []
+        for gone in self.image_bytes.keys() - self.images.keys():
+            del self.image_bytes[gone]  # removed images: bounded by what is held
         for manifest_id, held in self.images.items():
             m = held.manifest
             entry, state = entries.get(manifest_id, (None, None))
@@ -944,6 +951,9 @@ class SiteCore:
                     "priority_by": state.priority_by if state else None,
                     "wanted": manifest_id in wanted,
                     "chunks": holders,
+                    "received_bytes": dict(
+                        self.image_bytes.get(manifest_id) or {"wan": 0, "lan": 0}
+                    ),
                 }
             )
         return {

@@ -294,6 +294,9 @@ def test_the_shipped_rules_record_each_sites_wan_bytes_and_image_completion(
         ('site_image:pxepeer_image_completion:ratio{image="demo"}', "site"): done,
         ("image:pxepeer_sites_complete:count", "image"): {"demo": 3.0},
         ("site:pxepeer_peers_up:sum", "site"): done,
+        # The demo image is all each site took over its WAN.
+        ('site_image:pxepeer_image_received_bytes:sum{image="demo",source="wan"}', "site"):
+            wan_by_site,
     }
 
     def recorded() -> dict[str, dict[str, float]]:

@@ -209,6 +209,9 @@ def test_after_bounded_lan_failures_a_chunk_comes_from_the_origin() -> None:
     # Both holders lied about every chunk; nobody else had them: the origin served all.
     assert from_origin == {0, 1, 2, 3}
     assert c.images[MID].complete
+    # The image's bytes by source, for the fleet's "WAN bytes per image".
+    [image] = c.status(now, WALL)["images"]
+    assert image["received_bytes"] == {"wan": 400, "lan": 0}
 
 
 def test_corrupt_chunks_get_a_peer_shunned() -> None:
