@@ -109,8 +109,8 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     start_peer()
     url = f"http://127.0.0.1:{port}"
 
-    def status() -> dict:
-        with urllib.request.urlopen(f"{url}/v1/status", timeout=5) as resp:
+    def status(at: str = url) -> dict:
+        with urllib.request.urlopen(f"{at}/v1/status", timeout=5) as resp:
             return json.loads(resp.read())["site"]
 
     def held(site: dict) -> set[str]:
@@ -120,11 +120,11 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     def effective(site: dict) -> dict[str, dict]:
         return {i["name"]: i for i in site["control"]["images"]}
 
-    def wait(what: str, check, timeout: float = 20) -> dict:
+    def wait(what: str, check, timeout: float = 20, at: str = url) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                site = status()
+                site = status(at)
                 if check(site):
                     return site
             except (OSError, KeyError):
@@ -203,6 +203,18 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
     (record,) = override_records()
     assert (record["image"], record["paused"], record["priority"]) == ("alpha", True, None)
     assert record["by"] == site["node_id"]
+    # Another peer of the site (enrolled by the same key) takes it from this one's book.
+    other_cache, other_url = tmp_path / "peer2", f"http://127.0.0.1:{free_port()}"
+    enroll(other_cache, enroll_private)
+    with open(tmp_path / "serve2.log", "w") as out:
+        procs.insert(0, subprocess.Popen(
+            [*PXEPEER, "serve", "--cache-dir", str(other_cache), *trust, "--http-port",
+             other_url.rsplit(":", 1)[1], "--peer", f"127.0.0.1:{port}", "--origin",
+             f"http://127.0.0.1:{origin_port}/", "--catalog-poll", "0.5", "--no-mdns"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        ))  # fmt: skip
+    wait("the override on the other peer",
+         lambda s: effective(s)["alpha"]["paused_by"] == "site override", at=other_url)
 
     # 5. Restarted, the peer keeps the highest serial it accepted: the operator's old
     # pause of beta, replayed by the origin, is refused; the site override stays.
@@ -220,3 +232,5 @@ def test_control_documents_and_site_overrides_on_a_real_peer(
                     tokens["operator"])  # fmt: skip
     assert "override removed" in out
     assert effective(status())["alpha"]["paused_by"] == "catalog"
+    wait("the clearing on the other peer",
+         lambda s: effective(s)["alpha"]["paused_by"] == "catalog", at=other_url)
