@@ -76,7 +76,11 @@ def _control_lines(control: object) -> list[str]:
         return []
     lines = []
     if control.get("serial") is not None:
-        applied = "" if control.get("applied") else "  EXPIRED (catalog applies)"
+        applied = (
+            "" if control.get("applied")
+            else "  EXPIRED (catalog applies)" if control.get("signer")
+            else "  NOT APPLIED (signer not trusted)"
+        )  # fmt: skip
         lines.append(f"control: serial {control['serial']} signed by key "
                      f"{control.get('signer') or '-'}{applied}")  # fmt: skip
     refused = control.get("refused")

@@ -596,10 +596,9 @@ class Site:
                 signed.control.canonical_bytes, signed.signatures
             )
         except ControlRejected as exc:
-            # Kept as the floor only: an empty document of the same serial applies nothing.
+            # Kept as the serial floor only (no signer: not applied) until a trusted key
+            # signs it or a newer one.
             log.warning("stored control document no longer trusted (%s): not applied", exc)
-            self.core.control = Control(signed.control.serial, signed.control.issued,
-                                        signed.control.expires, ())  # fmt: skip
             self.core.control_signer = None
 
     async def _control_doc_bytes(self, source: str) -> bytes | None:

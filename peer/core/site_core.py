@@ -296,8 +296,12 @@ class SiteCore:
         return wanted
 
     def applied_control(self) -> Control | None:
-        """The control document in force: none once it expired (the catalog rules)."""
-        if self.control is None or self.control.expired(self.wall):
+        """The control document in force: none once it expired (the catalog rules), or
+        while no trusted key vouches for it (`control_signer` None: one kept from before a
+        restart whose signer is no longer trusted still holds the serial floor)."""
+        if self.control is None or self.control_signer is None:
+            return None
+        if self.control.expired(self.wall):
             return None
         return self.control
 
@@ -316,8 +320,11 @@ class SiteCore:
         """A control document accepted against `self.control` (accept_control, off the
         loop); True when it replaces ours (the adapter saves it)."""
         self.control_refusal = None
-        if self.control is not None and control.serial <= self.control.serial:
-            return False
+        if self.control is not None and (
+            control.serial < self.control.serial
+            or (control.serial == self.control.serial and self.control_signer is not None)
+        ):
+            return False  # (the same serial is the same document: accept_control checked)
         self.control, self.control_signer = control, signer
         log.info(
             "following control serial %d (key %s) from %s: %s",
@@ -848,7 +855,12 @@ class SiteCore:
                 f"control document serial {r['serial']} from {r['source']} refused "
                 f"({r['reason']}, key {r['signer'] or 'none'}): the image settings did not change"
             )
-        if self.control is not None and self.control.expired(wall):
+        if self.control is not None and self.control_signer is None:
+            warnings.append(
+                f"control serial {self.control.serial} kept from before a restart is signed by "
+                "no key trusted now: not applied (its serial still bars older ones)"
+            )
+        elif self.control is not None and self.control.expired(wall):
             warnings.append(
                 f"control serial {self.control.serial} expired: the catalog's paused flags and "
                 "priorities apply until the origin has a new one"
@@ -888,7 +900,10 @@ class SiteCore:
             "signer": self.control_signer,
             "expires": held.expires if held else None,
             "applied": self.applied_control() is not None,
-            "state": "refused" if self.control_refusal else "accepted" if held else "none",
+            "state": "refused" if self.control_refusal
+            else "none" if held is None
+            else "accepted" if self.control_signer
+            else "untrusted",
             "refused": self.control_refusal,
             "overrides": [self.overrides[n].to_json() for n in sorted(self.overrides)],
             "images": [

@@ -375,3 +375,16 @@ def test_an_expired_control_document_stops_applying() -> None:
     assert core.wanted_ids(0.0) == [MID_B, MID_A]
     assert status["control"]["applied"] is False
     assert any("expired" in w for w in status["warnings"])
+
+
+def test_a_kept_document_no_key_vouches_for_bars_older_serials_but_does_not_apply() -> None:
+    core = site_core()
+    core.control, core.control_signer = control(7, ControlEntry("a", True)), None
+    assert core.wanted_ids(0.0) == [MID_B, MID_A]
+    status = core.status(0.0, NOW)
+    assert status["control"]["state"] == "untrusted"
+    assert any("no key trusted now" in w for w in status["warnings"])
+    assert not core.control_accepted(control(6, ControlEntry("a", False)), "k", "origin")
+    # The same document, signed by a key trusted again, applies.
+    assert core.control_accepted(control(7, ControlEntry("a", True)), "k", "origin")
+    assert core.wanted_ids(0.0) == [MID_B]
