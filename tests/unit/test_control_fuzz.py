@@ -1,4 +1,5 @@
-"""Hostile input for the control document parser (imaging/control.py), with the machinery
+"""Hostile input for the control document parser (imaging/control.py) and for record books
+holding site overrides (peer/core/machine_records.py), with the machinery
 of tests/fuzz_targets.py: random bytes and structure-aware mutants of signed documents
 (1e999, NaN, lone surrogates, deep nesting, wrong types, keys dropped or repeated). Only
 ControlError escapes the parse; what parses can be verified (only ControlRejected then),
@@ -20,11 +21,15 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 from imaging.catalog import CatalogEntry
+from imaging.control import effective
 from tests.fuzz_targets import (
     NOW,
     Parser,
     Target,
+    _records_adversarial,
+    _records_build,
     _texts,
+    _throwaway_keys,
     check,
     memory_bound,
     mutate_json,
@@ -133,4 +138,82 @@ def test_inputs_claiming_huge_sizes_allocate_only_in_proportion() -> None:
     for data in _adversarial():
         check(parser, data)  # warm caches outside the measurement
     for data in _adversarial():
+        assert traced_peak(parser, data) <= memory_bound(len(data)), data[:80]
+
+
+# -- record books with site overrides (the peer protocol's /v1/records) ---------------------
+
+
+@cache
+def _book_samples() -> list[bytes]:
+    from peer.core.identity import NodeCertificate
+    from peer.core.machine_records import (
+        Record,
+        RecordBook,
+        RecordVerifier,
+        SignedRecord,
+        next_override,
+    )
+
+    enroll, node = _throwaway_keys()
+    cert = NodeCertificate.issue(node.public_key, "p", NOW, enroll).to_bytes()
+    book = RecordBook()
+    made = [Record("assignment", "52:54:00:00:00:01", 1, "pos", None, NOW, node.key_id)]
+    for name, paused, priority in (("pos", True, None), ("imager", None, -4), ("x", False, 9)):
+        made.append(next_override(book, name, paused, priority, frozenset(), NOW, node.key_id))
+    book.merge([SignedRecord.sign(r, node) for r in made], {node.key_id: cert},
+               RecordVerifier(node.public_key, None))  # fmt: skip
+    return [book.to_bytes()]
+
+
+def _book_adversarial() -> list[bytes]:
+    doc = json.loads(_book_samples()[0])
+    entry = next(e for e in doc["records"] if e["record"]["kind"] == "override")
+    huge = dict(doc, records=[dict(entry, record=dict(entry["record"], priority=10**300))])
+    return [json.dumps(dict(doc, records=[entry] * 2000)).encode(), json.dumps(huge).encode(),
+            *_records_adversarial()]  # fmt: skip
+
+
+def _book_build() -> Parser:
+    """The record book target of tests/fuzz_targets.py, plus what a peer does with a
+    book's overrides: every parsed record merged (signatures aside) and turned into the
+    overrides the site core applies."""
+    from peer.core.machine_records import RecordBook, RecordVerifier
+
+    class AnySigner(RecordVerifier):
+        def check(self, signed: Any, cert_bytes: bytes | None) -> None:
+            pass
+
+    base = _records_build()
+
+    def use(parsed: Any, data: bytes) -> None:
+        assert base.use is not None
+        base.use(parsed, data)
+        book = RecordBook()
+        book.merge(parsed[0], parsed[1], AnySigner(None, None))
+        for name, entry in book.overrides().items():
+            effective(CatalogEntry(name, "1", "0" * 64), None, entry)
+        book.to_bytes()
+
+    return Parser(base.parse, base.errors, use=use)
+
+
+BOOK = Target("records-override", "peer.core.machine_records:parse_book", _book_build,
+              _book_samples, mutate_json, _book_adversarial)  # fmt: skip
+
+
+def test_books_with_overrides_raise_only_record_error_and_merge_safely() -> None:
+    parser = BOOK.parser()
+    for sample in _book_samples():
+        assert len(parser.parse(sample)[0]) == 4
+        check(parser, sample)
+
+    @FUZZ
+    @given(BOOK.strategy())
+    def fuzz(data: bytes) -> None:
+        check(parser, data)
+
+    fuzz()
+    for data in _book_adversarial():
+        check(parser, data)
         assert traced_peak(parser, data) <= memory_bound(len(data)), data[:80]
