@@ -206,6 +206,7 @@ class SiteCore:
         self._manifests_in_flight: set[str] = set()
         self._catalog_in_flight = False
         self._next_catalog_poll = now
+        self._next_peer_control_poll = now
         self._round_in_flight = False
         self._next_round = now
         self.last_round_at: float | None = None
@@ -431,6 +432,16 @@ class SiteCore:
             not self._catalog_in_flight
         ):
             self._catalog_in_flight = True
+            self._pending.append(FetchCatalog(endpoint))
+        elif (
+            not self.wan_ok(now)
+            and not self._catalog_in_flight
+            and now >= self._next_peer_control_poll
+        ):
+            # Cut off from the origin: the control document (which hellos do not announce)
+            # comes with the catalog from a peer, once a poll interval.
+            self._catalog_in_flight = True
+            self._next_peer_control_poll = now + self.settings.catalog_poll_seconds
             self._pending.append(FetchCatalog(endpoint))
         node = hello.node_id
         if (

@@ -388,3 +388,29 @@ def test_a_kept_document_no_key_vouches_for_bars_older_serials_but_does_not_appl
     # The same document, signed by a key trusted again, applies.
     assert core.control_accepted(control(7, ControlEntry("a", True)), "k", "origin")
     assert core.wanted_ids(0.0) == [MID_B]
+
+
+def test_a_peer_cut_off_from_the_origin_takes_the_control_document_from_a_peer() -> None:
+    from dataclasses import replace
+
+    from peer.core.site_core import FetchCatalog
+    from peer.core.wire import Hello
+
+    peer = "10.0.0.2:8080"
+    same_serial = Hello("00000000000000bb", "s", "10.0.0.2", 8080, NOW, False, 1, True, {}, [])
+
+    def from_peer(core: SiteCore, now: float) -> list[str]:
+        # A hello with the catalog serial we hold: nothing new announced, yet the control
+        # document may be new (hellos do not carry its serial).
+        core.hello_received(peer, same_serial, now)
+        return [c.source for c in core.tick(now, NOW) if isinstance(c, FetchCatalog)]
+
+    core = site_core()
+    core.settings = replace(core.settings, has_origin=False)
+    assert from_peer(core, 1.0) == [peer]
+    assert from_peer(core, 1.5) == []  # in flight
+    core.catalog_fetch_done(2.0)
+    assert from_peer(core, 3.0) == []  # once a poll interval
+    assert from_peer(core, 16.0) == [peer]
+    with_origin = site_core()
+    assert from_peer(with_origin, 1.0) == ["origin"]  # the origin has it
