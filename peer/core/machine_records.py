@@ -19,7 +19,10 @@ them (imaging/control.py: they win over the catalog and the control document):
      "by": NODE_ID}
 
 one per image (the all-zero MAC is no machine's; both fields null clears the override).
-A peer of an older version refuses a book holding one ("bad kind").
+A peer from before overrides refuses a book holding one ("bad kind"): upgrade a store's
+peers before its first override. From this version on a book's records of a kind this
+version does not know (a newer peer's) are passed over, not the whole book refused, so
+a later kind does not stop assignments replicating in a store mid-upgrade.
 
 Per machine the book keeps one record of each kind: the one with the highest
 (generation, at, by), so every peer that has seen the same records holds the same book
@@ -53,6 +56,7 @@ from peer.core.identity import CertificateCache, IdentityError, NodeCertificate
 
 FORMAT = "pxepeer-machine-records 1"
 KINDS = ("assignment", "imaged", "override")
+KIND_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 OVERRIDE = "override"
 OVERRIDE_MAC = "00:00:00:00:00:00"  # an override is about an image, not a machine
 LOCAL_BOOT = "local"
@@ -375,6 +379,8 @@ def parse_book(data: bytes) -> tuple[list[SignedRecord], dict[str, bytes]]:
         records = []
         for item in items:
             entry = as_object(item, "record entry", frozenset({"record", "signature"}))
+            if _newer_kind(entry.get("record")):
+                continue
             record = Record.from_json(require(entry, "record", "record entry"))
             try:
                 signature = Signature.from_json(require(entry, "signature", "record entry"))
@@ -386,6 +392,13 @@ def parse_book(data: bytes) -> tuple[list[SignedRecord], dict[str, bytes]]:
     except FieldError as exc:
         raise RecordError(exc.reason, exc.detail) from None
     return records, certs
+
+
+def _newer_kind(obj: object) -> bool:
+    """A record of a kind a newer version made: well formed as far as we can tell (an
+    object whose kind is a short name), just not one we know how to apply."""
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    return isinstance(kind, str) and kind not in KINDS and bool(KIND_NAME.fullmatch(kind))
 
 
 def next_assignment(book: RecordBook, mac: str, image: str | None, again: bool, at: int,

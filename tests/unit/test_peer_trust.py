@@ -316,6 +316,23 @@ def test_a_book_round_trips_and_hostile_books_are_record_errors() -> None:
             pass
 
 
+def test_a_newer_peers_record_kind_is_passed_over_and_the_rest_of_its_book_taken() -> None:
+    book = RecordBook()
+    first = next_assignment(book, MAC, "pos", False, 100, B_KEY.key_id)
+    assert first is not None
+    book.merge([signed(first, B_KEY)], CERTS, verifier_for(A_KEY))
+    doc = json.loads(book.to_bytes())
+    newer = json.loads(json.dumps(doc["records"][0]))
+    newer["record"]["kind"] = "wake-on-lan"
+    doc["records"].insert(0, newer)
+    records, _ = parse_book(json.dumps(doc).encode())
+    assert [r.record.kind for r in records] == ["assignment"]
+    # A kind that is no name at all is still a hostile book.
+    newer["record"]["kind"] = "<" * 40
+    with pytest.raises(RecordError, match="bad kind"):
+        parse_book(json.dumps(doc).encode())
+
+
 def test_records_in_the_stores_own_file_that_no_certificate_vouches_for_are_taken_over(
     tmp_path,
 ) -> None:
