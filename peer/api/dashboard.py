@@ -147,6 +147,8 @@ def _image(raw: Mapping[str, object]) -> dict[str, object]:
         "manifest_id": _text(raw.get("manifest_id"), 64),
         "in_catalog": raw.get("in_catalog") is True,
         "paused": raw.get("paused") is True,
+        # catalog, "control serial N" or "site override": who paused it, in a word.
+        "paused_by": _text(raw.get("paused_by"), 40) or None,
         "priority": _count(raw.get("priority")) or None,
         "wanted": raw.get("wanted") is True,
         "holders": holders,

@@ -146,7 +146,10 @@
       const id = el("div", "muted mono", str(image.manifest_id, "").slice(0, 12));
       cell(row, name).append(id);
       const flags = el("div");
-      if (image.paused) flags.append(el("span", "tag paused", "paused"));
+      if (image.paused) {
+        const by = image.paused_by ? " (" + str(image.paused_by) + ")" : "";
+        flags.append(el("span", "tag paused", "paused" + by));
+      }
       if (image.priority) flags.append(el("span", "tag", "priority " + num(image.priority)));
       if (!image.in_catalog) flags.append(el("span", "tag", "local only"));
       if (image.wanted) flags.append(el("span", "tag", "wanted"));

@@ -70,11 +70,12 @@ def test_a_lying_peers_hello_is_cut_to_the_fields_and_types_the_page_renders() -
 def test_each_images_completeness_per_peer() -> None:
     image = {
         "name": "demo", "version": "1", "manifest_id": "ab" * 32, "in_catalog": True,
-        "paused": True, "priority": 5, "wanted": True,
+        "paused": True, "paused_by": "site override", "priority": 5, "wanted": True,
         "chunks": {"aaaa": [3, 4], "bbbb": [0, 4], "cccc": "lots", "dddd": [0, 0]},
     }  # fmt: skip
     [view] = dashboard_view(status(images=[image, "not an image"]))["images"][:1]
     assert view["paused"] is True and view["priority"] == 5
+    assert view["paused_by"] == "site override"
     assert [(h["node_id"], h["have"], h["total"], h["percent"]) for h in view["holders"]] == [
         ("aaaa", 3, 4, 75.0), ("bbbb", 0, 4, 0.0), ("cccc", 0, 0, 100.0), ("dddd", 0, 0, 100.0),
     ]  # fmt: skip
