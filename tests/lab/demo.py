@@ -46,6 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ from tests.lab.virtual_store import (
     VM,
     Firmware,
     LabError,
+    Peer,
     SerialLog,
     VirtualStore,
     install_signal_cleanup,
@@ -109,8 +111,16 @@ SERVER_LABELS = {"offer": "DHCP", "tftp": "TFTP", "script": "iPXE script",
                  "kernel": "HTTP", "initrd": "HTTP", "failed": "ERROR"}  # fmt: skip
 
 
+_T0 = time.monotonic()
+
+
 def say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def step(text: str) -> None:
+    """A numbered step, with the time since the demo started."""
+    say(f"{text}  [{time.monotonic() - _T0:.0f} s]")
 
 
 def mib(n: int) -> str:
@@ -128,22 +138,26 @@ class DemoImages:
     keys: Path  # the publisher key pair (the imager trusts its public key)
 
 
-def _build(script: str, outdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(
-        ["bash", str(REPO / "images" / script / "build.sh"), str(outdir), *args],
-        capture_output=True, text=True, check=False, env=env,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise LabError(f"images/{script}/build.sh failed:\n{result.stderr[-3000:]}")
-
-
 def build_images(work: Path) -> DemoImages:
+    """Both build scripts at once (two cores; each spends ~10 s even when its output is
+    cached, unpacking Debian's packages before it can tell)."""
     keys = work / "keys"
     if not (keys / "publisher.key").exists():
         pxepeer("keys", "new", "--out", str(keys))
-    env = dict(os.environ, PXEPEER_DEMO_DISK_MB=str(DEMO_DISK_MB))
-    _build("demo-os", work / "demo-os", env=env)
-    _build("imager", work / "imager", "--trust", str(keys / "publisher.pub"))
+    builds = {
+        "demo-os": ([], dict(os.environ, PXEPEER_DEMO_DISK_MB=str(DEMO_DISK_MB))),
+        "imager": (["--trust", str(keys / "publisher.pub")], None),
+    }
+    running = {}
+    for name, (args, env) in builds.items():
+        script = REPO / "images" / name / "build.sh"
+        running[name] = subprocess.Popen(["bash", str(script), str(work / name), *args],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True, env=env)  # fmt: skip
+    for name, proc in running.items():
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise LabError(f"images/{name}/build.sh failed:\n{err[-3000:]}")
     return DemoImages(work / "demo-os" / "disk.raw", work / "imager" / "vmlinuz",
                       work / "imager" / "initrd.img", keys)  # fmt: skip
 
@@ -414,16 +428,22 @@ def build_wan(lab: VirtualStore, rate: str) -> Path:
 
 def start_site(lab: VirtualStore, keys: Path, n: int, access_log: Path) -> DemoSite:
     peers = [lab.add_peer(f"peer{i + 1}") for i in range(n)]
-    servers, stores = {}, {}
+    stores = {}
     for peer in peers:
         peer.ns.run("ip", "route", "add", WAN_NET, "via", ROUTER_IP)
         # An empty store, its own node key, a certificate from the demo's enroll key.
-        store = enrolled_store(keys, lab.workdir / f"cache-{peer.name}", peer.name)
+        stores[peer.name] = enrolled_store(keys, lab.workdir / f"cache-{peer.name}", peer.name)
+
+    def start(peer: Peer) -> PxepeerServer:
         others = [f"--peer={p.ip}:{HTTP_PORT}" for p in peers if p is not peer]
         args = ("--no-mdns", *others, "--origin", f"http://{ORIGIN_IP}/", "--catalog-poll", "1")
-        stores[peer.name] = store
-        servers[peer.name] = start_pxepeer(lab, peer, store, extra_args=args,
-                                           name=f"pxepeer-{peer.name}")  # fmt: skip
+        return start_pxepeer(lab, peer, stores[peer.name], extra_args=args,
+                             name=f"pxepeer-{peer.name}")  # fmt: skip
+
+    # All at once: each start waits for its HTTP port, a few seconds of Python start-up.
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        servers = dict(zip(stores, pool.map(start, peers), strict=True))
+    for peer in peers:
         say(f"   {peer.name}: pxepeer serve on {peer.ip} (namespace {peer.ns.name})")
     return DemoSite(lab, servers, stores, access_log)
 
@@ -492,6 +512,8 @@ def follow_vm(vm: VM, server: PxepeerServer | None, until: re.Pattern[str],
         if machine is not None:
             stages = machine.get("stages", [])
             for stage in stages[seen_stages:]:
+                if stage["at"] < vm.started_wall:
+                    continue  # the demo's own look at the boot script, before power-on
                 label = SERVER_LABELS.get(stage["stage"], stage["stage"])
                 text = f"{stage['stage']}: {stage.get('detail', '')}".rstrip(": ")
                 events.append((vm.since_start(stage["at"]), f"pxepeer {label}", text))
@@ -514,6 +536,15 @@ def follow_vm(vm: VM, server: PxepeerServer | None, until: re.Pattern[str],
         time.sleep(0.3)
     say(f"  ... QEMU still running after {timeout:.0f} s")
     return hit
+
+
+def show_script(lab: VirtualStore, responder: PxepeerServer, when: str) -> None:
+    """The iPXE script the responder gives the demo machine now, line by line."""
+    script = lab.http_get(f"{responder.base_url}/boot.ipxe?mac={DEMO_MAC}").decode()
+    say(f"   boot script at the responder {when}:")
+    for line in script.splitlines():
+        if line.strip():
+            say(f"     | {line}")
 
 
 def imaging_job(site: DemoSite, mac: str) -> dict | None:
@@ -574,7 +605,7 @@ def _run(args: argparse.Namespace, work: Path, sock_dir: Path) -> int:
     # uefi: OVMF's own PXE client, as on a UEFI PC's NIC: DHCP, then iPXE over TFTP, then
     # the script. (QEMU's BIOS NICs carry iPXE as their ROM, so a BIOS VM skips TFTP.)
     firmware = Firmware.EDK2 if args.firmware == "uefi" else Firmware.BIOS
-    say("1. building the demo OS disk and the imager (Debian's kernel, busybox; cached)")
+    step("1. building the demo OS disk and the imager (Debian's kernel, busybox; cached)")
     images = build_images(work / "images")
     say(f"   {images.disk} ({images.disk.stat().st_size // MIB} MiB disk), "
         f"imager {images.imager_kernel.parent}")  # fmt: skip
@@ -584,14 +615,14 @@ def _run(args: argparse.Namespace, work: Path, sock_dir: Path) -> int:
             origin_dir = lab.workdir / "origin"
             origin_dir.mkdir()
             published = publish(images, work / "publisher", origin_dir)
-            say(f"2. pxepeer publish {DEMO_IMAGE} and {IMAGER} to the origin: "
+            step(f"2. pxepeer publish {DEMO_IMAGE} and {IMAGER} to the origin: "
                 f"{published} bytes of chunks ({published / MIB:.1f} MiB)")  # fmt: skip
-            say("3. virtual store: bridge 10.77.0.0/24, router dnsmasq with plain DHCP (no PXE)")
+            step("3. virtual store: bridge 10.77.0.0/24, router dnsmasq with plain DHCP (no PXE)")
             lab.start_router()
             access_log = build_wan(lab, args.wan_rate)
             say(f"   WAN to the origin {ORIGIN_IP}: {args.wan_rate} (htb), "
                 f"{2 * WAN_ONE_WAY_MS} ms round trip (TUN delay line)")  # fmt: skip
-            say(f"4. {args.peers} peers, empty stores, enrolled with one enroll key, "
+            step(f"4. {args.peers} peers, empty stores, enrolled with one enroll key, "
                 f"following the origin:")  # fmt: skip
             site = start_site(lab, images.keys, args.peers, access_log)
             start = time.monotonic()
@@ -606,7 +637,7 @@ def _run(args: argparse.Namespace, work: Path, sock_dir: Path) -> int:
             name = site.responder()
             assert name is not None
             responder = site.servers[name]
-            say(f"5. elected responder: {name} ({responder.peer.ip}) answers PXE for the site")
+            step(f"5. elected responder: {name} ({responder.peer.ip}) answers PXE for the site")
             forwarder = start_dashboard(lab, responder, args.dashboard_port, sock_dir)
             url = f"http://127.0.0.1:{forwarder.port}/"
             say(f"   dashboard: {url} (host loopback only, relayed into {name}'s namespace;"
@@ -618,12 +649,13 @@ def _run(args: argparse.Namespace, work: Path, sock_dir: Path) -> int:
             other = next(n for n in site.servers if n != name)
             cache = site.stores[other].cache
             out = pxepeer("assign", DEMO_MAC, DEMO_IMAGE, "--cache-dir", str(cache))
-            say(f"6. pxepeer assign {DEMO_MAC} {DEMO_IMAGE} (on {other}): {out.stdout.strip()}")
+            step(f"6. pxepeer assign {DEMO_MAC} {DEMO_IMAGE} (on {other}): {out.stdout.strip()}")
             wait_for(site, "the assignment on every peer",
                      lambda: all(site.assigned(n, DEMO_MAC) == DEMO_IMAGE for n in site.servers),
                      30)  # fmt: skip
             say("   every peer holds the signed assignment record")
-            say(f"7. a blank {args.firmware} VM ({DEMO_MAC}, {VM_DISK_MB} MiB empty disk) "
+            show_script(lab, responder, "before imaging (the imager, told where to fetch from)")
+            step(f"7. a blank {args.firmware} VM ({DEMO_MAC}, {VM_DISK_MB} MiB empty disk) "
                 "network-boots; stages as they happen:")  # fmt: skip
             if firmware is Firmware.BIOS:
                 say("   (QEMU's BIOS NIC ROM is iPXE itself, so it asks for the script at once;"
@@ -643,9 +675,10 @@ def _run(args: argparse.Namespace, work: Path, sock_dir: Path) -> int:
                     f"{job['chunks_total']} chunks, from peers {used}")  # fmt: skip
             matches = imaged and same_as_image(vm, images.disk)
             say(f"   disk matches the image byte for byte: {'yes' if matches else 'NO'}")
+            show_script(lab, responder, "after imaging (the machine's own disk from now on)")
             booted = False
             if imaged:
-                say("8. reboot: the same machine starts from its own disk, no network:")
+                step("8. reboot: the same machine starts from its own disk, no network:")
                 disk_vm = boot_from_disk(lab, vm)
                 booted = follow_vm(disk_vm, None, re.compile(r"PXEPEER-DEMO-OS: booted from disk"),
                                    DISK_BOOT_TIMEOUT)  # fmt: skip

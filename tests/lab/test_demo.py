@@ -3,10 +3,11 @@
 The demo is the lab's three-peer imaging story told end to end: the peers fetch the demo
 OS and the imager from an origin over a shaped WAN, a blank BIOS machine assigned the
 demo OS images its disk from several of them and boots it. So this test also carries
-what test_imaging.py's BIOS imaging test asserted (disk byte for byte, at least two
-peers served the machine, the job done with every chunk from at least two peers, the
-disk boots the demo OS, which saw BIOS firmware, and powers off cleanly): one QEMU run
-for both.
+what two of test_imaging.py's BIOS tests asserted, one QEMU run for all three: the disk
+byte for byte, at least two peers served the machine, the job done with every chunk
+from at least two peers, the disk boots the demo OS, which saw BIOS firmware, and
+powers off cleanly; the responder's boot script runs the imager told to fetch from the
+responder before imaging, and boots the local disk after it.
 
 While the demo runs, the dashboard URL it prints is fetched from this process, on the
 host's loopback: it must answer, and be the responder's pxepeer.
@@ -58,6 +59,17 @@ def _tables(lines: list[str]) -> list[dict[str, float]]:
         if match and tables:
             tables[-1][match[1]] = float(match[4])
     return tables
+
+
+def _script(lines: list[str], when: str) -> str:
+    """The boot script the demo printed under `boot script at the responder WHEN`."""
+    [start] = [i for i, line in enumerate(lines) if f"boot script at the responder {when}" in line]
+    script = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("     | "):
+            break
+        script.append(line[len("     | ") :])
+    return "\n".join(script)
 
 
 def test_demo_fetches_across_the_wan_once_then_a_blank_bios_machine_images_and_boots_its_disk(
@@ -119,8 +131,8 @@ def test_demo_fetches_across_the_wan_once_then_a_blank_bios_machine_images_and_b
     disk = (work / "lab" / "demo" / "disk.raw").read_bytes()
     image = (work / "images" / "demo-os" / "disk.raw").read_bytes()
     assert disk[: len(image)] == image  # byte for byte
-    before, after = _tables(lines)
-    served = {peer: after[peer] - before[peer] for peer in after}  # to the machine
+    fetched, imaged = _tables(lines)
+    served = {peer: imaged[peer] - fetched[peer] for peer in imaged}  # to the machine
     assert sum(1 for mib in served.values() if mib > 0) >= 2, (served, out)
     [job] = [m.groups() for line in lines if (m := JOB_LINE.search(line))]
     state, done, total, peers_used = job
@@ -130,6 +142,14 @@ def test_demo_fetches_across_the_wan_once_then_a_blank_bios_machine_images_and_b
     [firmware] = re.findall(r"PXEPEER-DEMO-OS: firmware (\w+)", out)
     assert firmware == "bios", out
     assert "QEMU exit status 0" in out, out
+
+    # What test_the_boot_script_images_an_assigned_disk_once_then_boots_the_disk asserted.
+    [responder_ip] = re.findall(r"elected responder: peer\d \(([\d.]+)\)", out)
+    before, after = _script(lines, "before imaging"), _script(lines, "after imaging")
+    assert "kernel " in before and f"pxepeer.server=http://{responder_ip}:8080" in before, out
+    assert "pxepeer.image=" in before, out
+    # Its next network boot goes to the local disk, not into the imager again.
+    assert "sanboot" in after and "pxepeer.server=" not in after, out
 
     # Stages were printed as they happened, server side and console side.
     for stage in ("pxepeer DHCP", "pxepeer iPXE script", "PXEPEER-IMAGING: writing to",

@@ -36,13 +36,11 @@ from tests.lab.boot_servers import (
     pxepeer,
     start_pxepeer,
 )
+from tests.lab.demo import boot_from_disk
 from tests.lab.virtual_store import (
-    OVMF_CODE,
-    QEMU,
     VM,
     Firmware,
     LabError,
-    SerialLog,
     VirtualStore,
 )
 
@@ -199,39 +197,6 @@ def site(lab: VirtualStore, imaging_images: ImagingImages) -> Iterator[Site]:
     yield _start_site(lab, store, imaging_images)
 
 
-def boot_from_disk(lab: VirtualStore, vm: VM) -> VM:
-    """The imaged VM's disk started again, booting from it (no network at all), with the
-    same firmware: SeaBIOS, or OVMF with the machine's own NVRAM as imaging left it."""
-    serial = vm.workdir / "serial-disk.log"
-    serial.write_bytes(b"")
-    disk = vm.workdir / "disk.raw"
-    args = [
-        QEMU, "-accel", "tcg", "-m", "512", "-nographic", "-monitor", "none",
-        "-serial", f"file:{serial}", "-no-reboot", "-net", "none",
-    ]  # fmt: skip
-    if vm.firmware is Firmware.BIOS:
-        args += ["-boot", "c", "-drive", f"file={disk},format=raw,if=ide"]
-    else:
-        # A copy, so the imaging run's NVRAM stays as it was for a look after a failure.
-        # No NVRAM entry names a loader file on this disk: OVMF boots it by the
-        # removable-media path \EFI\BOOT\BOOTX64.EFI on its EFI System Partition, as
-        # any UEFI PC does with a newly written disk.
-        vars_copy = vm.workdir / "OVMF_VARS-disk.fd"
-        shutil.copyfile(vm.workdir / "OVMF_VARS.fd", vars_copy)
-        args += [
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-            "-drive", f"file={disk},format=raw,if=none,id=d0",
-            "-device", "virtio-blk-pci,drive=d0,bootindex=1",
-        ]  # fmt: skip
-    started, started_wall = time.monotonic(), time.time()
-    service = lab.spawn(lab.store, f"qemu-{vm.name}-disk", args)
-    disk_vm = VM(f"{vm.name}-disk", vm.firmware, vm.mac, service, SerialLog(serial, started),
-                 started, started_wall, vm.workdir)  # fmt: skip
-    lab.vms.append(disk_vm)
-    return disk_vm
-
-
 def _boots_the_demo_os(lab: VirtualStore, vm: VM, firmware: str) -> None:
     """The imaged disk boots the demo OS on `firmware` (as the demo OS itself tells)."""
     disk_vm = boot_from_disk(lab, vm)
@@ -261,18 +226,9 @@ def _wait_imaged(site: Site, vm: VM) -> None:
         raise AssertionError(f"{exc}\n{site.logs()}") from None
 
 
-def test_bios_machine_images_its_disk_from_several_peers_then_boots_it(site: Site) -> None:
-    vm = _image_vm(site, "bios")
-    _wait_imaged(site, vm)
-
-    assert _same_as_image(vm, site.images.demo_disk)
-    served = site.counters()
-    assert sum(1 for b in served.values() if b > 0) >= 2, served
-    [job] = [j for j in site.jobs() if j["mac"] == MACS["bios"]]
-    assert job["state"] == "done" and job["chunks_done"] == job["chunks_total"], job
-    assert len(job["peers_used"]) >= 2, job
-
-    _boots_the_demo_os(site.lab, vm, "bios")
+# The BIOS machine that images its disk from several peers and boots it, and the boot
+# script before and after imaging, are tests/lab/test_demo.py's: ./demo.sh does exactly
+# that (over a WAN besides), and one QEMU run serves both.
 
 
 def test_two_machines_image_at_once_from_the_same_site(site: Site) -> None:
@@ -351,20 +307,6 @@ def test_corrupt_chunks_from_two_peers_never_reach_the_disk(corrupt_site: Site) 
     # The agent reported them; they count against the senders (plans put them last).
     bad = {site.servers[name].base_url for name in ("peer2", "peer3")}
     assert job["corrupt_from"] and set(job["corrupt_from"]) <= bad, job
-
-
-def test_the_boot_script_images_an_assigned_disk_once_then_boots_the_disk(site: Site) -> None:
-    mac = MACS["bios"]
-    responder = site.responder()
-    script = site.lab.http_get(f"{responder.base_url}/boot.ipxe?mac={mac}").decode()
-    assert "kernel " in script and f"pxepeer.server={responder.base_url}" in script, script
-    assert "pxepeer.image=" in script, script
-    vm = _image_vm(site, "bios")
-    _wait_imaged(site, vm)
-    assert _same_as_image(vm, site.images.demo_disk)
-    # Its next network boot goes to the local disk, not into the imager again.
-    script = site.lab.http_get(f"{responder.base_url}/boot.ipxe?mac={mac}").decode()
-    assert "sanboot" in script and "pxepeer.server=" not in script, script
 
 
 def test_a_failed_run_is_never_done_and_the_next_boot_resumes_from_the_disk(
