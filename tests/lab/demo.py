@@ -565,21 +565,35 @@ def same_as_image(vm: VM, image: Path) -> bool:
 # --- main ------------------------------------------------------------------------------------
 
 
+def peer_count(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"{n}: from 1 to 8 peers")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["relay"] and len(argv) == 4:
         run_relay(argv[1], argv[2], int(argv[3]))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--firmware", default="bios", choices=["bios", "uefi"])
-    parser.add_argument("--peers", type=int, default=3, choices=range(2, 9), metavar="N",
-                        help="peers in the store (2-8, default 3)")  # fmt: skip
-    parser.add_argument("--wan-rate", default=WAN_RATE,
+    parser = argparse.ArgumentParser(
+        prog="demo.sh",
+        description="pxepeer's demo: peers follow an origin over a slow WAN, fetching each "
+        "chunk across it once; a blank VM images its disk from them and boots it.",
+    )
+    parser.add_argument("--firmware", default="bios", choices=["bios", "uefi"],
+                        help="the VM's firmware: SeaBIOS, or OVMF with its own PXE client "
+                        "(default bios)")  # fmt: skip
+    parser.add_argument("--peers", type=peer_count, default=3, metavar="N",
+                        help="peers in the store, 1-8 (default 3)")  # fmt: skip
+    parser.add_argument("--wan-rate", default=WAN_RATE, metavar="RATE",
                         help=f"the WAN's rate, as tc writes it (default {WAN_RATE})")  # fmt: skip
-    parser.add_argument("--dashboard-port", type=int, default=DASHBOARD_PORT,
+    parser.add_argument("--dashboard-port", type=int, default=DASHBOARD_PORT, metavar="PORT",
                         help=f"host loopback port for the dashboard (default {DASHBOARD_PORT}; "
                              "any free one if it is taken)")  # fmt: skip
-    parser.add_argument("--workdir", type=Path, help="logs, images, stores (default: temp)")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="images, stores and logs (default: a new temp directory)")  # fmt: skip
     args = parser.parse_args(argv)
 
     reason = lab_skip_reason() or (None if shutil.which("nginx") else "nginx is not installed")
@@ -646,7 +660,7 @@ def _run(args: argparse.Namespace, work: Path, sock_dir: Path) -> int:
 
             # On another peer than the responder: an assignment is a signed record every
             # peer of the site replicates, so any of them will do.
-            other = next(n for n in site.servers if n != name)
+            other = next((n for n in site.servers if n != name), name)
             cache = site.stores[other].cache
             out = pxepeer("assign", DEMO_MAC, DEMO_IMAGE, "--cache-dir", str(cache))
             step(f"6. pxepeer assign {DEMO_MAC} {DEMO_IMAGE} (on {other}): {out.stdout.strip()}")
