@@ -272,6 +272,7 @@ class LoopbackForwarder:
             self.listener.bind(("127.0.0.1", 0))  # taken: any free loopback port
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
+        self._open: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=self._run, name="dashboard-forwarder", daemon=True)
         self._thread.start()
 
@@ -281,7 +282,11 @@ class LoopbackForwarder:
         except OSError:
             writer.close()
             return
-        await _splice((reader, writer), inner)
+        self._open |= {writer, inner[1]}
+        try:
+            await _splice((reader, writer), inner)
+        finally:
+            self._open -= {writer, inner[1]}
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -292,6 +297,13 @@ class LoopbackForwarder:
             self.loop.run_forever()
         finally:
             server.close()
+            # Connections a client keeps alive are cut here, so their tasks end before the
+            # loop does (cancelling them instead makes asyncio's stream server complain).
+            for writer in self._open:
+                writer.close()
+            tasks = asyncio.all_tasks(self.loop)
+            if tasks:
+                self.loop.run_until_complete(asyncio.wait(tasks, timeout=5))
             self.loop.run_until_complete(server.wait_closed())
             self.loop.close()
 
