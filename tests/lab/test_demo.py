@@ -109,6 +109,7 @@ def test_demo_fetches_across_the_wan_once_then_a_blank_bios_machine_images_and_b
     took = time.monotonic() - start
     out = "\n".join(lines)
     assert rc == 0, out
+    assert "Traceback" not in out, out
     assert took < DEMO_TIMEOUT, out
 
     # The images crossed the WAN once: what the peers counted from the origin is exactly
