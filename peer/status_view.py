@@ -1,27 +1,11 @@
-"""`pxepeer status`: fetch a peer's /v1/status and render the site for a terminal."""
+"""`pxepeer status`: render a peer's /v1/status (peer/remote_status.py fetches it) for a
+terminal."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 
 MIB = 1024 * 1024
-
-
-class StatusUnavailable(Exception):
-    pass
-
-
-def fetch_status(url: str, timeout: float = 5.0) -> dict:
-    target = url.rstrip("/") + "/v1/status"
-    try:
-        with urllib.request.urlopen(target, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StatusUnavailable(f"cannot read {target}: {reason}") from None
 
 
 def _mib(n: int | None) -> str:
