@@ -66,7 +66,8 @@ def site(tmp_path_factory: pytest.TempPathFactory):
             "--secure-boot", "shim", "--secure-boot-dir", str(chain),
         ]  # fmt: skip
         with serving(srv, cli, argv, work / "serve.log", BASE):
-            yield {"cli": cli, "chain": chain, "kernel": kernel.read_bytes()}
+            yield {"cli": cli, "chain": chain, "kernel": kernel.read_bytes(),
+                   "log": work / "serve.log"}  # fmt: skip
 
 
 def test_edk2_native_pxe_is_offered_shim_and_ipxe_roms_keep_the_script(site) -> None:
