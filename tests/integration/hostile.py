@@ -3,7 +3,7 @@
 Run in a namespace of its own on the lab's bridge (never anywhere else):
 
     python -m tests.integration.hostile peer --listen IP:PORT [--identity CACHE]
-        [--hello valid|inf|surrogate] [--holds MANIFEST_FILE ... --bits all|none]
+        [--hello valid|inf|surrogate|both] [--holds MANIFEST_FILE ... --bits all|none]
         [--manifest genuine|inf|surrogate] [--chunks none|404|endless]
     python -m tests.integration.hostile progress URL --mac MAC --corrupt PEER_URL=COUNT
         [--image NAME]
@@ -152,6 +152,8 @@ class Stats:
     chunk: int = 0
     chunk_bytes: int = 0
     chunk_shas: dict[str, int] = field(default_factory=dict)
+    # Hellos sent to each asker by poison: "both" alternates them per asker.
+    hello_kinds: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 ENDLESS_BLOCK = os.urandom(1 << 20)
@@ -178,6 +180,12 @@ def fake_peer_app(args: argparse.Namespace) -> web.Application:
 
     async def hello(request: web.Request) -> web.Response:
         stats.hello += 1
+        asker = request.remote or "?"
+        sent = stats.hello_kinds.setdefault(asker, {})
+        kind = args.hello
+        if kind == "both":  # each asker gets inf, then a surrogate, then inf...
+            kind = ("inf", "surrogate")[sum(sent.values()) % 2]
+        sent[kind] = sent.get(kind, 0) + 1
         nonce = ""
         if identity is not None:
             # Signed over the asker's nonce, as a real peer answers: the poisoned body
@@ -187,7 +195,7 @@ def fake_peer_app(args: argparse.Namespace) -> web.Application:
             except AuthError as exc:
                 raise web.HTTPForbidden(text=f"{exc.reason}\n") from None
         body = hello_body(
-            args.hello,
+            kind,
             node_id,
             address,
             int(port),
@@ -414,7 +422,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     peer.add_argument("--node-id", default=None, help="the node id the hellos name "
                       "(default: the identity's, else random)")  # fmt: skip
     peer.add_argument("--site", default=SITE)
-    peer.add_argument("--hello", choices=("valid", "inf", "surrogate"), default="valid")
+    peer.add_argument("--hello", choices=("valid", "inf", "surrogate", "both"), default="valid")
     peer.add_argument("--holds", action="append", default=[], metavar="MANIFEST_FILE",
                       help="claim this image (repeatable)")  # fmt: skip
     peer.add_argument("--bits", choices=("all", "none"), default="none")
