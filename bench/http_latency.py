@@ -1,8 +1,11 @@
 """/boot.ipxe and /v1/status latency of `pxepeer serve` holding 50 disk images of 100 GiB,
 idle and under a hostile flood, against nginx serving the same bytes in the same run.
+`--endpoints dashboard,metrics` measures what watching a store costs instead: the
+dashboard's poll (/v1/dashboard) and a Prometheus scrape (/metrics).
 
     sudo python -m bench.http_latency [--images 50] [--runs 3] [--requests 200]
                                       [--budget 15] [--rate 1000] [--tree DIR]
+                                      [--endpoints boot,status,dashboard,metrics]
 
 The store: 50 signed manifests named disk-00..disk-49, each one 100 GiB disk file of
 25,600 chunk references (4 MiB chunks) of which 5 are real chunks (random, stored) and
@@ -70,6 +73,24 @@ quieter host (the fuzzing campaign running at nice 19 beside it):
 (200 requests per cell and run, none failed; serve log after the run: 66 lines, 8 KB.)
 Both endpoints meet the p99 < 20 ms target idle. Under the flood the flood client
 itself takes most of one of the two cores.
+
+What watching a store costs (issue 10; `--endpoints status,dashboard,metrics --runs 3
+--budget 4 --requests 150`, commit dcbacba, same 50-image store), median of 3 runs
+(last column: the ratio of p99s):
+
+| request, phase         | nginx p50 / p99 | pxepeer p50 / p99 (p99 spread) | ratio p50 | p99 |
+|------------------------|----------------:|-------------------------------:|----------:|----:|
+| /v1/status, idle       |     0.25 / 0.43 |     2.53 / 5.29 (4.1-6.6)      |      10.1 | 12.4 |
+| /v1/status, hostile    |     0.29 / 2.97 |     3.21 / 9.51 (8.6-13.7)     |      11.1 |  3.2 |
+| /v1/dashboard, idle    |     0.28 / 0.51 |     2.32 / 6.27 (5.4-6.5)      |       8.4 | 12.2 |
+| /v1/dashboard, hostile |     0.28 / 3.26 |     4.58 / 28.17 (13.0-40.5)   |      16.5 |  8.6 |
+| /metrics, idle         |     0.28 / 0.42 |     7.00 / 10.94 (10.3-12.0)   |      25.4 | 25.9 |
+| /metrics, hostile      |     0.26 / 3.13 |     9.29 / 15.37 (12.4-17.1)   |      36.1 |  4.9 |
+
+(150 requests per cell and run, none failed; documents of 27, 15 and 24 KB.) A dashboard
+poll costs what a status read does (it is built from the same document, then trimmed); a
+scrape about 7 ms of one core, so a Prometheus scraping every 30 s and a dashboard open
+at 2 s polls take well under 1% of a core.
 """
 
 from __future__ import annotations
@@ -105,7 +126,15 @@ REAL_AT = (0, 1, 2, DISK_CHUNKS // 2, DISK_CHUNKS - 1)  # boot sector, a middle,
 LAYOUT = f"v1-{DISK_CHUNKS}x{CHUNK}-{'-'.join(map(str, REAL_AT))}"
 HASH_CACHE = Path("/var/tmp/pxepeer-bench") / f"http_latency-disk-{LAYOUT}.sha256"
 UNASSIGNED_MAC = "52-54-00-be-ec-01"
-PATHS = {"boot": f"/boot.ipxe?mac={UNASSIGNED_MAC}", "status": "/v1/status"}
+# name -> (request path, the static file nginx answers it from, its content type)
+ENDPOINTS = {
+    "boot": (f"/boot.ipxe?mac={UNASSIGNED_MAC}", "boot.ipxe", "text/plain"),
+    "status": ("/v1/status", "v1/status", "application/json"),
+    # What watching a store costs: the dashboard's poll and a Prometheus scrape.
+    "dashboard": ("/v1/dashboard", "v1/dashboard", "application/json"),
+    "metrics": ("/metrics", "metrics", "text/plain"),
+}
+PATHS = {name: path for name, (path, _, _) in ENDPOINTS.items()}
 
 NGINX_CONF = """\
 daemon off;
@@ -126,8 +155,7 @@ http {{
     server {{
         listen {ip}:{port};
         root {root};
-        location = /boot.ipxe {{ default_type text/plain; }}
-        location = /v1/status {{ default_type application/json; }}
+{locations}
     }}
 }}
 """
@@ -287,15 +315,18 @@ def pxepeer_serve(lab: Lab, tree: Path, cache: Path, trust: Path, images: int) -
 
 
 @contextlib.contextmanager
-def nginx(lab: Lab, root: Path) -> Iterator[None]:
+def nginx(lab: Lab, root: Path, endpoints: list[str]) -> Iterator[None]:
     conf = lab.work / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(work=lab.work, ip=SERVER_IP, port=NGINX_PORT, root=root)
+    locations = "\n".join(
+        f"        location = /{ENDPOINTS[e][1]} {{ default_type {ENDPOINTS[e][2]}; }}"
+        for e in endpoints
     )
+    conf.write_text(NGINX_CONF.format(work=lab.work, ip=SERVER_IP, port=NGINX_PORT, root=root,
+                                      locations=locations))  # fmt: skip
     proc = lab.srv.popen("nginx", "-c", str(conf), "-p", str(lab.work),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        url = f"http://{SERVER_IP}:{NGINX_PORT}/v1/status"
+        url = f"http://{SERVER_IP}:{NGINX_PORT}/{ENDPOINTS[endpoints[0]][1]}"
         for _ in range(100):
             if lab.cli.run("curl", "-sf", "-o", "/dev/null", url, check=False).returncode == 0:
                 break
@@ -365,11 +396,11 @@ def table(results: Results, runs: int) -> str:
         "|--------------|---------|----------------:|--------------------------------:|"
         "----------:|----------:|-------:|",
     ]
-    for endpoint in PATHS:
+    for endpoint in dict.fromkeys(e for (_, e, _) in results):
         for phase in ("idle", "hostile"):
             ref = summarise(results[("nginx", endpoint, phase)])
             ours = summarise(results[("pxepeer", endpoint, phase)])
-            name = "/boot.ipxe" if endpoint == "boot" else "/v1/status"
+            name = ENDPOINTS[endpoint][0].split("?")[0]
             lines.append(
                 f"| {name:<12} | {phase:<7} | {ref['p50']:6.2f} / {ref['p99']:6.2f} | "
                 f"{ours['p50']:8.2f} / {ours['p99']:8.2f} ({ours['lo']:.1f}-{ours['hi']:.1f}) | "
@@ -396,13 +427,14 @@ def measure(lab: Lab, cache: Path, trust: Path, root: Path, args: argparse.Names
     with pxepeer_serve(lab, args.tree.resolve(), cache, trust, args.images):
         print(f"serve up with every image in {time.monotonic() - started:.0f} s", flush=True)
         (root / "v1").mkdir(parents=True)
-        for name, dest in (("boot", root / "boot.ipxe"), ("status", root / "v1" / "status")):
+        for name in args.endpoints:
+            dest = root / ENDPOINTS[name][1]
             url = f"http://{SERVER_IP}:{PXEPEER_PORT}{PATHS[name]}"
             body = lab.cli.run("curl", "-sf", "--max-time", "300", url).stdout
             dest.write_text(body)
             print(f"{name}: {len(body.encode())} bytes", flush=True)
         os.chmod(root, 0o755)
-        with nginx(lab, root):
+        with nginx(lab, root, args.endpoints):
             for run in range(args.runs):
                 for phase in ("idle", "hostile"):
                     for server, port in (("nginx", NGINX_PORT), ("pxepeer", PXEPEER_PORT)):
@@ -410,7 +442,8 @@ def measure(lab: Lab, cache: Path, trust: Path, root: Path, args: argparse.Names
                             if phase == "hostile":
                                 seconds = 4 * args.budget + 600
                                 stack.enter_context(flood(lab, port, args.rate, seconds))
-                            for endpoint, path in PATHS.items():
+                            for endpoint in args.endpoints:
+                                path = PATHS[endpoint]
                                 samples = run_probe(lab, port, path, args)
                                 key = (server, endpoint, phase)
                                 results.setdefault(key, []).append(samples)
@@ -437,7 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", type=Path, default=REPO,
                         help="the checkout whose `serve` is measured")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--endpoints", default="boot,status",
+                        help=f"comma-separated, of {', '.join(ENDPOINTS)}")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.mode != "probe":
+        args.endpoints = [e for e in args.endpoints.split(",") if e]
+        unknown = [e for e in args.endpoints if e not in ENDPOINTS]
+        if unknown or not args.endpoints:
+            parser.error(f"--endpoints: {', '.join(unknown) or 'none'}: choose from "
+                         f"{', '.join(ENDPOINTS)}")  # fmt: skip
     if args.mode == "probe":
         probe(args.host, args.port, args.path, args.requests, args.budget, args.timeout)
         return 0
