@@ -157,11 +157,9 @@ class Catalog:
         def get(key: str) -> object:
             return doc_fields.require(fields, key, "catalog")
 
-        serial = doc_fields.integer(get("serial"), "serial", 0, MAX_SERIAL)
-        issued = doc_fields.integer(get("issued"), "issued", 0, MAX_TIME)
-        expires = doc_fields.integer(get("expires"), "expires", 0, MAX_TIME)
-        if expires < issued:
-            raise CatalogError("expires before issued")
+        serial, issued, expires = doc_fields.serial_and_validity(
+            fields, "catalog", 0, MAX_SERIAL, MAX_TIME
+        )
         images = doc_fields.array(get("images"), "images", MAX_ENTRIES)
         entries = tuple(CatalogEntry._parse(item) for item in images)
         names = {e.name for e in entries}

@@ -175,11 +175,9 @@ class Control:
         def get(key: str) -> object:
             return doc_fields.require(fields, key, "control")
 
-        serial = doc_fields.integer(get("serial"), "serial", 1, MAX_SERIAL)
-        issued = doc_fields.integer(get("issued"), "issued", 0, MAX_TIME)
-        expires = doc_fields.integer(get("expires"), "expires", 0, MAX_TIME)
-        if expires < issued:
-            raise ControlError("expires before issued")
+        serial, issued, expires = doc_fields.serial_and_validity(
+            fields, "control", 1, MAX_SERIAL, MAX_TIME
+        )
         images = doc_fields.array(get("images"), "images", MAX_ENTRIES)
         entries = tuple(ControlEntry._parse(item) for item in images)
         if len({e.name for e in entries}) != len(entries):

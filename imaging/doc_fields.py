@@ -105,3 +105,17 @@ def array(value: object, what: str, max_items: int) -> list[object]:
     if len(value) > max_items:
         raise FieldError("too many", f"{what} has more than {max_items} items")
     return value
+
+
+def serial_and_validity(
+    fields: dict[str, object], what: str, min_serial: int, max_serial: int, max_time: int
+) -> tuple[int, int, int]:
+    """(serial, issued, expires) of a signed, serialled, expiring document (a catalog, a
+    control document): each in range, and a document that expires before it was issued
+    refused ("expires before issued")."""
+    serial = integer(require(fields, "serial", what), "serial", min_serial, max_serial)
+    issued = integer(require(fields, "issued", what), "issued", 0, max_time)
+    expires = integer(require(fields, "expires", what), "expires", 0, max_time)
+    if expires < issued:
+        raise FieldError("expires before issued")
+    return serial, issued, expires
