@@ -63,16 +63,22 @@ def node_ids(lab: SiteLab) -> list[str]:
 
 
 def make_lowest(lab: SiteLab, peer: Peer, key: Path) -> None:
-    """Give `peer` a new node key until its node id is the lowest of the lab: if anything
-    it claims could win it the role, this is the peer that would win."""
-    for _ in range(200):
-        others = [p.node_id for p in lab.peers if p is not peer]
-        if peer.node_id < min(others):
-            return
-        for name in ("node.key", "node.cert"):
-            (peer.cache / "state" / name).unlink()
-        enroll(peer.cache, key, f"peer{peer.index}")
-    raise AssertionError("could not draw a low node id")
+    """Give `peer` a node id below "4" and every other peer one at or above it, drawing
+    new node keys as needed: if anything `peer` claims could win it the role, it is the
+    peer that would win. Splitting the id space, rather than redrawing `peer` alone,
+    cannot fail when another peer happened to draw an id near zero."""
+    assert lab.enroll_key is not None
+    for p, own_key, wanted_low in [(peer, key, True)] + [
+        (p, lab.enroll_key, False) for p in lab.peers if p is not peer
+    ]:
+        for _ in range(100):  # each draw succeeds with p >= 1/4
+            if (p.node_id < "4") == wanted_low:
+                break
+            for name in ("node.key", "node.cert"):
+                (p.cache / "state" / name).unlink()
+            enroll(p.cache, own_key, f"peer{p.index}")
+        else:
+            raise AssertionError(f"could not draw a node id for peer{p.index}")
 
 
 def responders(lab: SiteLab, peer: Peer) -> list[str]:
