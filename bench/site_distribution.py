@@ -45,11 +45,13 @@ fetches in flight, so several chunks land at the end together and must all be re
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,104 @@ class Row:
     last_wan_chunk_s: float
     duplicate_chunk_gets: int
     all_runs_s: list[float] = field(default_factory=list)
+    timeline: dict | None = None  # see chunk_timeline
+
+
+def busy_intervals(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) spans, as disjoint sorted intervals."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def chunk_timeline(lab: SiteLab, image: BuiltImage, start: float, done: list[float]) -> dict:
+    """Where the time went, every time in seconds from `start` (the active catalog).
+
+    Per chunk: when its WAN transfer(s) ran (nginx: end = $msec, start = end -
+    $request_time) and by which peer, and when each peer stored it (the chunk file's
+    mtime). The summary splits the run into the start (until the first chunk request),
+    the WAN phase (first chunk request to last chunk sent; its idle gaps and how many
+    transfers ran at once) and the LAN tail (last chunk sent to last peer complete)."""
+    ip_to_peer = {p.ip: p.index for p in lab.peers}
+    refs = image.manifest.chunk_refs()
+    gets = [
+        r for r in lab.requests()
+        if r.chunk and r.method == "GET" and r.status == 200 and r.time >= start
+    ]  # fmt: skip
+    chunks = []
+    for index, ref in enumerate(refs):
+        stored = []
+        for p in lab.peers:
+            path = p.cache / "chunks" / ref.sha256[:2] / ref.sha256
+            stored.append(round(path.stat().st_mtime - start, 3) if path.exists() else None)
+        wan = [
+            (round(r.started - start, 3), round(r.time - start, 3), ip_to_peer.get(r.addr, -1))
+            for r in gets if r.chunk == ref.sha256
+        ]  # fmt: skip
+        chunks.append({"index": index, "size": ref.size, "wan": wan, "stored": stored})
+    spans = [(r.started - start, r.time - start) for r in gets]
+    first_req = min((a for a, _ in spans), default=0.0)
+    last_wan = max((b for _, b in spans), default=0.0)
+    busy = busy_intervals(spans)
+    gaps = [(round(b0[1], 2), round(b1[0] - b0[1], 2)) for b0, b1 in itertools.pairwise(busy)]
+    busy_s = sum(b - a for a, b in busy)
+    # Mean number of chunk transfers in flight while the WAN was busy.
+    concurrency = sum(b - a for a, b in spans) / busy_s if busy_s else 0.0
+    # How long each chunk took to reach every peer after its (last) WAN transfer ended.
+    spread = [
+        max(t for t in c["stored"] if t is not None) - max(e for _, e, _ in c["wan"])
+        for c in chunks if c["wan"] and all(t is not None for t in c["stored"])
+    ]  # fmt: skip
+    wan_bytes = sum(r.body_bytes for r in gets)
+    per_peer_wan = Counter(ip_to_peer.get(r.addr, -1) for r in gets)
+    last = max(done) - start
+    return {
+        "chunks": chunks,
+        "summary": {
+            "first_chunk_request_s": round(first_req, 2),
+            "last_wan_chunk_s": round(last_wan, 2),
+            "wan_phase_s": round(last_wan - first_req, 2),
+            "wan_busy_s": round(busy_s, 2),
+            "wan_idle_gaps": [g for g in gaps if g[1] >= 0.05],
+            "wan_goodput_mbit_while_busy": round(wan_bytes * 8 / busy_s / 1e6, 2) if busy_s else 0,
+            "wan_mean_in_flight": round(concurrency, 2),
+            "wan_chunks_per_peer": dict(sorted(per_peer_wan.items())),
+            "lan_tail_s": round(last - last_wan, 2),
+            "first_peer_complete_s": round(min(done) - start, 2),
+            "last_peer_complete_s": round(last, 2),
+            "spread_after_wan_s": {
+                "median": round(sorted(spread)[len(spread) // 2], 2) if spread else None,
+                "max": round(max(spread), 2) if spread else None,
+            },
+        },
+    }
+
+
+def print_timeline(tl: dict) -> None:
+    s = tl["summary"]
+    print(
+        f"    start -> first chunk request {s['first_chunk_request_s']:.2f} s; WAN phase "
+        f"{s['wan_phase_s']:.2f} s (busy {s['wan_busy_s']:.2f} s, "
+        f"{s['wan_goodput_mbit_while_busy']} Mbit/s while busy, "
+        f"{s['wan_mean_in_flight']} transfers at once); last WAN chunk "
+        f"{s['last_wan_chunk_s']:.2f} s; LAN tail {s['lan_tail_s']:.2f} s "
+        f"(first peer complete {s['first_peer_complete_s']:.2f} s)"
+    )
+    print(f"    WAN idle gaps (at s, for s): {s['wan_idle_gaps']}")
+    spread = s["spread_after_wan_s"]
+    print(
+        f"    WAN chunks per peer: {s['wan_chunks_per_peer']}; spread after WAN "
+        f"median {spread['median']} s, max {spread['max']} s"
+    )
+    print("    chunk  WAN (peer: start-end)        stored at each peer")
+    for c in tl["chunks"]:
+        wan = " ".join(f"p{p}:{a:.1f}-{b:.1f}" for a, b, p in c["wan"]) or "-"
+        stored = " ".join(f"{t:.1f}" if t is not None else "-" for t in c["stored"])
+        print(f"    {c['index']:5d}  {wan:27s}  {stored}")
 
 
 def lower_bound(size: int, peers: int, wan_bps: float, lan_bps: float) -> float:
@@ -146,6 +246,7 @@ def bench_one(work: Path, image: BuiltImage, n: int, args: argparse.Namespace, n
         )
         gets = lab.chunk_gets()
         last_wan = max(r.time for r in lab.requests() if r.chunk)
+        timeline = chunk_timeline(lab, image, start, done)
         naive_s = None
         if naive:
             blob = lab.origin_dir / "image.bin"
@@ -166,6 +267,7 @@ def bench_one(work: Path, image: BuiltImage, n: int, args: argparse.Namespace, n
         first_peer_s=round(min(done) - start, 2),
         last_wan_chunk_s=round(last_wan - start, 2),
         duplicate_chunk_gets=sum(c - 1 for c in gets.values()),
+        timeline=timeline,
     )
 
 
@@ -180,6 +282,13 @@ def main() -> int:
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--reps", type=int, default=1, help="swarm runs per N (median shown)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--timeline",
+        nargs="?",
+        const="-",
+        default=None,
+        help="print each run's per-chunk timeline (and write them all as JSON to the file)",
+    )
     args = parser.parse_args()
     reason = lab_skip_reason()
     if reason:
@@ -187,6 +296,7 @@ def main() -> int:
         return 2
 
     rows = []
+    timelines: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="pxepeer-site-bench-") as tmp:
         work = Path(tmp)
         keys = work / "keys"
@@ -203,7 +313,11 @@ def main() -> int:
             for rep in range(args.reps):
                 naive = rep == 0 and not args.no_naive
                 runs.append(bench_one(work / f"n{n}-{rep}", image, n, args, naive))
-                print(f"  N={n} run {rep + 1}: {asdict(runs[-1])}", flush=True)
+                brief = {k: v for k, v in asdict(runs[-1]).items() if k != "timeline"}
+                print(f"  N={n} run {rep + 1}: {brief}", flush=True)
+                if args.timeline and runs[-1].timeline:
+                    print_timeline(runs[-1].timeline)
+                    timelines.append({"peers": n, "rep": rep, **runs[-1].timeline})
             naive_s = runs[0].naive_s
             runs.sort(key=lambda r: r.pxepeer_s)
             row = runs[len(runs) // 2]  # the median run
@@ -223,7 +337,11 @@ def main() -> int:
             + " ".join(f"{t:.1f}" for t in r.all_runs_s)
         )
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        args.json.write_text(
+            json.dumps([{**asdict(r), "timeline": None} for r in rows], indent=1) + "\n"
+        )
+    if args.timeline and args.timeline != "-":
+        Path(args.timeline).write_text(json.dumps(timelines, indent=1) + "\n")
     return 0
 
 

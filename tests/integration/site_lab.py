@@ -140,12 +140,15 @@ def build_image(work: Path, keys: Path, name: str, size: int, cache: Path) -> Bu
 
 # -- the origin's access log ---------------------------------------------------------------
 
+# $msec is when the response ended; $request_time how long it took from the request's
+# first byte (so a chunk's transfer ran from time - request_time to time).
 LOG_FORMAT = (
-    '$msec $remote_addr "$request" $status $body_bytes_sent $bytes_sent $request_completion'
+    '$msec $remote_addr "$request" $status $body_bytes_sent $bytes_sent $request_completion '
+    "$request_time"
 )
 LOG_LINE = re.compile(
     r'^(?P<t>[\d.]+) (?P<addr>\S+) "(?P<method>\S+) (?P<path>\S+) [^"]*" (?P<status>\d+) '
-    r"(?P<body>\d+) (?P<sent>\d+) (?P<ok>\S*)$"
+    r"(?P<body>\d+) (?P<sent>\d+) (?P<ok>OK|)(?: (?P<rt>[\d.]+))?$"
 )
 
 
@@ -159,6 +162,11 @@ class Request:
     body_bytes: int
     bytes_sent: int
     complete: bool
+    duration: float = 0.0  # $request_time (0 in logs written without it)
+
+    @property
+    def started(self) -> float:
+        return self.time - self.duration
 
     @property
     def chunk(self) -> str | None:
@@ -182,6 +190,7 @@ def read_access_log(path: Path) -> list[Request]:
                         int(m["body"]),
                         int(m["sent"]),
                         m["ok"] == "OK",
+                        float(m["rt"] or 0.0),
                     )
                 )
     return out
