@@ -72,10 +72,11 @@ def tftpd_hpa(root: Path) -> Iterator[int]:
 
 
 @contextmanager
-def pxepeer(root: Path, blksize: int) -> Iterator[int]:
+def pxepeer(root: Path, blksize: int, workers: int | None = None) -> Iterator[int]:
+    extra = [] if workers is None else ["--workers", str(workers)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pxe.tftp_server", "--root", str(root), "--host", HOST,
-         "--port", "0", "--blksize-cap", str(max(blksize, 1468))],
+         "--port", "0", "--blksize-cap", str(max(blksize, 1468)), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
@@ -90,18 +91,24 @@ def pxepeer(root: Path, blksize: int) -> Iterator[int]:
         proc.wait()
 
 
+def client_address(index: int) -> str:
+    """A loopback source address for client `index` (all of 127.0.0.0/8 is local)."""
+    return f"127.0.{1 + index // 250}.{1 + index % 250}"
+
+
 def fetch_all(port: int, clients: int, blksize: int, out_dir: Path) -> float:
     """Seconds for `clients` concurrent curl downloads; checks every copy's size."""
     url = f"tftp://{HOST}:{port}/{FILENAME}"
     outputs = [out_dir / f"got{i}" for i in range(clients)]
     began = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            ["curl", "-sS", "--tftp-blksize", str(blksize), "-o", str(out), url],
-            stderr=subprocess.PIPE,
-        )
-        for out in outputs
-    ]
+    # Each client from an address of its own, as booting machines are: the server allows
+    # one address only a few transfers at once (per_client_sessions).
+    commands = [
+        ["curl", "-sS", "--interface", client_address(i), "--tftp-blksize", str(blksize),
+         "-o", str(out), url]
+        for i, out in enumerate(outputs)
+    ]  # fmt: skip
+    procs = [subprocess.Popen(command, stderr=subprocess.PIPE) for command in commands]
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode != 0:
@@ -144,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--blksize", type=int, nargs="+", default=[1468])
+    parser.add_argument("--workers", type=int, help="pxepeer's worker processes (its default)")
     parser.add_argument("--codec", action="store_true", help="also time the packet codecs")
     args = parser.parse_args(argv)
     for tool in ("in.tftpd", "curl"):
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = []
         for blksize in args.blksize:
-            with tftpd_hpa(root) as hpa_port, pxepeer(root, blksize) as ours_port:
+            with tftpd_hpa(root) as hpa_port, pxepeer(root, blksize, args.workers) as ours_port:
                 check_bytes(hpa_port, blksize, out_dir, expected)
                 check_bytes(ours_port, blksize, out_dir, expected)
                 for clients in args.clients:

@@ -283,6 +283,7 @@ def _pump(active: _Active, began: float) -> None:
     session, sock = active.session, active.sock
     # Bound methods in locals: this loop runs once per packet.
     recv, send, receive, monotonic = sock.recv, sock.send, session.receive, time.monotonic
+    lockstep = session.lockstep
     on_progress, key = active.on_progress, active.key
     reported, reported_at = 0, -PROGRESS_INTERVAL
     timeout = armed = session.timeout
@@ -299,9 +300,23 @@ def _pump(active: _Active, began: float) -> None:
                 # Treat it as the deadline even if the kernel woke us a hair early.
                 out = session.tick(max(now, session.deadline))
             else:
+                now = monotonic()
+                # Nearly every datagram: the ACK of the last block, answered by the next.
+                # The timer is already at the full timeout, which is where it stays.
+                packet = lockstep(data, now) if armed == timeout else None
+                if packet is not None:
+                    try:
+                        send(packet)
+                    except ConnectionRefusedError:
+                        raise
+                    except OSError:
+                        pass  # as in _send_all: a loss, cured by the retransmission timer
+                    if on_progress is not None and now - reported_at >= PROGRESS_INTERVAL:
+                        reported, reported_at = session.bytes_acknowledged, now
+                        on_progress(key, reported)
+                    continue
                 if not data and active.cancelled:
                     break
-                now = monotonic()
                 out = receive(data, now)
                 if not out and now >= session.deadline:
                     out = session.tick(now)

@@ -712,3 +712,74 @@ def test_64_silent_sessions_from_64_addresses_leave_room_for_the_65th() -> None:
         sessions.append(SessionView(i, f"10.1.0.{i}", 0.0, 0))
     assert admit("10.9.9.9", sessions, 0.5, limits).verdict is Verdict.REFUSE
     assert admit("10.9.9.9", sessions, 1.5, limits) == Admission(Verdict.ACCEPT, evict=0)
+
+
+# -- the lock-step fast path ---------------------------------------------------------------
+
+
+def _drive(
+    session: ReadSession, use_lockstep: bool, acks: list[tuple[bytes, float]]
+) -> tuple[list, int]:
+    """Feed `acks` (datagram, time); what goes out and the session's state after each, and
+    how many the fast path answered."""
+    trace, fast = [], 0
+    for data, now in acks:
+        packet = session.lockstep(data, now) if use_lockstep else None
+        fast += packet is not None
+        out = [packet] if packet is not None else session.receive(data, now)
+        trace.append((out, session.deadline, session.bytes_acknowledged, session.done))
+    return trace, fast
+
+
+def test_lockstep_sends_what_receive_sends_through_rollover_and_to_the_end() -> None:
+    # 70,000 blocks of 8 bytes: past the 65535 -> 0 rollover and across read-ahead chunks,
+    # with a duplicate ACK and junk in between, which the fast path leaves to `receive`.
+    data = payload(8 * 70_000 + 3)
+    options = negotiate({"blksize": "8"}, len(data))
+    sessions = [session_for(data, options), session_for(data, options)]
+    starts = [s.start(0.0) for s in sessions]
+    assert starts[0] == starts[1]
+    acks = [(encode_ack(0), 0.0)]  # the OACK's ACK
+    for block in range(1, 70_002):
+        acks.append((encode_ack(block & 0xFFFF), block * 1e-4))
+        if block % 9_999 == 0:
+            acks += [(encode_ack(block & 0xFFFF), block * 1e-4), (b"\x00\x09junk", block * 1e-4)]
+    (slow, _), (fast, hits) = _drive(sessions[0], False, acks), _drive(sessions[1], True, acks)
+    assert fast == slow
+    assert hits == 70_000  # every ACK but the OACK's, the last block's and the repeats
+    assert sessions[1].outcome is Outcome.COMPLETED and sessions[1].retransmits == 0
+    assert sessions[1].dropped == sessions[0].dropped != {}
+
+
+def test_lockstep_declines_what_is_not_the_next_ack_and_changes_nothing() -> None:
+    data = payload(512 * 4)
+    session = session_for(data, negotiate({"tsize": "0"}, len(data)))
+    session.start(0.0)
+    assert session.lockstep(encode_ack(0), 0.1) is None  # the OACK's ACK: the slow path
+    assert data_block(session.receive(encode_ack(0), 0.1)[0])[0] == 1
+    before = (session.deadline, session.bytes_acknowledged)
+    for datagram in (encode_ack(0), encode_ack(2), encode_ack(1) + b"x", b"", encode_data(1, b"")):
+        assert session.lockstep(datagram, 0.2) is None
+    assert (session.deadline, session.bytes_acknowledged) == before
+    assert data_block(session.lockstep(encode_ack(1), 0.2))[0] == 2
+    # Windows of more than one block always take the slow path.
+    windowed = session_for(data, negotiate({"windowsize": "2"}, len(data)))
+    windowed.start(0.0)
+    windowed.receive(encode_ack(0), 0.0)
+    assert windowed.lockstep(encode_ack(2), 0.0) is None
+
+
+def test_lockstep_leaves_the_last_ack_and_the_transfer_deadline_to_receive() -> None:
+    data = payload(512 * 3 + 1)
+    session = ReadSession(lambda o, n: data[o : o + n], len(data), negotiate({}, len(data)),
+                          max_seconds=10.0)  # fmt: skip
+    session.start(0.0)
+    assert session.lockstep(encode_ack(1), 1.0) is not None
+    # One timeout (1 s) before the deadline the fast path stops, so the deadline it would
+    # set never lies past the transfer's end; `receive` then expires the transfer.
+    assert session.lockstep(encode_ack(2), 9.0) is None
+    assert session.receive(encode_ack(2), 9.0) != []
+    assert session.lockstep(encode_ack(3), 9.5) is None
+    session.receive(encode_ack(3), 9.5)
+    assert session.lockstep(encode_ack(4), 9.6) is None  # the last block's ACK
+    assert session.receive(encode_ack(4), 9.6) == [] and session.outcome is Outcome.COMPLETED
