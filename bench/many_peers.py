@@ -1,0 +1,235 @@
+"""Many peers on one subnet: how fast the view converges and a responder is elected, how
+fast the role moves when the responder dies, and what an idle peer costs as N grows.
+
+    sudo python -m bench.many_peers [--peers 10 25 50 100] [--idle-s 60]
+        [--discovery both|mdns|static] [--json FILE]
+
+The site is tests/integration/site_lab.py: N enrolled `pxepeer serve --dhcp proxy`
+processes, each in its own namespace on one bridge, with an (empty) nginx origin behind
+the usual WAN. For each N:
+
+- *start*: the peers are started one after another, each as soon as the one before it
+  answers HTTP (a store's machines power on over minutes, not in one instant, and on
+  this 2-core host N Python start-ups at once would measure the scheduler). Converged is
+  every peer listing all N as live and all naming the same single responder; the time is
+  from the last peer's start (its process launch) and from its first HTTP answer.
+- *idle*: `--idle-s` seconds with nothing to distribute. Per peer: CPU seconds per minute
+  (utime + stime from /proc), resident memory, and control traffic per minute (packets
+  and bytes both ways on its bridge port: heartbeats, have-notices, mDNS, catalog polls).
+  The growth column is per-peer cost at N over per-peer cost at the smallest N: flat is
+  linear site-wide; growing with N is what the issue asks to fix.
+- *failover*: the responder is SIGKILLed; the time until every live peer names one new
+  responder, against the failover bound (peer timeout 6 s + one heartbeat round; the
+  bound the election tests hold, < 10 s).
+
+The reference measured in the same run is the smallest N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from tests.integration.site_lab import SiteLab, WanShape, lab_skip_reason, pxepeer, site_lab
+
+PXE = ("--dhcp", "proxy")  # every peer is a candidate for the PXE role
+FAILOVER_BOUND_S = 10.0
+T = TypeVar("T")
+HZ = 100  # USER_HZ: /proc/<pid>/stat times are in clock ticks
+
+
+@dataclass
+class Row:
+    peers: int
+    converge_after_launch_s: float
+    converge_after_ready_s: float
+    start_all_s: float  # first launch to last peer answering
+    cpu_s_per_min: float  # median per idle peer
+    cpu_s_per_min_max: float
+    rss_mib: float  # median per idle peer
+    rss_mib_max: float
+    packets_per_min: float  # median per peer, both directions on its bridge port
+    kbytes_per_min: float
+    failover_s: float
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
+
+
+def port_counters(lab: SiteLab) -> dict[str, tuple[int, int]]:
+    """Bridge port -> (packets, bytes), both directions, as the site namespace counts."""
+    out = lab.site_ns.run("ip", "-s", "-j", "link", "show").stdout
+    counters = {}
+    for dev in json.loads(out):
+        stats = dev.get("stats64") or dev.get("stats") or {}
+        rx, tx = stats.get("rx", {}), stats.get("tx", {})
+        counters[dev["ifname"]] = (
+            rx.get("packets", 0) + tx.get("packets", 0),
+            rx.get("bytes", 0) + tx.get("bytes", 0),
+        )
+    return counters
+
+
+def answers_http(lab: SiteLab, index: int) -> bool:
+    return lab.try_status(lab.peers[index]) is not None
+
+
+def statuses(lab: SiteLab, group: list[int]) -> list[dict | None]:
+    """Every peer's status, fetched 16 at a time: one by one, N curls would take longer
+    than the convergence being timed."""
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda i: lab.try_status(lab.peers[i]), group))
+
+
+def converged(lab: SiteLab, group: list[int]) -> tuple[str, ...] | None:
+    """The single responder every peer in `group` names, when all see all of `group`."""
+    ids = {lab.peers[i].node_id for i in group}
+    named = set()
+    for st in statuses(lab, group):
+        if st is None:
+            return None
+        live = {p["node_id"] for p in st["peers"]}
+        if not ids <= live or len(st["responders"]) != 1:
+            return None
+        named.add(tuple(st["responders"]))
+    return named.pop() if len(named) == 1 else None
+
+
+def wait(lab: SiteLab, what: str, check: Callable[[], T | None], timeout: float,
+         poll: float = 0.2) -> T:  # fmt: skip
+    """What `check()` returns once it is truthy; fails with the peers' log tails."""
+    got: list[T] = []
+
+    def done() -> bool:
+        value = check()
+        if value:
+            got.append(value)
+        return bool(value)
+
+    lab.wait_until(what, done, timeout, poll)
+    return got[-1]
+
+
+def run(n: int, work: Path, trust: Path, idle_s: float, discovery: str) -> Row:
+    with site_lab(work, trust, n, extra_args=PXE, start=False,
+                  static_peers=discovery in ("both", "static"),
+                  mdns=discovery in ("both", "mdns"), wan=WanShape(None, 1.0)) as lab:  # fmt: skip
+        first = time.monotonic()
+        for i, p in enumerate(lab.peers):
+            launched = time.monotonic()
+            p.start()
+            lab.wait_until(f"peer {i} to answer", lambda i=i: answers_http(lab, i), 60, 0.05)
+        ready = time.monotonic()
+        everyone = list(range(n))
+        # Polling N peers' status takes time itself: each check is timestamped when done.
+        wait(lab, "the view to converge", lambda: converged(lab, everyone), 300, 0.0)
+        done = time.monotonic()
+        print(f"  N={n}: all answering {ready - first:.1f} s after the first launch; "
+              f"converged {done - launched:.1f} s after the last launch", flush=True)  # fmt: skip
+
+        time.sleep(5)  # let start-up work settle before the idle window
+        pids = [p.proc.pid for p in lab.peers if p.proc is not None]
+        cpu0 = [cpu_seconds(pid) for pid in pids]
+        net0 = port_counters(lab)
+        time.sleep(idle_s)
+        cpu1 = [cpu_seconds(pid) for pid in pids]
+        net1 = port_counters(lab)
+        per_min = 60 / idle_s
+        cpu = [(b - a) * per_min for a, b in zip(cpu0, cpu1, strict=True)]
+        rss = [p.rss_bytes() / 2**20 for p in lab.peers]
+        ports = [f"p{i}" for i in range(n)]
+        packets = [(net1[d][0] - net0[d][0]) * per_min for d in ports]
+        kbytes = [(net1[d][1] - net0[d][1]) * per_min / 1000 for d in ports]
+
+        [responder] = wait(lab, "a responder", lambda: converged(lab, everyone), 60, 0.5)
+        victim = next(p for p in lab.peers if p.node_id == responder)
+        victim.kill9()
+        killed = time.monotonic()
+        rest = [i for i in everyone if lab.peers[i] is not victim]
+        wait(lab, "a new responder", lambda: (r := converged(lab, rest)) and r != (responder,),
+             120, 0.0)  # fmt: skip
+        failover = time.monotonic() - killed
+
+    return Row(
+        peers=n,
+        converge_after_launch_s=round(done - launched, 2),
+        converge_after_ready_s=round(done - ready, 2),
+        start_all_s=round(ready - first, 1),
+        cpu_s_per_min=round(statistics.median(cpu), 2),
+        cpu_s_per_min_max=round(max(cpu), 2),
+        rss_mib=round(statistics.median(rss), 1),
+        rss_mib_max=round(max(rss), 1),
+        packets_per_min=round(statistics.median(packets)),
+        kbytes_per_min=round(statistics.median(kbytes), 1),
+        failover_s=round(failover, 2),
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    ref = rows[0]
+    print(
+        f"\nidle cost per peer; growth = per-peer cost over N={ref.peers}'s "
+        "(flat: linear site-wide)"
+    )
+    print("| N | converge s (launch / ready) | failover s (bound 10) | CPU s/min | growth "
+          "| RSS MiB | growth | packets/min | kB/min | growth |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.peers} | {r.converge_after_launch_s} / {r.converge_after_ready_s} "
+            f"| {r.failover_s} | {r.cpu_s_per_min} (max {r.cpu_s_per_min_max}) "
+            f"| {r.cpu_s_per_min / ref.cpu_s_per_min:.2f}x "
+            f"| {r.rss_mib} (max {r.rss_mib_max}) | {r.rss_mib / ref.rss_mib:.2f}x "
+            f"| {r.packets_per_min} | {r.kbytes_per_min} "
+            f"| {r.kbytes_per_min / ref.kbytes_per_min:.2f}x |"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peers", type=int, nargs="+", default=[10, 25, 50, 100])
+    ap.add_argument("--idle-s", type=float, default=60.0)
+    ap.add_argument("--discovery", choices=("both", "mdns", "static"), default="both")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if any(n < 2 or n > 200 for n in args.peers):
+        print("--peers: each N must be 2..200 (one /24)", file=sys.stderr)
+        return 2
+    reason = lab_skip_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pxepeer-many-") as tmp:
+        work = Path(tmp)
+        pxepeer("keys", "new", "--out", str(work / "keys"))
+        for n in sorted(args.peers):
+            rows.append(run(n, work / f"n{n}", work / "keys" / "publisher.pub",
+                            args.idle_s, args.discovery))  # fmt: skip
+            print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as exc:
+        print(f"command failed: {exc}", file=sys.stderr)
+        sys.exit(1)
