@@ -1,0 +1,174 @@
+"""Heartbeats (peer/core/heartbeat.py): only a member's own, fresh, newer heartbeat counts;
+forgeries, replays and floods are refused by reason and cost a bounded number of checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imaging.signing import SigningKey
+from peer.core import heartbeat
+from peer.core.heartbeat import Heartbeat, HeartbeatGate, HeartbeatRefused, parse
+from peer.core.identity import node_id_of
+
+OURS = "0000000000000001"
+SITE = "store-42"
+NOW_MS = 1_800_000_000_000
+
+
+def make_key() -> SigningKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return SigningKey(Ed25519PrivateKey.generate())
+
+
+SENDER = make_key()
+SENDER_ID = node_id_of(SENDER.public_key)
+
+
+def beat(seq: int = 1, *, sent_ms: int = NOW_MS, boot: str = "aaaaaaaaaaaaaaaa",
+         site: str = SITE, node: str = SENDER_ID) -> Heartbeat:  # fmt: skip
+    return Heartbeat(node, site, boot, seq, sent_ms, 8080, True, (SENDER_ID,), "0123456789abcdef")
+
+
+def gate(offset_ms: int = 0) -> HeartbeatGate:
+    g = HeartbeatGate(OURS, SITE, lambda node, ours: ours + offset_ms)
+    g.admit(SENDER_ID, SENDER.public_key)
+    return g
+
+
+def refused(g: HeartbeatGate, datagram: bytes, now: float = 100.0, our_ms: int = NOW_MS) -> str:
+    with pytest.raises(HeartbeatRefused) as exc:
+        g.check(datagram, now, our_ms)
+    return exc.value.reason
+
+
+def test_a_members_heartbeat_is_accepted_with_what_it_says() -> None:
+    got = gate().check(beat(7).sign(SENDER), 100.0, NOW_MS)
+    assert got == beat(7)
+    assert len(beat(7).sign(SENDER)) < 400  # a small datagram, whatever the site's size
+
+
+def test_the_same_or_an_older_sequence_is_a_replay_and_a_newer_one_counts() -> None:
+    g = gate()
+    g.check(beat(5).sign(SENDER), 100.0, NOW_MS)
+    assert refused(g, beat(5).sign(SENDER)) == "replay"
+    assert refused(g, beat(4).sign(SENDER)) == "replay"
+    assert g.check(beat(6).sign(SENDER), 101.0, NOW_MS + 1000).seq == 6
+
+
+def test_a_restarted_sender_starts_a_new_sequence_under_a_new_boot() -> None:
+    g = gate()
+    g.check(beat(500).sign(SENDER), 100.0, NOW_MS)
+    assert g.check(beat(1, boot="bbbbbbbbbbbbbbbb").sign(SENDER), 101.0, NOW_MS).seq == 1
+
+
+def test_a_heartbeat_captured_long_ago_is_stale_even_to_a_receiver_that_just_restarted() -> None:
+    g = gate()  # a fresh gate: no sequence remembered for the sender
+    old = beat(9, sent_ms=NOW_MS - 60_000).sign(SENDER)
+    assert refused(g, old) == "stale"
+    # Freshness is judged in the sender's clock as its signed hellos taught us.
+    ahead = gate(offset_ms=3_600_000)
+    assert ahead.check(beat(1, sent_ms=NOW_MS + 3_600_000).sign(SENDER), 1.0, NOW_MS).seq == 1
+    assert refused(ahead, beat(2).sign(SENDER)) == "stale"
+
+
+def test_a_heartbeat_signed_by_anyone_but_the_member_is_refused() -> None:
+    forger = make_key()
+    assert refused(gate(), beat(1).sign(forger)) == "bad signature"
+    # A changed field breaks the member's own signature (the gate never trusts fields).
+    signed = beat(1).sign(SENDER)
+    changed = signed.replace(b'"pxe":true', b'"pxe":false')
+    assert changed != signed
+    assert refused(gate(), changed) == "bad signature"
+    flipped = bytearray(signed)
+    flipped[len(heartbeat.MAGIC)] ^= 0x01  # the signature itself
+    assert refused(gate(), bytes(flipped)) == "bad signature"
+
+
+def test_non_members_other_sites_and_our_own_echo_never_count() -> None:
+    stranger = make_key()
+    stranger_id = node_id_of(stranger.public_key)
+    assert refused(gate(), beat(1, node=stranger_id).sign(stranger)) == "unknown node"
+    assert refused(gate(), beat(1, site="store-43").sign(SENDER)) == "other site"
+    assert refused(gate(), beat(1, node=OURS).sign(SENDER)) == "own"
+    g = gate()
+    g.forget(SENDER_ID)
+    assert refused(g, beat(1).sign(SENDER)) == "unknown node"
+
+
+def test_a_flood_of_forgeries_costs_a_bounded_number_of_checks_per_second() -> None:
+    g = gate()
+    forger = make_key()
+    reasons = [refused(g, beat(10 + i).sign(forger), now=100.2) for i in range(50)]
+    checked = reasons.count("bad signature")
+    assert checked == heartbeat.PER_MEMBER_CHECKS
+    assert reasons.count("over budget") == 50 - checked
+    # The member's real heartbeat in that second was crowded out; in the next it counts,
+    # and the site core polls a member whose heartbeats stop counting (see the module).
+    assert refused(g, beat(1).sign(SENDER), now=100.9) == "over budget"
+    assert g.check(beat(2).sign(SENDER), 101.1, NOW_MS).seq == 2
+
+
+def test_all_members_together_have_a_global_check_budget() -> None:
+    g = HeartbeatGate(OURS, SITE, lambda node, ours: ours)
+    keys = [make_key() for _ in range(3)]
+    for k in keys:
+        g.admit(node_id_of(k.public_key), k.public_key)
+    limit = heartbeat.GLOBAL_CHECKS_BASE + heartbeat.PER_MEMBER_CHECKS * 3
+    forger = make_key()
+    spent = 0
+    for k in keys * 100:
+        reason = refused(g, beat(spent + 1, node=node_id_of(k.public_key)).sign(forger))
+        spent += reason == "bad signature"
+    assert spent <= limit
+
+
+def test_parse_refuses_every_field_out_of_shape() -> None:
+    good = json.loads(beat(1).payload())
+    bad_values = {
+        "seq": [True, -1, 1.5, 2**60, "1", None],
+        "t": [-5, 2**60, 1e3],
+        "port": [0, 65536, False],
+        "pxe": [1, "yes", None],
+        "votes": [["x"], [SENDER_ID] * 9, "abc", None],
+        "node": ["ABCDEF0123456789", "0" * 15, 5],
+        "boot": ["z" * 16, ""],
+        "version": ["0" * 17],
+        "site": ["", "a b", "x" * 65],
+    }
+    for name, values in bad_values.items():
+        for value in values:
+            payload = json.dumps({**good, name: value}).encode()
+            datagram = heartbeat.MAGIC + b"\0" * 64 + payload
+            with pytest.raises(HeartbeatRefused) as exc:
+                parse(datagram)
+            assert exc.value.reason == "malformed", (name, value)
+    extra = json.dumps({**good, "x": 1}).encode()
+    with pytest.raises(HeartbeatRefused):
+        parse(heartbeat.MAGIC + b"\0" * 64 + extra)
+    with pytest.raises(HeartbeatRefused) as exc:
+        parse(heartbeat.MAGIC + b"\0" * 64 + b"{" * 2000)
+    assert exc.value.reason == "oversize"
+    for junk in (b"", b"PXHB1", b"PXHB1" + b"\0" * 64, b"GET / HTTP/1.1\r\n\r\n"):
+        with pytest.raises(HeartbeatRefused):
+            parse(junk)
+    for token in (b"1e999", b"NaN", b'"\\ud800"'):
+        payload = beat(1).payload().replace(b'"t":' + str(NOW_MS).encode(), b'"t":' + token)
+        with pytest.raises(HeartbeatRefused):
+            parse(heartbeat.MAGIC + b"\0" * 64 + payload)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.binary(max_size=1400))
+def test_no_datagram_raises_anything_but_a_refusal_or_counts_without_the_key(data: bytes) -> None:
+    g = gate()
+    for datagram in (data, heartbeat.MAGIC + data, beat(1).sign(SENDER)[:69] + data):
+        try:
+            got = g.check(datagram, 100.0, NOW_MS)
+        except HeartbeatRefused:
+            continue
+        pytest.fail(f"counted without the member's signature: {got}")
