@@ -45,6 +45,9 @@ INTERVAL = 1.0  # seconds between heartbeats
 WINDOW_MS = 10_000  # how far a heartbeat's time may be from the sender's clock as we know it
 PER_MEMBER_CHECKS = 4  # signature checks per claimed member per second (one is needed)
 GLOBAL_CHECKS_BASE = 32  # plus PER_MEMBER_CHECKS x members, per second
+# Datagrams even looked at per second: parsing is cheap, not free, and a flood must not
+# take the event loop. A flood beyond it crowds out real heartbeats: see the polls above.
+PARSE_BASE, PARSE_PER_MEMBER = 64, 8
 MAX_SEQ = (1 << 53) - 1
 MAX_T = (1 << 53) - 1
 HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -144,6 +147,7 @@ class HeartbeatGate:
         self._members: dict[str, _Member] = {}
         self._window_start = -1.0
         self._checks = 0
+        self._parsed = 0
 
     def admit(self, node_id: str, key: PublicKey) -> None:
         """A member (again): its certificate key, from the hello that admitted it."""
@@ -159,6 +163,10 @@ class HeartbeatGate:
 
     def check(self, datagram: bytes, now: float, our_ms: int) -> Heartbeat:
         """The heartbeat, verified and newer than any before it; else HeartbeatRefused."""
+        self._new_second(now)
+        if self._parsed >= PARSE_BASE + PARSE_PER_MEMBER * len(self._members):
+            raise HeartbeatRefused("over budget", "datagrams")
+        self._parsed += 1
         beat, signature, signed = parse(datagram)
         if beat.node_id == self.node_id:
             raise HeartbeatRefused("own")
@@ -184,10 +192,13 @@ class HeartbeatGate:
         second = float(int(now))
         if member.window_start != second:
             member.window_start, member.checks = second, 0
-        if self._window_start != second:
-            self._window_start, self._checks = second, 0
         limit = GLOBAL_CHECKS_BASE + PER_MEMBER_CHECKS * len(self._members)
         if member.checks >= PER_MEMBER_CHECKS or self._checks >= limit:
             raise HeartbeatRefused("over budget")
         member.checks += 1
         self._checks += 1
+
+    def _new_second(self, now: float) -> None:
+        second = float(int(now))
+        if self._window_start != second:
+            self._window_start, self._checks, self._parsed = second, 0, 0

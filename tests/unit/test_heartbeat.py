@@ -127,6 +127,15 @@ def test_all_members_together_have_a_global_check_budget() -> None:
     assert spent <= limit
 
 
+def test_a_flood_of_junk_is_not_even_parsed_past_a_budget_per_second() -> None:
+    g = gate()
+    limit = heartbeat.PARSE_BASE + heartbeat.PARSE_PER_MEMBER
+    reasons = [refused(g, b"PXHB1" + b"x" * 900, now=50.5) for _ in range(limit + 100)]
+    assert reasons.count("malformed") == limit
+    assert reasons[limit:] == ["over budget"] * 100
+    assert g.check(beat(1).sign(SENDER), 51.0, NOW_MS).seq == 1  # a new second
+
+
 def test_parse_refuses_every_field_out_of_shape() -> None:
     good = json.loads(beat(1).payload())
     bad_values = {
