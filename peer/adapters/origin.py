@@ -22,7 +22,7 @@ import aiohttp
 from imaging.control import CONTROL
 from imaging.origin_layout import CATALOG, chunk_path, manifest_path
 from peer.core.rate_schedule import RateSchedule
-from peer.core.throttle import DelayController, ScheduledRate, TokenBucket
+from peer.core.throttle import DelayController, ScheduledRate, TokenBucket, wire_bytes
 
 SLICE = 64 * 1024
 
@@ -59,7 +59,7 @@ class OriginClient:
         self.wan_rate = self.limit.rate
         self.bucket = TokenBucket(self.wan_rate, burst=max(self.wan_rate * 0.25, SLICE))
         self.controller = DelayController(self.wan_rate)
-        self._share = 1
+        self._share = 1.0
         self._catalog_etag: str | None = None
         self._control_etag: str | None = None
 
@@ -79,18 +79,18 @@ class OriginClient:
         self.bucket.burst = max(rate * 0.25, SLICE)
         self.bucket.tokens = min(self.bucket.tokens, self.bucket.burst)
 
-    def set_share(self, peers_fetching: int) -> None:
-        """`--wan-rate` is the site's: with N peers pulling from the origin at once, each
-        takes 1/N of it, so the store's uplink sees the configured rate, not N times it."""
-        self._share = max(peers_fetching, 1)
+    def set_share(self, divisor: float) -> None:
+        """`--wan-rate` is the site's: this peer takes 1/`divisor` of it (the site core's
+        `wan_share`: its fetches over the chunks open on the WAN site-wide), so the
+        store's uplink sees the configured rate, not N times it. A share that grows
+        applies at once, not only from the next request."""
+        self._share = max(divisor, 1.0)
         self.follow_schedule()
         if self.wan_rate <= 0:
             return
         cap = self.wan_rate / self._share
         if cap != self.controller.max_rate:
-            self.controller.max_rate = cap
-            self.controller.rate = min(self.controller.rate, cap) or cap
-            self.bucket.set_rate(min(self.bucket.rate, cap) or cap)
+            self.bucket.set_rate(self.controller.rescale(cap))
 
     async def _get(
         self, path: str, max_bytes: int, headers: dict[str, str] | None = None,
@@ -127,7 +127,8 @@ class OriginClient:
                     parts.append(piece)
                     self.stats.bytes += len(piece)
                     self.follow_schedule()
-                    wait = self.bucket.delay_for(len(piece), time.monotonic())
+                    # Charged as the link carries it (headers too): see wire_bytes.
+                    wait = self.bucket.delay_for(wire_bytes(len(piece)), time.monotonic())
                     if wait > 0:
                         await asyncio.sleep(wait)
                 # A case-insensitive copy: servers spell it ETag, aiohttp hands back Etag.

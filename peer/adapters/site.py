@@ -354,6 +354,9 @@ class Site:
             now = time.monotonic()
             for command in self.core.tick(now, time.time()):
                 self._spawn(command)
+            if self.origin is not None:
+                # This peer's part of the site's WAN rate, as the chunk view has it now.
+                self.origin.set_share(1.0 / self.core.wan_share())
             delay = max(0.0, self.core.next_deadline(now) - time.monotonic())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -423,11 +426,7 @@ class Site:
             )
         except TimeoutError:
             pass
-        now = time.monotonic()
-        self.core.round_done(now)
-        if self.origin is not None:
-            others = sum(1 for h in self.core.membership.live(now) if h.fetching)
-            self.origin.set_share(others + 1)
+        self.core.round_done(time.monotonic())
 
     def _signed(self, method: str, path_qs: str, body: bytes = b"", to: str | None = None
                 ) -> tuple[dict[str, str], str]:  # fmt: skip

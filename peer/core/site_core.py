@@ -253,6 +253,10 @@ class SiteCore:
     def wan_ok(self, now: float) -> bool:
         return self.settings.has_origin and now >= self._origin_backoff_until
 
+    def wan_share(self) -> float:
+        """The part of the site's `--wan-rate` this peer may use now (swarm_plan.py)."""
+        return self.planner.wan_share()
+
     def hello(self, now: float, address: str) -> Hello:
         return Hello(
             node_id=self.node_id,

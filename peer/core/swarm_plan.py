@@ -13,7 +13,21 @@ Rules, in order:
    ranking one step per period. A chunk another peer says it is already fetching from
    the WAN is left to it (a peer joining mid-download must not fetch the same chunk
    again).
+   Only the first `site_wan_window` chunks of each image that no peer holds (in chunk
+   order, which every peer sees alike) are open for the WAN at once. Fetching every
+   owned chunk at once would split the link N ways and land every chunk together at
+   the end, leaving the LAN nothing to relay until then; a narrow window lands chunks
+   one after another at the full site rate, and each is relayed while the next comes
+   (the pipeline of the site bound). `wan_share` is this peer's part of the site's WAN
+   rate: its own WAN fetches over the chunks open site-wide.
 3. Otherwise wait: someone else is fetching it.
+
+A chunk few peers hold is relayed as a tree, not a star: of the peers that want it and
+lack it, ranked by rendezvous on the chunk, only as many as there are holders fetch it
+at once, each from a different holder (`relay_fanout` per holder). Every hop doubles
+the holders, so the last chunk off the WAN reaches N peers in log2(N) chunk times
+instead of N - 1 shares of one holder's uplink. If the holders stop growing for
+`relay_wait` seconds (a chosen peer is slow or gone), every peer that lacks it may ask.
 
 A holder that failed to deliver a chunk (404, timeout, more bytes than the chunk) has
 lost its claim to it (`excluded`), and a chunk that failed over the LAN too often
@@ -50,6 +64,12 @@ class Limits:
     lan_in_flight: int = 6
     per_peer_in_flight: int = 2
     wan_in_flight: int = 2
+    # Per image, the chunks no peer holds that are open for the WAN at once, site-wide.
+    # Two, not one: while one lands and the next owner's request crosses the WAN, the
+    # other keeps the link busy.
+    site_wan_window: int = 2
+    relay_fanout: int = 1  # peers fetching a chunk at once per holder (0: no limit)
+    relay_wait: float = 2.0
     takeover_after: float = 45.0
 
 
@@ -67,6 +87,11 @@ class SwarmPlanner:
     # working through its queue is busy, not stuck, and keeps its chunks (taking them
     # over would fetch them twice). (node, manifest) -> (chunks held, when that grew)
     progress: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    # Chunks open for the WAN site-wide at the last `plan` (window slots taken, and this
+    # peer's fetches outside the window): the denominator of `wan_share`.
+    wan_open: int = 0
+    # sha -> (holders seen, since when that many): the relay gate opens when it stalls.
+    relay_since: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def note_progress(self, live: list[Hello], now: float) -> None:
         seen = set()
@@ -146,6 +171,25 @@ class SwarmPlanner:
         sources = [h for h in live if h.node_id not in shunned]
         self.note_progress(sources, now)
         elsewhere = {sha for h in live for sha in h.fetching}
+        holders_of: dict[str, list[str]] = {}
+        window_pos: dict[str, int] = {}  # sha -> place among the image's unheld chunks
+        unheld: dict[str, int] = {}  # manifest id -> unheld chunks seen so far
+        for job in missing:
+            sha = job.ref.sha256
+            if sha in holders_of:
+                continue
+            holders_of[sha] = [
+                h.node_id
+                for h in sources
+                if (bm := h.holdings.get(job.manifest_id)) is not None
+                and job.index in bm
+                and (h.node_id, sha) not in excluded
+            ]
+            if not holders_of[sha]:
+                window_pos[sha] = unheld.get(job.manifest_id, 0)
+                unheld[job.manifest_id] = window_pos[sha] + 1
+        window = self.limits.site_wan_window or len(missing)
+        self.wan_open = sum(min(n, window) for n in unheld.values())
         planned_load: dict[str, int] = {}
         for job in missing:
             sha = job.ref.sha256
@@ -156,17 +200,20 @@ class SwarmPlanner:
                     fetches.append(Fetch(job, ORIGIN))
                     wan += 1
                 continue
-            holders = [
-                h.node_id
-                for h in sources
-                if (bm := h.holdings.get(job.manifest_id)) is not None
-                and job.index in bm
-                and (h.node_id, sha) not in excluded
-            ]
+            holders = holders_of[sha]
             if holders:
                 if lan >= self.limits.lan_in_flight:
                     continue
-                holders.sort(key=lambda n: (self.load(n) + planned_load.get(n, 0), n))
+                turn = self.relay_turn(job, holders, sources, now, catalog_serial, excluded)
+                if turn is None:
+                    continue
+                # Our turn decides which holder we prefer, so the peers whose turn it is
+                # spread over the holders instead of all asking the first.
+                order = rendezvous_rank(sha, holders)
+                holders.sort(key=lambda n: (
+                    self.load(n) + planned_load.get(n, 0),
+                    (order.index(n) - turn) % len(order),
+                ))  # fmt: skip
                 best = holders[0]
                 if self.load(best) + planned_load.get(best, 0) >= self.limits.per_peer_in_flight:
                     continue
@@ -182,19 +229,72 @@ class SwarmPlanner:
                 and now - self.elsewhere_since.setdefault(sha, now) < self.limits.takeover_after
             ):
                 continue
-            elif wan < self.limits.wan_in_flight and self.wan_owner(
-                # Not a shunned peer: it may claim the chunk and never fetch it.
-                job, sources, self_wan_ok, now, catalog_serial
-            ) == self.node_id:
+            elif (
+                wan < self.limits.wan_in_flight
+                and window_pos[sha] < window
+                and self.wan_owner(
+                    # Not a shunned peer: it may claim the chunk and never fetch it.
+                    job, sources, self_wan_ok, now, catalog_serial
+                ) == self.node_id
+            ):
                 fetches.append(Fetch(job, ORIGIN))
                 wan += 1
         for sha in list(self.elsewhere_since):
             if sha not in elsewhere:
                 del self.elsewhere_since[sha]
+        for sha in list(self.relay_since):
+            if sha not in holders_of or not holders_of[sha]:
+                del self.relay_since[sha]
+        # Our WAN fetches outside the window (lied-about chunks) use the link too.
+        mine = {sha for sha, source in self.in_flight.items() if source == ORIGIN}
+        mine |= {f.job.ref.sha256 for f in fetches if f.source == ORIGIN}
+        self.wan_open += sum(1 for sha in mine if window_pos.get(sha, window) >= window)
         return fetches
+
+    def relay_turn(
+        self, job: ChunkJob, holders: list[str], live: list[Hello], now: float,
+        catalog_serial: int = 0,
+        excluded: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
+    ) -> int | None:  # fmt: skip
+        """This peer's place among the peers that want the chunk and lack it (rendezvous
+        on the chunk), when it is its turn to fetch it over the LAN; None to wait.
+
+        Its turn comes while that place is below holders x `relay_fanout`, or once the
+        holders have not grown for `relay_wait` (whoever was chosen is slow or gone).
+        A peer on an older catalog counts as wanting, as for WAN ownership; a peer whose
+        claim to the chunk we disbelieve (`excluded`) does not: it said it had it."""
+        sha = job.ref.sha256
+        seen, since = self.relay_since.get(sha, (0, now))
+        if len(holders) != seen:
+            seen, since = len(holders), now
+            self.relay_since[sha] = (seen, since)
+        wanting = [self.node_id]
+        for h in live:
+            bm = h.holdings.get(job.manifest_id)
+            if (h.node_id, sha) in excluded:
+                continue
+            if (bm is None or job.index not in bm) and (
+                job.manifest_id in h.wants or h.catalog_serial < catalog_serial
+            ):
+                wanting.append(h.node_id)
+        turn = rendezvous_rank(sha, wanting).index(self.node_id)
+        fanout = self.limits.relay_fanout
+        if not fanout or turn < len(holders) * fanout or now - since >= self.limits.relay_wait:
+            return turn
+        return None
 
     def wan_fetching(self) -> list[str]:
         return [sha for sha, source in self.in_flight.items() if source == ORIGIN]
+
+    def wan_share(self) -> float:
+        """This peer's part of the site's WAN rate, in (0, 1]: its own WAN fetches over
+        the chunks open site-wide (as of the last plan). Known at once from the chunk
+        view (have-notices), unlike who is fetching (hellos, up to a round late); when
+        the last chunk is alone on the WAN its fetcher gets the whole rate."""
+        own = len(self.wan_fetching())
+        if own == 0:
+            return 1.0
+        return own / max(self.wan_open, own)
 
     def started(self, fetch: Fetch) -> None:
         self.in_flight[fetch.job.ref.sha256] = fetch.source

@@ -18,6 +18,17 @@ from peer.core.rate_schedule import RateSchedule
 # a wall clock set forward or back is noticed within a minute.
 RECHECK = timedelta(minutes=1)
 
+# A rate set for a link is what the link carries, headers included: a full-size TCP
+# segment (timestamps on) carries 1448 bytes in a 1500-byte IP packet. Charging payload
+# alone would let `--wan-rate` equal to the link's rate overfill its queue by 3.6 %, and
+# the delay controller would then back off from a queue of our own making.
+WIRE_BYTES_PER_PAYLOAD_BYTE = 1500 / 1448
+
+
+def wire_bytes(payload: int) -> float:
+    """What `payload` bytes of a TCP stream cost on the link (IPv4, 1500-byte MTU)."""
+    return payload * WIRE_BYTES_PER_PAYLOAD_BYTE
+
 
 @dataclass
 class TokenBucket:
@@ -34,7 +45,7 @@ class TokenBucket:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = max(self.stamp, now)
 
-    def delay_for(self, nbytes: int, now: float) -> float:
+    def delay_for(self, nbytes: float, now: float) -> float:
         """Take `nbytes` of budget; returns how long to wait before sending them.
 
         Debt is allowed (tokens go negative) so a large read is never refused, only
@@ -72,7 +83,12 @@ class DelayController:
         return min(self._samples) if self._samples else None
 
     def observe(self, rtt: float, now: float) -> float:
-        """Feed one round-trip sample; returns the rate to use now."""
+        """Feed one round-trip sample; returns the rate to use now.
+
+        The increase is 5 % of the maximum per round trip *elapsed* since the last
+        change, as LEDBAT grows its window each round trip: samples come one per request
+        (a 4 MiB chunk at a share of a slow link is seconds), and growing 5 % per sample
+        would leave the rate low for the rest of a download after one delay spike."""
         base = self.base_delay
         self._samples.append(rtt)
         if self.max_rate <= 0 or base is None or now - self._last_change < rtt:
@@ -81,8 +97,21 @@ class DelayController:
         if queueing > self.target:
             self.rate = max(self.rate * 0.7, self.max_rate * self.floor)
         else:
-            self.rate = min(self.rate + self.max_rate * 0.05, self.max_rate)
+            round_trips = (now - self._last_change) / max(rtt, 1e-3)
+            self.rate = min(self.rate + self.max_rate * 0.05 * max(round_trips, 1.0),
+                            self.max_rate)  # fmt: skip
         self._last_change = now
+        return self.rate
+
+    def rescale(self, max_rate: float) -> float:
+        """A new maximum (this peer's share of the site rate changed): the rate keeps
+        its place between floor and maximum, so a peer whose share grows speeds up at
+        once and one whose share shrinks slows down at once."""
+        if self.max_rate > 0 and max_rate > 0:
+            self.rate = max_rate * (self.rate / self.max_rate)
+        else:
+            self.rate = max_rate
+        self.max_rate = max_rate
         return self.rate
 
 

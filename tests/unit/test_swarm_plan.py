@@ -43,7 +43,7 @@ def test_only_the_rendezvous_owner_fetches_from_the_origin() -> None:
 
 def test_every_chunk_has_exactly_one_wan_fetcher_across_the_site() -> None:
     nodes = ["a", "b", "c", "d"]
-    limits = Limits(wan_in_flight=100)
+    limits = Limits(wan_in_flight=100, site_wan_window=100)  # every chunk open at once
     planned: dict[int, list[str]] = {}
     for node in nodes:
         live = [hello(n) for n in nodes if n != node]
@@ -134,3 +134,79 @@ def test_an_owner_working_through_its_queue_keeps_its_chunks_past_the_takeover_p
     # Then it stops making progress: 30 s later its chunk is taken over.
     assert planner.plan([job], [hello("p1", have=[1, 2, 3])], set(), True, 80.0) == []
     assert planner.plan([job], [hello("p1", have=[1, 2, 3])], set(), True, 86.0)[0].source == ORIGIN
+
+
+# -- the site's WAN window and the relay tree ----------------------------------------------
+
+
+def site_plan(nodes: list[str], held: dict[str, list[int]], n: int, now: float = 0.0,
+              limits: Limits | None = None) -> dict[str, list[tuple[int, str]]]:  # fmt: skip
+    """What each node would start now, every node seeing every other's holdings."""
+    out = {}
+    for node in nodes:
+        live = [hello(x, held.get(x, []), n) for x in nodes if x != node]
+        mine = [j for j in jobs(n) if j.index not in held.get(node, [])]
+        planner = SwarmPlanner(node, limits or Limits())
+        out[node] = [(f.job.index, f.source) for f in planner.plan(mine, live, set(), True, now)]
+    return out
+
+
+def test_only_the_first_chunks_nobody_holds_are_open_for_the_wan_site_wide() -> None:
+    """All owners at once would split the link N ways and land every chunk at the end;
+    the window lands them one after another while the LAN relays the ones before."""
+    nodes = ["a", "b", "c", "d"]
+    limits = Limits(wan_in_flight=100)
+    planned = site_plan(nodes, {}, 8, limits=limits)
+    wan = sorted(i for fetches in planned.values() for i, src in fetches if src == ORIGIN)
+    assert wan == [0, 1]
+    # Chunks 0 and 1 landed (and were announced): the window moves on to 2 and 3, and
+    # the peers that lack 0 and 1 relay them meanwhile.
+    planned = site_plan(nodes, {"a": [0], "b": [1]}, 8, limits=limits)
+    wan = sorted(i for fetches in planned.values() for i, src in fetches if src == ORIGIN)
+    assert wan == [2, 3]
+
+
+def test_a_peers_wan_share_is_its_fetches_over_the_chunks_open_site_wide() -> None:
+    jobs8 = jobs(8)
+    owner = rendezvous_rank(jobs8[0].ref.sha256, ["me", "p1"])[0]
+    other = "p1" if owner == "me" else "me"
+    planner = SwarmPlanner(owner, Limits(wan_in_flight=1))
+    [fetch] = planner.plan(jobs8, [hello(other, n=8)], set(), True, 0.0)
+    planner.started(fetch)
+    assert planner.wan_open == 2
+    assert planner.wan_share() == 0.5  # one of the two chunks on the WAN
+    # Everything else has landed elsewhere: this chunk is alone on the WAN.
+    planner.plan(jobs8[:1], [hello(other, range(1, 8), n=8)], set(), True, 1.0)
+    assert planner.wan_share() == 1.0
+    assert SwarmPlanner("idle").wan_share() == 1.0
+
+
+def test_a_chunk_one_peer_holds_is_relayed_as_a_tree_not_a_star() -> None:
+    """With one holder only one of the peers lacking the chunk fetches it (the holder's
+    uplink is not split seven ways); two holders feed two peers, one each."""
+    nodes = [f"n{i}" for i in range(8)]
+    planned = site_plan(nodes, {"n0": [0]}, 1)
+    fetchers = {node: f for node, f in planned.items() if f}
+    [(second, fetched)] = fetchers.items()
+    assert fetched == [(0, "n0")]
+    planned = site_plan(nodes, {"n0": [0], second: [0]}, 1)
+    sources = sorted(src for f in planned.values() for _, src in f)
+    assert sources == sorted(["n0", second])
+
+
+def test_the_relay_gate_opens_when_the_holders_stop_growing() -> None:
+    """A chosen peer that never fetches (slow, gone, lying) must not stall the chunk."""
+    nodes = [f"n{i}" for i in range(8)]
+    limits = Limits(relay_wait=2.0)
+    live = [hello(x, [0] if x == "n0" else [], 1) for x in nodes]
+    waiting = [
+        node for node in nodes[1:]
+        if not SwarmPlanner(node, limits).plan(
+            jobs(1), [h for h in live if h.node_id != node], set(), True, 0.0)
+    ]  # fmt: skip
+    assert len(waiting) == 6
+    planner = SwarmPlanner(waiting[0], limits)
+    others = [h for h in live if h.node_id != waiting[0]]
+    assert planner.plan(jobs(1), others, set(), True, 10.0) == []
+    assert planner.plan(jobs(1), others, set(), True, 11.9) == []
+    assert [f.source for f in planner.plan(jobs(1), others, set(), True, 12.0)] == ["n0"]
