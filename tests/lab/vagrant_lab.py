@@ -70,6 +70,7 @@ PORTGROUP = "lab"
 DOMAIN_PREFIX = "pxepeer-lab_"  # the Vagrantfile's default_prefix
 VIRSH = ("virsh", "-c", "qemu:///system")
 KVM = Path("/dev/kvm")
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 WAN_RATE = "50mbit"
 DASHBOARD_PORT = 8480
 SITE_TIMEOUT = 300  # images built (cached: ~20 s), the site formed and holding both images
@@ -192,15 +193,23 @@ def ensure_libvirt(paths: Paths) -> None:
     argv = ["libvirtd", "-d", "-p", str(paths.libvirtd_pid)]
     if KVM.exists():
         # libvirt probes QEMU once and caches what it found, but throws the cache away
-        # whenever /dev/kvm looks unusable to its QEMU user while the probe (as root)
-        # could use it: then every define and attach re-probes QEMU, 5-30 s each, and
-        # `vagrant up` took 5 minutes. The domains are TCG anyway (driver "qemu"), so
-        # this libvirtd sees /dev/kvm as a root-only plain file, in a mount namespace of
-        # its own: the probe and the check agree, and the cache holds.
+        # whenever /dev/kvm looks unusable to its QEMU user while the probe could use it
+        # (/dev/kvm root-only, as on this host): then every define and attach re-probes
+        # QEMU, 5-30 s each, and `vagrant up` took 5 minutes. The domains are TCG anyway
+        # (driver "qemu"), so this libvirtd sees /dev/kvm as a root-only plain file, in
+        # a mount namespace of its own: probe and check agree, the cache holds. That
+        # bind mount would break the private /dev libvirt makes for each domain (it
+        # moves /dev's mount points), so this libvirtd's qemu.conf (a copy, mounted over
+        # the host's in that namespace only) adds `namespaces = []`.
         paths.kvm_mask.write_bytes(b"")
         paths.kvm_mask.chmod(0o600)
+        conf = paths.work / "qemu.conf"
+        host_conf = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
+        conf.write_text(f"{host_conf}\n# vagrant/lab.sh's libvirtd only (see ensure_libvirt)\n"
+                        "namespaces = []\n")  # fmt: skip
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                f'mount --bind "$0" {KVM} && exec "$@"', str(paths.kvm_mask), *argv]  # fmt: skip
+                f'mount --bind "$1" {KVM} && mount --bind "$2" {QEMU_CONF} && shift 2 && '
+                'exec "$@"', "sh", str(paths.kvm_mask), str(conf), *argv]  # fmt: skip
     subprocess.run(argv, check=True)
     deadline = time.monotonic() + 60
     while not libvirt_answers():
