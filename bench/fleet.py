@@ -3,7 +3,7 @@ for every peer; the whole fleet shares the origin's egress in a calibrated fluid
 
     python -m bench.fleet [--sites 5000] [--peers 100] [--image-gib 10]
         [--wan-mbit 10 100] [--slow-fraction 0.01] [--slow-wan-mbit 4] [--lan-mbit 1000]
-        [--origin-gbit 10] [--churn 0.05] [--detail-sites 3] [--detail-mib 32]
+        [--origin-gbit 10] [--churn 0.05] [--detail-sites 3] [--detail-seconds 30]
         [--discovery mdns|static] [--seed 1] [--png FILE] [--json FILE]
 
 What is real and what is a model:
@@ -36,10 +36,44 @@ slowest site's own bound), a site's bound being bench/site_distribution.py's
     max(S/W, S/B) + p/W + (ceil(log2(N+1)) - 1) * p/B     (p: the 4 MiB chunk).
 Each detailed site is also reported against its own bound.
 
-Measured 2026-11-30 on the shared 2-core development VM (load average ~30 from other
-engineers' work: wall times are several times what a quiet host takes):
-see the report printed by the run; the figures of the full default run are in the
-commit message that last touched this docstring.
+Measured 2026-11-30, `python -m bench.fleet` (defaults), on the shared 2-core VM (load
+average ~30 from other engineers' work), core = aaf3856 plus another engineer's
+uncommitted swarm_plan.py (site WAN window, relay tree) as it stood; 4 min 21 s wall
+(2 min 30 s CPU), detailed sites 257 s of it, the fleet model 0.6 s:
+
+    detailed (N = 100, mDNS)  WAN Mb/s  MiB  bound s  done s  ratio  WAN/S  dup  tick ms
+    slowest (slow LAN too)       4.0     32    77.5    84.6   1.09   1.125   1    1.3
+    fastest                    100.0    256    22.0    28.3   1.28   1.047   3    3.7
+    median                      31.1    112    31.5    36.3   1.15   1.036   1    1.3
+
+    fleet: completion 46422 s (12.9 h) against the bound 42950 s (origin: 5000 x 10 GiB
+    at 10 Gbit/s; the slowest site alone needs 21485 s): 1.08x. WAN bytes 1.043 x sites
+    x image (target 1.01): missed. Control messages per peer per minute: hellos 3921,
+    have-notices 219, catalog polls 4.7.
+
+What it found (the core's behaviour, not the simulator's):
+- Duplicate WAN fetches above 64 peers. `MAX_DYNAMIC_ENDPOINTS` (64) bounds what mDNS
+  adds to a peer's view, so at 100 peers each sees 64 others; WAN ownership (rendezvous
+  over the view) then differs between peers and some chunks have two owners. At the
+  100 Mbit/s site, 32 MiB: mDNS 1.125 x S at N = 100, 1.000 at N = 32, 64, 65; the same
+  site with every peer in --peer (`--discovery static`): 1.000. In an origin-bound fleet
+  every duplicate byte is fleet time: the 4 % extra WAN is most of the 8 % over the bound.
+- Heartbeats are O(N^2) per site: each peer polls every peer it knows every second
+  (64 x 60 = 3840 hellos per peer per minute at N = 100), and announces each chunk it
+  stores to each of them (have-notices: 64 per chunk per peer, 164k per peer for a
+  10 GiB image).
+- Profile: a tick of the real core costs O(missing chunks x live peers): swarm_plan.plan
+  scans every holder's bitmap for every missing chunk (`holders` list, 87 % of this
+  bench's CPU is `SiteCore.tick`, 64 % `plan`, 40 % that list and
+  `ChunkBitmap.__contains__`), plus a rendezvous ranking (one SHA-256 per peer) for each
+  unheld chunk while a WAN slot is free. Measured per tick, one core, this tree:
+  64 chunks x 64 peers 3.6 ms; 640 x 64 24-38 ms; 2560 x 64 (a 10 GiB image at a
+  100-peer site) 112-118 ms. A peer ticks at least twice a second and after every
+  have-notice (the bench saw ~6 ticks per peer per second at N = 100), so a real peer
+  of a 100-peer site fetching a 10 GiB image would spend its CPU planning. A one-pass
+  fix (OR every source's bitmap into one integer per image, skip the holder scan for
+  chunks nobody holds; stop once both LAN and WAN slots are full) is left to the owner
+  of swarm_plan.py, which was being changed while this was measured.
 """
 
 from __future__ import annotations
@@ -65,6 +99,9 @@ from bench.fleet_site import (
 )
 
 GIB = 1 << 30
+PER_MINUTE = ("hello", "catalog_origin", "catalog_peer")
+PER_CHUNK = ("have", "gone")
+PER_DOWNLOAD = ("manifest_origin", "manifest_peer")
 MBIT = 1e6 / 8  # bytes per second
 
 
@@ -82,7 +119,9 @@ class FleetConfig:
     churn: float = 0.05  # fraction of peers leaving (and replaced) per hour
     seed: int = 1
     detail_sites: int = 3
-    detail_bytes: int = 32 * MIB
+    detail_bytes: int | None = None  # None: sized by detail_seconds
+    detail_seconds: float = 30.0  # a detailed site's image: this long on its WAN ...
+    detail_chunks: tuple[int, int] = (8, 64)  # ... within these many chunks
     detail_peers: int | None = None  # None: the site's own
     discovery: str = "mdns"
     tick_gap: float = 0.05
@@ -113,7 +152,11 @@ class Calibration:
     lan_bps: float
     wan_flows_per_peer: float
     peer_tail_fractions: list[float]  # each peer's (done - last WAN) / tail, sorted
-    per_peer_minute: dict[str, float]  # control messages
+    # Control messages per peer: heartbeats and catalog polls per minute (they do not
+    # depend on the rates), have-notices per chunk of the image, manifests per download.
+    per_minute: dict[str, float]
+    per_chunk: dict[str, float]
+    per_download: dict[str, float]
 
 
 @dataclass
@@ -172,7 +215,9 @@ def calibrate(r: SiteResult) -> Calibration:
         lan_bps=spec.lan_bps,
         wan_flows_per_peer=r.wan_flows_mean / spec.peers,
         peer_tail_fractions=sorted(max(0.0, (d - r.last_wan_s) / tail) for d in r.peer_done_s),
-        per_peer_minute={k: v / minutes for k, v in r.control.items()},
+        per_minute={k: r.control[k] / minutes for k in PER_MINUTE},
+        per_chunk={k: r.control[k] / (spec.peers * r.chunks) for k in PER_CHUNK},
+        per_download={k: r.control[k] / spec.peers for k in PER_DOWNLOAD},
     )
 
 
@@ -265,10 +310,15 @@ def run_fleet(cfg: FleetConfig, sites: list[Site], calib: dict[int, Calibration]
     slowest = max(s.bound(size) for s in sites)
     # Control messages per peer per minute over the fleet's run: each site's peers at
     # their detailed site's rates while the site downloads.
-    weights = [s.peers * site_done[i] for i, s in enumerate(sites)]
+    chunks = math.ceil(size / CHUNK)
+    weights = [s.peers * site_done[i] / 60 for i, s in enumerate(sites)]
     per_min: dict[str, float] = {}
     for i, w in enumerate(weights):
-        for kind, v in cal[i].per_peer_minute.items():
+        c, minutes = cal[i], site_done[i] / 60
+        rates = {**c.per_minute,
+                 **{k: v * chunks / minutes for k, v in c.per_chunk.items()},
+                 **{k: v / minutes for k, v in c.per_download.items()}}  # fmt: skip
+        for kind, v in rates.items():
             per_min[kind] = per_min.get(kind, 0.0) + v * w
     total_w = sum(weights)
     return FleetResult(
@@ -319,6 +369,30 @@ class Report:
     wall_s: float
 
 
+def detail_size(cfg: FleetConfig, s: Site) -> int:
+    if cfg.detail_bytes is not None:
+        return cfg.detail_bytes
+    lo, hi = cfg.detail_chunks
+    return max(lo, min(hi, round(s.wan_bps * cfg.detail_seconds / CHUNK))) * CHUNK
+
+
+def core_version() -> str:
+    """The commit the simulated core comes from, and whether the working tree's core
+    differs from it (other work in progress is simulated as it stands)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--name-only", "HEAD", "--",
+                                "peer/core"], capture_output=True, text=True,
+                               check=True).stdout.split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
+
+
 def simulate(cfg: FleetConfig, progress: bool = False) -> Report:
     started = time.perf_counter()
     sites = draw_sites(cfg)
@@ -328,7 +402,7 @@ def simulate(cfg: FleetConfig, progress: bool = False) -> Report:
     for j, s in enumerate(detailed):
         spec = SiteSpec(
             name=f"site-{s.index:05d}", peers=cfg.detail_peers or s.peers, wan_bps=s.wan_bps,
-            lan_bps=s.lan_bps, image_bytes=cfg.detail_bytes, churn_per_hour=cfg.churn,
+            lan_bps=s.lan_bps, image_bytes=detail_size(cfg, s), churn_per_hour=cfg.churn,
             seed=cfg.seed * 1000 + j, tick_gap=cfg.tick_gap, discovery=cfg.discovery,
         )  # fmt: skip
         r = run_site(spec)
@@ -351,20 +425,24 @@ def print_report(cfg: FleetConfig, rep: Report) -> None:
           f"Mbit/s ({cfg.slow_fraction:.0%} at {cfg.slow_wan_mbit:g}), LAN {cfg.lan_mbit:g} "
           f"Mbit/s, origin {cfg.origin_gbit:g} Gbit/s, churn {cfg.churn:.0%}/h, seed {cfg.seed}")
     print()
-    print("detailed sites (real SiteCore per peer; image "
-          f"{cfg.detail_bytes / MIB:g} MiB, discovery {cfg.discovery}):")
-    print(f"{'site':>11} {'N':>4} {'WAN Mb/s':>8} {'bound s':>8} {'done s':>8} {'ratio':>6} "
+    print(f"core: {core_version()}")
+    print()
+    print(f"detailed sites (real SiteCore per peer; discovery {cfg.discovery}):")
+    print(f"{'site':>11} {'N':>4} {'WAN Mb/s':>8} {'MiB':>4} {'bound s':>8} {'done s':>8} "
+          f"{'ratio':>6} "
           f"{'WAN/S':>6} {'dupWAN':>6} {'tail s':>7} {'leave':>5} {'ticks':>7} "
           f"{'tick ms':>7} {'wall s':>7}")  # fmt: skip
     for r in rep.detailed:
         s = r.spec
-        print(f"{s.name:>11} {s.peers:>4} {s.wan_bps / MBIT:8.1f} {s.bound:8.1f} "
+        print(f"{s.name:>11} {s.peers:>4} {s.wan_bps / MBIT:8.1f} "
+              f"{s.image_bytes / MIB:4.0f} {s.bound:8.1f} "
               f"{r.complete_s:8.1f} {r.ratio:6.2f} {r.wan_over_image:6.3f} "
               f"{r.duplicate_wan_chunks:6d} {r.complete_s - r.last_wan_s:7.2f} "
               f"{r.leaves:5d} {r.ticks:7d} {1000 * r.tick_cpu_s / max(r.ticks, 1):7.2f} "
               f"{r.wall_s:7.1f}")  # fmt: skip
     print()
-    print("control messages per peer per minute (detailed sites, while downloading):")
+    print("control messages per peer per minute (detailed sites, while downloading at "
+          "their own WAN rate):")
     kinds = sorted({k for r in rep.detailed for k in r.control})
     print(f"{'site':>11} " + " ".join(f"{k:>14}" for k in kinds))
     for r in rep.detailed:
@@ -376,12 +454,15 @@ def print_report(cfg: FleetConfig, rep: Report) -> None:
     print(f"  completion        {f.complete_s:10.0f} s ({f.complete_s / 3600:.2f} h)")
     print(f"  bound             {f.bound_s:10.0f} s = max(origin {f.origin_bound_s:.0f} s, "
           f"slowest site {f.slowest_site_bound_s:.0f} s)")
-    print(f"  ratio             {f.complete_s / f.bound_s:10.3f}")
+    print(f"  ratio             {f.complete_s / f.bound_s:10.3f} (against max(origin, slowest "
+          f"site's S/W + relay) = {f.strict_bound_s:.0f} s: "
+          f"{f.complete_s / f.strict_bound_s:.3f})")
     print(f"  WAN bytes         {f.wan_bytes / GIB:10.1f} GiB = {f.wan_over_sites_image:.4f} x "
           f"sites x image (target <= 1.01); churn wasted {f.churn_wasted_bytes / GIB:.1f} GiB")
-    half = next(t for t, s, _ in f.endpoint_curve if s >= 0.5)
-    print(f"  half the sites by {half:10.0f} s")
-    print("  control messages per peer per minute (fleet-weighted): " + ", ".join(
+    done = sorted(f.site_done_s)
+    print(f"  sites done        {done[0]:10.0f} s first, {done[len(done) // 2]:.0f} s median")
+    print("  control messages per peer per minute over the fleet's download (hellos and "
+          "polls at the detailed rates, notices per chunk): " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(f.control_per_peer_minute.items()) if v))
     print(f"  model {f.model_wall_s:.1f} s, detailed sites "
           f"{sum(r.wall_s for r in rep.detailed):.1f} s, total wall {rep.wall_s:.1f} s")
@@ -400,11 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn", type=float, default=0.05, help="peers leaving per hour")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--detail-sites", type=int, default=3)
-    parser.add_argument("--detail-mib", type=float, default=32.0)
+    parser.add_argument("--detail-mib", type=float, default=None,
+                        help="a detailed site's image (default: --detail-seconds of its WAN)")
+    parser.add_argument("--detail-seconds", type=float, default=30.0)
     parser.add_argument("--detail-peers", type=int, default=None)
     parser.add_argument("--discovery", choices=("mdns", "static"), default="mdns")
     parser.add_argument("--tick-gap", type=float, default=0.05)
-    parser.add_argument("--png", type=Path, default=Path("/tmp/pxepeer-fleet.png"))
+    parser.add_argument("--png", type=Path, default=Path("/tmp/pxepeer-fleet.png"),
+                        help="the completion curve (bench/results/fleet.png is the 2026-11-30 "
+                        "run's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     cfg = FleetConfig(
@@ -412,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         wan_mbit=tuple(args.wan_mbit), slow_fraction=args.slow_fraction,
         slow_wan_mbit=args.slow_wan_mbit, lan_mbit=args.lan_mbit,
         origin_gbit=args.origin_gbit, churn=args.churn, seed=args.seed,
-        detail_sites=args.detail_sites, detail_bytes=int(args.detail_mib * MIB),
+        detail_sites=args.detail_sites, detail_seconds=args.detail_seconds,
+        detail_bytes=int(args.detail_mib * MIB) if args.detail_mib else None,
         detail_peers=args.detail_peers, discovery=args.discovery, tick_gap=args.tick_gap,
     )  # fmt: skip
     rep = simulate(cfg, progress=True)

@@ -159,6 +159,10 @@ class SiteResult:
     failures: dict[str, int] = field(default_factory=dict)
 
     @property
+    def chunks(self) -> int:
+        return math.ceil(self.spec.image_bytes / self.spec.chunk)
+
+    @property
     def ratio(self) -> float:
         return self.complete_s / self.spec.bound
 
