@@ -90,6 +90,9 @@ class SwarmPlanner:
     # Chunks open for the WAN site-wide at the last `plan` (window slots taken, and this
     # peer's fetches outside the window): the denominator of `wan_share`.
     wan_open: int = 0
+    # (owner, manifest) -> since when it has made no progress, once a takeover found it
+    # stuck; forgotten when it progresses or drops out of the WAN fetchers.
+    stuck: dict[tuple[str, str], float] = field(default_factory=dict)
     # sha -> (holders seen, since when that many): the relay gate opens when it stalls.
     relay_since: dict[str, tuple[int, float]] = field(default_factory=dict)
 
@@ -134,16 +137,26 @@ class SwarmPlanner:
         ranking = rendezvous_rank(job.ref.sha256, fetchers)
         if not ranking:
             return None
+        for key in [k for k in self.stuck if k[1] == job.manifest_id and k[0] not in fetchers]:
+            del self.stuck[key]  # it cannot reach the origin now: its clock starts afresh
         first, since = self.owner_since.get(job.ref.sha256, ("", now))
         if first != ranking[0]:
-            first, since = ranking[0], now
+            first = ranking[0]
+            # A chunk entering the window of an owner already found stuck keeps that
+            # wait: its chunks pass down as they come, not one takeover period each.
+            since = min(now, self.stuck.get((first, job.manifest_id), now))
             self.owner_since[job.ref.sha256] = (first, since)
         # Stuck means no progress: the clock restarts whenever the owner holds more of
         # the image than before (a lie about that is found out by the peers that then
         # ask it for those chunks, and strikes shun it).
         grew = self.progress.get((first, job.manifest_id), (0, since))[1]
+        stuck_at = self.stuck.get((first, job.manifest_id))
+        if stuck_at is not None and grew > stuck_at:
+            del self.stuck[(first, job.manifest_id)]  # it moved again: not stuck now
         waited = now - max(since, grew)
         step = int(waited // self.limits.takeover_after) if self.limits.takeover_after else 0
+        if step:
+            self.stuck.setdefault((first, job.manifest_id), max(since, grew))
         return ranking[min(step, len(ranking) - 1)]
 
     def plan(
@@ -242,6 +255,9 @@ class SwarmPlanner:
         for sha in list(self.elsewhere_since):
             if sha not in elsewhere:
                 del self.elsewhere_since[sha]
+        for sha in list(self.owner_since):
+            if sha not in holders_of:  # no longer missing here
+                del self.owner_since[sha]
         for sha in list(self.relay_since):
             if sha not in holders_of or not holders_of[sha]:
                 del self.relay_since[sha]

@@ -70,13 +70,19 @@ class DelayController:
     target: float = 0.1  # seconds of queueing delay we accept before backing off
     floor: float = 0.1
     window: int = 64
+    # The current delay is the least of the last few samples (RFC 6817's current-delay
+    # filter): one slow answer (a busy origin or host, a burst in the queue) is noise;
+    # the queue is ours only when every recent request waited.
+    current_filter: int = 4
     rate: float = field(init=False)
     _samples: deque[float] = field(init=False)
+    _recent: deque[float] = field(init=False)
     _last_change: float = 0.0
 
     def __post_init__(self) -> None:
         self.rate = self.max_rate
         self._samples = deque(maxlen=self.window)
+        self._recent = deque(maxlen=max(self.current_filter, 1))
 
     @property
     def base_delay(self) -> float | None:
@@ -91,9 +97,10 @@ class DelayController:
         would leave the rate low for the rest of a download after one delay spike."""
         base = self.base_delay
         self._samples.append(rtt)
+        self._recent.append(rtt)
         if self.max_rate <= 0 or base is None or now - self._last_change < rtt:
             return self.rate  # at most one change per round trip
-        queueing = rtt - base
+        queueing = min(self._recent) - base
         if queueing > self.target:
             self.rate = max(self.rate * 0.7, self.max_rate * self.floor)
         else:

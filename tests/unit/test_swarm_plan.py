@@ -210,3 +210,20 @@ def test_the_relay_gate_opens_when_the_holders_stop_growing() -> None:
     assert planner.plan(jobs(1), others, set(), True, 10.0) == []
     assert planner.plan(jobs(1), others, set(), True, 11.9) == []
     assert [f.source for f in planner.plan(jobs(1), others, set(), True, 12.0)] == ["n0"]
+
+
+def test_a_stuck_owners_chunks_pass_down_together_as_the_window_moves() -> None:
+    """The window opens chunks one pair at a time: each chunk entering it must not give
+    a stuck owner a fresh takeover period (that would cost one period per chunk)."""
+    limits = Limits(wan_in_flight=100, takeover_after=30.0, site_wan_window=1)
+    owned = [j for j in jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["p1", "me"]]
+    first, second = owned[0], owned[1]
+    planner = SwarmPlanner("me", limits)
+    assert planner.plan([first, second], [hello("p1", n=64)], set(), True, 0.0) == []
+    [fetch] = planner.plan([first, second], [hello("p1", n=64)], set(), True, 31.0)
+    assert fetch.job == first and fetch.source == ORIGIN
+    planner.started(fetch)
+    planner.finished(fetch, stored=True)
+    # The first chunk is ours now; p1 is still stuck: the next one is taken at once.
+    [fetch] = planner.plan([second], [hello("p1", n=64)], set(), True, 32.0)
+    assert fetch.job == second and fetch.source == ORIGIN

@@ -56,7 +56,7 @@ def test_after_a_delay_spike_the_rate_recovers_per_round_trip_elapsed_not_per_sa
 ):
     """Samples come one per request (seconds apart for a chunk on a shared link): one
     spike must not leave the rate low for the rest of the download."""
-    ctl = DelayController(max_rate=1_000_000.0, target=0.1)
+    ctl = DelayController(max_rate=1_000_000.0, target=0.1, current_filter=1)
     ctl.observe(0.04, 0.0)
     ctl.observe(0.04, 1.0)
     ctl.observe(0.3, 2.0)  # a spike: back off
@@ -70,7 +70,7 @@ def test_after_a_delay_spike_the_rate_recovers_per_round_trip_elapsed_not_per_sa
 
 
 def test_a_new_share_rescales_the_rate_at_once_keeping_the_backoff() -> None:
-    ctl = DelayController(max_rate=1_000_000.0)
+    ctl = DelayController(max_rate=1_000_000.0, current_filter=1)
     ctl.observe(0.04, 0.0)
     ctl.observe(0.3, 1.0)
     assert ctl.rate == 700_000.0
@@ -85,3 +85,18 @@ def test_the_wan_budget_is_charged_for_what_the_link_carries() -> None:
     assert wire_bytes(1448) == 1500
     bucket = TokenBucket(rate=1500.0, burst=0.0)
     assert bucket.delay_for(wire_bytes(1448 * 10), 0.0) == pytest.approx(10.0)
+
+
+def test_one_slow_answer_is_noise_every_recent_one_slow_is_a_queue() -> None:
+    """RFC 6817's current-delay filter: a busy origin or host answering one request late
+    must not cut the rate for the seconds until the next request."""
+    ctl = DelayController(max_rate=1_000_000.0, target=0.1, current_filter=4)
+    now = 0.0
+    for rtt in (0.04, 0.04, 0.04, 0.04, 1.0, 0.04, 0.5, 0.04):
+        now += 1
+        ctl.observe(rtt, now)
+    assert ctl.rate == 1_000_000.0
+    for _ in range(4):
+        now += 1
+        ctl.observe(0.3, now)  # every request waits: our own queue
+    assert ctl.rate == 700_000.0
