@@ -584,6 +584,40 @@ def test_a_crashed_worker_fails_only_its_transfers_and_is_replaced(boot_dir: Pat
         running.stop()
 
 
+@needs_curl
+def test_one_worker_carries_concurrent_transfers_and_retransmits_for_a_silent_one(
+    boot_dir: Path, tmp_path: Path
+) -> None:
+    # A worker serves all its transfers from one epoll: six curl downloads at once must
+    # each arrive whole while a client that never ACKs gets its retransmissions (the
+    # worker's timer sweep) and, when it gives up, fails on its own.
+    running = ServerThread(boot_dir, workers=1)
+    try:
+        running.warm_up(1)
+        with udp_client(timeout=5.0) as silent:
+            silent.sendto(encode_request("exact.bin"), running.address)
+            first, _ = silent.recvfrom(70000)
+            outs = [tmp_path / f"got{i}" for i in range(6)]
+            url = f"tftp://{running.address[0]}:{running.address[1]}/snponly.efi"
+            curl = ["curl", "-sS", "--max-time", "60", "--tftp-blksize", "1468", url]
+            # Each from an address of its own: one address gets only a few transfers.
+            procs = [
+                subprocess.Popen([*curl, "--interface", f"127.0.1.{i + 1}", "-o", str(out)])
+                for i, out in enumerate(outs)
+            ]
+            assert [proc.wait(90) for proc in procs] == [0] * 6
+            again, tid = silent.recvfrom(70000)  # DATA 1 once more, about a second later
+            assert again == first
+            silent.sendto(encode_error(ErrorCode.NOT_DEFINED, "gave up"), tid)
+        expected = (boot_dir / "snponly.efi").read_bytes()
+        assert all(out.read_bytes() == expected for out in outs)
+        wait_until(lambda: TftpEventKind.FAILED in running.kinds("exact.bin"))
+        assert running.kinds("snponly.efi").count(TftpEventKind.COMPLETED) == 6
+        assert running.stats()["retransmits"] >= 1
+    finally:
+        running.stop()
+
+
 def test_transfer_events_carry_client_file_and_bytes(boot_dir: Path) -> None:
     running = ServerThread(boot_dir)
     try:
