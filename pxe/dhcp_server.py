@@ -29,14 +29,16 @@ from pxe.dhcp import (
     parse_client,
 )
 from pxe.leases import LeasePool
-from pxe.sender_budget import SenderBudget
+from pxe.sender_budget import SENDER_OVER_BUDGET, SenderBudget
 
 log = logging.getLogger("pxepeer.dhcp")
 
 
 # Reasons besides MalformedPacket's own (pxe.dhcp) for the `dropped` counters.
 INTERNAL_ERROR = "internal error"  # a bug deciding or answering one request
-RATE_LIMITED = "rate limited"  # a MAC sending far more than a booting client does
+RATE_LIMITED = SENDER_OVER_BUDGET  # a MAC sending far more than a booting client does
+# Decisions per second for all senders together (pxe.sender_budget says why these).
+ALL_SENDERS_RATE, ALL_SENDERS_BURST = 1000.0, 2000.0
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two tracebacks of requests that hit a bug
 
 
@@ -113,7 +115,9 @@ class DhcpResponder:
         self._last_bug_log = -_ERROR_LOG_INTERVAL
         # Counted against the sender: a MAC sending far more than a booting client does
         # is dropped before it costs a decision, a reply or a log line.
-        self._budget = SenderBudget()
+        # Together, all senders get what a store booting everything at once needs, so a
+        # host forging a new MAC per packet cannot make the responder decide without end.
+        self._budget = SenderBudget(total_rate=ALL_SENDERS_RATE, total_burst=ALL_SENDERS_BURST)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,8 +150,9 @@ class DhcpResponder:
             self._drop(exc.reason)
             log.debug("dropped malformed DHCP packet from %s: %s", addr, exc)
             return
-        if not self._budget.allow(info.mac, time.monotonic()):
-            self._drop(RATE_LIMITED)
+        refused = self._budget.check(info.mac, received)
+        if refused is not None:
+            self._drop(refused)
             return
         if not self.enabled():
             self.stats.ignored += 1
