@@ -93,9 +93,12 @@ log = logging.getLogger("pxepeer.tftp")
 NETASCII_MAX = 64 * 1024 * 1024  # netascii is converted in memory; boot files are binary
 SHUTTING_DOWN = "server shutting down"
 _CONTROL_MAX = 64 * 1024  # bytes of one control message (JSON) between server and worker
-# Worker processes: one per core measured best (bench/tftp_throughput.py, 16 clients on 2
-# cores: 2 workers 54 MB/s, 4 workers 42 MB/s; each more interpreter costs cache and TLB).
-DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+# Worker processes. A worker with one transfer blocks on its socket (as fast as a process
+# per transfer); with more it multiplexes them on an epoll, which costs an epoll wait per
+# datagram at low load. Four keep 1-4 clients one per worker; past that they batch. Many
+# more hurt: each interpreter costs cache and TLB (16 workers, 16 clients: ~51 µs of CPU
+# per block against ~38 with 4, bench/tftp_throughput.py on 2 cores).
+DEFAULT_WORKERS = 4
 MAX_WORKER_FAILURES = 10  # worker deaths after which transfers stay in threads for good
 # How often at most a transfer tells the server it progressed (for admission's stall test,
 # whose threshold is 1 s): one message per transfer per half second, nothing per packet.
