@@ -200,7 +200,9 @@ def stream_all(client_ns: str, port: int, paths: list[str], clients: int, work: 
     curl = ["ip", "netns", "exec", client_ns, "curl", "-sS", "-K", str(config),
             "-w", "%{http_code} %{size_download}\\n"]  # fmt: skip
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    procs = [subprocess.Popen([*curl, "--interface", client_ip(i)], **pipes) for i in range(clients)]
+    procs = [
+        subprocess.Popen([*curl, "--interface", client_ip(i)], **pipes) for i in range(clients)
+    ]
     outputs = [proc.communicate() for proc in procs]
     elapsed = time.perf_counter() - began
     for proc, (out, err) in zip(procs, outputs, strict=True):
