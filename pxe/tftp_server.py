@@ -3,21 +3,27 @@
 Requests arrive on port 69 in the event loop, which parses them, opens the boot file (in
 an executor thread) and a new UDP socket connect()ed to the client (the server's
 transfer ID), and hands the descriptors over SCM_RIGHTS to one of a few worker processes
-(`python -m pxe.tftp_server --worker-fd N`). There each transfer runs in a thread of its
-own, blocking on its socket: recv, `ReadSession.receive`, send, with SO_RCVTIMEO as the
-retransmission timer. The worker reports each transfer's end; the event loop counts,
-logs one line and calls `on_event`.
+(`python -m pxe.tftp_server --worker-fd N`). A worker runs all its transfers in its one
+thread (`_Multiplexer`): while it carries a single transfer it blocks in recv on that
+socket (SO_RCVTIMEO as the timer), with more it waits on an epoll for whichever client
+spoke, answers, and retransmits from a timer sweep. Per datagram: recv,
+`ReadSession.lockstep` (the next ACK answered by the next DATA, built a chunk at a time),
+send. The worker reports each transfer's end; the event loop counts, logs one line and
+calls `on_event`.
 
-Why, measured on this machine (bench/tftp_throughput.py and micro-benchmarks): lock-step
-TFTP is one syscall pair per block and most of its cost is in the kernel, so every extra
-call shows. An asyncio endpoint pays a loop iteration per datagram (~30 µs); an epoll
-pump adds ~2.8 µs per packet; recvfrom(65536) costs ~3.4 µs more than recv(1024) (a 64
-KiB allocation); sendto ~0.7 µs more than send on a connected socket. Threads of one
-process fight over the GIL once several clients are served, while tftpd-hpa forks a
-process per transfer and uses every core; a small pool of processes does the same
-without a fork per request. Files without a descriptor (a BootSource that is not a
-directory) and netascii transfers run in threads of this process, as do all transfers
-until the pool (started by the first transfer) is up, or when no worker can be started.
+Why, measured on this machine (bench/tftp_throughput.py, perf stat, strace -c): lock-step
+TFTP is one syscall pair per block and the server's own CPU per block is what a busy host
+runs out of (tftpd-hpa: ~17 µs per block, 8 syscalls; this server: ~31 µs before the
+lock-step fast path, ~22-24 µs after, 2 syscalls, the rest the interpreter). An asyncio
+endpoint pays a loop iteration per datagram (~30 µs). A thread per transfer fought over
+the GIL from ~8 transfers per process (16 clients on one process: 870k context switches
+for 183k blocks; on four, 38 µs of CPU per block); one thread per worker on an epoll
+needs no GIL hand-over and, under load, takes several ACKs per wake-up (2 workers, 16
+clients: 28 µs per block, 0.5 context switches per block). Many workers cost too: each
+interpreter is cache and TLB (16 workers for 16 clients: ~51 µs per block). Files without
+a descriptor (a BootSource that is not a directory) and netascii transfers run in threads
+of this process, as do all transfers until the pool (started by the first transfer) is
+up, or when no worker can be started.
 
 Nothing a client sends can stop the server: malformed datagrams are dropped and counted
 by reason (`TftpStats.dropped`), bad names get a TFTP ERROR, a crashed worker fails only
