@@ -351,6 +351,7 @@ def follow_site(paths: Paths, proc: subprocess.Popen) -> dict:
     offset = 0
     deadline = time.monotonic() + SITE_TIMEOUT
     while True:
+        exited = proc.poll() is not None  # before the last read: its last words are shown
         with open(paths.site_log, "rb") as f:
             f.seek(offset)
             data = f.read()
@@ -362,7 +363,7 @@ def follow_site(paths: Paths, proc: subprocess.Popen) -> dict:
                 say(f"   | {line}")
         if paths.site_json.exists():
             return json.loads(paths.site_json.read_text())
-        if proc.poll() is not None:
+        if exited:
             raise LabError(f"the site process exited ({proc.returncode}); log {paths.site_log}")
         if time.monotonic() > deadline:
             raise LabError(f"the site was not ready in {SITE_TIMEOUT} s; log {paths.site_log}")
