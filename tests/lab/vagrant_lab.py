@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -71,6 +72,7 @@ DOMAIN_PREFIX = "pxepeer-lab_"  # the Vagrantfile's default_prefix
 VIRSH = ("virsh", "-c", "qemu:///system")
 KVM = Path("/dev/kvm")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+AUTOSTART = Path("/etc/libvirt/qemu/networks/autostart")
 WAN_RATE = "50mbit"
 DASHBOARD_PORT = 8480
 SITE_TIMEOUT = 300  # images built (cached: ~20 s), the site formed and holding both images
@@ -190,26 +192,35 @@ def ensure_libvirt(paths: Paths) -> None:
         return
     say("   libvirtd does not answer: starting virtlogd and libvirtd (stopped by down)")
     subprocess.run(["virtlogd", "-d", "-p", str(paths.virtlogd_pid)], check=False)
-    argv = ["libvirtd", "-d", "-p", str(paths.libvirtd_pid)]
+    # Bind mounts in a mount namespace of this libvirtd's own (the host sees none):
+    # what to mount (a file of ours) over which host path.
+    mounts: list[tuple[Path, Path]] = []
+    if AUTOSTART.is_dir():
+        # No network this libvirtd finds marked autostart (libvirt's `default`, with its
+        # DHCP server, if the host marked it so) is started: an empty directory instead.
+        empty = paths.work / "no-autostart"
+        empty.mkdir(exist_ok=True)
+        mounts.append((empty, AUTOSTART))
     if KVM.exists():
         # libvirt probes QEMU once and caches what it found, but throws the cache away
         # whenever /dev/kvm looks unusable to its QEMU user while the probe could use it
         # (/dev/kvm root-only, as on this host): then every define and attach re-probes
         # QEMU, 5-30 s each, and `vagrant up` took 5 minutes. The domains are TCG anyway
-        # (driver "qemu"), so this libvirtd sees /dev/kvm as a root-only plain file, in
-        # a mount namespace of its own: probe and check agree, the cache holds. That
-        # bind mount would break the private /dev libvirt makes for each domain (it
-        # moves /dev's mount points), so this libvirtd's qemu.conf (a copy, mounted over
-        # the host's in that namespace only) adds `namespaces = []`.
+        # (driver "qemu"), so this libvirtd sees /dev/kvm as a root-only plain file:
+        # probe and check agree, the cache holds. That bind mount would break the
+        # private /dev libvirt makes for each domain (it moves /dev's mount points), so
+        # this libvirtd's qemu.conf (a copy of the host's) adds `namespaces = []`.
         paths.kvm_mask.write_bytes(b"")
         paths.kvm_mask.chmod(0o600)
         conf = paths.work / "qemu.conf"
         host_conf = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
         conf.write_text(f"{host_conf}\n# vagrant/lab.sh's libvirtd only (see ensure_libvirt)\n"
                         "namespaces = []\n")  # fmt: skip
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                f'mount --bind "$1" {KVM} && mount --bind "$2" {QEMU_CONF} && shift 2 && '
-                'exec "$@"', "sh", str(paths.kvm_mask), str(conf), *argv]  # fmt: skip
+        mounts += [(paths.kvm_mask, KVM), (conf, QEMU_CONF)]
+    script = " && ".join(f"mount --bind {shlex.quote(str(ours))} {host}" for ours, host in mounts)
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'{script + " && " if script else ""}exec "$@"', "sh",
+            "libvirtd", "-d", "-p", str(paths.libvirtd_pid)]  # fmt: skip
     subprocess.run(argv, check=True)
     deadline = time.monotonic() + 60
     while not libvirt_answers():
