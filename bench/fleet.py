@@ -51,6 +51,11 @@ uncommitted swarm_plan.py (site WAN window, relay tree) as it stood; 4 min 21 s 
     x image (target 1.01): missed. Control messages per peer per minute: hellos 3921,
     have-notices 219, catalog polls 4.7.
 
+    The same with `--discovery static` (every peer in every --peer list; core fa31e96 +
+    the same uncommitted swarm_plan.py; 7 min 5 s wall, load ~10): detailed ratios 1.01,
+    1.18, 1.08, WAN/S 1.000 at all three; fleet 42971 s = 1.000x the bound, WAN 1.0002 x;
+    hellos 5955 and have-notices 353 per peer per minute (99 peers in view, not 64).
+
 What it found (the core's behaviour, not the simulator's):
 - Duplicate WAN fetches above 64 peers. `MAX_DYNAMIC_ENDPOINTS` (64) bounds what mDNS
   adds to a peer's view, so at 100 peers each sees 64 others; WAN ownership (rendezvous
@@ -58,6 +63,16 @@ What it found (the core's behaviour, not the simulator's):
   100 Mbit/s site, 32 MiB: mDNS 1.125 x S at N = 100, 1.000 at N = 32, 64, 65; the same
   site with every peer in --peer (`--discovery static`): 1.000. In an origin-bound fleet
   every duplicate byte is fleet time: the 4 % extra WAN is most of the 8 % over the bound.
+- Below ~1.5 Mbit/s of WAN per site the swarm collapses (core 2356489, one site,
+  N = 8, 64 MiB): 1.0 Mbit/s 5.0x its bound and 5.3 x S over the WAN (69 duplicate
+  chunks); 1.5, 2, 3, 4 Mbit/s 0.95-0.96x (below 1: the p/W term) and 1.000 x S. With
+  two chunks open site-wide, each takes 2 x 4 MiB / W to land, 67 s at 1 Mbit/s: longer
+  than `takeover_after` (45 s), so the owner looks stuck, its chunks pass down the
+  ranking and are fetched again, which slows every transfer further. In the default
+  fleet a site's fair share of the origin is 2 Mbit/s (10 Gbit/s / 5000): a 25 % margin;
+  an origin below 7.5 Gbit/s, or more than 6,700 sites, crosses it. The calibration runs
+  sites at their own WAN rate; `--check-share` also runs the median site at the fair
+  share (reported, not calibrated from).
 - Heartbeats are O(N^2) per site: each peer polls every peer it knows every second
   (64 x 60 = 3840 hellos per peer per minute at N = 100), and announces each chunk it
   stores to each of them (have-notices: 64 per chunk per peer, 164k per peer for a
@@ -125,6 +140,7 @@ class FleetConfig:
     detail_peers: int | None = None  # None: the site's own
     discovery: str = "mdns"
     tick_gap: float = 0.05
+    check_share: bool = False
 
 
 @dataclass
@@ -367,6 +383,7 @@ class Report:
     detailed: list[SiteResult]
     fleet: FleetResult
     wall_s: float
+    at_share: SiteResult | None = None  # the median site at the fleet's fair share
 
 
 def detail_size(cfg: FleetConfig, s: Site) -> int:
@@ -415,7 +432,21 @@ def simulate(cfg: FleetConfig, progress: bool = False) -> Report:
         results.append(r)
         calib[s.index] = calibrate(r)
     fleet = run_fleet(cfg, sites, calib, detailed)
-    return Report(results, fleet, time.perf_counter() - started)
+    at_share = None
+    if cfg.check_share:
+        # The fleet is origin-bound when the fair share is below the sites' WAN rates:
+        # does the core behave at that rate as the calibration (at the site's own rate)
+        # assumes? A check, not used to calibrate.
+        s = sorted(sites, key=lambda x: (x.wan_bps, x.index))[len(sites) // 2]
+        share = min(s.wan_bps, cfg.origin_gbit * 1e9 / 8 / len(sites))
+        spec = SiteSpec(
+            name=f"site-{s.index:05d}@share", peers=cfg.detail_peers or s.peers,
+            wan_bps=share, lan_bps=s.lan_bps, image_bytes=cfg.detail_chunks[0] * CHUNK,
+            churn_per_hour=cfg.churn, seed=cfg.seed * 1000 + 999, tick_gap=cfg.tick_gap,
+            discovery=cfg.discovery,
+        )  # fmt: skip
+        at_share = run_site(spec)
+    return Report(results, fleet, time.perf_counter() - started, at_share)
 
 
 def print_report(cfg: FleetConfig, rep: Report) -> None:
@@ -428,13 +459,13 @@ def print_report(cfg: FleetConfig, rep: Report) -> None:
     print(f"core: {core_version()}")
     print()
     print(f"detailed sites (real SiteCore per peer; discovery {cfg.discovery}):")
-    print(f"{'site':>11} {'N':>4} {'WAN Mb/s':>8} {'MiB':>4} {'bound s':>8} {'done s':>8} "
+    print(f"{'site':>16} {'N':>4} {'WAN Mb/s':>8} {'MiB':>4} {'bound s':>8} {'done s':>8} "
           f"{'ratio':>6} "
           f"{'WAN/S':>6} {'dupWAN':>6} {'tail s':>7} {'leave':>5} {'ticks':>7} "
           f"{'tick ms':>7} {'wall s':>7}")  # fmt: skip
-    for r in rep.detailed:
+    for r in rep.detailed + ([rep.at_share] if rep.at_share else []):
         s = r.spec
-        print(f"{s.name:>11} {s.peers:>4} {s.wan_bps / MBIT:8.1f} "
+        print(f"{s.name:>16} {s.peers:>4} {s.wan_bps / MBIT:8.1f} "
               f"{s.image_bytes / MIB:4.0f} {s.bound:8.1f} "
               f"{r.complete_s:8.1f} {r.ratio:6.2f} {r.wan_over_image:6.3f} "
               f"{r.duplicate_wan_chunks:6d} {r.complete_s - r.last_wan_s:7.2f} "
@@ -444,10 +475,10 @@ def print_report(cfg: FleetConfig, rep: Report) -> None:
     print("control messages per peer per minute (detailed sites, while downloading at "
           "their own WAN rate):")
     kinds = sorted({k for r in rep.detailed for k in r.control})
-    print(f"{'site':>11} " + " ".join(f"{k:>14}" for k in kinds))
+    print(f"{'site':>16} " + " ".join(f"{k:>14}" for k in kinds))
     for r in rep.detailed:
         m = max(r.peer_minutes, 1e-9)
-        print(f"{r.spec.name:>11} " + " ".join(f"{r.control.get(k, 0) / m:14.1f}"
+        print(f"{r.spec.name:>16} " + " ".join(f"{r.control.get(k, 0) / m:14.1f}"
                                                  for k in kinds))  # fmt: skip
     print()
     print("fleet (fluid model of every site, calibrated from the detailed sites):")
@@ -487,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detail-peers", type=int, default=None)
     parser.add_argument("--discovery", choices=("mdns", "static"), default="mdns")
     parser.add_argument("--tick-gap", type=float, default=0.05)
+    parser.add_argument("--check-share", action="store_true",
+                        help="also run the median site at the fleet's fair share of the "
+                        "origin (reported, not calibrated from)")
     parser.add_argument("--png", type=Path, default=Path("/tmp/pxepeer-fleet.png"),
                         help="the completion curve (bench/results/fleet.png is the 2026-11-30 "
                         "run's)")
@@ -500,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         detail_sites=args.detail_sites, detail_seconds=args.detail_seconds,
         detail_bytes=int(args.detail_mib * MIB) if args.detail_mib else None,
         detail_peers=args.detail_peers, discovery=args.discovery, tick_gap=args.tick_gap,
+        check_share=args.check_share,
     )  # fmt: skip
     rep = simulate(cfg, progress=True)
     print_report(cfg, rep)
