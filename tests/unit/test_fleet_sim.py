@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.fleet import MBIT, FleetConfig, simulate
+from bench.fleet import MBIT, FleetConfig, draw_sites, simulate
 from bench.fleet_site import MIB, SiteSpec, run_site
 
 TINY = FleetConfig(
@@ -51,8 +51,12 @@ def test_a_run_is_determined_by_its_seed(tiny) -> None:
         (r.complete_s, r.control, r.ticks) for r in tiny.detailed
     ]
     assert again.fleet.site_done_s == tiny.fleet.site_done_s
-    other = simulate(FleetConfig(**{**TINY.__dict__, "seed": 8}))
-    assert other.fleet.site_done_s != tiny.fleet.site_done_s
+    # Another seed draws other sites (rates) and other node ids.
+    assert draw_sites(FleetConfig(**{**TINY.__dict__, "seed": 8})) != draw_sites(TINY)
+    spec = tiny.detailed[0].spec
+    other = run_site(SiteSpec(**{**spec.__dict__, "seed": spec.seed + 1}))
+    assert (other.complete_s, other.control) != (tiny.detailed[0].complete_s,
+                                                 tiny.detailed[0].control)  # fmt: skip
 
 
 def test_the_origin_cap_is_shared_by_the_fleet() -> None:
