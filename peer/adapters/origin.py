@@ -25,6 +25,10 @@ from peer.core.rate_schedule import RateSchedule
 from peer.core.throttle import DelayController, ScheduledRate, TokenBucket, wire_bytes
 
 SLICE = 64 * 1024
+# A small document (catalog, control, manifest) that sends nothing for this long is an
+# outage: a poll riding a kept-alive connection through a dead link must fail and show
+# in status, not hang until the link is back. Chunk reads keep 30 s: they are paced.
+DOC_READ_TIMEOUT = 10.0
 
 
 class OriginError(Exception):
@@ -94,7 +98,7 @@ class OriginClient:
 
     async def _get(
         self, path: str, max_bytes: int, headers: dict[str, str] | None = None,
-        absent_ok: bool = False,
+        absent_ok: bool = False, read_timeout: float = 30.0,
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """GET one document of at most `max_bytes`: a broken or hostile origin (or a
         proxy in front of it) that sends more is cut off, not buffered."""
@@ -103,7 +107,8 @@ class OriginClient:
         sent = time.monotonic()
         try:
             async with self.session.get(
-                url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=30)
+                url, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout),
             ) as resp:
                 rtt = time.monotonic() - sent
                 self.follow_schedule()
@@ -143,7 +148,9 @@ class OriginClient:
     async def fetch_catalog(self, max_bytes: int) -> bytes | None:
         """The catalog's bytes, or None when it has not changed since the last fetch."""
         headers = {"If-None-Match": self._catalog_etag} if self._catalog_etag else None
-        status, body, resp_headers = await self._get(CATALOG, max_bytes, headers)
+        status, body, resp_headers = await self._get(
+            CATALOG, max_bytes, headers, read_timeout=DOC_READ_TIMEOUT
+        )
         if status == 304:
             return None
         self._catalog_etag = resp_headers.get("ETag")
@@ -157,7 +164,9 @@ class OriginClient:
         """The control document's bytes (imaging/control.py); b"" when the origin has
         none (404, or S3's 403), None when it has not changed since the last fetch."""
         headers = {"If-None-Match": self._control_etag} if self._control_etag else None
-        status, body, resp_headers = await self._get(CONTROL, max_bytes, headers, absent_ok=True)
+        status, body, resp_headers = await self._get(
+            CONTROL, max_bytes, headers, absent_ok=True, read_timeout=DOC_READ_TIMEOUT
+        )
         if status == 304:
             return None
         self._control_etag = resp_headers.get("ETag") if status == 200 else None
@@ -168,7 +177,8 @@ class OriginClient:
         self._control_etag = None
 
     async def fetch_manifest(self, manifest_id: str, max_bytes: int) -> bytes:
-        return (await self._get(manifest_path(manifest_id), max_bytes))[1]
+        return (await self._get(manifest_path(manifest_id), max_bytes,
+                                read_timeout=DOC_READ_TIMEOUT))[1]  # fmt: skip
 
     async def fetch_chunk(self, sha256: str, size: int) -> bytes:
         return (await self._get(chunk_path(sha256), size))[1]
