@@ -65,15 +65,23 @@ fi
 # files in the work directory.
 args=("$@")
 rc=0
-if [ "${1:-}" = up ]; then
-  # shellcheck disable=SC2317  # run by the trap
-  backstop() {
-    [ "$rc" -gt 128 ] || return 0
-    echo "lab.sh up was killed (status $rc): lab.sh down" >&2
-    "$python" -m tests.lab.vagrant_lab down "${args[@]:1}" || true
-  }
-  trap backstop EXIT
-  trap ':' INT  # the terminal's Ctrl-C reaches Python too: let it tear down first
-fi
-"$python" -m tests.lab.vagrant_lab "$@" || rc=$?
+child=
+# shellcheck disable=SC2317  # run by the trap
+backstop() {
+  [ "${args[0]:-}" = up ] && [ "$rc" -gt 128 ] || return 0
+  echo "lab.sh up was killed (status $rc): lab.sh down" >&2
+  "$python" -m tests.lab.vagrant_lab down "${args[@]:1}" || true
+}
+trap backstop EXIT
+# Ctrl-C reaches Python from the terminal too: wait for it to tear down. TERM/HUP sent
+# to this script only are passed on.
+trap ':' INT
+trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM HUP
+"$python" -m tests.lab.vagrant_lab "$@" &
+child=$!
+while :; do
+  rc=0
+  wait "$child" || rc=$?
+  kill -0 "$child" 2>/dev/null || break  # returned because a trap ran: keep waiting
+done
 exit "$rc"

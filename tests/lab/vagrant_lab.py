@@ -545,10 +545,15 @@ def down(paths: Paths) -> list[str]:
     if alive(pid, "vagrant_lab"):
         stop_pid(pid, "vagrant_lab")  # it stops its servers and deletes its namespaces
         removed.append(f"site process {pid}")
-    if pid is not None:  # and if it was killed hard: its namespaces, by its pid
+    if pid is not None:  # and if it was killed hard: its namespaces, by its pid, and
+        # the servers it left running in them (pxepeer, dnsmasq, nginx, the WAN line)
         for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
             name = line.split()[0] if line.split() else ""
             if name.startswith(f"{NS_PREFIX}{pid}-"):
+                for orphan in sh("ip", "netns", "pids", name, check=False).stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(orphan), signal.SIGKILL)
+                        removed.append(f"process {orphan} in {name}")
                 sh("ip", "netns", "del", name, check=False)
                 removed.append(f"namespace {name}")
     for link in (UPLINK, HOST_BRIDGE):
