@@ -394,8 +394,11 @@ def store_json(site: dict, url: str) -> dict | None:
         return None
 
 
-def machine_stages(site: dict, mac: str) -> list[dict]:
-    status = store_json(site, f"{site['responder_url']}/v1/status") or {}
+def machine_stages(site: dict, mac: str) -> list[dict] | None:
+    """The responder's stages of one machine so far; None if it did not answer."""
+    status = store_json(site, f"{site['responder_url']}/v1/status")
+    if status is None:
+        return None
     for machine in status.get("machines", []):
         if str(machine.get("mac", "")).lower().replace("-", ":") == mac:
             return machine.get("stages", [])
@@ -429,12 +432,13 @@ def follow_clients(paths: Paths, site: dict, names: list[str], started: float) -
             for name in names:
                 mac = CLIENTS[name]["mac"]
                 events = []
-                stages = machine_stages(site, mac)
+                # No answer (a busy host) is no news: the stages come next round.
+                stages = machine_stages(site, mac) or []
                 for stage in stages[seen_stages[name] :]:
                     label = SERVER_LABELS.get(stage["stage"], stage["stage"])
                     text = f"{stage['stage']}: {stage.get('detail', '')}".rstrip(": ")
                     events.append((stage["at"] - wall0, f"pxepeer {label}", text))
-                seen_stages[name] = len(stages)
+                seen_stages[name] = max(seen_stages[name], len(stages))
                 lines = logs[name].lines[seen_lines[name] :]
                 seen_lines[name] += len(lines)
                 for at, line in lines:
