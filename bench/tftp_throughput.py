@@ -1,13 +1,15 @@
 """TFTP throughput of pxepeer's server against tftpd-hpa, measured in the same run on loopback.
 
-    sudo python -m bench.tftp_throughput [--size-mib 64] [--reps 3] [--clients 1 4]
-                                         [--blksize 1468] [--codec]
+    sudo python -m bench.tftp_throughput [--size-mib 64] [--reps 3] [--clients 1 4 16 32]
+                                         [--blksize 1468] [--workers N] [--codec]
 
 Both servers serve the same random file from the same directory; the client is curl for
 both (tftp-hpa's client cannot negotiate blksize, so it is stuck at 512-byte blocks).
-N clients start together; MB/s (10^6 bytes/s) is N x size / wall time until the last one
-finishes; the table shows the median of the repetitions, the servers alternating within
-each repetition so load drift hits both. in.tftpd runs in the foreground (`-L`), started
+N clients start together, each from a loopback address of its own (127.0.1.x: booting
+machines each have one, and pxepeer allows one address only a few transfers at once);
+MB/s (10^6 bytes/s) is N x size / wall time until the last one finishes; the table
+shows the median of the repetitions, the servers alternating within each repetition so
+load drift hits both. in.tftpd runs in the foreground (`-L`), started
 and killed here by PID; it drops to the `tftp` user, so the directory is world-readable.
 `--codec` also times parsing one ACK with tftpy's packet factory and with pxe.tftp.
 
@@ -20,6 +22,44 @@ Measured 2026-11-25 on the 2-core development VM, shared with other engineers' Q
 | blksize 1468, 4 clients   |     119.6 |   129.6 |  1.08 |         1.01 |
 | blksize 512, 1 client     |      35.6 |    31.5 |  0.89 |         0.97 |
 | blksize 512, 4 clients    |      42.4 |    50.5 |  1.19 |         1.18 |
+
+2026-11-30, issue 11 (1, 4, 16 and 32 clients; target >= 1.0x at each). The host was far
+from quiet: four engineers on 2 cores, load average 11-48 during these runs, and single
+runs swing by 2x, so the ratios move with the load. `--size-mib 16 --reps 3`, run back to
+back, the code before this work (commit 6a398ca, a thread per transfer in 4 workers)
+and after (the lock-step fast path, one epoll thread per worker):
+
+| clients | before: hpa | pxepeer | ratio | after: hpa | pxepeer | ratio | paired |
+|--------:|------------:|--------:|------:|-----------:|--------:|------:|-------:|
+|       1 |        29.4 |    15.0 |  0.51 |       30.3 |    18.7 |  0.62 |   0.55 |
+|       4 |        39.1 |    31.1 |  0.80 |       67.2 |    36.6 |  0.55 |   0.61 |
+|      16 |        52.2 |    35.4 |  0.68 |       56.0 |    48.7 |  0.87 |   0.83 |
+|      32 |        49.1 |    30.8 |  0.63 |       50.1 |    43.1 |  0.86 |   0.86 |
+
+(load average 44-48 during both). An earlier run of the final code at load ~16-28 gave
+0.83, 1.74, 0.89, 0.84 at 1, 4, 16, 32 clients; at load ~5-15, with 2 workers, 1.01 at one
+client. The load-independent measure is CPU per block (perf stat -e task-clock over the
+server and its children, worker start-up subtracted; one block = 1468 bytes):
+
+| server                                   | 1 client | 16 clients | 32 clients |
+|------------------------------------------|---------:|-----------:|-----------:|
+| tftpd-hpa (a process per transfer)       |  ~17 µs  |    ~23 µs  |    ~22 µs  |
+| pxepeer before (threads, 4 workers)      |  ~31 µs  |    ~38 µs  |    ~39 µs  |
+| pxepeer after (one epoll thread, 4 wkrs) |  ~22 µs  |    ~33 µs  |    ~31 µs  |
+| curl, the client (either server)         |  ~19 µs  |            |            |
+
+Context switches per block at 16 and 32 clients: tftpd-hpa 1.09, pxepeer before 1.2-1.3,
+after 0.5-0.7. Why not >= 1.0x at 16 and 32 on 2 cores: there every core is busy and the
+throughput is (CPU available) / (CPU per block, client plus server), so the ratio is
+about (curl + hpa) / (curl + pxepeer) = (19 + 22) / (19 + 31) = 0.82, close to what was
+measured. tftpd-hpa does 8 syscalls per block (strace -c: 4 fcntl, pselect, read,
+recvfrom, sendto) in ~1 µs of user time; pxepeer does 2 (recv, send) and spends ~10 µs
+in the interpreter around them (call overhead, the GIL's release and re-acquisition at
+each syscall, objects per datagram). Closing the rest means C for the per-block loop or
+clients that ask for windowsize (RFC 7440, served here: a window of N blocks costs one
+ACK), neither of which curl is. At 1 and 4 clients the transfer is latency-bound and
+pxepeer is at parity when the host is quiet; on a loaded host, a few Python processes
+get a smaller share of the CPUs than 32 short-lived tftpd-hpa processes.
 
 Earlier designs, same bench: one asyncio endpoint per packet was never tried (~30 µs per
 datagram measured in LIBRARY-NOTES.md); an epoll pump thread reached ~0.6-0.8x with four
