@@ -271,7 +271,8 @@ def join_store(lab: VirtualStore) -> None:
 def run_site(paths: Paths, peers: int, wan_rate: str, dashboard_port: int) -> int:
     """Runs until SIGTERM (from `down`); the VirtualStore removes what it made."""
     install_signal_cleanup()
-    step("site: building the demo OS disk and the imager (cached in the work directory)")
+    step("site: building the demo OS disk and the imager (images/*/build.sh, into the work "
+         "directory)")
     images = build_images(paths.work / "images")
     sock_dir = Path(tempfile.mkdtemp(prefix="pxvlab-"))  # short: a unix socket path
     forwarder = None
