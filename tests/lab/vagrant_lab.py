@@ -464,9 +464,6 @@ def follow_clients(paths: Paths, site: dict, names: list[str], started: float) -
 
 def up(paths: Paths, args: argparse.Namespace) -> int:
     names = [f"client-{c}" for c in args.clients]
-    for name in names:
-        if name not in CLIENTS:
-            raise LabError(f"no client {name} in vagrant/clients.json")
     reason = already_up(paths)
     if reason:
         say(f"the lab is up already ({reason}): `vagrant/lab.sh down` first")
@@ -649,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         removed = down(paths)
         say("removed: " + (", ".join(removed) if removed else "nothing (nothing was up)"))
         return 0
+    unknown = [c for c in args.clients if f"client-{c}" not in CLIENTS]
+    if unknown or not args.clients:
+        parser.error(f"--clients: from {', '.join(n.removeprefix('client-') for n in CLIENTS)}")
     install_signal_cleanup()  # TERM/HUP/INT: unwind into the teardown below
     try:
         return up(paths, args)
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\nlab.sh up failed: {exc}" if isinstance(exc, Exception) else "\ninterrupted")
         say(f"removing what it made (logs stay in {paths.work})")
         removed = down(paths)
-        say("removed: " + ", ".join(removed))
+        say("removed: " + (", ".join(removed) or "nothing"))
         if isinstance(exc, LabError):
             return 1
         raise
