@@ -80,6 +80,8 @@ What it found (the core's behaviour, not the simulator's):
   period, and takeovers cascade. So the fleet figures above (calibrated at the sites'
   own rates) are optimistic for this core: an origin-bound fleet of 100-peer mDNS
   sites runs every site at ~2 Mbit/s, where this site needs ~4.9x the WAN bytes.
+  The same site at 2 Mbit/s without the cap in play (core b4d698c, churn 0): N = 32 and
+  64 by mDNS, and N = 100 with `--discovery static`: 138 s (0.91x the bound), 1.000 x S.
 - Heartbeats are O(N^2) per site: each peer polls every peer it knows every second
   (64 x 60 = 3840 hellos per peer per minute at N = 100), and announces each chunk it
   stores to each of them (have-notices: 64 per chunk per peer, 164k per peer for a
