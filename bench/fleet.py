@@ -16,10 +16,11 @@ What is real and what is a model:
    without a word, replacements joining by mDNS) are all the core's decisions. The
    transport is fluid (flows, not packets): the site's WAN shared equally by its
    transfers, each LAN transfer at the smaller of its two NICs' equal shares. A detailed
-   site has the site's own peer count and rates, but a smaller image (`--detail-mib`,
-   default 32 MiB = 8 chunks): a tick of the real core costs O(missing chunks x peers)
-   (see "Profile" below), and 100 peers x 2560 chunks x hours of simulated time does
-   not fit ten minutes of one core.
+   site has the site's own peer count and rates, but a smaller image: what its WAN
+   carries in `--detail-seconds` (30), within 8-64 chunks (`--detail-mib` fixes it): a
+   tick of the real core costs O(missing chunks x peers) (see "Profile" below), and
+   100 peers x 2560 chunks x hours of simulated time does not fit ten minutes of one
+   core. The slowest site is the one with the largest own bound.
 2. The fleet (every one of the `--sites` sites): a fluid model, calibrated per site from
    the detailed site nearest in WAN rate: the origin's egress `--origin-gbit` is shared
    max-min fairly between the sites still fetching, each capped by its WAN rate times
@@ -29,12 +30,18 @@ What is real and what is a model:
    per peer x half a chunk, at the expected leave rate); it completes when that is done
    plus its detailed site's tail (last WAN chunk to last peer complete, scaled by LAN
    rate), its endpoints spread over the tail as the detailed site's peers were.
-   Control messages per peer per minute are the detailed sites' rates.
+   Control messages per peer per minute: heartbeats and catalog polls at the detailed
+   sites' per-minute rates, have-notices at their count per chunk, over each site's
+   download. Not modelled: endpoints that join after their site completed (they fetch
+   the image over the LAN in ~S/B) and the origin's own request rate limits.
 
 The reference is analytical: the fleet bound max(sites x S / origin egress, the
 slowest site's own bound), a site's bound being bench/site_distribution.py's
     max(S/W, S/B) + p/W + (ceil(log2(N+1)) - 1) * p/B     (p: the 4 MiB chunk).
-Each detailed site is also reported against its own bound.
+Each detailed site is also reported against its own bound. Several WAN transfers in
+flight can hide the p/W term (a small site can finish below it, as in
+site_distribution.py); the output also gives the bound without it (`strict_bound`),
+which no schedule beats and which tests/unit/test_fleet_sim.py checks.
 
 Measured 2026-11-30, `python -m bench.fleet` (defaults), on the shared 2-core VM (load
 average ~30 from other engineers' work), core = aaf3856 plus another engineer's
