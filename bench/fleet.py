@@ -63,6 +63,9 @@ uncommitted swarm_plan.py (site WAN window, relay tree) as it stood; 4 min 21 s 
     1.18, 1.08, WAN/S 1.000 at all three; fleet 42971 s = 1.000x the bound, WAN 1.0002 x;
     hellos 5955 and have-notices 353 per peer per minute (99 peers in view, not 64).
 
+    Again at core 80e1d92 (the swarm changes committed), load ~3-10: the same figures to
+    the digit, 2 min 32 s wall (2 min 23 s CPU; the detailed sites 150 s, the model 0.4 s).
+
 What it found (the core's behaviour, not the simulator's):
 - Duplicate WAN fetches above 64 peers. `MAX_DYNAMIC_ENDPOINTS` (64) bounds what mDNS
   adds to a peer's view, so at 100 peers each sees 64 others; WAN ownership (rendezvous
