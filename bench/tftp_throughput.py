@@ -36,9 +36,10 @@ and after (the lock-step fast path, one epoll thread per worker):
 |      16 |        52.2 |    35.4 |  0.68 |       56.0 |    48.7 |  0.87 |   0.83 |
 |      32 |        49.1 |    30.8 |  0.63 |       50.1 |    43.1 |  0.86 |   0.86 |
 
-(load average 44-48 during both). An earlier run of the final code at load ~16-28 gave
-0.83, 1.74, 0.89, 0.84 at 1, 4, 16, 32 clients; at load ~5-15, with 2 workers, 1.01 at one
-client. The load-independent measure is CPU per block (perf stat -e task-clock over the
+(load average 44-48 during both). Other runs of the final code: at load ~16-28, 0.83,
+1.74, 0.89, 0.84 at 1, 4, 16, 32 clients; starting at load 1.6 (rising to 32), 1.11,
+0.80, 0.87, 0.85 (tftpd-hpa 31.3 / 68.6 / 54.8 / 51.2 MB/s, pxepeer 34.8 / 54.9 / 47.8 /
+43.5). The load-independent measure is CPU per block (perf stat -e task-clock over the
 server and its children, worker start-up subtracted; one block = 1468 bytes):
 
 | server                                   | 1 client | 16 clients | 32 clients |
