@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             write_png(args.png, rep.fleet, cfg)
             print(f"  wrote {args.png}")
         except ImportError:
-            print("  no PNG: matplotlib is not installed (pip install matplotlib)")
+            print("  no PNG: matplotlib is not installed (pip install -e '.[bench]')")
     if args.json:
         doc = {
             "config": asdict(cfg),
