@@ -46,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.imaging import DONE, IMAGE, IMAGER_BUILD, START, TIMEOUT, make_disk
+from bench.imaging import DONE, IMAGE, IMAGER_BUILD, START, TIMEOUT, disk_matches, make_disk
 from tests.lab.boot_servers import HTTP_PORT, enrolled_store, pxepeer, start_pxepeer
 from tests.lab.virtual_store import (
     VM,
@@ -71,18 +71,6 @@ class Rep:
     load: float
 
 
-def disk_ok(vm: VM, want_sha: str, size: int) -> bool:
-    digest = hashlib.sha256()
-    with open(vm.workdir / "disk.raw", "rb") as f:
-        left = size
-        while left:
-            piece = f.read(min(left, 16 * MIB))
-            digest.update(piece)
-            left -= len(piece)
-    (vm.workdir / "disk.raw").unlink()
-    return digest.hexdigest() == want_sha
-
-
 def boot(lab: VirtualStore, name: str, mac: str, kernel: Path, initrd: Path, append: str,
          disk_mb: int) -> VM:  # fmt: skip
     return lab.boot_vm(
@@ -104,7 +92,7 @@ def run_vms(lab: VirtualStore, names: list[str], kernel: Path, initrd: Path, age
     ok = True
     for vm in vms:
         vm.wait_exit(timeout=120)
-        ok = disk_ok(vm, want, size) and ok
+        ok = disk_matches(vm, want, size) and ok
         vm.stop()
     return [d - s for s, d in zip(starts, dones, strict=True)], max(dones) - min(starts), ok
 
