@@ -27,6 +27,11 @@
 #      console
 #   7. sync, check nothing is missing, report done, reboot (poweroff with pxepeer.poweroff)
 #
+# The server is the peer that answered PXE when the machine booted. If it stops answering
+# (killed, powered off) while the agent still needs it (the plan, the signed manifest), the
+# agent asks the subnet's PXE boot server again (pxe-discover, port 4011): the peer elected
+# in its place answers, and the agent carries on with it.
+#
 # Any fatal problem prints `PXEPEER-IMAGING: FAILED <reason>` and reports `failed`; only a
 # disk whose every chunk was verified is reported done (`PXEPEER-IMAGING: done`).
 #
@@ -42,7 +47,8 @@
 # Outside the imager (tests, benchmarks) the same settings come from the environment:
 # PXEPEER_CMDLINE (instead of /proc/cmdline), PXEPEER_MAC, PXEPEER_DISK (may be a file),
 # PXEPEER_AGENT_NET=0 (no DHCP), PXEPEER_AGENT_EXIT=1 (exit instead of reboot),
-# PXEPEER_RUN (work directory), PXEPEER_TRUST_DIR (trusted keys, KEYID.pem, as
+# PXEPEER_RUN (work directory), PXEPEER_IFACE (the interface to ask the PXE boot server
+# on when PXEPEER_AGENT_NET=0), PXEPEER_TRUST_DIR (trusted keys, KEYID.pem, as
 # images/imager/trust-keys.sh writes them). `--check-plan FILE` only parses a plan and
 # prints counts; `--check-manifest FILE` only reads a manifest's canonical JSON (no
 # signature check) and prints what the agent would write.
@@ -441,6 +447,7 @@ zeros=${PXEPEER_ZEROS:-$(arg pxepeer.zeros)}
 case $zeros in check) ;; *) zeros=skip ;; esac
 mac=${PXEPEER_MAC:-}
 disk=${PXEPEER_DISK:-$(arg pxepeer.disk)}
+net_iface=${PXEPEER_IFACE:-} # set by bring_up_network; where to ask for the boot server
 state=starting
 message=
 # What the signed manifest says (parse_manifest); empty until it is verified.
@@ -542,12 +549,27 @@ http_status() { # http_status FILE: the status in busybox wget's error output, o
     sed -n 's/.*HTTP\/[0-9.]* \([0-9][0-9]*\).*/\1/p' "$1" | tail -n 1
 }
 
+# rediscover: $server gave no answer at all; ask the subnet's PXE boot server who answers
+# now (the site elects another peer within seconds when the responder dies). Switches
+# $server and returns 0 when another peer answered; 1 otherwise (no interface to ask on,
+# nobody answered yet, or the same server). Only where to fetch from changes: every byte
+# written is still checked against the signed manifest.
+rediscover() {
+    [ -n "$net_iface" ] && command -v pxe-discover >/dev/null 2>&1 || return 1
+    found=$(pxe-discover -t 10 "$net_iface" 2>/dev/null) || return 1
+    found=${found%/}
+    [ -n "$found" ] && [ "$found" != "$server" ] || return 1
+    say "boot server $server does not answer; $found answers PXE now: asking it"
+    server=$found
+    return 0
+}
+
 fetch_plan() {
-    url="$server/v1/imaging/plan?mac=$mac"
-    [ -n "$image" ] && url="$url&image=$image"
     attempt=0
     while :; do
         attempt=$((attempt + 1))
+        url="$server/v1/imaging/plan?mac=$mac" # $server may change (rediscover)
+        [ -n "$image" ] && url="$url&image=$image"
         rm -f "$RUN/plan"
         # POST (empty body): the server makes this run a job and hands out its secret.
         set --
@@ -573,6 +595,8 @@ fetch_plan() {
             # 4xx: no such image, no assignment, not a disk image: asking again will not
             # change that. 503 (chunks held by nobody right now) and no answer at all may.
             case $status in 4*) return 1 ;; esac
+            # No answer at all: the server may be gone, and another peer elected.
+            [ -z "$status" ] && [ "$attempt" -lt 10 ] && rediscover && continue
         fi
         [ "$attempt" -ge 10 ] && return 1
         log "$why; asking again in 3 s"
@@ -601,15 +625,17 @@ get_capped() {
     return 1
 }
 
-# get_retried URL FILE MAX WHAT: get_capped, asked again a few times unless the server
-# said no (4xx); sets why on failure.
+# get_retried PATH FILE MAX WHAT: get_capped of $server PATH, asked again a few times
+# unless the server said no (4xx) (of the peer answering PXE by then, if $server stopped
+# answering); sets why on failure.
 get_retried() {
     attempt=0
     while :; do
         attempt=$((attempt + 1))
-        get_capped "$1" "$2" "$3" && return 0
+        get_capped "$server$1" "$2" "$3" && return 0
         why="no $4 from $server ($got)"
         case $status in 4*) return 1 ;; esac
+        [ -z "$status" ] && [ "$attempt" -lt 5 ] && rediscover && continue
         [ "$attempt" -ge 5 ] && return 1
         log "$why; asking again in 3 s"
         sleep 3
@@ -626,7 +652,7 @@ verify_manifest() {
     set -- "$TRUST"/*.pem
     [ -e "$1" ] || { why="this imager trusts no publisher key ($TRUST holds none): build it with images/imager/build.sh --trust"; return 1; }
     command -v openssl >/dev/null || { why="no openssl in this imager: it cannot check signatures"; return 1; }
-    get_retried "$server/v1/manifests/$id/canonical" "$canon" "$MAX_MANIFEST" \
+    get_retried "/v1/manifests/$id/canonical" "$canon" "$MAX_MANIFEST" \
         "signed manifest $short" || return 1
     sum=$(sha256sum <"$canon")
     sum=${sum%% *}
@@ -634,7 +660,7 @@ verify_manifest() {
         why="the manifest $server sent as $short is another document (its SHA-256 is ${sum%"${sum#????????????}"}...)"
         return 1
     fi
-    get_retried "$server/v1/manifests/$id/signatures" "$RUN/manifest.sigs" 4096 \
+    get_retried "/v1/manifests/$id/signatures" "$RUN/manifest.sigs" 4096 \
         "signatures of manifest $short" || return 1
     signer='' untrusted='' mismatch='' n=0
     while IFS=' ' read -r kid sig more || [ -n "$kid" ]; do

@@ -1,0 +1,76 @@
+"""The imaging agent outlives the responder that booted it: when the server on its command
+line gives no answer at all (the peer was killed between rendering the boot script and
+the agent's first request), it asks the subnet's PXE boot server again and carries on
+with the peer elected in its place (issue 11, point 5: tests/lab/test_faults.py found a
+machine holding on "FAILED no plan" after the responder was killed).
+
+The agent and its server are tests/integration/test_signed_imaging_agent.py's; the
+boot-server discovery on port 4011 is a stub `pxe-discover` on PATH that prints the live
+server (the real tool is tested against a real serve in test_imager_discovery.py)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests.integration.test_signed_imaging_agent import (  # noqa: F401 (fixtures)
+    DISK_BYTES,
+    NAME,
+    Lab,
+    keys,
+)
+from tests.integration.test_signed_imaging_agent import lab as lab
+
+
+def _dead_url() -> str:
+    """A 127.0.0.1 port nobody listens on: connection refused, as a killed peer's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _stub_discover(lab: Lab, answer: str) -> tuple[Path, Path]:
+    """A pxe-discover that records its arguments and prints `answer`; (bin dir, log)."""
+    bin_dir, calls = lab.work / "stub-bin", lab.work / "discover-calls"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "pxe-discover"
+    stub.write_text(f'#!/bin/sh\necho "$*" >>{calls}\necho {answer}\n')
+    stub.chmod(0o755)
+    return bin_dir, calls
+
+
+def test_the_agent_asks_the_boot_server_again_when_its_server_is_gone(lab: Lab) -> None:
+    dead = _dead_url()
+    bin_dir, calls = _stub_discover(lab, lab.server.url)
+    result = lab.run_agent(
+        env={
+            "PXEPEER_CMDLINE": f"console=ttyS0 pxepeer.server={dead} pxepeer.image={NAME}",
+            "PXEPEER_IFACE": "eth0",
+            "PATH": f"{bin_dir}:{lab.work / 'applets'}",
+        }
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PXEPEER-IMAGING: done" in result.stdout
+    assert f"boot server {dead} does not answer; {lab.server.url} answers PXE now" in (
+        result.stdout
+    )
+    assert calls.read_text().split("\n")[0].endswith("eth0")
+    written = lab.disk.read_bytes()
+    assert written[: len(lab.image)] == lab.image
+    assert written[len(lab.image) :] == bytes(DISK_BYTES - len(lab.image))
+    # The plan and the signed manifest both came from the peer that answered.
+    assert lab.server.plan_methods == ["POST"]
+    assert f"GET /v1/manifests/{lab.manifest.manifest_id}/canonical" in lab.server.requests
+
+
+def test_without_an_interface_to_ask_on_the_agent_keeps_its_server(lab: Lab) -> None:
+    """No NIC of its own to ask on (the agent run outside the imager, no PXEPEER_IFACE):
+    no discovery, and the live server on the command line is used as before."""
+    bin_dir, calls = _stub_discover(lab, _dead_url())
+    result = lab.run_agent(env={"PATH": f"{bin_dir}:{lab.work / 'applets'}"})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not calls.exists()
+    assert "answers PXE now" not in result.stdout
