@@ -44,6 +44,9 @@ PEER_TIMEOUT = 6.0
 MANIFEST_RETRY_FIRST, MANIFEST_RETRY_MAX = 5.0, 300.0  # after a manifest is refused
 ORIGIN_BACKOFF_MAX = 8.0
 QUOTA_PAUSE = 30.0
+# After a chunk could not be stored (a full disk): no downloads for this long, so a peer
+# does not fetch chunks only to throw them away, then it tries again (room may be back).
+DISK_PAUSE = 5.0
 MAX_LAN_ATTEMPTS = 3  # failed LAN fetches of one chunk before it comes from the origin
 # Failures that prove a holder's claim false (a timeout may be congestion; these are not):
 # once every holder of a chunk has lied about it, it comes from the origin at once.
@@ -213,6 +216,7 @@ class SiteCore:
         self._next_probe = now + PROBE_FIRST
         self._probe_in_flight = False
         self._quota_paused_until = 0.0
+        self._disk_paused_until = 0.0
         self._lan_attempts: dict[str, int] = {}  # sha -> failed LAN fetches
         self._lied_about: set[str] = set()  # chunks a holder claimed and could not send
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
@@ -600,6 +604,11 @@ class SiteCore:
         origin (the origin failed), disk (we could not store it), quota, cancelled."""
         sha = fetch.job.ref.sha256
         self.planner.finished(fetch, False)
+        if reason == "disk":
+            if now >= self._disk_paused_until:
+                log.warning("cannot store chunks (disk full?): not downloading for %.0f s",
+                            DISK_PAUSE)  # fmt: skip
+            self._disk_paused_until = now + DISK_PAUSE
         if fetch.source == ORIGIN:
             if reason == "corrupt":
                 self.counters.bad_chunks_received += 1
@@ -801,7 +810,7 @@ class SiteCore:
                 self._manifests_in_flight.add(manifest_id)
                 commands.append(FetchManifest(manifest_id, peers, try_origin))
 
-        if not self.quota_paused(now):
+        if not self.quota_paused(now) and now >= self._disk_paused_until:
             commands.extend(self._plan_fetches(now, live))
 
         if (
@@ -887,6 +896,8 @@ class SiteCore:
                 "cache quota is full of images this peer must keep: raise --quota or lower "
                 "replica targets"
             )
+        if now < self._disk_paused_until:
+            warnings.append("cannot store chunks (disk full?): downloads paused")
         if not self.hears_site(now) and self.settings.can_answer_pxe:
             warnings.append(
                 "the heartbeat loop is not running: this peer does not answer PXE until it "

@@ -1,0 +1,48 @@
+"""A peer that cannot store a chunk (its disk is full) stops downloading for a while
+instead of fetching chunks only to throw them away, and resumes on its own (issue 11,
+point 5: bench/faults.py saw a full-disk peer fetch 4 MiB chunks over the LAN about twice
+a second for the 40 s its disk was full, and one from the origin, every one discarded:
+the adapter's 5 s sleep came after the core had freed the fetch's slot)."""
+
+from __future__ import annotations
+
+from peer.core.site_core import DISK_PAUSE
+from tests.unit.test_site_core import (
+    P1,
+    WALL,
+    chunk_fetches,
+    peer_hello,
+    run_round,
+    wanting_core,
+)
+
+
+def test_a_chunk_that_cannot_be_stored_pauses_downloads_then_they_resume() -> None:
+    c = wanting_core(has_origin=False)
+    run_round(c, 3.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    fetches = chunk_fetches(c.tick(3.1, WALL))
+    assert fetches
+    for f in fetches:
+        c.chunk_failed(f.fetch, "disk", 3.2)
+
+    # Every slot is free again, and the holder still claims every chunk: without the
+    # pause, the next tick would fetch them all again.
+    run_round(c, 4.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    assert not chunk_fetches(c.tick(4.1, WALL))
+    assert any("disk full" in w for w in c.warnings(4.1, WALL))
+    # The holder was not blamed: a full disk is ours.
+    assert c.reputation.total_strikes.get(P1, 0) == 0
+
+    later = 3.2 + DISK_PAUSE + 0.1
+    run_round(c, later, peer_hello(P1, have=(0, 1, 2, 3)))
+    assert chunk_fetches(c.tick(later + 0.1, WALL))
+    assert not any("disk full" in w for w in c.warnings(later + 0.1, WALL))
+
+
+def test_other_failures_do_not_pause_downloads() -> None:
+    c = wanting_core(has_origin=False)
+    run_round(c, 3.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    [first, *_] = chunk_fetches(c.tick(3.1, WALL))
+    c.chunk_failed(first.fetch, "timeout", 3.2)
+    run_round(c, 4.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    assert chunk_fetches(c.tick(4.1, WALL))
