@@ -22,10 +22,12 @@ def rendezvous_rank(key: str, node_ids: Iterable[str]) -> list[str]:
     peer dying mid-download hands over exactly its own chunks.
     """
 
-    def weight(node: str) -> bytes:
-        return hashlib.sha256(f"{node}\x00{key}".encode()).digest()
+    return sorted(set(node_ids), key=lambda node: rendezvous_weight(key, node), reverse=True)
 
-    return sorted(set(node_ids), key=weight, reverse=True)
+
+def rendezvous_weight(key: str, node: str) -> bytes:
+    """`node`'s weight for `key`: the higher, the earlier in `rendezvous_rank`."""
+    return hashlib.sha256(f"{node}\x00{key}".encode()).digest()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imaging.manifest import ChunkRef
-from peer.core.ranking import rendezvous_rank
+from peer.core.ranking import rendezvous_rank, rendezvous_weight
 from peer.core.wire import Hello
 
 ORIGIN = "origin"
@@ -184,29 +184,69 @@ class SwarmPlanner:
         sources = [h for h in live if h.node_id not in shunned]
         self.note_progress(sources, now)
         elsewhere = {sha for h in live for sha in h.fetching}
-        holders_of: dict[str, list[str]] = {}
+        # Each source's bitmap per image, as raw bytes tested inline: this scan runs for
+        # every missing chunk on every plan, and at a 10 GiB image (2,560 chunks) and a
+        # few hundred peers a method call per test costs the site core seconds a tick.
+        bits_of: dict[str, list[tuple[str, bytearray, int]]] = {}
+        held_anywhere: dict[str, bytearray] = {}  # manifest id -> OR of the sources' bits
+        for h in sources:
+            for manifest_id, bm in h.holdings.items():
+                bits_of.setdefault(manifest_id, []).append((h.node_id, bm.bits, bm.size))
+                union = held_anywhere.setdefault(manifest_id, bytearray(len(bm.bits)))
+                if len(union) < len(bm.bits):
+                    union.extend(bytes(len(bm.bits) - len(union)))
+                union[: len(bm.bits)] = (
+                    int.from_bytes(union[: len(bm.bits)], "big")
+                    | int.from_bytes(bm.bits, "big")
+                ).to_bytes(len(bm.bits), "big")
+        excluded_shas = {sha for _, sha in excluded}
+
+        def holders_now(job: ChunkJob) -> list[str]:
+            sha, index = job.ref.sha256, job.index
+            byte, mask = index >> 3, 0x80 >> (index & 7)
+            return [
+                node
+                for node, bits, size in bits_of.get(job.manifest_id, ())
+                if index < size
+                and bits[byte] & mask
+                and (sha not in excluded_shas or (node, sha) not in excluded)
+            ]
+
+        holders_of: dict[str, list[str] | None] = {}  # None: held somewhere, not listed yet
         window_pos: dict[str, int] = {}  # sha -> place among the image's unheld chunks
         unheld: dict[str, int] = {}  # manifest id -> unheld chunks seen so far
         for job in missing:
             sha = job.ref.sha256
             if sha in holders_of:
                 continue
-            holders_of[sha] = [
-                h.node_id
-                for h in sources
-                if (bm := h.holdings.get(job.manifest_id)) is not None
-                and job.index in bm
-                and (h.node_id, sha) not in excluded
-            ]
-            if not holders_of[sha]:
+            union = held_anywhere.get(job.manifest_id)
+            index = job.index
+            anywhere = (
+                union is not None
+                and index >> 3 < len(union)
+                and bool(union[index >> 3] & (0x80 >> (index & 7)))
+            )
+            if anywhere and sha in excluded_shas:
+                holders_of[sha] = holders_now(job)  # only disbelieved claims may hold it
+                anywhere = bool(holders_of[sha])
+            if anywhere:
+                holders_of.setdefault(sha, None)
+            else:
+                holders_of[sha] = []
                 window_pos[sha] = unheld.get(job.manifest_id, 0)
                 unheld[job.manifest_id] = window_pos[sha] + 1
         window = self.limits.site_wan_window or len(missing)
         self.wan_open = sum(min(n, window) for n in unheld.values())
         planned_load: dict[str, int] = {}
+        for sha in elsewhere:  # its takeover clock runs whether or not we look at it now
+            if holders_of.get(sha) == []:
+                self.elsewhere_since.setdefault(sha, now)
+        planned: set[str] = set()
         for job in missing:
+            if lan >= self.limits.lan_in_flight and wan >= self.limits.wan_in_flight:
+                break  # every slot is taken: nothing below could start now
             sha = job.ref.sha256
-            if sha in self.in_flight or any(f.job.ref.sha256 == sha for f in fetches):
+            if sha in self.in_flight or sha in planned:
                 continue
             if sha in to_origin and self_wan_ok:
                 if wan < self.limits.wan_in_flight:
@@ -214,6 +254,10 @@ class SwarmPlanner:
                     wan += 1
                 continue
             holders = holders_of[sha]
+            if holders is None:  # held somewhere: listed only when a LAN slot is free
+                if lan >= self.limits.lan_in_flight:
+                    continue
+                holders = holders_of[sha] = holders_now(job)
             if holders:
                 if lan >= self.limits.lan_in_flight:
                     continue
@@ -232,6 +276,7 @@ class SwarmPlanner:
                     continue
                 planned_load[best] = planned_load.get(best, 0) + 1
                 fetches.append(Fetch(job, best))
+                planned.add(sha)
                 lan += 1
             elif sha in lan_failed and self_wan_ok:
                 if wan < self.limits.wan_in_flight:
@@ -259,7 +304,7 @@ class SwarmPlanner:
             if sha not in holders_of:  # no longer missing here
                 del self.owner_since[sha]
         for sha in list(self.relay_since):
-            if sha not in holders_of or not holders_of[sha]:
+            if holders_of.get(sha, []) == []:  # not missing, or nobody holds it now
                 del self.relay_since[sha]
         # Our WAN fetches outside the window (lied-about chunks) use the link too.
         mine = {sha for sha, source in self.in_flight.items() if source == ORIGIN}
@@ -284,20 +329,37 @@ class SwarmPlanner:
         if len(holders) != seen:
             seen, since = len(holders), now
             self.relay_since[sha] = (seen, since)
-        wanting = [self.node_id]
-        for h in live:
-            bm = h.holdings.get(job.manifest_id)
-            if (h.node_id, sha) in excluded:
-                continue
-            if (bm is None or job.index not in bm) and (
-                job.manifest_id in h.wants or h.catalog_serial < catalog_serial
-            ):
-                wanting.append(h.node_id)
-        turn = rendezvous_rank(sha, wanting).index(self.node_id)
+        index, manifest_id = job.index, job.manifest_id
+        byte, mask = index >> 3, 0x80 >> (index & 7)
+
+        def wants_it(h: Hello) -> bool:
+            if h.node_id == self.node_id or (h.node_id, sha) in excluded:
+                return False
+            bm = h.holdings.get(manifest_id)
+            if bm is not None and index < bm.size and bm.bits[byte] & mask:
+                return False  # it holds the chunk
+            return manifest_id in h.wants or h.catalog_serial < catalog_serial
+
         fanout = self.limits.relay_fanout
-        if not fanout or turn < len(holders) * fanout or now - since >= self.limits.relay_wait:
-            return turn
-        return None
+        if not fanout or now - since >= self.limits.relay_wait:
+            wanting = [self.node_id, *(h.node_id for h in live if wants_it(h))]
+            return rendezvous_rank(sha, wanting).index(self.node_id)
+        # Our place is how many wanting peers outweigh us. Counting stops once it is
+        # past our turn, so a peer far down the ranking looks at a few peers, not all
+        # of them, for each of the thousands of chunks it waits on.
+        slots = len(holders) * fanout
+        ours = rendezvous_weight(sha, self.node_id)
+        turn = 0
+        counted: set[str] = set()
+        for h in live:
+            if h.node_id in counted or not wants_it(h):
+                continue
+            counted.add(h.node_id)
+            if rendezvous_weight(sha, h.node_id) > ours:
+                turn += 1
+                if turn >= slots:
+                    return None
+        return turn
 
     def wan_fetching(self) -> list[str]:
         return [sha for sha, source in self.in_flight.items() if source == ORIGIN]

@@ -227,3 +227,30 @@ def test_a_stuck_owners_chunks_pass_down_together_as_the_window_moves() -> None:
     # The first chunk is ours now; p1 is still stuck: the next one is taken at once.
     [fetch] = planner.plan([second], [hello("p1", n=64)], set(), True, 32.0)
     assert fetch.job == second and fetch.source == ORIGIN
+
+
+def test_a_chunk_only_a_disbelieved_or_short_bitmap_holds_is_unheld_for_the_wan_window() -> None:
+    # p1's claim to chunk 0 is disbelieved and p2's bitmap is too short to hold chunk 1:
+    # neither counts as a holder, so chunks 0 and 1 are the first two the WAN window opens.
+    short = ChunkBitmap(1)
+    short.set(0)
+    p2 = Hello("p2", "s", "10.0.0.1", 8080, 1.0, False, 1, True, {MID: short}, [MID])
+    all_jobs = jobs(8)
+    planner = SwarmPlanner("me", Limits(wan_in_flight=100, site_wan_window=2))
+    excluded = {("p1", all_jobs[0].ref.sha256), ("p2", all_jobs[0].ref.sha256)}
+    planner.plan(all_jobs, [hello("p1", [0]), p2], set(), True, 0.0, excluded=excluded)
+    assert planner.wan_open == 2
+    owner_of = {j.index: rendezvous_rank(j.ref.sha256, ["me", "p1", "p2"])[0] for j in all_jobs}
+    fetched = SwarmPlanner("me", Limits(wan_in_flight=100, site_wan_window=2)).plan(
+        all_jobs, [hello("p1", [0]), p2], set(), True, 0.0, excluded=excluded
+    )
+    assert {f.job.index for f in fetched if f.source == ORIGIN} == {
+        i for i in (0, 1) if owner_of[i] == "me"
+    }
+
+
+def test_when_every_slot_is_taken_the_rest_of_the_chunks_wait() -> None:
+    limits = Limits(lan_in_flight=2, per_peer_in_flight=2, wan_in_flight=0, relay_fanout=0)
+    planner = SwarmPlanner("me", limits)
+    fetches = planner.plan(jobs(8), [hello("p1", list(range(8)))], set(), True, 0.0)
+    assert len(fetches) == 2 and all(f.source == "p1" for f in fetches)
