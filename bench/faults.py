@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,12 @@ class Run:
     verify_ok: int = 0
     verify_failed: int = 0
     fill_bytes: int = 0  # how much the filler took at its largest
+    # Where WAN bytes beyond the image went (nginx's log): chunk GETs cut short (a peer
+    # killed mid-transfer, a fetch given up during a WAN cut), chunks sent whole more
+    # than once, and what the full-disk peer fetched.
+    wan_partial_mib: float = 0.0
+    duplicate_chunk_gets: int = 0
+    full_peer_wan_mib: float = 0.0
     verify_output: list[str] = field(default_factory=list)
 
 
@@ -256,9 +263,14 @@ def _swarm(lab: SiteLab, image: BuiltImage, args: argparse.Namespace, faults: Fa
         lab.wan_up()
     if filler is not None and filler.exists():
         filler.unlink()
-    run.wan_bytes_over_s = round(
-        sum(r.bytes_sent for r in lab.requests() if r.time >= start_wall) / image.stored_bytes, 4
-    )
+    requests = [r for r in lab.requests() if r.time >= start_wall]
+    run.wan_bytes_over_s = round(sum(r.bytes_sent for r in requests) / image.stored_bytes, 4)
+    gets = [r for r in requests if r.chunk and r.method == "GET"]
+    run.wan_partial_mib = round(sum(r.bytes_sent for r in gets if not r.complete) / MIB, 1)
+    whole = Counter(r.chunk for r in gets if r.complete and r.status == 200)
+    run.duplicate_chunk_gets = sum(n - 1 for n in whole.values())
+    full_ip = lab.peers[faults.full_peer if faults else -1].ip
+    run.full_peer_wan_mib = round(sum(r.bytes_sent for r in gets if r.addr == full_ip) / MIB, 1)
     for p in lab.peers:
         p.stop()
     run.enospc = sum(p.log_text().count(ENOSPC_TEXT) for p in lab.peers)
@@ -369,6 +381,14 @@ def main() -> int:
         f"| {sum(h.enospc for _, h in runs)} | {crashes} | {corrupt} "
         f"| {sum(c.verify_ok + h.verify_ok for c, h in runs)}/"
         f"{2 * args.reps * args.peers} |"
+    )
+    print(
+        "WAN beyond the image with faults (each run): "
+        + "; ".join(
+            f"{h.wan_partial_mib} MiB in chunk GETs cut short, {h.duplicate_chunk_gets} chunks "
+            f"sent whole twice or more, full-disk peer fetched {h.full_peer_wan_mib} MiB"
+            for _, h in runs
+        )
     )
     if args.json:
         args.json.write_text(json.dumps([[asdict(c), asdict(h)] for c, h in runs], indent=1))
