@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,11 +47,14 @@ from imaging.control import (
     accept_control,
 )
 from imaging.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest
-from imaging.signing import SignatureError, TrustedKeys
+from imaging.signing import PublicKey, SignatureError, TrustedKeys
 from peer.adapters.discovery import MdnsDiscovery
+from peer.adapters.heartbeat import GROUP, HeartbeatSocket
 from peer.adapters.origin import OriginClient, OriginError
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.supervisor import Supervisor
+from peer.core.heartbeat import INTERVAL as BEAT_INTERVAL
+from peer.core.heartbeat import HeartbeatGate, HeartbeatRefused
 from peer.core.machine_records import (
     MAX_BOOK_BYTES,
     MachineState,
@@ -106,6 +110,7 @@ HELLO_TIMEOUT = 2.0
 ROUND_TIMEOUT = 3.0  # a heartbeat round never waits longer, however many endpoints hang
 CHUNK_MIN_RATE = 256 * 1024  # bytes/s below which a LAN chunk transfer has timed out
 HEARTBEAT_TASK = "heartbeat"
+BEACON_TASK = "heartbeat-send"
 
 
 class Oversize(Exception):
@@ -197,6 +202,14 @@ class Site:
             now=time.monotonic(),
             wall=time.time(),
         )
+        self.core.boot = secrets.token_hex(8)
+        # Heartbeats count only from members a signed hello admitted, timed in the clock
+        # those hellos taught us (peer/core/heartbeat.py).
+        self.heartbeat_gate = (
+            HeartbeatGate(self.node_id, config.site, credentials.offsets.their_time)
+            if credentials is not None else None
+        )  # fmt: skip
+        self._beacon: HeartbeatSocket | None = None
         self.quota = Quota(store, config.quota_bytes)
         self.supervisor = Supervisor(self._task_changed)
         self.origin: OriginClient | None = None
@@ -308,6 +321,15 @@ class Site:
             except OSError as exc:
                 log.warning("mDNS unavailable (%s); use --peer HOST:PORT", exc)
                 self._discovery = None
+        if self.heartbeat_gate is not None and self.config.interface:
+            try:
+                self._beacon = await HeartbeatSocket.open(
+                    self.config.http_port, self.config.interface, None, self._on_heartbeat
+                )
+            except OSError as exc:  # members are then polled every round, as without
+                log.warning("heartbeats unavailable (%s): polling every peer instead", exc)
+            else:
+                self.supervisor.start(BEACON_TASK, self._send_heartbeats)
         self.supervisor.start(HEARTBEAT_TASK, self._drive)
         self.supervisor.start("store-scan", self._store_scan_loop)
 
@@ -321,6 +343,8 @@ class Site:
         if self._discovery is not None:
             with contextlib.suppress(Exception):
                 await self._discovery.stop()
+        if self._beacon is not None:
+            self._beacon.close()
         for session in (self._control, self._transfers):
             if session is not None:
                 await session.close()
@@ -418,6 +442,32 @@ class Site:
 
     # -- heartbeats ------------------------------------------------------------------------
 
+    async def _send_heartbeats(self) -> None:
+        """One signed datagram a second to the site's group: what keeps this peer live
+        in every other peer's view without their polls."""
+        assert self._beacon is not None
+        while True:
+            beat = self.core.heartbeat(time.monotonic(), self.config.address or "")
+            self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
+            await asyncio.sleep(BEAT_INTERVAL)
+
+    def _on_heartbeat(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.heartbeat_gate is not None
+        now = time.monotonic()
+        try:
+            beat = self.heartbeat_gate.check(data, now, int(time.time() * 1000))
+        except HeartbeatRefused as exc:
+            if exc.reason == "unknown node" and exc.heartbeat is not None:
+                # A node not (yet) in our view: an endpoint to ask, as mDNS would give.
+                endpoint = f"{addr[0]}:{exc.heartbeat.http_port}"
+                if self.core.endpoint_discovered(endpoint, exc.heartbeat.node_id, now):
+                    log.info("heartbeat: found peer %s at %s", exc.heartbeat.node_id, endpoint)
+                    self._wake.set()
+            elif exc.reason != "own":
+                self.rejections.count("heartbeat", exc.reason)
+            return
+        self.core.heartbeat_received(beat, now)
+
     async def _poll_round(self, command: PollPeers) -> None:
         try:
             await asyncio.wait_for(
@@ -427,6 +477,10 @@ class Site:
         except TimeoutError:
             pass
         self.core.round_done(time.monotonic())
+        if self.heartbeat_gate is not None:
+            for node in self.heartbeat_gate.members():
+                if self.membership.get(node) is None:  # left the view: a hello readmits it
+                    self.heartbeat_gate.forget(node)
 
     def _signed(self, method: str, path_qs: str, body: bytes = b"", to: str | None = None
                 ) -> tuple[dict[str, str], str]:  # fmt: skip
@@ -462,17 +516,17 @@ class Site:
         loop = asyncio.get_running_loop()
         credentials = self.credentials
 
-        def check() -> Hello:
+        def check() -> tuple[Hello, PublicKey]:
             # Only a hello signed by an enrolled node, for this very request, and naming
             # the node id its key gives, makes a member.
             cert = credentials.check_response(resp_headers, nonce, status, body, sent)
             hello = parse_hello(body)
             if hello.node_id != cert.node_id:
                 raise WireError("node id mismatch", f"{hello.node_id} signed by {cert.node_id}")
-            return hello
+            return hello, cert.public_key
 
         try:
-            hello = await loop.run_in_executor(None, check)
+            hello, key = await loop.run_in_executor(None, check)
         except WireError as exc:
             self.rejections.count_error("hello", exc)
             self.core.hello_failed(endpoint, exc.reason, time.monotonic(), refused=True)
@@ -481,6 +535,8 @@ class Site:
             self.core.hello_failed(endpoint, exc.reason, time.monotonic(), refused=True)
             return
         self.core.hello_received(endpoint, hello, time.monotonic())
+        if self.heartbeat_gate is not None and self.membership.get(hello.node_id) is not None:
+            self.heartbeat_gate.admit(hello.node_id, key)
 
     # -- the catalog -----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ short fixed reason out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 from imaging import strict_json
 from imaging.signing import PublicKey, SignatureError, SigningKey
-from peer.core.wire import MAX_RESPONDERS, NODE_ID, SITE_TEXT
+from peer.core.wire import MAX_RESPONDERS, NODE_ID, SITE_TEXT, Hello
 
 MAGIC = b"PXHB1"
 SIGNATURE_BYTES = 64
@@ -57,9 +58,12 @@ FIELDS = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes", 
 class HeartbeatRefused(ValueError):
     """A datagram we drop; `reason` is a short fixed label for metrics."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", heartbeat: Heartbeat | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        # An "unknown node" refusal carries what the datagram claimed: an endpoint to ask
+        # (as a discovered one, bounded like mDNS), never a member.
+        self.heartbeat = heartbeat
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,18 @@ class Heartbeat:
         if len(datagram) > MAX_DATAGRAM:
             raise ValueError(f"heartbeat of {len(datagram)} bytes")
         return datagram
+
+
+def hello_version(hello: Hello) -> str:
+    """What a heartbeat says about the sender's hello: a digest of everything in it but
+    the counters (they change with every byte served) and the chunk bits (have-notices
+    carry those as they change; which images it holds is still in). A member's hello is
+    polled when this changes."""
+    doc = hello.to_json()
+    doc.pop("counters", None)
+    doc["holdings"] = sorted(hello.holdings)
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def parse(datagram: bytes) -> tuple[Heartbeat, bytes, bytes]:
@@ -161,6 +177,9 @@ class HeartbeatGate:
     def __contains__(self, node_id: str) -> bool:
         return node_id in self._members
 
+    def members(self) -> set[str]:
+        return set(self._members)
+
     def check(self, datagram: bytes, now: float, our_ms: int) -> Heartbeat:
         """The heartbeat, verified and newer than any before it; else HeartbeatRefused."""
         self._new_second(now)
@@ -174,7 +193,7 @@ class HeartbeatGate:
             raise HeartbeatRefused("other site", beat.site)
         member = self._members.get(beat.node_id)
         if member is None:
-            raise HeartbeatRefused("unknown node", beat.node_id)
+            raise HeartbeatRefused("unknown node", beat.node_id, beat)
         if beat.boot == member.boot and beat.seq <= member.seq:
             raise HeartbeatRefused("replay", f"seq {beat.seq} <= {member.seq}")
         if abs(beat.sent_ms - self._their_time(beat.node_id, our_ms)) > WINDOW_MS:

@@ -34,6 +34,15 @@ class Membership:
         self._peers[hello.node_id] = PeerRecord(hello, now)
         return True
 
+    def touch(self, node_id: str, now: float) -> bool:
+        """A member was heard from without a hello (its verified heartbeat); False when
+        it is not a member (only a hello makes one)."""
+        record = self._peers.get(node_id)
+        if record is None:
+            return False
+        record.last_seen = max(record.last_seen, now)
+        return True
+
     def note_chunk(self, node_id: str, manifest_id: str, index: int, size: int) -> bool:
         """A peer told us it just stored a chunk (between heartbeats). `size` must be the
         image's chunk count as our own manifest says (the caller checks): a bitmap is

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from imaging.catalog import Catalog, CatalogEntry
 from imaging.control import Control, ControlEntry, Effective, effective
 from imaging.manifest import Manifest
+from peer.core.heartbeat import Heartbeat, hello_version
 from peer.core.membership import Membership
 from peer.core.offer_check import RogueServers, SeenOffer, check_offers
 from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
 from peer.core.reputation import Reputation
 from peer.core.swarm_plan import ORIGIN, ChunkJob, Fetch, SwarmPlanner
-from peer.core.wire import ChunkBitmap, HaveNotice, Hello, WireError
+from peer.core.wire import MAX_RESPONDERS, ChunkBitmap, HaveNotice, Hello, WireError
 
 log = logging.getLogger("pxepeer.site")
 
@@ -54,7 +55,15 @@ LIES = ("not found", "oversize", "corrupt", "bad status")
 CLAIM_LOST_SECONDS = 120.0  # a holder that failed a chunk is not asked for it again
 ENDPOINT_BACKOFF_MAX = 60.0  # polling an endpoint that sends garbage or is down
 ENDPOINT_EXPIRY = 300.0  # a discovered endpoint silent this long is forgotten
-MAX_DYNAMIC_ENDPOINTS = 64  # discovered (not --peer) endpoints kept at once
+MAX_DYNAMIC_ENDPOINTS = 256  # discovered (not --peer) endpoints kept at once
+# Heartbeats (peer/core/heartbeat.py) keep a member live between hello polls. A member
+# whose heartbeats count is polled only when its heartbeat says its hello changed, or
+# every HELLO_REFRESH; a member without a counted heartbeat for BEAT_STALE is polled
+# every round, as every member was before heartbeats (and still is where multicast
+# does not reach: loopback, other subnets).
+BEAT_STALE = 2.5
+HELLO_REFRESH = 30.0
+CHANGED_POLLS_PER_ROUND = 12  # members polled because their hello changed, per round
 PROBE_FIRST = SETTLE_SECONDS + 3
 RECORDS_PULL_SECONDS = 3.0  # at most one pull of a peer's machine records this often
 RECORDS_PULL_MAX = 120.0  # ... backing off to this while pulls bring nothing new
@@ -169,6 +178,25 @@ class Endpoint:
     last_ok: float | None = None
     discovered: float = 0.0
     node_id: str | None = None
+    member: str | None = None  # the node whose signed hello it last gave
+    beat_at: float | None = None  # that node's last counted heartbeat
+    beat_version: str = ""  # the hello version it announced
+    asked_version: str = ""  # beat_version when the last poll was sent
+    polled_version: str = ""  # asked_version of the last poll answered
+
+    def needs_poll(self, now: float) -> bool:
+        """Polled every round: never answered, or its heartbeats do not count (stale
+        or never heard). Else only when changed (`changed`)."""
+        return (
+            self.last_ok is None
+            or self.member is None
+            or self.beat_at is None
+            or now - self.beat_at > BEAT_STALE
+        )
+
+    def changed(self, now: float) -> bool:
+        assert self.last_ok is not None
+        return self.beat_version != self.polled_version or now - self.last_ok > HELLO_REFRESH
 
 
 class SiteCore:
@@ -226,6 +254,8 @@ class SiteCore:
         self._records_in_flight: set[str] = set()
         self._records_next: dict[str, float] = {}
         self._records_pause: dict[str, float] = {}  # node -> current pull interval
+        self.boot = ""  # random per run, named in heartbeats (the adapter sets it)
+        self._beat_seq = 0
 
     # -- what this peer is and says ----------------------------------------------------
 
@@ -279,6 +309,27 @@ class SiteCore:
             responders=list(self.responders),
             records_digest=self.records_digest,
         )
+
+    def heartbeat(self, now: float, address: str) -> Heartbeat:
+        """This peer's next heartbeat (the adapter signs and sends it)."""
+        self._beat_seq += 1
+        return Heartbeat(
+            node_id=self.node_id, site=self.settings.site, boot=self.boot,
+            seq=self._beat_seq, sent_ms=int(self.wall * 1000),
+            http_port=self.settings.http_port, can_answer_pxe=self.settings.can_answer_pxe,
+            votes=tuple(self.responders[:MAX_RESPONDERS]),
+            version=hello_version(self.hello(now, address)),
+        )  # fmt: skip
+
+    def heartbeat_received(self, beat: Heartbeat, now: float) -> None:
+        """A member's heartbeat that the gate verified: it is live; poll its hello if
+        the version it announces is not the one we read."""
+        endpoint = self.endpoint_of.get(beat.node_id)
+        state = self.endpoints.get(endpoint) if endpoint is not None else None
+        if state is None or state.member != beat.node_id:
+            return
+        if self.membership.touch(beat.node_id, now):
+            state.beat_at, state.beat_version = now, beat.version
 
     # -- catalog and wanted set ----------------------------------------------------------
 
@@ -427,6 +478,9 @@ class SiteCore:
         state = self.endpoints.get(endpoint)
         if state is not None:
             state.failures, state.last_ok, state.next_poll = 0, now, 0.0
+            if state.member != hello.node_id:
+                state.member, state.beat_at = hello.node_id, None
+            state.polled_version = state.asked_version
         if hello.node_id == self.node_id:
             # Our own address (e.g. listed in --peer): stop polling it.
             self.endpoints.pop(endpoint, None)
@@ -778,9 +832,8 @@ class SiteCore:
                 del self._claims_lost[key]
 
         if not self._round_in_flight and now >= self._next_round:
-            due = tuple(e for e, s in self.endpoints.items() if now >= s.next_poll)
             self._round_in_flight = True
-            commands.append(PollPeers(due))
+            commands.append(PollPeers(self._due_polls(now)))
 
         if (
             self.settings.has_origin
@@ -824,6 +877,25 @@ class SiteCore:
             self._probe_in_flight = True
             commands.append(ProbeOffers(frozenset(h.address for h in others)))
         return commands
+
+    def _due_polls(self, now: float) -> tuple[str, ...]:
+        """The endpoints to poll this round: every one whose heartbeats do not count,
+        and up to CHANGED_POLLS_PER_ROUND whose hello changed, longest unread first. A
+        site of N peers whose heartbeats flow costs each peer a few polls a round, not
+        N - 1 (bench/many_peers.py)."""
+        due, changed = [], []
+        for endpoint, state in self.endpoints.items():
+            if now < state.next_poll:
+                continue
+            if state.needs_poll(now):
+                due.append(endpoint)
+            elif state.changed(now):
+                changed.append((state.last_ok, endpoint))
+        due += [e for _, e in sorted(changed)[:CHANGED_POLLS_PER_ROUND]]
+        for endpoint in due:
+            state = self.endpoints[endpoint]
+            state.asked_version = state.beat_version
+        return tuple(due)
 
     def _plan_fetches(self, now: float, live: list[Hello]) -> list[FetchChunk]:
         shunned = {h.node_id for h in live if self.reputation.is_shunned(h.node_id, now)}

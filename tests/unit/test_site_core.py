@@ -7,7 +7,9 @@ import pytest
 
 from imaging.catalog import Catalog, CatalogEntry
 from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest
+from peer.core.heartbeat import Heartbeat
 from peer.core.site_core import (
+    CHANGED_POLLS_PER_ROUND,
     CLAIM_LOST_SECONDS,
     MAX_DYNAMIC_ENDPOINTS,
     MAX_LAN_ATTEMPTS,
@@ -412,3 +414,96 @@ def test_the_view_settles_only_with_a_round_heard_after_the_settling_time() -> N
     assert not c.settled(3.0)
     c.round_done(3.0)
     assert c.settled(3.0)
+
+
+# -- heartbeats: liveness without a poll a second (issue 11) ---------------------------
+
+
+def beat(node: str, seq: int, version: str = "0" * 16) -> Heartbeat:
+    return Heartbeat(node, SITE, "b" * 16, seq, int(WALL * 1000), 8080, True, (), version)
+
+
+def polls(c: SiteCore, now: float) -> tuple[str, ...]:
+    """The endpoints the round starting at `now` polls (and ends the round)."""
+    [poll] = [cmd for cmd in c.tick(now, WALL + now) if isinstance(cmd, PollPeers)]
+    c.round_done(now)
+    return poll.endpoints
+
+
+def test_a_member_whose_heartbeats_count_is_polled_only_when_its_hello_changes() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    assert polls(c, 0.0) == (endpoint,)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    # Its first heartbeat names a version the hello we read may not be: read it once.
+    c.heartbeat_received(beat(P1, 1), 1.0)
+    assert polls(c, 1.1) == (endpoint,)
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    for second in range(2, 20):  # heartbeats every second, no change: no poll
+        c.heartbeat_received(beat(P1, second), float(second))
+        assert polls(c, second + 0.1) == ()
+        assert [h.node_id for h in c.membership.live(second + 0.1)] == [P1]  # live by beats
+    c.heartbeat_received(beat(P1, 20, version="1" * 16), 20.0)  # its hello changed
+    assert polls(c, 20.1) == (endpoint,)
+    c.hello_received(endpoint, peer_hello(P1), 20.2)
+    c.heartbeat_received(beat(P1, 21, version="1" * 16), 21.0)
+    assert polls(c, 21.1) == ()  # read at that version
+    # Heartbeats stop counting (lost, crowded out by forgeries): polled every round again,
+    # and without answers it leaves the view after the peer timeout as before.
+    assert polls(c, 21.0 + 2.6) == (endpoint,)
+    assert polls(c, 21.0 + 3.7) == (endpoint,)
+    assert [h.node_id for h in c.membership.live(21.0 + PEER_TIMEOUT - 0.1)] == [P1]
+    c.tick(21.0 + PEER_TIMEOUT + 0.1, WALL)  # silent since its last heartbeat
+    assert c.membership.live(21.0 + PEER_TIMEOUT + 0.1) == []
+
+
+def test_a_stale_hello_is_read_again_even_when_nothing_changed() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    c.heartbeat_received(beat(P1, 1), 1.0)
+    polls(c, 1.1)
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    due = []
+    for second in range(2, 40):
+        c.heartbeat_received(beat(P1, second), float(second))
+        if polls(c, second + 0.1):
+            due.append(second)
+            c.hello_received(endpoint, peer_hello(P1), second + 0.2)
+    assert due == [32]  # HELLO_REFRESH (30 s) after the last read
+
+
+def test_heartbeats_count_only_for_the_member_an_endpoint_answered_for() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.heartbeat_received(beat(P1, 1), 0.2)  # not a member yet: only a hello makes one
+    assert c.membership.live(0.2) == []
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    c.heartbeat_received(beat(P2, 2), 1.0)  # another node: nothing
+    assert polls(c, 1.1) == (endpoint,)  # P1's heartbeats have not counted yet
+
+
+def test_only_so_many_changed_hellos_are_read_per_round() -> None:
+    n = CHANGED_POLLS_PER_ROUND + 8
+    endpoints = [f"10.88.1.{i}:8080" for i in range(n)]
+    c = core(static_peers=tuple(endpoints))
+    polls(c, 0.0)
+    nodes = [f"{i + 1:016x}" for i in range(n)]
+    for i, (node, endpoint) in enumerate(zip(nodes, endpoints, strict=True)):
+        hello = peer_hello(node)
+        c.hello_received(endpoint, hello, 0.5 + i / 1000)
+        c.heartbeat_received(beat(node, 1), 1.0)
+    for node in nodes:
+        c.heartbeat_received(beat(node, 2, version="2" * 16), 2.0)
+    first = polls(c, 2.1)
+    # (Every one changed since its read; the first heartbeats' version was never read.)
+    assert len(first) == CHANGED_POLLS_PER_ROUND
+    assert set(first) == set(endpoints[:CHANGED_POLLS_PER_ROUND])  # longest unread first
+    for endpoint, node in zip(endpoints, nodes, strict=True):
+        if endpoint in first:
+            c.hello_received(endpoint, peer_hello(node), 2.2)
+    for node in nodes:
+        c.heartbeat_received(beat(node, 3, version="2" * 16), 3.0)
+    assert set(polls(c, 3.1)) == set(endpoints[CHANGED_POLLS_PER_ROUND:])
