@@ -1276,6 +1276,53 @@ def _records_adversarial() -> list[bytes]:
     return [json.dumps(many).encode(), json.dumps(deep).encode(), b'{"records":' * 3000]
 
 
+# --- heartbeats (peer/core/heartbeat.py) ------------------------------------------------
+
+
+def _heartbeat_build() -> Parser:
+    hb = importlib.import_module("peer.core.heartbeat")
+    _, node = _throwaway_keys()
+    node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
+
+    def use(parsed: Any, data: bytes) -> None:
+        # What the site does next: the gate, with the sender as a member, checks it.
+        gate = hb.HeartbeatGate("0" * 16, "lab", lambda _node, ours: ours)
+        gate.admit(node_id, node.public_key)
+        with contextlib.suppress(hb.HeartbeatRefused):
+            gate.check(data, 1.0, parsed[0].sent_ms)
+
+    return Parser(hb.parse, (hb.HeartbeatRefused,), use=use)
+
+
+@cache
+def heartbeat_samples() -> list[bytes]:
+    hb = importlib.import_module("peer.core.heartbeat")
+    _, node = _throwaway_keys()
+    node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
+    beats = [
+        hb.Heartbeat(node_id, "lab", "a" * 16, 1, NOW * 1000, 8080, True, (), "0" * 16),
+        hb.Heartbeat(node_id, "store-42", "b" * 16, 2**40, NOW * 1000, 1, False,
+                     (node_id, "f" * 16), "1" * 16),
+    ]  # fmt: skip
+    return [b.sign(node) for b in beats]
+
+
+def mutate_heartbeat(base: bytes, rng: Random) -> bytes:
+    """The JSON payload mutated behind the magic and signature, which stay as they were."""
+    head = len(b"PXHB1") + 64
+    return base[:head] + mutate_json(base[head:], rng)
+
+
+def _heartbeat_adversarial() -> list[bytes]:
+    head = b"PXHB1" + b"\0" * 64
+    return [
+        head + b"[" * 1100,
+        head + b'{"seq":' + b"9" * 1100 + b"}",
+        head + json.dumps({"votes": ["0" * 16] * 60}).encode(),
+        b"PXHB1" + b"x" * 5000,
+    ]
+
+
 # --- the registry ------------------------------------------------------------------------
 
 
@@ -1302,6 +1349,8 @@ TARGETS: tuple[Target, ...] = (
            certificate_samples, mutate_json, _certificate_adversarial),
     Target("records", "peer.core.machine_records:parse_book", _records_build, records_samples,
            mutate_json, _records_adversarial),
+    Target("heartbeat", "peer.core.heartbeat:parse", _heartbeat_build, heartbeat_samples,
+           mutate_heartbeat, _heartbeat_adversarial, max_random=1400),
 )  # fmt: skip
 
 BY_NAME = {t.name: t for t in TARGETS}
