@@ -175,6 +175,7 @@ class Endpoint:
     static: bool
     next_poll: float = 0.0
     failures: int = 0  # consecutive
+    refused: bool = False  # the last failure was a document we refused, not silence
     last_ok: float | None = None
     discovered: float = 0.0
     node_id: str | None = None
@@ -328,6 +329,8 @@ class SiteCore:
         state = self.endpoints.get(endpoint) if endpoint is not None else None
         if state is None or state.member != beat.node_id:
             return
+        if state.failures and not state.refused:
+            state.next_poll = min(state.next_poll, now)  # back after an outage: read it now
         if self.membership.touch(beat.node_id, now):
             state.beat_at, state.beat_version = now, beat.version
 
@@ -458,6 +461,12 @@ class SiteCore:
         known = self.endpoints.get(endpoint)
         if known is not None:
             known.discovered = now
+            if known.failures and not known.refused:
+                # It was down (a static peer listed before it started, or one that
+                # restarted) and now speaks: poll it next round instead of after up to
+                # a minute of back-off. A forger gains one poll a round of an endpoint
+                # that sent no garbage, the rate of any working peer.
+                known.next_poll = min(known.next_poll, now)
             return False
         dynamic = [(e, s) for e, s in self.endpoints.items() if not s.static]
         if len(dynamic) >= MAX_DYNAMIC_ENDPOINTS:
@@ -525,6 +534,7 @@ class SiteCore:
         if state is None:
             return
         state.failures += 1
+        state.refused = refused
         base = 4.0 if refused else HEARTBEAT_SECONDS
         state.next_poll = now + min(base * 2 ** min(state.failures - 1, 6), ENDPOINT_BACKOFF_MAX)
         last = state.last_ok if state.last_ok is not None else state.discovered

@@ -507,3 +507,49 @@ def test_only_so_many_changed_hellos_are_read_per_round() -> None:
     for node in nodes:
         c.heartbeat_received(beat(node, 3, version="2" * 16), 3.0)
     assert set(polls(c, 3.1)) == set(endpoints[CHANGED_POLLS_PER_ROUND:])
+
+
+def test_a_static_peer_that_was_down_is_polled_the_round_after_its_first_heartbeat() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    now = 0.0
+    for _ in range(8):  # down for a while: its polls back off towards a minute
+        if endpoint in polls(c, now):
+            c.hello_failed(endpoint, "unreachable", now + 0.1, refused=False)
+        now += 1.0
+    now = 70.0
+    assert polls(c, now) == (endpoint,)
+    c.hello_failed(endpoint, "unreachable", now + 0.1, refused=False)
+    assert polls(c, now + 5.0) == ()  # backed off
+    # It starts: its heartbeat (from a node the gate does not know yet) names the endpoint.
+    assert not c.endpoint_discovered(endpoint, P1, now + 6.0)
+    assert polls(c, now + 6.1) == (endpoint,)
+
+
+def test_heartbeats_do_not_cut_the_back_off_of_an_endpoint_that_sent_garbage() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_failed(endpoint, "non-finite number", 0.5, refused=True)
+    c.endpoint_discovered(endpoint, P1, 1.0)
+    assert polls(c, 1.1) == ()
+
+
+def test_a_member_back_from_an_outage_is_read_the_round_after_a_counted_heartbeat() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    c.heartbeat_received(beat(P1, 1), 1.0)
+    polls(c, 1.1)
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    # Its heartbeats stop (a restart shorter than the peer timeout): polled every round,
+    # every poll fails, and the polls back off.
+    now = 3.7
+    for _ in range(3):
+        if endpoint in polls(c, now):
+            c.hello_failed(endpoint, "unreachable", now + 0.1, refused=False)
+        now += 1.0
+    assert polls(c, now) == ()  # backed off
+    c.heartbeat_received(beat(P1, 2, version="1" * 16), now + 0.5)  # back, restarted
+    assert polls(c, now + 1.0) == (endpoint,)
