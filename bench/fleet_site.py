@@ -6,6 +6,15 @@ simulated clock instead of asyncio and sockets: it calls `tick(now, wall)` at th
 `next_deadline` and whenever something happened to that peer, and carries out the
 commands it returns:
 
+- Heartbeats: every live peer's core builds one a second (`SiteCore.heartbeat`, at a
+  random phase per peer), sent once (multicast) and delivered to every other live peer
+  of the site, as `_send_heartbeats` / `_on_heartbeat` in the adapter do. The signature
+  is not made or checked (the sim has no keys), but the gate's semantics that matter
+  are kept: a beat counts (`heartbeat_received`) only from a node the receiver admitted
+  by reading its hello (and that is still in its membership; the gate forgets the
+  others after each round); a beat from any other node makes its endpoint a discovered
+  one (`endpoint_discovered`), as mDNS would. A member's hello is then polled only when
+  the core says so (its heartbeat's version changed, every 30 s, or stale beats).
 - PollPeers: every endpoint named is asked for its hello; a live peer answers with the
   hello its own core builds at that moment (`SiteCore.hello`; its bitmaps copied, as if
   serialised), a departed one fails after the adapter's HELLO_TIMEOUT; `round_done`
@@ -179,6 +188,7 @@ class _Peer:
         "done_at",
         "down",
         "endpoint",
+        "gate",
         "hello",
         "hello_version",
         "idx",
@@ -197,6 +207,7 @@ class _Peer:
         self.idx, self.node_id, self.address, self.core = idx, node_id, address, core
         self.endpoint = f"{address}:8080"
         self.alive = True
+        self.gate: set[str] = set()  # nodes whose heartbeats count (admitted by a hello)
         self.tick_token = 0
         self.next_tick = math.inf
         self.last_tick = -math.inf
@@ -245,7 +256,7 @@ def _fid(f: _Flow) -> int:
 
 
 # event kinds
-_TICK, _ROUND, _DOC, _LAN_DONE, _LAN_TIMEOUT, _WAN, _FAIL, _LEAVE, _JOIN = range(9)
+_TICK, _ROUND, _DOC, _LAN_DONE, _LAN_TIMEOUT, _WAN, _FAIL, _LEAVE, _JOIN, _BEAT = range(10)
 
 
 class SiteSim:
@@ -263,8 +274,10 @@ class SiteSim:
         self.now = 0.0
         self.peers: list[_Peer] = []
         self.by_endpoint: dict[str, _Peer] = {}
-        self.control = {"hello": 0, "have": 0, "gone": 0, "catalog_origin": 0,
-                        "catalog_peer": 0, "manifest_origin": 0, "manifest_peer": 0}  # fmt: skip
+        # "heartbeat": datagrams sent (one multicast each); "heartbeat_rx": deliveries.
+        self.control = {"heartbeat": 0, "heartbeat_rx": 0, "hello": 0, "have": 0, "gone": 0,
+                        "catalog_origin": 0, "catalog_peer": 0, "manifest_origin": 0,
+                        "manifest_peer": 0}  # fmt: skip
         self.failures: dict[str, int] = {}
         self.refused_notices = 0
         self.ticks = 0
@@ -332,7 +345,25 @@ class SiteSim:
                 o.core.endpoint_discovered(p.endpoint, node_id, now)
                 self._wake(o, now)
         self._wake(p, now)
+        self._push(now + self.rng.random(), _BEAT, p)
         return p
+
+    def _beat(self, p: _Peer) -> None:
+        """One heartbeat of p to every other live peer (the gate's checks but its
+        signature: a member's beat counts, an unknown node's is a discovered endpoint)."""
+        now = self.now
+        beat = p.core.heartbeat(now, p.address)
+        self.control["heartbeat"] += 1
+        endpoint = f"{p.address}:{beat.http_port}"
+        for q in self.peers:
+            if q is p or not q.alive:
+                continue
+            self.control["heartbeat_rx"] += 1
+            if beat.node_id in q.gate:
+                q.core.heartbeat_received(beat, now)
+            elif q.core.endpoint_discovered(endpoint, beat.node_id, now):
+                self._wake(q, now)
+        self._push(now + 1.0, _BEAT, p)
 
     def _hello_of(self, p: _Peer) -> Hello:
         if p.hello_version != p.version or p.hello is None:
@@ -388,12 +419,21 @@ class SiteSim:
                 failed.append(e)
                 continue
             p.core.hello_received(e, self._hello_of(q), self.now)
+            if p.core.membership.get(q.node_id) is not None:
+                p.gate.add(q.node_id)  # the gate admits a member on its verified hello
         p.version += 1
         if failed:
             self._push(self.now + HELLO_TIMEOUT - LAN_RTT, _FAIL, p, tuple(failed))
         else:
-            p.core.round_done(self.now)
-            self._wake(p, self.now)
+            self._round_done(p)
+
+    def _round_done(self, p: _Peer) -> None:
+        p.core.round_done(self.now)
+        # As the adapter after each round: a node that left the view must be readmitted
+        # by a hello before its heartbeats count again.
+        p.gate = {n for n in p.gate if p.core.membership.get(n) is not None}
+        p.version += 1
+        self._wake(p, self.now)
 
     def _doc(self, p: _Peer, c: FetchCatalog | FetchManifest) -> None:
         core, now = p.core, self.now
@@ -614,9 +654,10 @@ class SiteSim:
                 elif a.alive:  # a heartbeat round with departed endpoints ends
                     for e in b:
                         a.core.hello_failed(e, "unreachable", self.now, refused=False)
-                    a.core.round_done(self.now)
-                    a.version += 1
-                    self._wake(a, self.now)
+                    self._round_done(a)
+            elif kind == _BEAT:
+                if a.alive:
+                    self._beat(a)
             elif kind == _LEAVE:
                 self._leave()
                 pending_joins += 1

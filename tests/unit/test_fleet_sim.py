@@ -72,7 +72,7 @@ def test_a_departing_peer_is_replaced_and_the_site_still_completes() -> None:
     # Churn far above the bench's so that peers leave mid-download: the site completes,
     # and the WAN carries no more than the image plus what departures cut off.
     r = run_site(SiteSpec("churny", 6, 20 * MBIT, 1000 * MBIT, 32 * MIB,
-                          churn_per_hour=20.0, seed=5, join_delay=5.0, max_time=3600))  # fmt: skip
+                          churn_per_hour=60.0, seed=3, join_delay=5.0, max_time=3600))  # fmt: skip
     assert r.leaves >= 1 and r.joins == r.leaves
     assert math.isfinite(r.complete_s)
     refetched = r.duplicate_wan_chunks * 4 * MIB + r.wasted_wan_bytes
