@@ -366,6 +366,14 @@ class SiteSim:
         self._push(now + 1.0, _BEAT, p)
 
     def _hello_of(self, p: _Peer) -> Hello:
+        # As the adapter's tick loop does: the bytes read from the origin so far, the
+        # transfers in flight included (Counters.wan_read: how a slow chunk is seen to
+        # move). Counters are not in the cached hello's version: read them afresh.
+        if p.wan:
+            self._wan_advance()
+        # (A WAN transfer never fails part way here: its bytes are the chunks stored.)
+        p.core.origin_bytes_read(p.core.counters.wan_bytes + int(sum(
+            self.virtual - (f.wan_done_virtual - f.size) for f in p.wan)))
         if p.hello_version != p.version or p.hello is None:
             p.hello = p.core.hello(self.now, p.address)
             p.hello_version = p.version
@@ -375,8 +383,8 @@ class SiteSim:
             h.node_id, h.site, h.address, h.http_port, h.started, h.can_answer_pxe,
             h.catalog_serial, h.wan_ok,
             {m: ChunkBitmap(b.size, bytearray(b.bits)) for m, b in h.holdings.items()},
-            list(h.wants), h.counters, list(h.fetching), h.offers_seen, list(h.responders),
-            h.records_digest,
+            list(h.wants), dict(vars(p.core.counters)), list(h.fetching), h.offers_seen,
+            list(h.responders), h.records_digest,
         )  # fmt: skip
 
     # -- carrying out commands -----------------------------------------------------------

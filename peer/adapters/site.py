@@ -381,6 +381,8 @@ class Site:
             if self.origin is not None:
                 # This peer's part of the site's WAN rate, as the chunk view has it now.
                 self.origin.set_share(1.0 / self.core.wan_share())
+                # Bytes read so far, for our hellos: a slow chunk is seen moving.
+                self.core.origin_bytes_read(self.origin.stats.bytes)
             delay = max(0.0, self.core.next_deadline(now) - time.monotonic())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -168,6 +168,10 @@ class Counters:
     bad_chunks_received: int = 0
     wan_failures: int = 0
     lan_failures: int = 0
+    # Bytes read from the origin so far, counted as they arrive (chunks still in flight
+    # and cut short too; `origin_bytes_read`): what shows other peers' planners that a
+    # slow WAN transfer is moving before its chunk lands (swarm_plan.py, takeover).
+    wan_read: int = 0
 
 
 @dataclass
@@ -287,6 +291,11 @@ class SiteCore:
 
     def wan_ok(self, now: float) -> bool:
         return self.settings.has_origin and now >= self._origin_backoff_until
+
+    def origin_bytes_read(self, total: int) -> None:
+        """The adapter's running count of bytes read from the origin (Counters.wan_read;
+        in hellos, not in the heartbeat's version: it changes with every read)."""
+        self.counters.wan_read = max(self.counters.wan_read, total)
 
     def wan_share(self) -> float:
         """The part of the site's `--wan-rate` this peer may use now (swarm_plan.py)."""

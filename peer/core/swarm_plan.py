@@ -9,10 +9,18 @@ Rules, in order:
    of the rendezvous ranking over the peers that want the image and can reach the
    origin. If the owner dies, the view changes and the next peer owns it. If the owner
    lives but has made no progress on the image for `takeover_after` seconds (its WAN
-   link is stuck: it holds no more of it than before), ownership passes down the
-   ranking one step per period. A chunk another peer says it is already fetching from
-   the WAN is left to it (a peer joining mid-download must not fetch the same chunk
-   again).
+   link is stuck), ownership passes down the ranking one step per period. Progress is
+   holding more of the image than before, or (between chunks) the bytes it has read
+   from the origin growing (its hello's `counters["wan_read"]`, counted as they arrive):
+   a slow link moves a 4 MiB chunk in longer than the takeover period, and taking over
+   from an honest owner fetches its chunks twice, which slows every transfer further
+   (bench/fleet.py found 5.3 x the image over a 1 Mbit/s WAN). A member may lie about
+   its bytes, so they count only in steps of `progress_step` of a chunk and only up to
+   `site_wan_window + wan_in_flight` chunks' worth since it last held a new chunk: an
+   owner claiming bytes and never landing a chunk is stuck after at most
+   (that budget / step + 1) takeover periods (`max_byte_credits`). A chunk another peer
+   says it is already fetching from the WAN is left to it while that peer progresses
+   (a peer joining mid-download must not fetch the same chunk again).
    Only the first `site_wan_window` chunks of each image that no peer holds (in chunk
    order, which every peer sees alike) are open for the WAN at once. Fetching every
    owned chunk at once would split the link N ways and land every chunk together at
@@ -37,6 +45,7 @@ stall the swarm.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from imaging.manifest import ChunkRef
@@ -71,6 +80,30 @@ class Limits:
     relay_fanout: int = 1  # peers fetching a chunk at once per holder (0: no limit)
     relay_wait: float = 2.0
     takeover_after: float = 45.0
+    # Bytes read from the origin count as progress in steps of this part of a chunk: a
+    # liar creeping a byte at a time must not buy a takeover period per byte. An honest
+    # owner is re-read (hello) at least every 30 s (site_core.HELLO_REFRESH), so one
+    # step per 30 s, 512 KiB of a 4 MiB chunk, is ~140 kbit/s per WAN transfer: below
+    # that an owner looks stuck, as every owner did before bytes counted.
+    progress_step: float = 1 / 8
+
+    def max_byte_credits(self) -> int:
+        """How many takeover periods bytes alone can buy an owner between two chunks it
+        lands: the budget of bytes over the step."""
+        return int((self.site_wan_window + self.wan_in_flight) / self.progress_step)
+
+
+WAN_READ = "wan_read"  # the hello counter of bytes read from the origin (site_core.Counters)
+
+
+@dataclass
+class Progress:
+    """What an owner has shown of its work on one image (see `note_progress`)."""
+
+    held: int  # chunks of the image it holds
+    moved: float  # when it last held more, or its WAN bytes last grew by a step
+    base: int | None  # its wan_read when it last held more (None: it does not say)
+    credited: int | None  # its wan_read at the last step counted
 
 
 @dataclass
@@ -83,10 +116,10 @@ class SwarmPlanner:
     # from then would hand chunks down the ranking the moment the link comes back.
     owner_since: dict[str, tuple[str, float]] = field(default_factory=dict)  # sha -> owner
     elsewhere_since: dict[str, float] = field(default_factory=dict)  # sha -> seen in flight
-    # When each peer last held more chunks of an image than before: an owner that is
-    # working through its queue is busy, not stuck, and keeps its chunks (taking them
-    # over would fetch them twice). (node, manifest) -> (chunks held, when that grew)
-    progress: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    # When each peer last progressed on an image: an owner that is working through its
+    # queue, or reading a chunk off a slow link, is busy, not stuck, and keeps its
+    # chunks (taking them over would fetch them twice). (node, manifest) -> Progress
+    progress: dict[tuple[str, str], Progress] = field(default_factory=dict)
     # Chunks open for the WAN site-wide at the last `plan` (window slots taken, and this
     # peer's fetches outside the window): the denominator of `wan_share`.
     wan_open: int = 0
@@ -96,21 +129,45 @@ class SwarmPlanner:
     # sha -> (holders seen, since when that many): the relay gate opens when it stalls.
     relay_since: dict[str, tuple[int, float]] = field(default_factory=dict)
 
-    def note_progress(self, live: list[Hello], now: float) -> None:
+    def note_progress(self, live: list[Hello], now: float,
+                      chunk_of: dict[str, int] | None = None) -> None:  # fmt: skip
+        """Record each peer's progress on each image it holds part of. `chunk_of` gives
+        an image's chunk size (bytes count only for the images named in it)."""
         seen = set()
+        budget_chunks = self.limits.site_wan_window + self.limits.wan_in_flight
         for h in live:
+            wan = h.counters.get(WAN_READ)
+            if not isinstance(wan, int) or isinstance(wan, bool):
+                wan = None
             for manifest_id, bitmap in h.holdings.items():
                 key = (h.node_id, manifest_id)
                 seen.add(key)
                 held = bitmap.count()
-                before = self.progress.get(key)
-                if before is None or held > before[0]:
-                    self.progress[key] = (held, now)
-                elif held < before[0]:
-                    self.progress[key] = (held, before[1])
+                p = self.progress.get(key)
+                if p is None or held > p.held:
+                    self.progress[key] = Progress(held, now, wan, wan)
+                    continue
+                p.held = held  # fewer (evicted): no progress, the clock runs on
+                if wan is None or p.base is None or p.credited is None:
+                    p.base = p.credited = wan  # it starts (or stops) saying: count afresh
+                    continue
+                if wan < p.credited:  # restarted (its counters start at 0): afresh
+                    p.base = p.credited = wan
+                    continue
+                chunk = (chunk_of or {}).get(manifest_id)
+                if (
+                    chunk
+                    and wan - p.credited >= chunk * self.limits.progress_step
+                    and wan - p.base <= budget_chunks * chunk
+                ):
+                    p.credited, p.moved = wan, now
         for key in list(self.progress):
             if key not in seen:
                 del self.progress[key]
+
+    def _moved(self, node: str, manifest_id: str, default: float = -math.inf) -> float:
+        p = self.progress.get((node, manifest_id))
+        return p.moved if p is not None else default
 
     def load(self, source: str) -> int:
         return sum(1 for s in self.in_flight.values() if s == source)
@@ -148,8 +205,9 @@ class SwarmPlanner:
             self.owner_since[job.ref.sha256] = (first, since)
         # Stuck means no progress: the clock restarts whenever the owner holds more of
         # the image than before (a lie about that is found out by the peers that then
-        # ask it for those chunks, and strikes shun it).
-        grew = self.progress.get((first, job.manifest_id), (0, since))[1]
+        # ask it for those chunks, and strikes shun it), or its WAN bytes grow within
+        # their bound (`note_progress`).
+        grew = self._moved(first, job.manifest_id, since)
         stuck_at = self.stuck.get((first, job.manifest_id))
         if stuck_at is not None and grew > stuck_at:
             del self.stuck[(first, job.manifest_id)]  # it moved again: not stuck now
@@ -182,8 +240,18 @@ class SwarmPlanner:
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
         sources = [h for h in live if h.node_id not in shunned]
-        self.note_progress(sources, now)
-        elsewhere = {sha for h in live for sha in h.fetching}
+        chunk_of: dict[str, int] = {}
+        for job in missing:
+            if job.ref.size > chunk_of.get(job.manifest_id, 0):
+                chunk_of[job.manifest_id] = job.ref.size
+        self.note_progress(sources, now, chunk_of)
+        # Who says it is fetching each chunk from the WAN: it is left to them while one
+        # of them progresses on the image.
+        fetchers_of: dict[str, list[str]] = {}
+        for h in live:
+            for sha in h.fetching:
+                fetchers_of.setdefault(sha, []).append(h.node_id)
+        elsewhere = set(fetchers_of)
         # Each source's bitmap per image, as raw bytes tested inline: this scan runs for
         # every missing chunk on every plan, and at a 10 GiB image (2,560 chunks) and a
         # few hundred peers a method call per test costs the site core seconds a tick.
@@ -284,7 +352,10 @@ class SwarmPlanner:
                     wan += 1
             elif (
                 sha in elsewhere
-                and now - self.elsewhere_since.setdefault(sha, now) < self.limits.takeover_after
+                and now - max(
+                    self.elsewhere_since.setdefault(sha, now),
+                    *(self._moved(node, job.manifest_id) for node in fetchers_of[sha]),
+                ) < self.limits.takeover_after
             ):
                 continue
             elif (

@@ -254,3 +254,92 @@ def test_when_every_slot_is_taken_the_rest_of_the_chunks_wait() -> None:
     planner = SwarmPlanner("me", limits)
     fetches = planner.plan(jobs(8), [hello("p1", list(range(8)))], set(), True, 0.0)
     assert len(fetches) == 2 and all(f.source == "p1" for f in fetches)
+
+
+# -- takeover on a slow WAN: bytes read count as progress, within a bound ---------------
+
+CHUNK = 4 << 20
+
+
+def big_jobs(n: int) -> list[ChunkJob]:
+    return [ChunkJob(MID, i, ChunkRef(f"{i:064x}", CHUNK)) for i in range(n)]
+
+
+def owned_by_p1(n: int = 64) -> ChunkJob:
+    return next(
+        j for j in big_jobs(n) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["p1", "me"]
+    )
+
+
+def reading(node: str, wan_read: int | None, have: list[int] = ()) -> Hello:
+    h = hello(node, have)
+    if wan_read is not None:
+        h.counters = {"wan_read": wan_read}
+    return h
+
+
+def test_a_slow_honest_owner_reading_its_chunk_is_not_overtaken() -> None:
+    """At 1 Mbit/s shared by two chunks a 4 MiB chunk takes ~67 s, longer than the
+    takeover period: the owner's bytes growing (seen at each 30 s hello refresh) keep
+    its chunk, so it is not fetched twice; a chunk landing starts its budget afresh."""
+    limits = Limits(takeover_after=45.0)
+    job = owned_by_p1()
+    planner = SwarmPlanner("me", limits)
+    rate = 62_500  # bytes/s: half of 1 Mbit/s
+    others = [i for i in range(8) if i != job.index]  # the owner's other chunks
+    for t in range(0, 421, 30):
+        read = rate * t
+        held = others[: read // CHUNK]  # one lands every ~67 s
+        assert planner.plan([job], [reading("p1", read, held)], set(), True, float(t)) == []
+    # The same owner without the counter (an older peer) is taken over as before.
+    old = SwarmPlanner("me", limits)
+    assert old.plan([job], [reading("p1", None)], set(), True, 0.0) == []
+    assert old.plan([job], [reading("p1", None)], set(), True, 46.0)[0].source == ORIGIN
+
+
+def test_an_owner_claiming_bytes_without_landing_a_chunk_is_overtaken_within_a_bound() -> None:
+    """A member may lie in its counters: each step of its bytes buys one takeover period,
+    and only (window + WAN in flight) chunks' worth of them since it last landed one."""
+    limits = Limits(takeover_after=45.0)
+    job = owned_by_p1()
+    step = int(CHUNK * limits.progress_step)
+    credits = limits.max_byte_credits()
+    bound = (credits + 1) * limits.takeover_after
+    planner = SwarmPlanner("me", limits)
+    read, t = 0, 0.0
+    taken_at = None
+    while t <= 2 * bound:
+        if planner.plan([job], [reading("p1", read)], set(), True, t):
+            taken_at = t
+            break
+        t += 44.0  # a step just inside each takeover period, for ever
+        read += step
+    assert taken_at is not None and taken_at <= bound + 44.0
+    assert taken_at > limits.takeover_after  # its first claims did count
+
+
+def test_bytes_creeping_below_a_step_do_not_count() -> None:
+    limits = Limits(takeover_after=45.0)
+    job = owned_by_p1()
+    planner = SwarmPlanner("me", limits)
+    for t in range(0, 45, 5):
+        assert planner.plan([job], [reading("p1", 1000 * t)], set(), True, float(t)) == []
+    assert planner.plan([job], [reading("p1", 46_000)], set(), True, 46.0)[0].source == ORIGIN
+
+
+def test_a_chunk_another_peer_is_reading_slowly_is_left_to_it() -> None:
+    """A peer not (or no longer) the owner fetching a chunk over a slow WAN keeps it
+    while it progresses: the owner does not fetch it a second time."""
+    limits = Limits(takeover_after=45.0)
+    job = next(
+        j for j in big_jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["me", "p1"]
+    )
+    planner = SwarmPlanner("me", limits)
+    for t in range(0, 181, 30):
+        p1 = reading("p1", 62_500 * t)
+        p1.fetching = [job.ref.sha256]
+        assert planner.plan([job], [p1], set(), True, float(t)) == []
+    p1 = reading("p1", 62_500 * 180)  # stops reading: 45 s later the owner fetches it
+    p1.fetching = [job.ref.sha256]
+    assert planner.plan([job], [p1], set(), True, 220.0) == []
+    assert planner.plan([job], [p1], set(), True, 226.0)[0].source == ORIGIN
