@@ -114,6 +114,35 @@ def prepare_pxepeer_store(
     return PxepeerStore(cache=cache, keys=keys)
 
 
+@dataclass(frozen=True)
+class X86Imager:
+    """The x86 imager (images/imager/build.sh --trust) and the publisher key pair it
+    trusts. Built once per session (~11 s a build: the `x86_imager` fixture) for every
+    lab module that images a disk; each copies the keys (`keys_copy`) before adding
+    anything beside them."""
+
+    keys: Path
+    kernel: Path
+    initrd: Path
+
+    def keys_copy(self, dest: Path) -> Path:
+        shutil.copytree(self.keys, dest)
+        return dest
+
+
+def build_x86_imager(out: Path) -> X86Imager:
+    keys = out / "keys"
+    pxepeer("keys", "new", "--out", str(keys))
+    script = REPO / "images" / "imager" / "build.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(out / "imager"), "--trust", str(keys / "publisher.pub")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise LabError(f"{script} failed:\n{result.stderr[-3000:]}")
+    return X86Imager(keys, out / "imager" / "vmlinuz", out / "imager" / "initrd.img")
+
+
 @dataclass
 class PxepeerServer:
     peer: Peer

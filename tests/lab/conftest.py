@@ -13,7 +13,9 @@ from tests.lab.boot_servers import (
     MACS,
     PxepeerStore,
     TestImage,
+    X86Imager,
     build_test_image,
+    build_x86_imager,
     prepare_pxepeer_store,
 )
 from tests.lab.virtual_store import VirtualStore, lab_skip_reason, remove_stale_namespaces
@@ -44,6 +46,12 @@ def pxepeer_store(tmp_path_factory: pytest.TempPathFactory, test_image: TestImag
         test_image,
         {mac: IMAGE_NAME for mac in MACS.values()},
     )
+
+
+@pytest.fixture(scope="session")
+def x86_imager(tmp_path_factory: pytest.TempPathFactory) -> X86Imager:
+    """One x86 imager build for every lab module that images a disk."""
+    return build_x86_imager(tmp_path_factory.mktemp("x86-imager"))
 
 
 @pytest.fixture

@@ -33,7 +33,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.boot_servers import REPO, PxepeerServer, PxepeerStore, pxepeer, start_pxepeer
+from tests.lab.boot_servers import (
+    REPO,
+    PxepeerServer,
+    PxepeerStore,
+    X86Imager,
+    pxepeer,
+    start_pxepeer,
+)
 from tests.lab.virtual_store import (
     AAVMF_CODE,
     QEMU_AARCH64,
@@ -83,25 +90,23 @@ def _run(*argv: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def arm64_files(tmp_path_factory: pytest.TempPathFactory) -> Arm64Files:
+def arm64_files(tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager) -> Arm64Files:
     if shutil.which(QEMU_AARCH64) is None:
         pytest.skip(f"{QEMU_AARCH64} is not installed (apt-get install qemu-system-arm)")
     if not AAVMF_CODE.exists():
         pytest.skip(f"{AAVMF_CODE} is missing (apt-get install qemu-efi-aarch64)")
     out = tmp_path_factory.mktemp("arm64")
-    keys = out / "keys"
-    pxepeer("keys", "new", "--out", str(keys))
+    keys = x86_imager.keys_copy(out / "keys")  # the lab's shared x86 imager trusts them
     _run("bash", str(FETCH), "--arch", "arm64", str(out / "chain"))
     pub = str(keys / "publisher.pub")
     _run("bash", str(IMAGER_BUILD), str(out / "imager"), "--trust", pub, "--arch", "arm64")
-    _run("bash", str(IMAGER_BUILD), str(out / "imager-x86"), "--trust", pub)
     disk = out / "disk.raw"
     with open(disk, "wb") as f:  # data at both ends, zeros between, as disk images are
         f.truncate(IMAGE_MB * MIB)
         f.write(os.urandom(2 * MIB))
         f.seek(IMAGE_MB * MIB - 16)
         f.write(b"end of the disk.")
-    return Arm64Files(out / "chain", out / "imager", out / "imager-x86", disk, keys)
+    return Arm64Files(out / "chain", out / "imager", x86_imager.kernel.parent, disk, keys)
 
 
 def _store(workdir: Path, files: Arm64Files) -> PxepeerStore:

@@ -32,6 +32,7 @@ from tests.lab.boot_servers import (
     REPO,
     PxepeerServer,
     PxepeerStore,
+    X86Imager,
     enrolled_store,
     pxepeer,
     start_pxepeer,
@@ -47,7 +48,6 @@ from tests.lab.virtual_store import (
 pytestmark = pytest.mark.lab
 
 DEMO_BUILD = REPO / "images" / "demo-os" / "build.sh"
-IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
 DEMO = "demo-os"
 IMAGER = "imager"
 PEERS = ("peer1", "peer2", "peer3")
@@ -76,15 +76,15 @@ def _build(script: Path, outdir: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def imaging_images(tmp_path_factory: pytest.TempPathFactory) -> ImagingImages:
+def imaging_images(
+    tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager
+) -> ImagingImages:
     out = tmp_path_factory.mktemp("imaging-images")
-    keys = out / "keys"
-    pxepeer("keys", "new", "--out", str(keys))
+    # The imager (the lab's shared build) writes only what this publisher signed.
+    keys = x86_imager.keys_copy(out / "keys")
     _build(DEMO_BUILD, out / "demo")
-    # The imager writes only what this publisher signed.
-    _build(IMAGER_BUILD, out / "imager", "--trust", str(keys / "publisher.pub"))
-    return ImagingImages(out / "demo" / "disk.raw", out / "imager" / "vmlinuz",
-                         out / "imager" / "initrd.img", keys)  # fmt: skip
+    return ImagingImages(out / "demo" / "disk.raw", x86_imager.kernel, x86_imager.initrd,
+                         keys)  # fmt: skip
 
 
 def _site_store(workdir: Path, images: ImagingImages, macs: list[str]) -> PxepeerStore:

@@ -32,13 +32,18 @@ from imaging.sb_sign import SbSigner, verify
 from imaging.signing import load_signing_key
 from imaging.uki import DEFAULT_STUB, build_signed_uki, os_release, pe_sections
 from peer.store.content_store import ContentStore
-from tests.lab.boot_servers import REPO, PxepeerServer, PxepeerStore, pxepeer, start_pxepeer
-from tests.lab.test_secure_boot import _responding, _run, tftp_requests
+from tests.lab.boot_servers import (
+    PxepeerServer,
+    PxepeerStore,
+    X86Imager,
+    pxepeer,
+    start_pxepeer,
+)
+from tests.lab.test_secure_boot import _responding, tftp_requests
 from tests.lab.virtual_store import OVMF_SECURE, VM, Firmware, LabError, VirtualStore
 
 pytestmark = pytest.mark.lab
 
-IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
 MIB = 1024 * 1024
 DISK_MB = 48
 TIMEOUT = 420  # TCG on a shared 2-core runner: the chain ~30 s, then imaging
@@ -68,21 +73,19 @@ class OrgFiles:
 
 
 @pytest.fixture(scope="session")
-def org_files(tmp_path_factory: pytest.TempPathFactory) -> OrgFiles:
+def org_files(tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager) -> OrgFiles:
     if not OVMF_SECURE["edk2-snakeoil"][0].exists() or not SB_KEY.exists():
         pytest.skip("OVMF's snakeoil Secure Boot build is missing (apt-get install ovmf)")
     if not DEFAULT_STUB.exists():
         pytest.skip(f"{DEFAULT_STUB} is missing (apt-get install systemd-boot-efi)")
     out = tmp_path_factory.mktemp("org-secure-boot")
-    keys = out / "keys"
-    pxepeer("keys", "new", "--out", str(keys))
+    keys = x86_imager.keys_copy(out / "keys")  # the lab's shared imager trusts them
     pass_file = out / "sb-pass"
     pass_file.write_text(SB_PASSPHRASE + "\n")
     pass_file.chmod(0o600)
     pxepeer("secure-boot", "sign-ipxe", "--sb-key", str(SB_KEY), "--sb-cert", str(SB_CERT),
             "--sb-pass-file", str(pass_file), "--out", str(out / "ipxe"))  # fmt: skip
-    _run("bash", str(IMAGER_BUILD), str(out / "imager"), "--trust", str(keys / "publisher.pub"))
-    kernel, initrd = out / "imager" / "vmlinuz", out / "imager" / "initrd.img"
+    kernel, initrd = x86_imager.kernel, x86_imager.initrd
     # The same UKI image add --uki makes, then one byte of its initrd changed.
     signer = SbSigner.load(SB_KEY, SB_CERT, SB_PASSPHRASE.encode())
     tampered = out / "tampered.efi"

@@ -29,13 +29,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.boot_servers import REPO, PxepeerServer, PxepeerStore, pxepeer, start_pxepeer
+from tests.lab.boot_servers import (
+    REPO,
+    PxepeerServer,
+    PxepeerStore,
+    X86Imager,
+    pxepeer,
+    start_pxepeer,
+)
 from tests.lab.virtual_store import OVMF_SECURE, VM, Firmware, LabError, VirtualStore
 
 pytestmark = pytest.mark.lab
 
 FETCH = REPO / "images" / "secureboot" / "fetch.sh"
-IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
 DEMO_BUILD = REPO / "images" / "demo-os" / "build.sh"
 MAC = "52:54:00:77:5b:01"
 DISK = "sb-disk"
@@ -61,20 +67,19 @@ def _run(*argv: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def secure_boot_files(tmp_path_factory: pytest.TempPathFactory) -> SecureBootFiles:
+def secure_boot_files(
+    tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager
+) -> SecureBootFiles:
     if not OVMF_SECURE["edk2-ms"][0].exists():
         pytest.skip("OVMF_CODE_4M.ms.fd is missing (apt-get install ovmf)")
     out = tmp_path_factory.mktemp("secure-boot")
-    keys = out / "keys"
-    pxepeer("keys", "new", "--out", str(keys))
+    keys = x86_imager.keys_copy(out / "keys")  # the lab's shared imager trusts them
     _run("bash", str(FETCH), str(out / "chain"))
-    _run("bash", str(IMAGER_BUILD), str(out / "imager"), "--trust", str(keys / "publisher.pub"))
     result = subprocess.run(["bash", str(DEMO_BUILD), str(out / "demo")], capture_output=True,
                             text=True, env=dict(os.environ, PXEPEER_DEMO_DISK_MB="32"))  # fmt: skip
     if result.returncode != 0:
         raise LabError(f"demo OS build failed:\n{result.stderr[-3000:]}")
-    imager = out / "imager"
-    return SecureBootFiles(out / "chain", imager / "vmlinuz", imager / "initrd.img",
+    return SecureBootFiles(out / "chain", x86_imager.kernel, x86_imager.initrd,
                            out / "demo" / "disk.raw", keys)  # fmt: skip
 
 

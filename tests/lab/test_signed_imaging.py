@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.lab.boot_servers import REPO, PxepeerStore, pxepeer, start_pxepeer
+from tests.lab.boot_servers import REPO, PxepeerStore, X86Imager, pxepeer, start_pxepeer
 from tests.lab.rogue_plan_proxy import ROGUE_MARKER
 from tests.lab.virtual_store import Firmware, LabError, VirtualStore
 
 pytestmark = pytest.mark.lab
 
-IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
 ROGUE = REPO / "tests" / "lab" / "rogue_plan_proxy.py"
 IMAGE = "signed-disk"
 MAC = "52:54:00:77:13:01"
@@ -46,17 +44,10 @@ class SignedImager:
 
 
 @pytest.fixture(scope="session")
-def signed_imager(tmp_path_factory: pytest.TempPathFactory) -> SignedImager:
-    out = tmp_path_factory.mktemp("signed-imager")
-    keys = out / "keys"
-    pxepeer("keys", "new", "--out", str(keys))
-    result = subprocess.run(
-        ["bash", str(IMAGER_BUILD), str(out / "imager"), "--trust", str(keys / "publisher.pub")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise LabError(f"{IMAGER_BUILD} failed:\n{result.stderr[-3000:]}")
-    return SignedImager(keys, out / "imager" / "vmlinuz", out / "imager" / "initrd.img")
+def signed_imager(tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager) -> SignedImager:
+    """The lab's shared imager build and a copy of the publisher keys it trusts."""
+    keys = x86_imager.keys_copy(tmp_path_factory.mktemp("signed-imager") / "keys")
+    return SignedImager(keys, x86_imager.kernel, x86_imager.initrd)
 
 
 def test_a_rogue_plan_server_gets_the_agent_to_fail_and_none_of_its_bytes_on_the_disk(
