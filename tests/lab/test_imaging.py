@@ -21,7 +21,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +104,30 @@ def _site_store(workdir: Path, images: ImagingImages, macs: list[str]) -> Pxepee
     for mac in macs:
         pxepeer("assign", mac, DEMO, "--cache-dir", str(cache))
     return PxepeerStore(cache=cache, keys=keys)
+
+
+StoreMaker = Callable[[Path, list[str]], PxepeerStore]
+
+
+@pytest.fixture(scope="session")
+def site_stores(
+    tmp_path_factory: pytest.TempPathFactory, imaging_images: ImagingImages
+) -> StoreMaker:
+    """`_site_store` made once per list of MACs (signing the 64 MiB demo OS and the
+    imager, and the assignments, take ~5 s of CLI runs) and copied for each test into
+    its own directory: every test still starts from a store nobody has run a peer on."""
+    templates: dict[tuple[str, ...], Path] = {}
+
+    def make(workdir: Path, macs: list[str]) -> PxepeerStore:
+        template = templates.get(tuple(macs))
+        if template is None:
+            template = tmp_path_factory.mktemp("imaging-store") / "store"
+            _site_store(template, imaging_images, macs)
+            templates[tuple(macs)] = template
+        shutil.copytree(template, workdir)
+        return PxepeerStore(cache=workdir / "cache", keys=workdir / "keys")
+
+    return make
 
 
 @dataclass
@@ -192,8 +216,10 @@ def _start_site(lab: VirtualStore, store: PxepeerStore, images: ImagingImages) -
 
 
 @pytest.fixture
-def site(lab: VirtualStore, imaging_images: ImagingImages) -> Iterator[Site]:
-    store = _site_store(lab.workdir / "store", imaging_images, list(MACS.values()))
+def site(
+    lab: VirtualStore, imaging_images: ImagingImages, site_stores: StoreMaker
+) -> Iterator[Site]:
+    store = site_stores(lab.workdir / "store", list(MACS.values()))
     yield _start_site(lab, store, imaging_images)
 
 
@@ -278,10 +304,12 @@ def test_a_peer_killed_during_imaging_does_not_stop_the_machine(site: Site) -> N
 
 
 @pytest.fixture
-def corrupt_site(lab: VirtualStore, imaging_images: ImagingImages) -> Iterator[Site]:
+def corrupt_site(
+    lab: VirtualStore, imaging_images: ImagingImages, site_stores: StoreMaker
+) -> Iterator[Site]:
     """The site, but peers 2 and 3 hold a damaged copy of every demo OS chunk (a bit
     flipped on their disks), which they send as stored."""
-    store = _site_store(lab.workdir / "store", imaging_images, [MACS["bios"]])
+    store = site_stores(lab.workdir / "store", [MACS["bios"]])
     site = _start_site(lab, store, imaging_images)
     [signed] = ContentStore(store.cache).find_images(DEMO)
     for name in ("peer2", "peer3"):
@@ -310,12 +338,12 @@ def test_corrupt_chunks_from_two_peers_never_reach_the_disk(corrupt_site: Site) 
 
 
 def test_a_failed_run_is_never_done_and_the_next_boot_resumes_from_the_disk(
-    lab: VirtualStore, imaging_images: ImagingImages
+    lab: VirtualStore, imaging_images: ImagingImages, site_stores: StoreMaker
 ) -> None:
     """Every peer holds one chunk damaged: the agent writes the rest, fails on that one
     (and says so, in the status too). Once the peers have it right again, the machine is
     powered on again with the same disk and fetches only what the disk still lacks."""
-    store = _site_store(lab.workdir / "store", imaging_images, [MACS["bios"]])
+    store = site_stores(lab.workdir / "store", [MACS["bios"]])
     site = _start_site(lab, store, imaging_images)
     [signed] = ContentStore(store.cache).find_images(DEMO)
     damaged = signed.manifest.chunk_refs()[-1]
