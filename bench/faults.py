@@ -36,7 +36,40 @@ The table: time to complete with faults over without (median of --reps and each
 run), WAN bytes over the image's size, kills, cuts, ENOSPC lines in the peers' logs,
 crashes, corrupt chunks, and verify results.
 
-Measured: see the end of this docstring (filled in from a run).
+Measured 2026-11-30 on the 2-core development VM shared with three other engineers'
+sessions (load 3-4, QEMU labs running beside it), commit 99f1af8 (clean worktree), the
+defaults (5 peers, 96 MiB, WAN 10 Mbit/s RTT 40 ms, LAN 100 Mbit/s; faults as above),
+`sudo python -m bench.faults --reps 3` (calm: the same site without faults; ENOSPC: lines
+in the peers' logs; verify ok: `pxepeer image verify` exit 0, both runs of the rep):
+
+| rep | calm s | faults s | ratio | WAN/S | kills | cuts | ENOSPC | crashes | corrupt | verify ok |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| 0 | 86.8 | 149.2 | 1.72x | 1.096 | 14 | 1 | 7 | 0 | 0 | 10/10 |
+| 1 | 86.8 | 125.1 | 1.44x | 1.074 | 12 | 1 | 21 | 0 | 0 | 10/10 |
+| 2 | 87.1 | did not complete | - | - | ~47 | 4 | - | 0 | - | - |
+
+One WAN cut alone would make it 87 + 30 = 117 s. The WAN beyond the image: 4.9 and 6.8
+MiB of chunk GETs cut short (a peer killed mid-chunk loses it: a chunk is fetched again
+from its first byte, there is no resume), 1 and 0 chunks sent whole twice; the full-disk
+peer fetched 43.9 and 14.5 MiB from the origin once its disk had room again.
+
+Rep 2 stalled, cause not established: the last whole WAN chunk went out at 113 s (4
+peers then held 14 of 26 chunks, the full-disk one about 12), and none completed after
+that (only GETs cut short) through cuts at 150, 270 and
+390 s; stopped by hand at ~480 s. The peers' catalog polls timed out with the link up;
+at 420 s a curl from the site's router to the origin got no connection in 20 s while
+nginx answered in its own namespace (SYNs reached nginx and SYN-ACKs left up0, but
+hardly any packet came out of wan0, with the TUN delay line idle in epoll_wait). That
+points at the lab's WAN path rather than at pxepeer, but a standalone check (a transfer
+across 4 cuts of site_lab's WAN) recovered every time, so it is not shown either way:
+rerun before quoting a median.
+
+Before 48329b8 (a full-disk peer kept fetching chunks only to throw them away), one run
+in a working tree that also held another engineer's unfinished swarm_plan changes:
+146.0 s against 86.9 s, WAN/S 1.216, 89 ENOSPC lines (about two 4 MiB LAN chunks a
+second and one origin chunk fetched and discarded during the 40 s the disk was full),
+0 corrupt chunks, 10/10 verified. With the pause the ENOSPC lines are 7 and 21: every
+fetch in flight when the disk fills fails once, and each 5 s pause ends with a try.
 """
 
 from __future__ import annotations
