@@ -13,14 +13,18 @@ What is real and what is a model:
    driven as peer/adapters/site.py drives it, on a simulated clock (bench/fleet_site.py
    says exactly how): heartbeat rounds, elections, catalog and manifest fetches, the
    swarm planner's choice of each chunk's source, have-notices, churn (peers leaving
-   without a word, replacements joining by mDNS) are all the core's decisions. The
+   without a word, replacements joining by mDNS) are all the core's decisions.
+   Heartbeats are delivered as the adapter does (one a second from each peer to every
+   other; the signature is not simulated, the gate's rule is: only members' beats count,
+   an unknown sender becomes a discovered endpoint), so a member's hello is polled only
+   when its heartbeat's version changed, every 30 s, or when its beats go stale. The
    transport is fluid (flows, not packets): the site's WAN shared equally by its
    transfers, each LAN transfer at the smaller of its two NICs' equal shares. A detailed
    site has the site's own peer count and rates, but a smaller image: what its WAN
-   carries in `--detail-seconds` (30), within 8-64 chunks (`--detail-mib` fixes it): a
-   tick of the real core costs O(missing chunks x peers) (see "Profile" below), and
-   100 peers x 2560 chunks x hours of simulated time does not fit ten minutes of one
-   core. The slowest site is the one with the largest own bound.
+   carries in `--detail-seconds` (30), within 8-64 chunks (`--detail-mib` fixes it):
+   every peer ticks several times a second and a tick costs milliseconds at 100 peers
+   (see "Profile" below), so 100 peers x 2560 chunks x hours of simulated time does not
+   fit ten minutes of one core. The slowest site is the one with the largest own bound.
 2. The fleet (every one of the `--sites` sites): a fluid model, calibrated per site from
    the detailed site nearest in WAN rate: the origin's egress `--origin-gbit` is shared
    max-min fairly between the sites still fetching, each capped by its WAN rate times
@@ -30,10 +34,11 @@ What is real and what is a model:
    per peer x half a chunk, at the expected leave rate); it completes when that is done
    plus its detailed site's tail (last WAN chunk to last peer complete, scaled by LAN
    rate), its endpoints spread over the tail as the detailed site's peers were.
-   Control messages per peer per minute: heartbeats and catalog polls at the detailed
-   sites' per-minute rates, have-notices at their count per chunk, over each site's
-   download. Not modelled: endpoints that join after their site completed (they fetch
-   the image over the LAN in ~S/B) and the origin's own request rate limits.
+   Control messages per peer per minute: heartbeats (sent, and received: N - 1 times
+   as many), hello and catalog polls at the detailed sites' per-minute rates,
+   have-notices at their count per chunk, over each site's download. Not modelled:
+   endpoints that join after their site completed (they fetch the image over the LAN
+   in ~S/B) and the origin's own request rate limits.
 
 The reference is analytical: the fleet bound max(sites x S / origin egress, the
 slowest site's own bound), a site's bound being bench/site_distribution.py's
@@ -66,13 +71,75 @@ uncommitted swarm_plan.py (site WAN window, relay tree) as it stood; 4 min 21 s 
     Again at core 80e1d92 (the swarm changes committed), load ~3-10: the same figures to
     the digit, 2 min 32 s wall (2 min 23 s CPU; the detailed sites 150 s, the model 0.4 s).
 
-What it found (the core's behaviour, not the simulator's):
+Measured 2026-11-30 evening (20:00-20:30 UTC), the shared 2-core VM under heavy load
+from three other engineers (load average 6-38 during these runs: wall times are noisy,
+simulated times and byte counts are not; every run is deterministic for its seed).
+Core a: heartbeats wired (8294b3b, 4332bab), dynamic endpoint cap 256, cheaper plan()
+(2ff616e), this simulator delivering heartbeats (fa7c082); core b: a + the takeover fix
+(2fe5f81: an owner's bytes read from the origin count as progress, bounded).
+
+`python -m bench.fleet` (defaults):
+
+    detailed (N = 100, mDNS)  WAN Mb/s  MiB  bound s  done s  ratio  WAN/S  dup  tick ms
+    a slowest (slow LAN too)     4.0     32    77.5    75.7   0.98   1.000    0   1.73
+    a fastest                  100.0    256    22.0    25.9   1.18   1.000    0   2.72
+    a median                    31.1    112    31.5    33.8   1.07   1.000    0   2.42
+    b (the three sites)         the same simulated figures to the digit: no owner
+                                at these rates waits longer than takeover_after.
+    fleet a: 42968 s = 1.000x the bound 42950 s (origin-bound), WAN 1.0002 x sites x
+    image (target 1.01: met; it was 1.043 with the 64-endpoint cap and no heartbeats),
+    5 min 29 s wall (177 s CPU, load 6-10).
+    fleet b: the same (42968 s, 1.000x, WAN 1.0002 x); 5 min 28 s wall (194 s CPU,
+    load 25 at the start, 5 at the end). bench/results/fleet.png is this run's curve.
+    Control messages per peer per minute over the fleet's download (a): heartbeats 60
+    sent and 5942 received (99 others a second), hello polls 565 (3921 before
+    heartbeats: every member polled every round), have-notices 354, catalog polls 5.1.
+    Polls fell ~7x; received heartbeats are now the bulk by count, but each is one
+    datagram of a few hundred bytes where a poll is a signed HTTP request and answer
+    (bytes per minute were not measured here: bench/many_peers.py measures them).
+    Per detailed site: hellos 365 (4 Mbit/s), 712 (100 Mbit/s), 527 (31 Mbit/s);
+    have-notices 625 / 14661 / 4917: O(N) per chunk stored, now the largest message
+    rate while a fast site downloads.
+
+`python -m bench.fleet --wan-mbit 1 2 --peers 8` (the collapse case: 5000 sites of 8
+peers at 1-2 Mbit/s; 1 % at 4 Mbit/s):
+
+    detailed (N = 8)   WAN Mb/s  MiB  bound s  done s  ratio  WAN/S  dup
+    a slowest             1.0     32    302.0  1378.2   4.56   5.125   33
+    a 4 Mbit/s            4.0     32     76.5    71.9   0.94   1.000    0
+    a median              1.4     32    213.3   476.7   2.24   2.500   12
+    b slowest             1.0     32    302.0   271.6   0.90   1.000    0
+    b 4 Mbit/s            4.0     32     76.5    71.9   0.94   1.000    0
+    b median              1.4     32    213.3   192.9   0.90   1.000    0
+
+    fleet a: 441099 s (122.5 h) = 5.14x the bound 85894 s (the slowest site's), WAN
+    3.126 x sites x image; fleet b: 85917 s = 1.000x, WAN 1.0003 x. Control messages
+    per peer per minute (b): heartbeats 60 sent / 420 received, hellos 21, have 16,
+    catalog 4.1. 38 s (a) and 21 s (b) wall.
+    bench/results/fleet-slow-wan.png is b's curve, fleet-slow-wan-before-fix.png a's.
+
+`python -m bench.fleet --wan-mbit 1 2 --detail-sites 1` (100 peers by mDNS, the
+slowest site only; core b from a clean export of 4679375): 1.0 Mbit/s, 32 MiB: 271.9 s
+against its bound 302.1 s (0.90x), WAN 1.000 x S, 0 duplicates, 89570 ticks of
+1.84 ms, 212 s wall (load 4-10); fleet 85917 s = 1.000x, WAN 1.0003 x. Per peer per
+minute: heartbeats 60 sent / 5939 received, hellos 234, have-notices 172 (over the
+fleet's download 244), catalog 4.2. Core a at 100 peers and 1 Mbit/s: killed after
+6 min wall at load ~30 without its first site done (the 2.0 Mbit/s, 100-peer case of
+"What it found" below was 4.36x and 4.875 x S before the fix).
+
+The bench printed the commit it found at the END of a run, not the one it imported
+(others committed during a), so a's output says "core: abc2bb4"; it ran fa7c082's
+core. It now records the commit when the run starts.
+
+What it found (the core's behaviour, not the simulator's; the first three are fixed
+since, see "Measured 2026-11-30 evening" above):
 - Duplicate WAN fetches above 64 peers. `MAX_DYNAMIC_ENDPOINTS` (64) bounds what mDNS
   adds to a peer's view, so at 100 peers each sees 64 others; WAN ownership (rendezvous
   over the view) then differs between peers and some chunks have two owners. At the
   100 Mbit/s site, 32 MiB: mDNS 1.125 x S at N = 100, 1.000 at N = 32, 64, 65; the same
   site with every peer in --peer (`--discovery static`): 1.000. In an origin-bound fleet
   every duplicate byte is fleet time: the 4 % extra WAN is most of the 8 % over the bound.
+  Fixed: the cap is 256 since 8294b3b (WAN/S 1.000 at all three sites above).
 - Below ~1.5 Mbit/s of WAN per site the swarm collapses (core 2356489, one site,
   N = 8, 64 MiB): 1.0 Mbit/s 5.0x its bound and 5.3 x S over the WAN (69 duplicate
   chunks); 1.5, 2, 3, 4 Mbit/s 0.95-0.96x (below 1: the p/W term) and 1.000 x S. With
@@ -92,22 +159,30 @@ What it found (the core's behaviour, not the simulator's):
   sites runs every site at ~2 Mbit/s, where this site needs ~4.9x the WAN bytes.
   The same site at 2 Mbit/s without the cap in play (core b4d698c, churn 0): N = 32 and
   64 by mDNS, and N = 100 with `--discovery static`: 138 s (0.91x the bound), 1.000 x S.
-- Heartbeats are O(N^2) per site: each peer polls every peer it knows every second
+  Fixed in 2fe5f81 (core b above): between two chunks it lands, an owner's bytes read
+  from the origin (hello counter `wan_read`, re-read at least every 30 s) count as
+  progress, in steps of 1/8 chunk and up to (site_wan_window + wan_in_flight) chunks'
+  worth, so an honest owner is taken over only below ~140 kbit/s per WAN transfer, and a
+  member claiming bytes without landing chunks after at most 33 takeover periods.
+- (Fixed by heartbeats since 8294b3b: 565 hellos per peer per minute above, not 3921;
+  have-notices are still O(N) per stored chunk.)
+  Heartbeats are O(N^2) per site: each peer polls every peer it knows every second
   (64 x 60 = 3840 hellos per peer per minute at N = 100), and announces each chunk it
   stores to each of them (have-notices: 64 per chunk per peer, 164k per peer for a
   10 GiB image).
-- Profile: a tick of the real core costs O(missing chunks x live peers): swarm_plan.plan
-  scans every holder's bitmap for every missing chunk (`holders` list, 87 % of this
-  bench's CPU is `SiteCore.tick`, 64 % `plan`, 40 % that list and
-  `ChunkBitmap.__contains__`), plus a rendezvous ranking (one SHA-256 per peer) for each
-  unheld chunk while a WAN slot is free. Measured per tick, one core, this tree:
-  64 chunks x 64 peers 3.6 ms; 640 x 64 24-38 ms; 2560 x 64 (a 10 GiB image at a
-  100-peer site) 112-118 ms. A peer ticks at least twice a second and after every
-  have-notice (the bench saw ~6 ticks per peer per second at N = 100), so a real peer
-  of a 100-peer site fetching a 10 GiB image would spend its CPU planning. A one-pass
-  fix (OR every source's bitmap into one integer per image, skip the holder scan for
-  chunks nobody holds; stop once both LAN and WAN slots are full) is left to the owner
-  of swarm_plan.py, which was being changed while this was measured.
+- Profile, then: 87 % of this bench's CPU was `SiteCore.tick`, 64 % `swarm_plan.plan`
+  scanning every holder's bitmap for every missing chunk: 2560 chunks x 64 peers
+  112-118 ms a tick. Fixed in 2ff616e (one OR of the holders' bitmaps per image, slots
+  full stops the loop; its message: 5-12 ms at 2560 x 64).
+- Profile, now (cProfile, one site of 100 peers, 16 chunks, 100 Mbit/s, core b, load
+  ~20-30 so every figure is inflated): 12439 ticks, 8.5 ms each on average; `plan` 72 %
+  of the tick time, of which `note_progress` (every source's holdings counted every
+  plan) 20 %, `wan_owner`'s rendezvous ranking (a SHA-256 per fetcher per unheld chunk
+  in the window) 19 % and `plan`'s own loop (the per-source bitmap OR) 18 %; the
+  election (`_elect`, every tick) 13 %. The detail sizes stay at 30 s of WAN within
+  8-64 chunks: the default run took 5 min 29 s wall (177 s CPU) at load 6-10, and
+  doubling the detailed images would not keep it under ten minutes on this shared host.
+  Next: note_progress and the election only when the view changed, not every tick.
 """
 
 from __future__ import annotations
@@ -403,6 +478,7 @@ class Report:
     fleet: FleetResult
     wall_s: float
     at_share: SiteResult | None = None  # the median site at the fleet's fair share
+    core: str = ""  # core_version() when the run started (the code it imported)
 
 
 def detail_size(cfg: FleetConfig, s: Site) -> int:
@@ -431,6 +507,8 @@ def core_version() -> str:
 
 def simulate(cfg: FleetConfig, progress: bool = False) -> Report:
     started = time.perf_counter()
+    # Now, not when the report is printed: others may commit while a run goes on.
+    core = core_version()
     sites = draw_sites(cfg)
     detailed = pick_detailed(sites, cfg.detail_sites)
     results = []
@@ -465,7 +543,7 @@ def simulate(cfg: FleetConfig, progress: bool = False) -> Report:
             discovery=cfg.discovery,
         )  # fmt: skip
         at_share = run_site(spec)
-    return Report(results, fleet, time.perf_counter() - started, at_share)
+    return Report(results, fleet, time.perf_counter() - started, at_share, core)
 
 
 def print_report(cfg: FleetConfig, rep: Report) -> None:
@@ -475,7 +553,7 @@ def print_report(cfg: FleetConfig, rep: Report) -> None:
           f"Mbit/s ({cfg.slow_fraction:.0%} at {cfg.slow_wan_mbit:g}), LAN {cfg.lan_mbit:g} "
           f"Mbit/s, origin {cfg.origin_gbit:g} Gbit/s, churn {cfg.churn:.0%}/h, seed {cfg.seed}")
     print()
-    print(f"core: {core_version()}")
+    print(f"core: {rep.core}")
     print()
     print(f"detailed sites (real SiteCore per peer; discovery {cfg.discovery}):")
     print(f"{'site':>16} {'N':>4} {'WAN Mb/s':>8} {'MiB':>4} {'bound s':>8} {'done s':>8} "
@@ -511,8 +589,8 @@ def print_report(cfg: FleetConfig, rep: Report) -> None:
           f"sites x image (target <= 1.01); churn wasted {f.churn_wasted_bytes / GIB:.1f} GiB")
     done = sorted(f.site_done_s)
     print(f"  sites done        {done[0]:10.0f} s first, {done[len(done) // 2]:.0f} s median")
-    print("  control messages per peer per minute over the fleet's download (hellos and "
-          "polls at the detailed rates, notices per chunk): " + ", ".join(
+    print("  control messages per peer per minute over the fleet's download (heartbeats, "
+          "hellos and polls at the detailed rates, notices per chunk): " + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(f.control_per_peer_minute.items()) if v))
     print(f"  model {f.model_wall_s:.1f} s, detailed sites "
           f"{sum(r.wall_s for r in rep.detailed):.1f} s, total wall {rep.wall_s:.1f} s")
