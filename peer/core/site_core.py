@@ -508,9 +508,16 @@ class SiteCore:
         if self.endpoint_of.get(hello.node_id) != endpoint:
             log.info("peer %s up at %s", hello.node_id, endpoint)
         self.endpoint_of[hello.node_id] = endpoint
-        if (self.catalog is None or hello.catalog_serial > self.catalog.serial) and (
-            not self._catalog_in_flight
-        ):
+        self._follow_up(hello, endpoint, now)
+
+    def _follow_up(self, hello: Hello, endpoint: str, now: float) -> None:
+        """What a member's hello asks of us: its newer catalog, the control document
+        while we are cut off from the origin, its machine records when they differ.
+        Run on every hello and on every tick for the hellos we hold: a member whose
+        heartbeats flow is re-read only when its hello changes, and an action that was
+        busy or paused when the hello came must not wait for the next change."""
+        ours = self.catalog.serial if self.catalog is not None else 0
+        if hello.catalog_serial > ours and not self._catalog_in_flight:
             self._catalog_in_flight = True
             self._pending.append(FetchCatalog(endpoint))
         elif (
@@ -846,6 +853,11 @@ class SiteCore:
             log.warning("peer %s left the view (silent for %.0f s)", node, PEER_TIMEOUT)
             self.endpoint_of.pop(node, None)
         self._elect(now)
+        for hello in self.membership.live(now):
+            endpoint = self.endpoint_of.get(hello.node_id)
+            if endpoint is not None:
+                self._follow_up(hello, endpoint, now)
+        commands, self._pending = commands + self._pending, []
         for key, until in list(self._claims_lost.items()):
             if now >= until:
                 del self._claims_lost[key]

@@ -553,3 +553,44 @@ def test_a_member_back_from_an_outage_is_read_the_round_after_a_counted_heartbea
     assert polls(c, now) == ()  # backed off
     c.heartbeat_received(beat(P1, 2, version="1" * 16), now + 0.5)  # back, restarted
     assert polls(c, now + 1.0) == (endpoint,)
+
+
+def test_a_records_pull_held_back_when_the_hello_came_happens_later_without_a_new_hello() -> (
+    None
+):
+    # With heartbeats a member's hello is read again only when it changes: a pull that
+    # was paused (or already running) when its new digest came must still happen.
+    from peer.core.site_core import RECORDS_PULL_SECONDS, FetchRecords
+
+    c = core()
+    c.records_digest = "a" * 64
+    hello = peer_hello(P1)
+    hello.records_digest = "b" * 64
+    endpoint = "10.88.0.11:8080"
+
+    def pulls(now: float) -> list[FetchRecords]:
+        return [x for x in c.tick(now, WALL) if isinstance(x, FetchRecords)]
+
+    c.hello_received(endpoint, hello, 1.0)
+    assert pulls(1.0) == [FetchRecords(P1, endpoint)]
+    c.records_fetch_done(P1, 2, 1.5)  # it brought records: the next pull is 3 s on
+    c.heartbeat_received(beat(P1, 1), 1.6)
+    hello.records_digest = "c" * 64  # a machine finished imaging there
+    c.hello_received(endpoint, hello, 2.0)  # read once, inside the pause
+    assert pulls(2.0) == []
+    c.heartbeat_received(beat(P1, 2), 1.5 + RECORDS_PULL_SECONDS)
+    assert pulls(1.5 + RECORDS_PULL_SECONDS) == [FetchRecords(P1, endpoint)]
+
+
+def test_a_newer_catalog_a_member_announced_while_a_fetch_ran_is_fetched_after_it() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    hello = peer_hello(P1)
+    hello.catalog_serial = 5
+    c.hello_received(endpoint, hello, 1.0)
+    first = [x for x in c.tick(1.0, WALL) if isinstance(x, FetchCatalog)]
+    assert first  # from the member (or the origin): one fetch at a time
+    assert not [x for x in c.tick(1.2, WALL) if isinstance(x, FetchCatalog)]
+    c.catalog_fetch_done(1.5)  # that fetch brought nothing newer than serial 0
+    c.heartbeat_received(beat(P1, 1), 1.6)
+    assert FetchCatalog(endpoint) in c.tick(1.7, WALL)
