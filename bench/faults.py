@@ -53,7 +53,19 @@ MiB of chunk GETs cut short (a peer killed mid-chunk loses it: a chunk is fetche
 from its first byte, there is no resume), 1 and 0 chunks sent whole twice; the full-disk
 peer fetched 43.9 and 14.5 MiB from the origin once its disk had room again.
 
-Rep 2 stalled, cause not established: the last whole WAN chunk went out at 113 s (4
+Again at 4679375 (with 2fe5f81: a slow WAN owner is not taken over while its bytes
+move), same host minutes later, `--reps 2 --timeout 500`: both reps completed.
+
+| rep | calm s | faults s | ratio | WAN/S | kills | cuts | ENOSPC | crashes | corrupt | verify ok |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| 0 | 87.6 | 148.9 | 1.70x | 1.104 | 14 | 1 | 17 | 0 | 0 | 10/10 |
+| 1 | 87.9 | 145.2 | 1.65x | 1.123 | 14 | 1 | 19 | 0 | 0 | 10/10 |
+
+(chunk GETs cut short 9.7 and 11.5 MiB, no chunk sent whole twice.) Over the 4
+completed reps: 1.44-1.72x the calm site, WAN 1.07-1.12 x S, 0 corrupt chunks, every
+peer verified.
+
+Rep 2 of the first run stalled, cause not established: the last whole WAN chunk went out at 113 s (4
 peers then held 14 of 26 chunks, the full-disk one about 12), and none completed after
 that (only GETs cut short) through cuts at 150, 270 and
 390 s; stopped by hand at ~480 s. The peers' catalog polls timed out with the link up;
@@ -62,7 +74,7 @@ nginx answered in its own namespace (SYNs reached nginx and SYN-ACKs left up0, b
 hardly any packet came out of wan0, with the TUN delay line idle in epoll_wait). That
 points at the lab's WAN path rather than at pxepeer, but a standalone check (a transfer
 across 4 cuts of site_lab's WAN) recovered every time, so it is not shown either way:
-rerun before quoting a median.
+it did not recur in the 2 reps after it.
 
 Before 48329b8 (a full-disk peer kept fetching chunks only to throw them away), one run
 in a working tree that also held another engineer's unfinished swarm_plan changes:
