@@ -130,6 +130,23 @@ class X86Imager:
         return dest
 
 
+# The demo OS disk image the lab images machines with (images/demo-os/build.sh): its data
+# (ESP, shim, GRUB, kernel) takes 16 MiB, the rest is zeros, which the agent never fetches.
+DEMO_DISK_MB = 32
+
+
+def build_demo_os(out: Path) -> Path:
+    """images/demo-os/build.sh OUT at DEMO_DISK_MB; the disk image's path."""
+    script = REPO / "images" / "demo-os" / "build.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(out)], capture_output=True, text=True, check=False,
+        env=dict(os.environ, PXEPEER_DEMO_DISK_MB=str(DEMO_DISK_MB)),
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise LabError(f"{script} failed:\n{result.stderr[-3000:]}")
+    return out / "disk.raw"
+
+
 def build_x86_imager(out: Path) -> X86Imager:
     keys = out / "keys"
     pxepeer("keys", "new", "--out", str(keys))

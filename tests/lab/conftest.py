@@ -14,6 +14,7 @@ from tests.lab.boot_servers import (
     PxepeerStore,
     TestImage,
     X86Imager,
+    build_demo_os,
     build_test_image,
     build_x86_imager,
     prepare_pxepeer_store,
@@ -52,6 +53,12 @@ def pxepeer_store(tmp_path_factory: pytest.TempPathFactory, test_image: TestImag
 def x86_imager(tmp_path_factory: pytest.TempPathFactory) -> X86Imager:
     """One x86 imager build for every lab module that images a disk."""
     return build_x86_imager(tmp_path_factory.mktemp("x86-imager"))
+
+
+@pytest.fixture(scope="session")
+def demo_os_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One demo OS build (~14 s) for test_imaging and test_secure_boot."""
+    return build_demo_os(tmp_path_factory.mktemp("demo-os"))
 
 
 @pytest.fixture

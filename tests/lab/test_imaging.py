@@ -29,7 +29,6 @@ import pytest
 
 from peer.store.content_store import ContentStore
 from tests.lab.boot_servers import (
-    REPO,
     PxepeerServer,
     PxepeerStore,
     X86Imager,
@@ -47,13 +46,12 @@ from tests.lab.virtual_store import (
 
 pytestmark = pytest.mark.lab
 
-DEMO_BUILD = REPO / "images" / "demo-os" / "build.sh"
 DEMO = "demo-os"
 IMAGER = "imager"
 PEERS = ("peer1", "peer2", "peer3")
 MACS = {"bios": "52:54:00:77:11:01", "bios2": "52:54:00:77:11:02", "uefi": "52:54:00:77:12:01"}
-IMAGING_TIMEOUT = 420  # TCG on a shared 2-core runner: boot ~30 s, writing 64 MiB ~30-90 s
-DISK_MB = 96  # bigger than the 64 MiB image, as real disks are
+IMAGING_TIMEOUT = 420  # TCG on a shared 2-core runner: boot ~30 s, writing 16 MiB ~30-90 s
+DISK_MB = 96  # bigger than the 32 MiB image (boot_servers.DEMO_DISK_MB), as real disks are
 DONE = "PXEPEER-IMAGING: done"
 DEMO_MARKER = "PXEPEER-DEMO-OS: booted from disk"
 DEMO_FIRMWARE = r"PXEPEER-DEMO-OS: firmware (\w+)"  # what the demo OS's kernel saw
@@ -77,14 +75,12 @@ def _build(script: Path, outdir: Path, *args: str) -> None:
 
 @pytest.fixture(scope="session")
 def imaging_images(
-    tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager
+    tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager, demo_os_disk: Path
 ) -> ImagingImages:
     out = tmp_path_factory.mktemp("imaging-images")
     # The imager (the lab's shared build) writes only what this publisher signed.
     keys = x86_imager.keys_copy(out / "keys")
-    _build(DEMO_BUILD, out / "demo")
-    return ImagingImages(out / "demo" / "disk.raw", x86_imager.kernel, x86_imager.initrd,
-                         keys)  # fmt: skip
+    return ImagingImages(demo_os_disk, x86_imager.kernel, x86_imager.initrd, keys)
 
 
 def _site_store(workdir: Path, images: ImagingImages, macs: list[str]) -> PxepeerStore:
@@ -113,7 +109,7 @@ StoreMaker = Callable[[Path, list[str]], PxepeerStore]
 def site_stores(
     tmp_path_factory: pytest.TempPathFactory, imaging_images: ImagingImages
 ) -> StoreMaker:
-    """`_site_store` made once per list of MACs (signing the 64 MiB demo OS and the
+    """`_site_store` made once per list of MACs (signing the 32 MiB demo OS and the
     imager, and the assignments, take ~5 s of CLI runs) and copied for each test into
     its own directory: every test still starts from a store nobody has run a peer on."""
     templates: dict[tuple[str, ...], Path] = {}

@@ -20,7 +20,6 @@ EFI/BOOT/BOOTX64.EFI (shim), and the demo OS boots with Secure Boot still on.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -42,7 +41,6 @@ from tests.lab.virtual_store import OVMF_SECURE, VM, Firmware, LabError, Virtual
 pytestmark = pytest.mark.lab
 
 FETCH = REPO / "images" / "secureboot" / "fetch.sh"
-DEMO_BUILD = REPO / "images" / "demo-os" / "build.sh"
 MAC = "52:54:00:77:5b:01"
 DISK = "sb-disk"
 IMAGER = "imager"
@@ -68,19 +66,15 @@ def _run(*argv: str) -> None:
 
 @pytest.fixture(scope="session")
 def secure_boot_files(
-    tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager
+    tmp_path_factory: pytest.TempPathFactory, x86_imager: X86Imager, demo_os_disk: Path
 ) -> SecureBootFiles:
     if not OVMF_SECURE["edk2-ms"][0].exists():
         pytest.skip("OVMF_CODE_4M.ms.fd is missing (apt-get install ovmf)")
     out = tmp_path_factory.mktemp("secure-boot")
     keys = x86_imager.keys_copy(out / "keys")  # the lab's shared imager trusts them
     _run("bash", str(FETCH), str(out / "chain"))
-    result = subprocess.run(["bash", str(DEMO_BUILD), str(out / "demo")], capture_output=True,
-                            text=True, env=dict(os.environ, PXEPEER_DEMO_DISK_MB="32"))  # fmt: skip
-    if result.returncode != 0:
-        raise LabError(f"demo OS build failed:\n{result.stderr[-3000:]}")
     return SecureBootFiles(out / "chain", x86_imager.kernel, x86_imager.initrd,
-                           out / "demo" / "disk.raw", keys)  # fmt: skip
+                           demo_os_disk, keys)  # fmt: skip
 
 
 def _store(workdir: Path, files: SecureBootFiles) -> PxepeerStore:
