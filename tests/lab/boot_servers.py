@@ -184,6 +184,9 @@ class PxepeerServer:
     def stop(self) -> None:
         self.service.stop()
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.lab.wait_http(f"{self.base_url}/v1/status", self.service, timeout=timeout)
+
 
 def _norm_mac(mac: str) -> str:
     return mac.lower().replace("-", ":")
@@ -198,7 +201,10 @@ def start_pxepeer(
     pool: str | None = None,
     extra_args: tuple[str, ...] = (),
     name: str = "pxepeer-serve",
+    wait: bool = True,
 ) -> PxepeerServer:
+    """`pxepeer serve` in the peer's namespace; once it answers HTTP unless `wait` is
+    False (then `server.wait_ready()`: several peers can start at once)."""
     args = [
         *PXEPEER, "serve", "--interface", peer.ifname, "--cache-dir", str(store.cache),
         "--trust", str(store.public_key), "--dhcp", dhcp, "--http-port", str(HTTP_PORT),
@@ -212,7 +218,8 @@ def start_pxepeer(
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     service = lab.spawn(peer.ns, name, args, cwd=REPO, env=env)
     server = PxepeerServer(peer=peer, service=service, lab=lab)
-    lab.wait_http(f"{server.base_url}/v1/status", service, timeout=60)
+    if wait:
+        server.wait_ready()
     return server
 
 

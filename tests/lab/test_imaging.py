@@ -197,9 +197,13 @@ def _start_site(lab: VirtualStore, store: PxepeerStore, images: ImagingImages) -
         own = enrolled_store(store.keys, cache, peer.name)
         others = [f"--peer={p.ip}:8080" for p in peers if p is not peer]
         stores[peer.name], args[peer.name] = own, ("--no-mdns", *others)
+        # Started together (each ~2 s of Python start-up, which the two cores overlap);
+        # the tests ask which peer the election made the responder (Site.responder).
         servers[peer.name] = start_pxepeer(
-            lab, peer, own, extra_args=args[peer.name], name=f"pxepeer-{peer.name}"
+            lab, peer, own, extra_args=args[peer.name], name=f"pxepeer-{peer.name}", wait=False
         )
+    for server in servers.values():
+        server.wait_ready()
     site = Site(lab, servers, images, stores, args)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
