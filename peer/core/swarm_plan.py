@@ -15,10 +15,11 @@ Rules, in order:
    a slow link moves a 4 MiB chunk in longer than the takeover period, and taking over
    from an honest owner fetches its chunks twice, which slows every transfer further
    (bench/fleet.py found 5.3 x the image over a 1 Mbit/s WAN). A member may lie about
-   its bytes, so they count only in steps of `progress_step` of a chunk and only up to
-   `site_wan_window + wan_in_flight` chunks' worth since it last held a new chunk: an
-   owner claiming bytes and never landing a chunk is stuck after at most
-   (that budget / step + 1) takeover periods (`max_byte_credits`). A chunk another peer
+   its bytes, so they count only in steps of `progress_step` of a chunk, only up to
+   `site_wan_window + wan_in_flight` chunks' worth since it last held a new chunk, and
+   only for `bytes_count_for` seconds after that: an owner claiming bytes (or faking
+   restarts of its counter) and never landing a chunk is stuck after at most
+   `bytes_count_for + takeover_after` (`liar_bound`). A chunk another peer
    says it is already fetching from the WAN is left to it while that peer progresses
    (a peer joining mid-download must not fetch the same chunk again).
    Only the first `site_wan_window` chunks of each image that no peer holds (in chunk
@@ -86,11 +87,15 @@ class Limits:
     # step per 30 s, 512 KiB of a 4 MiB chunk, is ~140 kbit/s per WAN transfer: below
     # that an owner looks stuck, as every owner did before bytes counted.
     progress_step: float = 1 / 8
+    # ... and only this long after the owner last landed a chunk of the image: a member
+    # that claims bytes and lands nothing holds its chunks (the site's WAN window) for
+    # minutes, not for as long as its claims last. An honest owner lands a 4 MiB chunk
+    # in this time down to ~190 kbit/s per transfer.
+    bytes_count_for: float = 180.0
 
-    def max_byte_credits(self) -> int:
-        """How many takeover periods bytes alone can buy an owner between two chunks it
-        lands: the budget of bytes over the step."""
-        return int((self.site_wan_window + self.wan_in_flight) / self.progress_step)
+    def liar_bound(self) -> float:
+        """The longest an owner that lands no chunk keeps its chunks, whatever it says."""
+        return self.bytes_count_for + self.takeover_after
 
 
 WAN_READ = "wan_read"  # the hello counter of bytes read from the origin (site_core.Counters)
@@ -102,6 +107,7 @@ class Progress:
 
     held: int  # chunks of the image it holds
     moved: float  # when it last held more, or its WAN bytes last grew by a step
+    landed: float  # when it last held more
     base: int | None  # its wan_read when it last held more (None: it does not say)
     credited: int | None  # its wan_read at the last step counted
 
@@ -145,7 +151,7 @@ class SwarmPlanner:
                 held = bitmap.count()
                 p = self.progress.get(key)
                 if p is None or held > p.held:
-                    self.progress[key] = Progress(held, now, wan, wan)
+                    self.progress[key] = Progress(held, now, now, wan, wan)
                     continue
                 p.held = held  # fewer (evicted): no progress, the clock runs on
                 if wan is None or p.base is None or p.credited is None:
@@ -159,6 +165,7 @@ class SwarmPlanner:
                     chunk
                     and wan - p.credited >= chunk * self.limits.progress_step
                     and wan - p.base <= budget_chunks * chunk
+                    and now - p.landed < self.limits.bytes_count_for
                 ):
                     p.credited, p.moved = wan, now
         for key in list(self.progress):

@@ -299,12 +299,11 @@ def test_a_slow_honest_owner_reading_its_chunk_is_not_overtaken() -> None:
 
 def test_an_owner_claiming_bytes_without_landing_a_chunk_is_overtaken_within_a_bound() -> None:
     """A member may lie in its counters: each step of its bytes buys one takeover period,
-    and only (window + WAN in flight) chunks' worth of them since it last landed one."""
+    for a bounded time after it last landed a chunk."""
     limits = Limits(takeover_after=45.0)
     job = owned_by_p1()
     step = int(CHUNK * limits.progress_step)
-    credits = limits.max_byte_credits()
-    bound = (credits + 1) * limits.takeover_after
+    bound = limits.liar_bound()
     planner = SwarmPlanner("me", limits)
     read, t = 0, 0.0
     taken_at = None
@@ -335,11 +334,28 @@ def test_a_chunk_another_peer_is_reading_slowly_is_left_to_it() -> None:
         j for j in big_jobs(64) if rendezvous_rank(j.ref.sha256, ["me", "p1"]) == ["me", "p1"]
     )
     planner = SwarmPlanner("me", limits)
-    for t in range(0, 181, 30):
+    for t in range(0, 121, 30):
         p1 = reading("p1", 62_500 * t)
         p1.fetching = [job.ref.sha256]
         assert planner.plan([job], [p1], set(), True, float(t)) == []
-    p1 = reading("p1", 62_500 * 180)  # stops reading: 45 s later the owner fetches it
+    p1 = reading("p1", 62_500 * 120)  # stops reading: 45 s later the owner fetches it
     p1.fetching = [job.ref.sha256]
-    assert planner.plan([job], [p1], set(), True, 220.0) == []
-    assert planner.plan([job], [p1], set(), True, 226.0)[0].source == ORIGIN
+    assert planner.plan([job], [p1], set(), True, 160.0) == []
+    assert planner.plan([job], [p1], set(), True, 166.0)[0].source == ORIGIN
+
+
+def test_an_owner_faking_restarts_of_its_byte_counter_is_overtaken_within_the_same_bound() -> None:
+    limits = Limits(takeover_after=45.0)
+    job = owned_by_p1()
+    step = int(CHUNK * limits.progress_step)
+    planner = SwarmPlanner("me", limits)
+    t, taken_at = 0.0, None
+    while t <= 4 * limits.liar_bound():
+        # Up a step, then "restarted" (back to 0): each cycle would start the byte budget
+        # afresh if only the budget bounded it.
+        read = step if int(t / 44.0) % 2 else 0
+        if planner.plan([job], [reading("p1", read)], set(), True, t):
+            taken_at = t
+            break
+        t += 44.0
+    assert taken_at is not None and taken_at <= limits.liar_bound() + 44.0
