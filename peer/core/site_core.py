@@ -259,6 +259,7 @@ class SiteCore:
         self._records_in_flight: set[str] = set()
         self._records_next: dict[str, float] = {}
         self._records_pause: dict[str, float] = {}  # node -> current pull interval
+        self._records_pulled: dict[str, tuple[str, float]] = {}  # node -> (digest, when)
         self.boot = ""  # random per run, named in heartbeats (the adapter sets it)
         self._beat_seq = 0
 
@@ -535,12 +536,21 @@ class SiteCore:
             hello.records_digest
             and hello.records_digest != self.records_digest
             and node not in self._records_in_flight
-            and now >= self._records_next.get(node, 0.0)
+            and (
+                now >= self._records_next.get(node, 0.0)
+                # Its book changed since our last pull (a machine imaged there): that is
+                # news whatever the back-off from fruitless pulls says, at the base rate.
+                or (
+                    hello.records_digest != self._records_pulled.get(node, ("", 0.0))[0]
+                    and now >= self._records_pulled[node][1] + RECORDS_PULL_SECONDS
+                )
+            )
         ):
             # Its records differ from ours: pull them (merging is commutative, so both
             # ends pulling from each other converge on the same book).
             self._records_in_flight.add(node)
             self._records_next[node] = now + self._records_pause.get(node, RECORDS_PULL_SECONDS)
+            self._records_pulled[node] = (hello.records_digest, now)
             self._pending.append(FetchRecords(node, endpoint))
 
     def hello_failed(self, endpoint: str, reason: str, now: float, refused: bool) -> None:
@@ -607,6 +617,8 @@ class SiteCore:
             }
             self._records_pause = {n: p for n, p in self._records_pause.items()
                                    if n in self._records_next}  # fmt: skip
+            self._records_pulled = {n: p for n, p in self._records_pulled.items()
+                                    if n in self._records_next}  # fmt: skip
 
     def set_membership_running(self, running: bool) -> None:
         self.membership_running = running

@@ -594,3 +594,27 @@ def test_a_newer_catalog_a_member_announced_while_a_fetch_ran_is_fetched_after_i
     c.catalog_fetch_done(1.5)  # that fetch brought nothing newer than serial 0
     c.heartbeat_received(beat(P1, 1), 1.6)
     assert FetchCatalog(endpoint) in c.tick(1.7, WALL)
+
+
+def test_a_member_whose_book_changes_is_pulled_again_whatever_the_fruitless_back_off() -> None:
+    from peer.core.site_core import RECORDS_PULL_SECONDS, FetchRecords
+
+    c = core()
+    c.records_digest = "a" * 64
+    hello = peer_hello(P1)
+    hello.records_digest = "b" * 64  # records we cannot take (no certificate for them)
+    endpoint = "10.88.0.11:8080"
+
+    def pulls(now: float) -> list[FetchRecords]:
+        c.hello_received(endpoint, hello, now)
+        return [x for x in c.tick(now, WALL) if isinstance(x, FetchRecords)]
+
+    now, fruitless = 1.0, 0
+    while fruitless < 5:  # each pull brings nothing: 3, 6, 12, 24, 48 s apart
+        if pulls(now):
+            c.records_fetch_done(P1, 0, now + 0.1)
+            fruitless += 1
+        now += 1.0
+    assert pulls(now + RECORDS_PULL_SECONDS) == []  # the same book: backing off
+    hello.records_digest = "c" * 64  # a machine finished imaging there
+    assert pulls(now + RECORDS_PULL_SECONDS + 0.5) == [FetchRecords(P1, endpoint)]
