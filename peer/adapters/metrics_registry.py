@@ -219,6 +219,10 @@ _BY_SOURCE_HELP = {
 _RENAMED_COUNTERS = {
     "lan_bytes_out": ("pxepeer_served_bytes", "chunk bytes served to other peers"),
     "bad_chunks_received": ("pxepeer_bad_chunks_received", "chunks that failed their hash"),
+    "wan_read": (
+        "pxepeer_origin_read_bytes",
+        "bytes read from the origin as they arrive, kept or not (a chunk in flight counts)",
+    ),
 }
 
 

@@ -164,7 +164,7 @@ def test_every_metric_docs_operations_lists_is_on_a_peers_page() -> None:
                  "peers": [{"self": True, "node_id": "n",
                             "counters": {"wan_bytes": 1, "lan_bytes_out": 1,
                                          "bad_chunks_received": 0, "wan_failures": 0,
-                                         "chunks_from_wan": 1}}],
+                                         "chunks_from_wan": 1, "wan_read": 1}}],
                  "quota": {"limit": 1, "used": 1, "reserved": 0, "evicted_chunks": 0,
                            "refused_chunks": 0}},
     }  # fmt: skip
