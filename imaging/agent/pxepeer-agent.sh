@@ -492,15 +492,57 @@ message=$(echo "$message" | tr '\n\r' '  ')"
     # The secret goes in a header, where no log line of ours prints it.
     set --
     [ -n "$job_secret" ] && set -- --header "X-Pxepeer-Job: $job_secret"
+    mkdir -p "$RUN"
     timeout 10 wget -q -O /dev/null "$@" --post-data "$body" \
-        "$server/v1/imaging/progress?mac=$mac" >/dev/null 2>&1 || true
+        "$server/v1/imaging/progress?mac=$mac" >/dev/null 2>"$RUN/report.err" && return 0
+    # 1 only when nobody answered at all: a refusal was heard, and repeating it changes
+    # nothing.
+    [ -n "$(http_status "$RUN/report.err")" ]
+}
+
+# final_report: the run's last word (done or failed) must reach the site: only from it
+# does the site record the machine as imaged (or failed). When the server that planned
+# the run no longer answers at all (the responder died after handing out the plan), the
+# peer elected in its place is asked for a plan of its own for the same signed manifest,
+# which starts a job there and hands out that job's secret, and is told instead. The
+# disk is not touched again.
+final_report() {
+    # Before a plan there is no job to end: one report, best effort, as ever.
+    [ -n "$job_secret" ] || { report; return 0; }
+    tries=0
+    while ! report; do
+        tries=$((tries + 1))
+        if [ "$tries" -gt 3 ]; then
+            log "no peer took the final report: the site may image this machine again"
+            return 0
+        fi
+        if rediscover; then
+            rejoin || log "$server hands out no plan for $manifest: not told"
+        else
+            sleep 3
+        fi
+    done
+}
+
+rejoin() { # rejoin: a job at $server for this run's manifest; its secret in job_secret
+    url="$server/v1/imaging/plan?mac=$mac"
+    [ -n "$image" ] && url="$url&image=$image"
+    timeout 30 wget -q -O "$RUN/plan.again" --post-data '' "$url" 2>/dev/null || return 1
+    # Parsed in a subshell, so nothing of this run's plan changes (its chunk list file is
+    # rewritten, but the run is over), and taken only for the manifest this run wrote.
+    secret=$(
+        parse_plan "$RUN/plan.again" >/dev/null 2>&1 &&
+            [ "$plan_manifest" = "$manifest" ] && echo "$plan_job"
+    ) || return 1
+    [ -n "$secret" ] || return 1
+    job_secret=$secret
 }
 
 fail() { # fail REASON: the one way a run ends badly
     state=failed
     message=$*
     say "FAILED $*"
-    report
+    final_report
     finish 1
 }
 
@@ -1014,6 +1056,6 @@ show_progress
 state='done'
 elapsed=$(($(date +%s) - started))
 message="$nchunks chunks, $((data_bytes / MIB)) MiB of data in ${elapsed} s"
-report
+final_report
 say "done ($name $version on $disk: $message)"
 finish 0

@@ -16,8 +16,11 @@ from pathlib import Path
 from tests.integration.test_signed_imaging_agent import (  # noqa: F401 (fixtures)
     DISK_BYTES,
     NAME,
+    SECRET,
     Lab,
+    Server,
     keys,
+    serving,
 )
 from tests.integration.test_signed_imaging_agent import lab as lab
 
@@ -74,3 +77,45 @@ def test_without_an_interface_to_ask_on_the_agent_keeps_its_server(lab: Lab) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     assert not calls.exists()
     assert "answers PXE now" not in result.stdout
+
+
+def test_a_final_report_the_planning_peer_cannot_take_goes_to_the_peer_elected_after_it(
+    lab: Lab,
+) -> None:
+    """The responder dies after handing out the plan and the chunks: the machine is
+    imaged, and its "done" must still reach the site (only that records it as imaged).
+    The agent asks the boot server who answers now, gets a job of its own there (a plan
+    for the same signed manifest) and reports done to it with that job's secret."""
+    lab.server.gone_after_plan = True
+    other_secret = "0ddba11" + "0" * 25
+    successor = Server(lab.server.store, lab.server.library)
+    render = lab.plan_for(lab.manifest)
+    successor.plan = lambda url, method: render(url, method).replace(SECRET, other_secret)
+    with serving(successor):
+        bin_dir, _ = _stub_discover(lab, successor.url)
+        result = lab.run_agent(
+            env={"PXEPEER_IFACE": "eth0", "PATH": f"{bin_dir}:{lab.work / 'applets'}"}
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "PXEPEER-IMAGING: done" in result.stdout
+        assert lab.disk.read_bytes()[: len(lab.image)] == lab.image
+        assert lab.server.reports == []  # it heard none of them
+        assert successor.plan_methods == ["POST"]  # a job of its own, not a preview
+        [(body, job)] = [r for r in successor.reports if "state=done" in r[0]]
+        assert job == other_secret
+        assert f"manifest={lab.manifest.manifest_id}" in body
+        # The disk was written from the first peer only: the successor served no chunk.
+        assert not any("/v1/chunks/" in r for r in successor.requests)
+
+
+def test_a_final_report_nobody_takes_does_not_hold_a_finished_machine(lab: Lab) -> None:
+    """No peer answers reports and none is elected in its place: the machine is still
+    done (its disk verified), and says the site may image it again."""
+    lab.server.gone_after_plan = True
+    bin_dir, _ = _stub_discover(lab, lab.server.url)  # the same, silent server again
+    result = lab.run_agent(
+        env={"PXEPEER_IFACE": "eth0", "PATH": f"{bin_dir}:{lab.work / 'applets'}"}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PXEPEER-IMAGING: done" in result.stdout
+    assert "no peer took the final report" in result.stdout + result.stderr

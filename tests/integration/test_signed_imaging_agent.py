@@ -14,6 +14,7 @@ that stands in for the machine's disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -82,6 +83,7 @@ class Server:
     library: FakeLibrary
     plan: Callable[[str, str], str] = lambda url, method: ""  # (base URL, method) -> text
     allow_post: bool = True
+    gone_after_plan: bool = False  # answer plans and chunks, then nothing to reports
     plan_methods: list[str] = field(default_factory=list)
     reports: list[tuple[str, str | None]] = field(default_factory=list)  # body, job header
     requests: list[str] = field(default_factory=list)
@@ -108,6 +110,9 @@ class Server:
             return web.Response(text=self.plan(self.url, request.method))
 
         async def progress(request: web.Request) -> web.Response:
+            if self.gone_after_plan and request.transport is not None:
+                request.transport.close()  # no answer at all, as from a killed peer
+                raise ConnectionResetError("gone")
             self.reports.append((await request.text(), request.headers.get("X-Pxepeer-Job")))
             return web.Response(status=204)
 
@@ -216,6 +221,13 @@ def lab(tmp_path: Path, keys: tuple[SigningKey, SigningKey, Path]) -> Iterator[L
     lab.serve(manifest, key)
     server.plan = lab.plan_for(manifest)
     lab.disk.write_bytes(bytes(DISK_BYTES))
+    with serving(server):
+        yield lab
+
+
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    """`server` on a 127.0.0.1 port of its own (its `url`), in a thread, until the end."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(server.app())
     loop.run_until_complete(runner.setup())
@@ -226,7 +238,7 @@ def lab(tmp_path: Path, keys: tuple[SigningKey, SigningKey, Path]) -> Iterator[L
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield lab
+        yield server
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
