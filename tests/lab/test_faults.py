@@ -33,7 +33,14 @@ import pytest
 
 from bench.imaging import make_disk
 from tests.lab.boot_servers import X86Imager
-from tests.lab.test_imaging import ImagingImages, Site, _site_store, _start_site
+from tests.lab.test_imaging import (
+    ImagingImages,
+    Site,
+    _imaged_everywhere,
+    _site_store,
+    _start_site,
+    _wait,
+)
 from tests.lab.virtual_store import VM, Firmware, VirtualStore
 
 pytestmark = pytest.mark.lab
@@ -153,6 +160,12 @@ def test_three_machines_image_while_the_responder_is_killed(site: Site) -> None:
     moved = [m.name for m in machines if REDISCOVERED.format(url=responder.base_url)
              in m.console()]  # fmt: skip
     assert moved, "\n".join(m.console()[-2000:] for m in machines)
+    # And the site knows every machine as imaged, the one whose planning peer died
+    # included (its agent took its "done" to the peer elected after it): none of them
+    # is imaged again on its next boot.
+    for m in machines:
+        _wait(f"every peer to know {m.name} is imaged",
+              lambda m=m: _imaged_everywhere(site, m.mac), 30, site)  # fmt: skip
     print(
         f"responder killed {killed_after:.1f} s after power-on; agents that found the new "
         f"responder: {moved}; power-ons: " + ", ".join(f"{m.name} {m.power_ons}" for m in machines)
