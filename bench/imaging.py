@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from tests.lab.boot_servers import (
     HTTP_PORT,
     _nginx_conf,
+    build_x86_imager,
     enrolled_store,
     pxepeer,
     start_pxepeer,
@@ -50,8 +50,6 @@ from tests.lab.virtual_store import (
     remove_stale_namespaces,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGER_BUILD = REPO / "images" / "imager" / "build.sh"
 MIB = 1024 * 1024
 IMAGE = "bench-disk"
 MAC = "52:54:00:77:be:01"
@@ -190,16 +188,10 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pxepeer-bench-imaging-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    keys, publisher = work / "keys", work / "store"
-    if not (keys / "publisher.key").exists():
-        pxepeer("keys", "new", "--out", str(keys))
-    imager = work / "imager"
+    publisher = work / "store"
     # The imager writes only what this publisher signed (the bench image below).
-    subprocess.run(
-        ["bash", str(IMAGER_BUILD), str(imager), "--trust", str(keys / "publisher.pub")],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    kernel, initrd = imager / "vmlinuz", imager / "initrd.img"
+    imager = build_x86_imager(work)
+    keys, kernel, initrd = imager.keys, imager.kernel, imager.initrd
     ref_initrd = work / "reference-initrd.img"
     reference_initrd(initrd, ref_initrd)
 

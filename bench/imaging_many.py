@@ -39,15 +39,20 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.imaging import DONE, IMAGE, IMAGER_BUILD, START, TIMEOUT, disk_matches, make_disk
-from tests.lab.boot_servers import HTTP_PORT, enrolled_store, pxepeer, start_pxepeer
+from bench.imaging import DONE, IMAGE, START, TIMEOUT, disk_matches, make_disk
+from tests.lab.boot_servers import (
+    HTTP_PORT,
+    build_x86_imager,
+    enrolled_store,
+    pxepeer,
+    start_pxepeer,
+)
 from tests.lab.virtual_store import (
     VM,
     Firmware,
@@ -120,15 +125,9 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pxepeer-bench-many-vms-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    keys, publisher = work / "keys", work / "store"
-    if not (keys / "publisher.key").exists():
-        pxepeer("keys", "new", "--out", str(keys))
-    imager = work / "imager"
-    subprocess.run(
-        ["bash", str(IMAGER_BUILD), str(imager), "--trust", str(keys / "publisher.pub")],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    kernel, initrd = imager / "vmlinuz", imager / "initrd.img"
+    publisher = work / "store"
+    imager = build_x86_imager(work)
+    keys, kernel, initrd = imager.keys, imager.kernel, imager.initrd
     disk = work / "disk.raw"
     make_disk(disk, args.size_mb, args.data_mb)
     size = disk.stat().st_size
