@@ -43,7 +43,7 @@ Measured 2026-11-30 on the 2-core development VM:
   Runs above ~32 peers first stalled: a newly started peer answered nothing for 60 s.
   That was this lab, not pxepeer: the kernel's ARP table and its limits are shared by
   all namespaces (gc_thresh3 = 1024), N peers resolving N neighbours overflow it
-  ("neighbor table overflow" in dmesg); `neighbour_room` now raises the limits for the
+  ("neighbor table overflow" in dmesg); site_lab's `neighbour_room` now raises the limits for the
   run and restores them. On a loaded host (load 10-25) N = 25 converged 9.95 / 4.27 s,
   788 kB/min per peer, failover 24.7 s (a single status request timing out fails a
   convergence check, so under load that is an upper bound).
@@ -52,14 +52,13 @@ Measured 2026-11-30 on the 2-core development VM:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,30 +224,6 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
-NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
-
-
-@contextlib.contextmanager
-def neighbour_room(peers: int) -> Iterator[None]:
-    """Room in the kernel's ARP table for N namespaces that each resolve N neighbours.
-    The table and its limits (gc_thresh1-3: 128, 512, 1024 by default) are shared by
-    every namespace of the host, so from ~32 peers new entries fail ("neighbor table
-    overflow" in dmesg) and peers cannot reach each other: a limit of this lab, not of a
-    store, where each machine has a table of its own. Raised for the run, then restored."""
-    need = 4 * (peers + 8) ** 2
-    names = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
-    before = {n: int((NEIGH / n).read_text()) for n in names}
-    wanted = {"gc_thresh1": need // 4, "gc_thresh2": need // 2, "gc_thresh3": need}
-    try:
-        for n in reversed(names):  # thresh3 first: each must stay >= the one below it
-            if wanted[n] > before[n]:
-                (NEIGH / n).write_text(str(wanted[n]))
-        yield
-    finally:
-        for n in names:
-            (NEIGH / n).write_text(str(before[n]))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, nargs="+", default=[10, 25, 50, 100])
@@ -264,10 +239,7 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 1
     rows = []
-    with (
-        tempfile.TemporaryDirectory(prefix="pxepeer-many-") as tmp,
-        neighbour_room(max(args.peers)),
-    ):
+    with tempfile.TemporaryDirectory(prefix="pxepeer-many-") as tmp:
         work = Path(tmp)
         pxepeer("keys", "new", "--out", str(work / "keys"))
         for n in sorted(args.peers):

@@ -657,6 +657,34 @@ def serve_args(
     return [*args, *extra]
 
 
+NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+
+
+@contextlib.contextmanager
+def neighbour_room(peers: int) -> Iterator[None]:
+    """Room in the kernel's ARP table for N namespaces that each resolve N neighbours.
+    The table and its limits (gc_thresh1-3: 128, 512, 1024 by default) are shared by
+    every namespace of the host, so from ~32 peers new entries fail ("neighbor table
+    overflow" in dmesg) and peers cannot reach each other: a limit of this lab, not of a
+    store, where each machine has a table of its own. Raised while the lab runs (only
+    ever raised, never lowered), then restored."""
+    need = 4 * (peers + 8) ** 2
+    names = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
+    before = {n: int((NEIGH / n).read_text()) for n in names}
+    wanted = {"gc_thresh1": need // 4, "gc_thresh2": need // 2, "gc_thresh3": need}
+    # Only when the hard limit is short: small labs (the tests) leave the host alone.
+    short = need > before["gc_thresh3"]
+    raised = [n for n in reversed(names) if short and wanted[n] > before[n]]  # thresh3 first
+    try:
+        for n in raised:
+            (NEIGH / n).write_text(str(wanted[n]))
+        yield
+    finally:
+        for n in names:  # thresh1 first: each must stay <= the one above it
+            if n in raised:
+                (NEIGH / n).write_text(str(before[n]))
+
+
 @contextlib.contextmanager
 def site_lab(
     work: Path,
@@ -690,7 +718,7 @@ def site_lab(
     origin_dir.mkdir(exist_ok=True)
     os.chmod(work, 0o755)
     suffixes = ["site", "orig", *(f"p{i}" for i in range(n_peers))]
-    with namespaces(*suffixes) as made:
+    with neighbour_room(n_peers), namespaces(*suffixes) as made:
         site_ns, origin_ns, peer_nss = made[0], made[1], made[2:]
         lab = SiteLab(work, trust, site_ns, origin_ns, origin_dir, work / "access.log")
         lab.enroll_key, enroll_pub = enroll_key(work / "enroll-keys")
