@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from imaging.catalog import Catalog, CatalogEntry
 from imaging.control import Control, ControlEntry, Effective, effective
 from imaging.manifest import Manifest
-from peer.core.heartbeat import Heartbeat, hello_version
+from peer.core.heartbeat import Heartbeat, beat_every, hello_version, member_timeout
 from peer.core.membership import Membership
 from peer.core.offer_check import RogueServers, SeenOffer, check_offers
 from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
@@ -186,6 +186,7 @@ class Endpoint:
     member: str | None = None  # the node whose signed hello it last gave
     beat_at: float | None = None  # that node's last counted heartbeat
     beat_version: str = ""  # the hello version it announced
+    beat_every: int = 1  # seconds between its heartbeats, as its last one said
     asked_version: str = ""  # beat_version when the last poll was sent
     polled_version: str = ""  # asked_version of the last poll answered
 
@@ -196,7 +197,7 @@ class Endpoint:
             self.last_ok is None
             or self.member is None
             or self.beat_at is None
-            or now - self.beat_at > BEAT_STALE
+            or now - self.beat_at > BEAT_STALE * self.beat_every
         )
 
     def changed(self, now: float) -> bool:
@@ -324,12 +325,13 @@ class SiteCore:
     def heartbeat(self, now: float, address: str) -> Heartbeat:
         """This peer's next heartbeat (the adapter signs and sends it)."""
         self._beat_seq += 1
+        every = beat_every(len(self.membership.live(now)) + 1, self.node_id in self.responders)
         return Heartbeat(
             node_id=self.node_id, site=self.settings.site, boot=self.boot,
             seq=self._beat_seq, sent_ms=int(self.wall * 1000),
             http_port=self.settings.http_port, can_answer_pxe=self.settings.can_answer_pxe,
             votes=tuple(self.responders[:MAX_RESPONDERS]),
-            version=hello_version(self.hello(now, address)),
+            version=hello_version(self.hello(now, address)), every=every,
         )  # fmt: skip
 
     def heartbeat_received(self, beat: Heartbeat, now: float) -> None:
@@ -341,8 +343,8 @@ class SiteCore:
             return
         if state.failures and not state.refused:
             state.next_poll = min(state.next_poll, now)  # back after an outage: read it now
-        if self.membership.touch(beat.node_id, now):
-            state.beat_at, state.beat_version = now, beat.version
+        if self.membership.touch(beat.node_id, now, member_timeout(beat.every, PEER_TIMEOUT)):
+            state.beat_at, state.beat_version, state.beat_every = now, beat.version, beat.every
 
     # -- catalog and wanted set ----------------------------------------------------------
 

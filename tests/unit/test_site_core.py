@@ -618,3 +618,37 @@ def test_a_member_whose_book_changes_is_pulled_again_whatever_the_fruitless_back
     assert pulls(now + RECORDS_PULL_SECONDS) == []  # the same book: backing off
     hello.records_digest = "c" * 64  # a machine finished imaging there
     assert pulls(now + RECORDS_PULL_SECONDS + 0.5) == [FetchRecords(P1, endpoint)]
+
+
+
+def test_a_member_beating_every_few_seconds_stays_live_and_unpolled_between_beats() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    slow = Heartbeat(P1, SITE, "b" * 16, 1, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
+    c.heartbeat_received(slow, 1.0)
+    polls(c, 1.1)  # its version is read once
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    for seq, t in enumerate((6.0, 11.0, 16.0), start=2):
+        for second in range(int(t) - 4, int(t)):  # no poll between its beats
+            assert polls(c, second + 0.1) == ()
+        c.heartbeat_received(
+            Heartbeat(P1, SITE, "b" * 16, seq, int(WALL * 1000), 8080, True, (), "0" * 16, 5),
+            t,
+        )
+    assert [h.node_id for h in c.membership.live(16.0 + 15.9)] == [P1]
+    c.tick(16.0 + 16.1, WALL)  # three beats missed and a second: gone
+    assert c.membership.live(16.0 + 16.1) == []
+
+
+def test_our_heartbeat_slows_in_a_large_site_unless_we_answer_pxe() -> None:
+    n = 60
+    endpoints = [f"10.88.1.{i}:8080" for i in range(n)]
+    c = core(static_peers=tuple(endpoints))
+    for i, endpoint in enumerate(endpoints):
+        c.hello_received(endpoint, peer_hello(f"{i + 1:016x}", pxe=False), 0.5)
+    c.responders = ["0000000000000001"]
+    assert c.heartbeat(1.0, "10.88.0.10").every == 4  # 61 peers: about 20 beats a second
+    c.responders = [ME]
+    assert c.heartbeat(1.0, "10.88.0.10").every == 1
