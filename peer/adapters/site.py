@@ -450,9 +450,11 @@ class Site:
         this peer live in every other peer's view without their polls."""
         assert self._beacon is not None
         while True:
-            beat = self.core.heartbeat(time.monotonic(), self.config.address or "")
-            self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
-            await asyncio.sleep(BEAT_INTERVAL * beat.every)
+            now, address = time.monotonic(), self.config.address or ""
+            if self.core.heartbeat_due(now, address):
+                beat = self.core.heartbeat(now, address)
+                self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
+            await asyncio.sleep(BEAT_INTERVAL)
 
     def _on_heartbeat(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.heartbeat_gate is not None

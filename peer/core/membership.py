@@ -49,6 +49,12 @@ class Membership:
             record.timeout = timeout
         return True
 
+    def reset_timeout(self, node_id: str) -> None:
+        """Back to the default timeout (a responder's, whatever its heartbeats said)."""
+        record = self._peers.get(node_id)
+        if record is not None:
+            record.timeout = None
+
     def _timeout(self, record: PeerRecord) -> float:
         return record.timeout if record.timeout is not None else self.timeout
 
