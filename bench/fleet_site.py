@@ -6,15 +6,17 @@ simulated clock instead of asyncio and sockets: it calls `tick(now, wall)` at th
 `next_deadline` and whenever something happened to that peer, and carries out the
 commands it returns:
 
-- Heartbeats: every live peer's core builds one a second (`SiteCore.heartbeat`, at a
-  random phase per peer), sent once (multicast) and delivered to every other live peer
-  of the site, as `_send_heartbeats` / `_on_heartbeat` in the adapter do. The signature
-  is not made or checked (the sim has no keys), but the gate's semantics that matter
-  are kept: a beat counts (`heartbeat_received`) only from a node the receiver admitted
-  by reading its hello (and that is still in its membership; the gate forgets the
-  others after each round); a beat from any other node makes its endpoint a discovered
-  one (`endpoint_discovered`), as mDNS would. A member's hello is then polled only when
-  the core says so (its heartbeat's version changed, every 30 s, or stale beats).
+- Heartbeats: every live peer's core is asked each second (at a random phase per peer)
+  whether one is due (`SiteCore.heartbeat_due`: every `every` seconds, at once on a
+  change) and builds it (`SiteCore.heartbeat`), sent once (multicast) and delivered to
+  every other live peer of the site, as `_send_heartbeats` / `_on_heartbeat` in the
+  adapter do. The signature is not made or checked (the sim has no keys), but the
+  gate's semantics that matter are kept: a beat counts (`heartbeat_received`) only from
+  a node the receiver admitted by reading its hello (and that is still in its
+  membership; the gate forgets the others after each round); a beat from any other node
+  makes its endpoint a discovered one (`endpoint_discovered`), as mDNS would. A member's
+  hello is then polled only when the core says so (its heartbeat's version changed,
+  every 30 s, or stale beats).
 - PollPeers: every endpoint named is asked for its hello; a live peer answers with the
   hello its own core builds at that moment (`SiteCore.hello`; its bitmaps copied, as if
   serialised), a departed one fails after the adapter's HELLO_TIMEOUT; `round_done`
@@ -349,9 +351,13 @@ class SiteSim:
         return p
 
     def _beat(self, p: _Peer) -> None:
-        """One heartbeat of p to every other live peer (the gate's checks but its
-        signature: a member's beat counts, an unknown node's is a discovered endpoint)."""
+        """Each second, as the adapter asks, p's heartbeat if its core says one is due,
+        to every other live peer (the gate's checks but its signature: a member's beat
+        counts, an unknown node's is a discovered endpoint)."""
         now = self.now
+        self._push(now + 1.0, _BEAT, p)
+        if not p.core.heartbeat_due(now, p.address):
+            return
         beat = p.core.heartbeat(now, p.address)
         self.control["heartbeat"] += 1
         endpoint = f"{p.address}:{beat.http_port}"
@@ -363,7 +369,6 @@ class SiteSim:
                 q.core.heartbeat_received(beat, now)
             elif q.core.endpoint_discovered(endpoint, beat.node_id, now):
                 self._wake(q, now)
-        self._push(now + 1.0, _BEAT, p)
 
     def _hello_of(self, p: _Peer) -> Hello:
         # As the adapter's tick loop does: the bytes read from the origin so far, the

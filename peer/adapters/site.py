@@ -445,12 +445,15 @@ class Site:
     # -- heartbeats ------------------------------------------------------------------------
 
     async def _send_heartbeats(self) -> None:
-        """One signed datagram a second to the site's group: what keeps this peer live
-        in every other peer's view without their polls."""
+        """One signed datagram to the site's group every second (every few seconds in a
+        large site, unless this peer answers PXE: peer/core/heartbeat.py): what keeps
+        this peer live in every other peer's view without their polls."""
         assert self._beacon is not None
         while True:
-            beat = self.core.heartbeat(time.monotonic(), self.config.address or "")
-            self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
+            now, address = time.monotonic(), self.config.address or ""
+            if self.core.heartbeat_due(now, address):
+                beat = self.core.heartbeat(now, address)
+                self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
             await asyncio.sleep(BEAT_INTERVAL)
 
     def _on_heartbeat(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -42,7 +42,15 @@ MAGIC = b"PXHB1"
 SIGNATURE_BYTES = 64
 MAX_DATAGRAM = 1200  # one unfragmented datagram on any link
 DOMAIN = b"pxepeer-heartbeat-v1\0"  # a heartbeat signature can sign nothing else
-INTERVAL = 1.0  # seconds between heartbeats
+INTERVAL = 1.0  # seconds between heartbeats, at the fastest
+# Every member hears every heartbeat, so a site of N peers each beating once a second
+# costs every peer N datagrams and signature checks a second (O(N^2) site-wide). Peers
+# that do not answer PXE beat less often as the site grows, so each peer hears about
+# SITE_BEATS a second up to N = SITE_BEATS x MAX_EVERY; the responders always beat
+# every second, so failover keeps its bound. The receiver gives a member 3 of its
+# periods (+1 s) before it leaves the view (`member_timeout`).
+SITE_BEATS = 20
+MAX_EVERY = 5
 WINDOW_MS = 10_000  # how far a heartbeat's time may be from the sender's clock as we know it
 PER_MEMBER_CHECKS = 4  # signature checks per claimed member per second (one is needed)
 GLOBAL_CHECKS_BASE = 32  # plus PER_MEMBER_CHECKS x members, per second
@@ -52,7 +60,8 @@ PARSE_BASE, PARSE_PER_MEMBER = 64, 8
 MAX_SEQ = (1 << 53) - 1
 MAX_T = (1 << 53) - 1
 HEX16 = re.compile(r"[0-9a-f]{16}")
-FIELDS = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes", "version"})
+FIELDS_V1 = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes", "version"})
+FIELDS = FIELDS_V1 | {"every"}  # a heartbeat without "every" (an older peer) beats each second
 
 
 class HeartbeatRefused(ValueError):
@@ -77,12 +86,13 @@ class Heartbeat:
     can_answer_pxe: bool
     votes: tuple[str, ...]  # the PXE responders it follows
     version: str  # digest of its hello without the counters: poll it when this changes
+    every: int = 1  # seconds until its next heartbeat (1..MAX_EVERY)
 
     def payload(self) -> bytes:
         doc = {
             "node": self.node_id, "site": self.site, "boot": self.boot, "seq": self.seq,
             "t": self.sent_ms, "port": self.http_port, "pxe": self.can_answer_pxe,
-            "votes": list(self.votes), "version": self.version,
+            "votes": list(self.votes), "version": self.version, "every": self.every,
         }  # fmt: skip
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -118,8 +128,11 @@ def parse(datagram: bytes) -> tuple[Heartbeat, bytes, bytes]:
         doc = strict_json.loads(payload, MAX_DATAGRAM)
     except strict_json.StrictJsonError as exc:
         raise HeartbeatRefused("malformed", exc.reason) from None
-    if not isinstance(doc, dict) or set(doc) != FIELDS:
+    if not isinstance(doc, dict) or set(doc) not in (FIELDS, FIELDS_V1):
         raise HeartbeatRefused("malformed", "fields")
+    every = doc.get("every", 1)
+    if type(every) is not int or not 1 <= every <= MAX_EVERY:
+        raise HeartbeatRefused("malformed", "every")
     node, site, boot, version = doc["node"], doc["site"], doc["boot"], doc["version"]
     seq, sent, port, pxe, votes = doc["seq"], doc["t"], doc["port"], doc["pxe"], doc["votes"]
     if not (isinstance(node, str) and NODE_ID.fullmatch(node)):
@@ -139,8 +152,23 @@ def parse(datagram: bytes) -> tuple[Heartbeat, bytes, bytes]:
         or not all(isinstance(v, str) and NODE_ID.fullmatch(v) for v in votes)
     ):
         raise HeartbeatRefused("malformed", "votes")
-    beat = Heartbeat(node, site, boot, seq, sent, port, pxe, tuple(votes), version)
+    beat = Heartbeat(node, site, boot, seq, sent, port, pxe, tuple(votes), version, every)
     return beat, signature, DOMAIN + payload
+
+
+def beat_every(site_size: int, responder: bool) -> int:
+    """Seconds between this peer's heartbeats in a site of `site_size` peers (itself
+    included): every second for a PXE responder, else so that the site sends about
+    SITE_BEATS a second."""
+    if responder:
+        return 1
+    return max(1, min(MAX_EVERY, -(-site_size // SITE_BEATS)))
+
+
+def member_timeout(every: int, floor: float) -> float:
+    """How long a member that beats every `every` seconds stays in the view unheard:
+    three missed heartbeats and a second, and never less than `floor`."""
+    return max(floor, 3 * every * INTERVAL + 1.0)
 
 
 @dataclass

@@ -20,6 +20,7 @@ DEFAULT_TIMEOUT = 6.0
 class PeerRecord:
     hello: Hello
     last_seen: float
+    timeout: float | None = None  # its own, when its heartbeats come less often
 
 
 class Membership:
@@ -31,17 +32,31 @@ class Membership:
         """Record a hello; False when it is ours or from another site (ignored)."""
         if hello.node_id == self.node_id or hello.site != self.site:
             return False
-        self._peers[hello.node_id] = PeerRecord(hello, now)
+        before = self._peers.get(hello.node_id)
+        timeout = before.timeout if before is not None else None
+        self._peers[hello.node_id] = PeerRecord(hello, now, timeout)
         return True
 
-    def touch(self, node_id: str, now: float) -> bool:
-        """A member was heard from without a hello (its verified heartbeat); False when
-        it is not a member (only a hello makes one)."""
+    def touch(self, node_id: str, now: float, timeout: float | None = None) -> bool:
+        """A member was heard from without a hello (its verified heartbeat, which says
+        how long until the next: `timeout` is how long it may then stay unheard); False
+        when it is not a member (only a hello makes one)."""
         record = self._peers.get(node_id)
         if record is None:
             return False
         record.last_seen = max(record.last_seen, now)
+        if timeout is not None:
+            record.timeout = timeout
         return True
+
+    def reset_timeout(self, node_id: str) -> None:
+        """Back to the default timeout (a responder's, whatever its heartbeats said)."""
+        record = self._peers.get(node_id)
+        if record is not None:
+            record.timeout = None
+
+    def _timeout(self, record: PeerRecord) -> float:
+        return record.timeout if record.timeout is not None else self.timeout
 
     def note_chunk(self, node_id: str, manifest_id: str, index: int, size: int) -> bool:
         """A peer told us it just stored a chunk (between heartbeats). `size` must be the
@@ -64,13 +79,13 @@ class Membership:
 
     def expire(self, now: float) -> list[str]:
         """Drop peers silent for longer than the timeout; returns their ids."""
-        dead = [n for n, r in self._peers.items() if now - r.last_seen > self.timeout]
+        dead = [n for n, r in self._peers.items() if now - r.last_seen > self._timeout(r)]
         for node in dead:
             del self._peers[node]
         return dead
 
     def live(self, now: float) -> list[Hello]:
-        return [r.hello for r in self._peers.values() if now - r.last_seen <= self.timeout]
+        return [r.hello for r in self._peers.values() if now - r.last_seen <= self._timeout(r)]
 
     def get(self, node_id: str) -> Hello | None:
         record = self._peers.get(node_id)

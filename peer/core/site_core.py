@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from imaging.catalog import Catalog, CatalogEntry
 from imaging.control import Control, ControlEntry, Effective, effective
 from imaging.manifest import Manifest
-from peer.core.heartbeat import Heartbeat, hello_version
+from peer.core.heartbeat import INTERVAL as BEAT_INTERVAL
+from peer.core.heartbeat import Heartbeat, beat_every, hello_version, member_timeout
 from peer.core.membership import Membership
 from peer.core.offer_check import RogueServers, SeenOffer, check_offers
 from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
@@ -62,6 +63,7 @@ MAX_DYNAMIC_ENDPOINTS = 256  # discovered (not --peer) endpoints kept at once
 # every round, as every member was before heartbeats (and still is where multicast
 # does not reach: loopback, other subnets).
 BEAT_STALE = 2.5
+BEAT_SLACK = 0.1  # a timer that wakes a little early still sends on its period
 HELLO_REFRESH = 30.0
 CHANGED_POLLS_PER_ROUND = 12  # members polled because their hello changed, per round
 PROBE_FIRST = SETTLE_SECONDS + 3
@@ -186,6 +188,7 @@ class Endpoint:
     member: str | None = None  # the node whose signed hello it last gave
     beat_at: float | None = None  # that node's last counted heartbeat
     beat_version: str = ""  # the hello version it announced
+    beat_every: int = 1  # seconds between its heartbeats, as its last one said
     asked_version: str = ""  # beat_version when the last poll was sent
     polled_version: str = ""  # asked_version of the last poll answered
 
@@ -196,7 +199,7 @@ class Endpoint:
             self.last_ok is None
             or self.member is None
             or self.beat_at is None
-            or now - self.beat_at > BEAT_STALE
+            or now - self.beat_at > BEAT_STALE * self.beat_every
         )
 
     def changed(self, now: float) -> bool:
@@ -262,6 +265,7 @@ class SiteCore:
         self._records_pulled: dict[str, tuple[str, float]] = {}  # node -> (digest, when)
         self.boot = ""  # random per run, named in heartbeats (the adapter sets it)
         self._beat_seq = 0
+        self._last_beat: tuple[float, int, str] | None = None  # (sent at, every, version)
 
     # -- what this peer is and says ----------------------------------------------------
 
@@ -321,15 +325,31 @@ class SiteCore:
             records_digest=self.records_digest,
         )
 
+    def heartbeat_due(self, now: float, address: str) -> bool:
+        """Whether to send a heartbeat now (the adapter asks every second): when the
+        period the last one announced has passed, and at once when this peer's hello
+        changed or it took the PXE role (the others then poll within a second, not a
+        period: a large site's quiet peers are cheap, its changes are not late)."""
+        if self._last_beat is None:
+            return True
+        sent, every, version = self._last_beat
+        if now - sent >= every * BEAT_INTERVAL - BEAT_SLACK:
+            return True
+        if every > 1 and self.node_id in self.responders:
+            return True
+        return hello_version(self.hello(now, address)) != version
+
     def heartbeat(self, now: float, address: str) -> Heartbeat:
         """This peer's next heartbeat (the adapter signs and sends it)."""
         self._beat_seq += 1
+        every = beat_every(len(self.membership.live(now)) + 1, self.node_id in self.responders)
+        version = hello_version(self.hello(now, address))
+        self._last_beat = (now, every, version)
         return Heartbeat(
             node_id=self.node_id, site=self.settings.site, boot=self.boot,
             seq=self._beat_seq, sent_ms=int(self.wall * 1000),
             http_port=self.settings.http_port, can_answer_pxe=self.settings.can_answer_pxe,
-            votes=tuple(self.responders[:MAX_RESPONDERS]),
-            version=hello_version(self.hello(now, address)),
+            votes=tuple(self.responders[:MAX_RESPONDERS]), version=version, every=every,
         )  # fmt: skip
 
     def heartbeat_received(self, beat: Heartbeat, now: float) -> None:
@@ -341,8 +361,11 @@ class SiteCore:
             return
         if state.failures and not state.refused:
             state.next_poll = min(state.next_poll, now)  # back after an outage: read it now
-        if self.membership.touch(beat.node_id, now):
-            state.beat_at, state.beat_version = now, beat.version
+        # A responder's silence is a failover: what it says of its own period does not
+        # stretch how long it stays in the view (an honest one beats every second).
+        every = 1 if beat.node_id in self.responders else beat.every
+        if self.membership.touch(beat.node_id, now, member_timeout(every, PEER_TIMEOUT)):
+            state.beat_at, state.beat_version, state.beat_every = now, beat.version, every
 
     # -- catalog and wanted set ----------------------------------------------------------
 
@@ -845,6 +868,8 @@ class SiteCore:
                 " (this peer)" if self.node_id in chosen else "",
             )
             self.responders = chosen
+            for node in chosen:
+                self.membership.reset_timeout(node)
 
     def missing_jobs(self, now: float) -> list[ChunkJob]:
         jobs = []

@@ -148,6 +148,7 @@ def test_parse_refuses_every_field_out_of_shape() -> None:
         "boot": ["z" * 16, ""],
         "version": ["0" * 17],
         "site": ["", "a b", "x" * 65],
+        "every": [0, 6, True, "2", 1.0, None],
     }
     for name, values in bad_values.items():
         for value in values:
@@ -181,3 +182,25 @@ def test_no_datagram_raises_anything_but_a_refusal_or_counts_without_the_key(dat
         except HeartbeatRefused:
             continue
         pytest.fail(f"counted without the member's signature: {got}")
+
+
+def test_a_large_site_beats_less_often_but_its_responders_every_second() -> None:
+    every = heartbeat.beat_every
+    assert [every(n, responder=False) for n in (1, 20, 21, 40, 100, 101, 5000)] == [
+        1, 1, 2, 2, 5, 5, 5,
+    ]
+    assert every(100, responder=True) == 1
+    # A member is given three of its periods (and a second) before it leaves the view,
+    # never less than the site's usual timeout.
+    assert heartbeat.member_timeout(1, 6.0) == 6.0
+    assert heartbeat.member_timeout(5, 6.0) == 16.0
+
+
+def test_the_period_travels_signed_and_an_older_peers_heartbeat_means_every_second() -> None:
+    slow = Heartbeat(SENDER_ID, SITE, "a" * 16, 1, NOW_MS, 8080, False, (), "0" * 16, every=5)
+    assert gate().check(slow.sign(SENDER), 100.0, NOW_MS).every == 5
+    doc = json.loads(beat(2).payload())
+    del doc["every"]  # what a peer from before the period sends
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    datagram = heartbeat.MAGIC + SENDER.sign(heartbeat.DOMAIN + payload) + payload
+    assert gate().check(datagram, 100.0, NOW_MS).every == 1

@@ -618,3 +618,74 @@ def test_a_member_whose_book_changes_is_pulled_again_whatever_the_fruitless_back
     assert pulls(now + RECORDS_PULL_SECONDS) == []  # the same book: backing off
     hello.records_digest = "c" * 64  # a machine finished imaging there
     assert pulls(now + RECORDS_PULL_SECONDS + 0.5) == [FetchRecords(P1, endpoint)]
+
+
+
+def test_a_member_beating_every_few_seconds_stays_live_and_unpolled_between_beats() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    slow = Heartbeat(P1, SITE, "b" * 16, 1, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
+    c.heartbeat_received(slow, 1.0)
+    polls(c, 1.1)  # its version is read once
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    for seq, t in enumerate((6.0, 11.0, 16.0), start=2):
+        for second in range(int(t) - 4, int(t)):  # no poll between its beats
+            assert polls(c, second + 0.1) == ()
+        c.heartbeat_received(
+            Heartbeat(P1, SITE, "b" * 16, seq, int(WALL * 1000), 8080, True, (), "0" * 16, 5),
+            t,
+        )
+    assert [h.node_id for h in c.membership.live(16.0 + 15.9)] == [P1]
+    c.tick(16.0 + 16.1, WALL)  # three beats missed and a second: gone
+    assert c.membership.live(16.0 + 16.1) == []
+
+
+def test_our_heartbeat_slows_in_a_large_site_unless_we_answer_pxe() -> None:
+    n = 60
+    endpoints = [f"10.88.1.{i}:8080" for i in range(n)]
+    c = core(static_peers=tuple(endpoints))
+    for i, endpoint in enumerate(endpoints):
+        c.hello_received(endpoint, peer_hello(f"{i + 1:016x}", pxe=False), 0.5)
+    c.responders = ["0000000000000001"]
+    assert c.heartbeat(1.0, "10.88.0.10").every == 4  # 61 peers: about 20 beats a second
+    c.responders = [ME]
+    assert c.heartbeat(1.0, "10.88.0.10").every == 1
+
+
+def test_a_slow_beating_peer_beats_at_once_when_its_hello_changes_or_it_takes_pxe() -> None:
+    n = 60
+    endpoints = [f"10.88.1.{i}:8080" for i in range(n)]
+    c = core(static_peers=tuple(endpoints))
+    for i, endpoint in enumerate(endpoints):
+        c.hello_received(endpoint, peer_hello(f"{i + 1:016x}", pxe=False), 0.5)
+    c.responders = ["0000000000000001"]
+    assert c.heartbeat_due(1.0, "10.88.0.10")  # never beat yet
+    assert c.heartbeat(1.0, "10.88.0.10").every == 4
+    assert [t for t in (2.0, 3.0, 4.0, 4.95) if c.heartbeat_due(t, "10.88.0.10")] == [4.95]
+    c.heartbeat(5.0, "10.88.0.10")
+    c.records_digest = "d" * 64  # a machine finished imaging here: the others should know
+    assert c.heartbeat_due(6.0, "10.88.0.10")
+    c.heartbeat(6.0, "10.88.0.10")
+    assert not c.heartbeat_due(7.0, "10.88.0.10")
+    c.responders = [ME]  # the role moved here: beat every second from now on
+    assert c.heartbeat_due(7.0, "10.88.0.10")
+    assert c.heartbeat(7.0, "10.88.0.10").every == 1
+    assert c.heartbeat_due(8.0, "10.88.0.10")
+
+
+def test_a_responder_leaves_the_view_on_the_default_timeout_whatever_period_it_claims() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    slow = Heartbeat(P1, SITE, "b" * 16, 1, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
+    c.heartbeat_received(slow, 1.0)  # not a responder yet: 16 s of grace
+    c.responders = [P1]
+    c.membership.reset_timeout(P1)
+    assert [h.node_id for h in c.membership.live(1.0 + PEER_TIMEOUT)] == [P1]
+    assert c.membership.live(1.0 + PEER_TIMEOUT + 0.1) == []
+    again = Heartbeat(P1, SITE, "b" * 16, 2, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
+    c.heartbeat_received(again, 10.0)  # it says 5 s; a responder gets the default
+    assert c.membership.live(10.0 + PEER_TIMEOUT + 0.1) == []
