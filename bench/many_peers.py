@@ -66,10 +66,9 @@ from typing import TypeVar
 
 from tests.integration.site_lab import SiteLab, WanShape, lab_skip_reason, pxepeer, site_lab
 
-PXE = ("--dhcp", "proxy")  # every peer is a candidate for the PXE role
+PXE = ("--dhcp", "proxy", "--catalog-poll", "15")  # every peer a PXE candidate; the default poll
 FAILOVER_BOUND_S = 10.0
 T = TypeVar("T")
-HZ = 100  # USER_HZ: /proc/<pid>/stat times are in clock ticks
 
 
 @dataclass
@@ -85,14 +84,6 @@ class Row:
     packets_per_min: float  # median per peer, both directions on its bridge port
     kbytes_per_min: float
     failover_s: float
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
 
 
 def port_counters(lab: SiteLab) -> dict[str, tuple[int, int]]:
@@ -167,11 +158,10 @@ def run(n: int, work: Path, trust: Path, idle_s: float, discovery: str) -> Row:
               f"converged {done - launched:.1f} s after the last launch", flush=True)  # fmt: skip
 
         time.sleep(5)  # let start-up work settle before the idle window
-        pids = [p.proc.pid for p in lab.peers if p.proc is not None]
-        cpu0 = [cpu_seconds(pid) for pid in pids]
+        cpu0 = [p.cpu_seconds() for p in lab.peers]
         net0 = port_counters(lab)
         time.sleep(idle_s)
-        cpu1 = [cpu_seconds(pid) for pid in pids]
+        cpu1 = [p.cpu_seconds() for p in lab.peers]
         net1 = port_counters(lab)
         per_min = 60 / idle_s
         cpu = [(b - a) * per_min for a, b in zip(cpu0, cpu1, strict=True)]

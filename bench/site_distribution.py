@@ -68,6 +68,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -104,6 +105,9 @@ class Row:
     first_peer_s: float
     last_wan_chunk_s: float
     duplicate_chunk_gets: int
+    wan_control_over_s: float  # WAN bytes that were not chunks (catalog, control, manifest)
+    site_cpu_s: float  # CPU the peers used during the run (all of them)
+    cpu_busy: float  # site_cpu_s / (time x the host's cores): near 1, the lab's CPU was the limit
     all_runs_s: list[float] = field(default_factory=list)
     timeline: dict | None = None  # see chunk_timeline
 
@@ -230,8 +234,11 @@ def last_chunk_time(lab: SiteLab, peer_index: int) -> float:
     return max(p.stat().st_mtime for p in chunks.rglob("*") if p.is_file())
 
 
-def run_swarm(lab: SiteLab, image: BuiltImage, timeout: float) -> tuple[float, list[float], int]:
-    """(start time, each peer's completion time, WAN bytes since start)."""
+def run_swarm(
+    lab: SiteLab, image: BuiltImage, timeout: float
+) -> tuple[float, list[float], int, float]:
+    """(start time, each peer's completion time, WAN bytes since start, CPU seconds the
+    peers used from the publication until the last one completed)."""
     image.publish(lab.origin_dir, "--paused")
     # Every peer polls every other each second: with 32 peers on a small host the view
     # takes a while to settle (and the status checks themselves are 32 requests).
@@ -243,12 +250,14 @@ def run_swarm(lab: SiteLab, image: BuiltImage, timeout: float) -> tuple[float, l
         settle,
     )
     time.sleep(1.5)  # a heartbeat round with everyone on the paused catalog
+    cpu_before = sum(p.cpu_seconds() for p in lab.peers)
     image.publish(lab.origin_dir, "--active")
     start = (lab.origin_dir / CATALOG).stat().st_mtime
     lab.wait_complete(image.manifest_id, timeout=timeout)
+    cpu = sum(p.cpu_seconds() for p in lab.peers) - cpu_before
     done = [last_chunk_time(lab, i) for i in range(len(lab.peers))]
     wan = sum(r.bytes_sent for r in lab.requests() if r.time >= start)
-    return start, done, wan
+    return start, done, wan, cpu
 
 
 def run_naive(lab: SiteLab, image_file: Path, timeout: float) -> float:
@@ -281,11 +290,14 @@ def bench_one(work: Path, image: BuiltImage, n: int, args: argparse.Namespace, n
     with site_lab(
         work, image.pub, n, wan=wan, lan_rate=f"{args.lan_mbit}mbit", wan_rate=wan_rate
     ) as lab:
-        start, done, wan_bytes = run_swarm(
+        start, done, wan_bytes, cpu = run_swarm(
             lab, image, timeout=10 * size / (args.wan_mbit * 1e6 / 8)
         )
         gets = lab.chunk_gets()
         last_wan = max(r.time for r in lab.requests() if r.chunk)
+        wan_control = sum(
+            r.bytes_sent for r in lab.requests() if r.time >= start and not r.chunk
+        )
         timeline = chunk_timeline(lab, image, start, done)
         naive_s = None
         if naive:
@@ -312,6 +324,9 @@ def bench_one(work: Path, image: BuiltImage, n: int, args: argparse.Namespace, n
         first_peer_s=round(min(done) - start, 2),
         last_wan_chunk_s=round(last_wan - start, 2),
         duplicate_chunk_gets=sum(c - 1 for c in gets.values()),
+        wan_control_over_s=round(wan_control / size, 4),
+        site_cpu_s=round(cpu, 1),
+        cpu_busy=round(cpu / (took * (os.cpu_count() or 1)), 2),
         timeline=timeline,
     )
 
@@ -371,14 +386,16 @@ def main() -> int:
             rows.append(row)
 
     print()
-    print(f"{'N':>3} {'bound s':>8} {'pxepeer s':>10} {'ratio':>6} {'payload':>8} {'WAN/S':>7}"
-          f" {'naive s':>8}   first peer s  last WAN chunk s  dup GETs  runs s")  # fmt: skip
+    print(
+        f"{'N':>3} {'bound s':>8} {'pxepeer s':>10} {'ratio':>6} {'payload':>8} {'WAN/S':>7}"
+        f" {'naive s':>8}   first peer s  last WAN chunk s  dup GETs  CPU busy  runs s"
+    )
     for r in rows:
         naive = f"{r.naive_s:8.1f}" if r.naive_s is not None else f"{'-':>8}"
         print(
             f"{r.peers:>3} {r.bound_s:8.1f} {r.pxepeer_s:10.1f} {r.ratio:6.2f} "
             f"{r.payload_ratio:8.2f} {r.wan_bytes_over_s:7.3f} {naive}   {r.first_peer_s:12.1f}  "
-            f"{r.last_wan_chunk_s:16.1f}  {r.duplicate_chunk_gets:8d}  "
+            f"{r.last_wan_chunk_s:16.1f}  {r.duplicate_chunk_gets:8d}  {r.cpu_busy:8.2f}  "
             + " ".join(f"{t:.1f}" for t in r.all_runs_s)
         )
     if args.json:

@@ -279,9 +279,9 @@ class Site:
         now = time.monotonic()
         if notice.gone:
             self.core.gone_received(notice)
-        else:
-            self.core.have_received(notice, now)
-        self._wake.set()
+            self._wake.set()
+        elif self.core.have_received(notice, now):
+            self._wake.set()  # a new source of a chunk we lack: plan again now
 
     def chunk_lost(self, sha: str) -> None:
         """A chunk we hold failed its hash or vanished while being served."""

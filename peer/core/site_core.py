@@ -602,21 +602,27 @@ class SiteCore:
         self._elect(now)
 
     def have_received(self, notice: HaveNotice, now: float) -> int:
-        """Apply a have-notice; returns the number of chunks believed. Raises WireError
-        when the sender is no member, or names an image with a chunk count that is not
-        the one our manifest says (the only size a bitmap is ever built with)."""
+        """Apply a have-notice; returns how many of its chunks are news to our plan: a
+        new source of a chunk we still lack (the adapter plans again only then: in a
+        swarm of N every stored chunk brings N - 1 notices, and most name chunks we hold
+        already). Raises WireError when the sender is no member, or names an image with
+        a chunk count that is not the one our manifest says (the only size a bitmap is
+        ever built with)."""
         if self.membership.get(notice.node_id) is None:
             raise WireError("not a member")
-        applied = 0
+        news = 0
         for manifest_id, index, size in notice.chunks:
             held = self.images.get(manifest_id)
             if held is None:
                 continue  # an image we have no manifest for: its next hello says it all
             if size != held.bitmap.size or index >= size:
                 raise WireError("chunk count mismatch")
-            if self.membership.note_chunk(notice.node_id, manifest_id, index, size):
-                applied += 1
-        return applied
+            if (
+                self.membership.note_chunk(notice.node_id, manifest_id, index, size)
+                and index not in held.bitmap
+            ):
+                news += 1
+        return news
 
     def gone_received(self, notice: HaveNotice) -> None:
         if self.membership.get(notice.node_id) is None:

@@ -155,6 +155,17 @@ def test_have_notice_is_applied_only_with_our_manifests_chunk_count() -> None:
         c.have_received(HaveNotice(P2, ((MID, 1, 4),)), 3.2)
 
 
+def test_a_have_notice_is_news_only_for_a_chunk_we_lack() -> None:
+    # The adapter plans again on news only: in a swarm most notices name chunks we hold.
+    c = core()
+    c.manifest_held(MANIFEST, {0, 1})
+    run_round(c, 3.0, peer_hello(P1))
+    assert c.have_received(HaveNotice(P1, ((MID, 0, 4), (MID, 1, 4))), 3.1) == 0
+    bits = c.membership.get(P1).holdings[MID]
+    assert 0 in bits and 1 in bits  # believed all the same
+    assert c.have_received(HaveNotice(P1, ((MID, 1, 4), (MID, 3, 4))), 3.2) == 1
+
+
 def test_a_gone_notice_drops_the_claim() -> None:
     c = core()
     c.manifest_held(MANIFEST, set())
