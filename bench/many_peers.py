@@ -38,14 +38,30 @@ Measured 2026-11-30 on the 2-core development VM:
 
   | 40 | 9.62 / 5.74 | 6.83 | 2.04 (max 3.3) | 85.7 | 4515 | 1358.6 |
 
-  (N = 40 with `--discovery static --idle-s 10`, the same evening.) Per-peer control
-  traffic grows with N (3.7x for 4x the peers): every peer hears every heartbeat.
-  Runs above ~32 peers first stalled: a newly started peer answered nothing for 60 s.
-  That was this lab, not pxepeer: the kernel's ARP table and its limits are shared by
-  all namespaces (gc_thresh3 = 1024), N peers resolving N neighbours overflow it
-  ("neighbor table overflow" in dmesg); site_lab's `neighbour_room` now raises the limits for the
-  run and restores them. On a loaded host (load 10-25) N = 25 converged 9.95 / 4.27 s,
-  788 kB/min per peer, failover 24.7 s (a single status request timing out fails a
+  (N = 40 with `--discovery static --idle-s 10`, the same evening.)
+- With heartbeats that scale (d6e65d6: quiet peers beat every ceil(N/20) s, at most
+  5 s) and the default catalog poll (15 s), quiet host, `--peers 50 --idle-s 60`:
+
+  | N | converge s (launch/ready) | failover s | CPU s/min | RSS MiB | pkts/min | kB/min |
+  |---|---|---|---|---|---|---|
+  | 50 | 9.83 / 4.81 | 8.94 | 1.34 (max 2.56) | 87.0 | 3364 | 989.6 |
+
+  Per idle peer 1.34 CPU s a minute at N = 50 against 2.04 at N = 40 before; control
+  traffic 990 kB a minute (2.7x N = 10's for 5x the peers). N = 100 does not fit this
+  host: 100 idle peers at ~1.3-2 CPU s a minute each need 2.2-3.3 of its 2 cores, so
+  from ~65 peers the load average passes 50, each new peer takes 40 s or more to answer
+  its first request, and the run (stopped at 70 peers after 12 minutes) never reaches
+  the idle phase. In a store each peer has a machine of its own; here they share two
+  cores with the bench.
+
+  Before that scaling, per-peer control traffic grew with N (3.7x at N = 40 for 4x
+  the peers): every peer heard every peer's heartbeat each second. Runs above ~32 peers
+  first stalled: a newly started peer answered nothing for 60 s. That was this lab, not
+  pxepeer: the kernel's ARP table and its limits are shared by all namespaces
+  (gc_thresh3 = 1024), N peers resolving N neighbours overflow it ("neighbor table
+  overflow" in dmesg); site_lab's `neighbour_room` now raises the limits for the run and
+  restores them. On a loaded host (load 10-25) N = 25 converged 9.95 / 4.27 s, 788
+  kB/min per peer, failover 24.7 s (a single status request timing out fails a
   convergence check, so under load that is an upper bound).
 """
 
