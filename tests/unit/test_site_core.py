@@ -653,25 +653,25 @@ def test_a_member_beating_every_few_seconds_stays_live_and_unpolled_between_beat
     assert c.membership.live(16.0 + 16.1) == []
 
 
-def test_our_heartbeat_slows_in_a_large_site_unless_we_answer_pxe() -> None:
-    n = 60
-    endpoints = [f"10.88.1.{i}:8080" for i in range(n)]
+def large_site(members: int = 60) -> SiteCore:
+    """A core with `members` others in its view, one of them (not us) the responder."""
+    endpoints = [f"10.88.1.{i}:8080" for i in range(members)]
     c = core(static_peers=tuple(endpoints))
     for i, endpoint in enumerate(endpoints):
         c.hello_received(endpoint, peer_hello(f"{i + 1:016x}", pxe=False), 0.5)
     c.responders = ["0000000000000001"]
+    return c
+
+
+def test_our_heartbeat_slows_in_a_large_site_unless_we_answer_pxe() -> None:
+    c = large_site()
     assert c.heartbeat(1.0, "10.88.0.10").every == 4  # 61 peers: about 20 beats a second
     c.responders = [ME]
     assert c.heartbeat(1.0, "10.88.0.10").every == 1
 
 
 def test_a_slow_beating_peer_beats_at_once_when_its_hello_changes_or_it_takes_pxe() -> None:
-    n = 60
-    endpoints = [f"10.88.1.{i}:8080" for i in range(n)]
-    c = core(static_peers=tuple(endpoints))
-    for i, endpoint in enumerate(endpoints):
-        c.hello_received(endpoint, peer_hello(f"{i + 1:016x}", pxe=False), 0.5)
-    c.responders = ["0000000000000001"]
+    c = large_site()
     assert c.heartbeat_due(1.0, "10.88.0.10")  # never beat yet
     assert c.heartbeat(1.0, "10.88.0.10").every == 4
     assert [t for t in (2.0, 3.0, 4.0, 4.95) if c.heartbeat_due(t, "10.88.0.10")] == [4.95]
