@@ -61,7 +61,9 @@ MAX_SEQ = (1 << 53) - 1
 MAX_T = (1 << 53) - 1
 HEX16 = re.compile(r"[0-9a-f]{16}")
 FIELDS_V1 = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes", "version"})
-FIELDS = FIELDS_V1 | {"every"}  # a heartbeat without "every" (an older peer) beats each second
+# A heartbeat without "every" (an older peer's) beats each second. An older peer refuses
+# ours ("fields") and polls us every round instead: through an upgrade the view holds.
+FIELDS = FIELDS_V1 | {"every"}
 
 
 class HeartbeatRefused(ValueError):
