@@ -56,6 +56,10 @@ tests running beside them took 54-56 s and are left out:
     8   29.5     30.6            31.6 (31.0 31.6 31.7)      1.07    1.03          1.002   -
    32   30.2     31.3            47.0 (44.1 47.0 48.3)      1.56    1.50          1.012   0.89-0.90
 
+Again at N = 8 on cab600e (scaled heartbeats, have-notice wake-ups), `--peers 8 --reps 3
+--no-naive`: 31.2 s (31.2 31.2 31.9), 1.06x, 1.02x of the payload bound, WAN 1.002 S,
+CPU busy 0.30.
+
 "payload bound" is the same bound with W and B as TCP payload rates (1448 bytes of each
 1500-byte WAN packet, of each 1514-byte LAN frame): what any protocol on TCP/IP can do.
 Naive (every peer from the origin): 225 s at N = 8, 890 s at N = 32 (7.1x and 19x).
