@@ -631,23 +631,23 @@ def test_a_member_whose_book_changes_is_pulled_again_whatever_the_fruitless_back
     assert pulls(now + RECORDS_PULL_SECONDS + 0.5) == [FetchRecords(P1, endpoint)]
 
 
+def slow_beat(seq: int) -> Heartbeat:
+    """P1's heartbeat number `seq`, saying it beats every 5 s (a quiet peer of a large site)."""
+    return Heartbeat(P1, SITE, "b" * 16, seq, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
+
 
 def test_a_member_beating_every_few_seconds_stays_live_and_unpolled_between_beats() -> None:
     c = core()
     endpoint = "10.88.0.11:8080"
     polls(c, 0.0)
     c.hello_received(endpoint, peer_hello(P1), 0.5)
-    slow = Heartbeat(P1, SITE, "b" * 16, 1, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
-    c.heartbeat_received(slow, 1.0)
+    c.heartbeat_received(slow_beat(1), 1.0)
     polls(c, 1.1)  # its version is read once
     c.hello_received(endpoint, peer_hello(P1), 1.2)
     for seq, t in enumerate((6.0, 11.0, 16.0), start=2):
         for second in range(int(t) - 4, int(t)):  # no poll between its beats
             assert polls(c, second + 0.1) == ()
-        c.heartbeat_received(
-            Heartbeat(P1, SITE, "b" * 16, seq, int(WALL * 1000), 8080, True, (), "0" * 16, 5),
-            t,
-        )
+        c.heartbeat_received(slow_beat(seq), t)
     assert [h.node_id for h in c.membership.live(16.0 + 15.9)] == [P1]
     c.tick(16.0 + 16.1, WALL)  # three beats missed and a second: gone
     assert c.membership.live(16.0 + 16.1) == []
@@ -691,12 +691,10 @@ def test_a_responder_leaves_the_view_on_the_default_timeout_whatever_period_it_c
     endpoint = "10.88.0.11:8080"
     polls(c, 0.0)
     c.hello_received(endpoint, peer_hello(P1), 0.5)
-    slow = Heartbeat(P1, SITE, "b" * 16, 1, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
-    c.heartbeat_received(slow, 1.0)  # not a responder yet: 16 s of grace
+    c.heartbeat_received(slow_beat(1), 1.0)  # not a responder yet: 16 s of grace
     c.responders = [P1]
     c.membership.reset_timeout(P1)
     assert [h.node_id for h in c.membership.live(1.0 + PEER_TIMEOUT)] == [P1]
     assert c.membership.live(1.0 + PEER_TIMEOUT + 0.1) == []
-    again = Heartbeat(P1, SITE, "b" * 16, 2, int(WALL * 1000), 8080, True, (), "0" * 16, 5)
-    c.heartbeat_received(again, 10.0)  # it says 5 s; a responder gets the default
+    c.heartbeat_received(slow_beat(2), 10.0)  # it says 5 s; a responder gets the default
     assert c.membership.live(10.0 + PEER_TIMEOUT + 0.1) == []
