@@ -1323,6 +1323,51 @@ def _heartbeat_adversarial() -> list[bytes]:
     ]
 
 
+def _have_datagram_build() -> Parser:
+    hb = importlib.import_module("peer.core.heartbeat")
+    _, node = _throwaway_keys()
+    node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
+
+    def use(parsed: Any, data: bytes) -> None:
+        # What the site does next: the gate checks it, then the core applies its notice.
+        gate = hb.HeartbeatGate("0" * 16, "lab", lambda _node, ours: ours)
+        gate.admit(node_id, node.public_key)
+        with contextlib.suppress(hb.HeartbeatRefused):
+            gate.check(data, 1.0, parsed[0].sent_ms)
+        parsed[0].notice()
+
+    return Parser(hb.parse_have, (hb.HeartbeatRefused,), use=use)
+
+
+@cache
+def have_datagram_samples() -> list[bytes]:
+    hb = importlib.import_module("peer.core.heartbeat")
+    _, node = _throwaway_keys()
+    node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
+    notices = [
+        hb.HaveBeat(node_id, "lab", "a" * 16, 1, NOW * 1000, False, ((_hex64("a"), 3, 13),)),
+        hb.HaveBeat(node_id, "store-42", "b" * 16, 2**40, NOW * 1000, True,
+                    ((_hex64("a"), 0, 13), (_hex64("b"), 1023, 1024), (_hex64("a"), 12, 13))),
+    ]  # fmt: skip
+    return [n.sign(node) for n in notices]
+
+
+def mutate_have_datagram(base: bytes, rng: Random) -> bytes:
+    head = len(b"PXHV1") + 64
+    return base[:head] + mutate_json(base[head:], rng)
+
+
+def _have_datagram_adversarial() -> list[bytes]:
+    head = b"PXHV1" + b"\0" * 64
+    group = [_hex64("a"), 2**20, [2**20 - 1]]
+    return [
+        head + b"[" * 1100,
+        head + json.dumps({"have": [group] * 12}).encode(),  # 12 claims of a 4 TiB image
+        head + json.dumps({"have": [[_hex64("a"), 2**20, list(range(300))]]}).encode(),
+        b"PXHV1" + b"x" * 5000,
+    ]
+
+
 # --- the registry ------------------------------------------------------------------------
 
 
@@ -1351,6 +1396,9 @@ TARGETS: tuple[Target, ...] = (
            mutate_json, _records_adversarial),
     Target("heartbeat", "peer.core.heartbeat:parse", _heartbeat_build, heartbeat_samples,
            mutate_heartbeat, _heartbeat_adversarial, max_random=1400),
+    Target("have-datagram", "peer.core.heartbeat:parse_have", _have_datagram_build,
+           have_datagram_samples, mutate_have_datagram, _have_datagram_adversarial,
+           max_random=1400),
 )  # fmt: skip
 
 BY_NAME = {t.name: t for t in TARGETS}

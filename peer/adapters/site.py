@@ -53,8 +53,8 @@ from peer.adapters.heartbeat import GROUP, HeartbeatSocket
 from peer.adapters.origin import OriginClient, OriginError
 from peer.adapters.peer_credentials import PeerCredentials
 from peer.adapters.supervisor import Supervisor
+from peer.core.heartbeat import HAVE_PER_SECOND, HaveBeat, HeartbeatGate, HeartbeatRefused
 from peer.core.heartbeat import INTERVAL as BEAT_INTERVAL
-from peer.core.heartbeat import HeartbeatGate, HeartbeatRefused
 from peer.core.machine_records import (
     MAX_BOOK_BYTES,
     MachineState,
@@ -210,6 +210,13 @@ class Site:
             if credentials is not None else None
         )  # fmt: skip
         self._beacon: HeartbeatSocket | None = None
+        # Have-notices waiting for the next datagram: at most HAVE_PER_SECOND go out, so
+        # a peer storing chunks fast stays within what every receiver checks per member.
+        self._have_queue: list[tuple[tuple[tuple[str, int, int], ...], bool]] = []
+        self._have_flush: asyncio.TimerHandle | None = None
+        self._have_sent_at = -1e9
+        # How have-notices travelled (status "have_notices"): by datagram or by post.
+        self.have_counts = {"datagrams_sent": 0, "datagrams_heard": 0, "posted": 0}
         self.quota = Quota(store, config.quota_bytes)
         self.supervisor = Supervisor(self._task_changed)
         self.origin: OriginClient | None = None
@@ -329,6 +336,7 @@ class Site:
             except OSError as exc:  # members are then polled every round, as without
                 log.warning("heartbeats unavailable (%s): polling every peer instead", exc)
             else:
+                self.core.datagrams = True
                 self.supervisor.start(BEACON_TASK, self._send_heartbeats)
         self.supervisor.start(HEARTBEAT_TASK, self._drive)
         self.supervisor.start("store-scan", self._store_scan_loop)
@@ -343,6 +351,8 @@ class Site:
         if self._discovery is not None:
             with contextlib.suppress(Exception):
                 await self._discovery.stop()
+        if self._have_flush is not None:
+            self._have_flush.cancel()
         if self._beacon is not None:
             self._beacon.close()
         for session in (self._control, self._transfers):
@@ -460,7 +470,7 @@ class Site:
         assert self.heartbeat_gate is not None
         now = time.monotonic()
         try:
-            beat = self.heartbeat_gate.check(data, now, int(time.time() * 1000))
+            item = self.heartbeat_gate.check(data, now, int(time.time() * 1000))
         except HeartbeatRefused as exc:
             if exc.reason == "unknown node" and exc.heartbeat is not None:
                 # A node not (yet) in our view: an endpoint to ask, as mDNS would give.
@@ -471,7 +481,16 @@ class Site:
             elif exc.reason != "own":
                 self.rejections.count("heartbeat", exc.reason)
             return
-        self.core.heartbeat_received(beat, now)
+        if self.heartbeat_gate.last_missed:
+            self.core.datagrams_missed(item.node_id)
+        if isinstance(item, HaveBeat):
+            self.have_counts["datagrams_heard"] += 1
+            try:
+                self.have_received(item.notice())
+            except WireError as exc:
+                self.rejections.count_error("have", exc)
+        else:
+            self.core.heartbeat_received(item, now)
 
     async def _poll_round(self, command: PollPeers) -> None:
         try:
@@ -986,8 +1005,18 @@ class Site:
 
     async def _announce(self, command: Announce) -> None:
         """Tell live peers at once that we hold (or lost) chunks, so they need not wait
-        for the next heartbeat (the relay is what makes the swarm fast)."""
+        for the next heartbeat (the relay is what makes the swarm fast): in a datagram
+        every member on the link hears, and over HTTP to each one that would not."""
         assert self._control is not None
+        if command.datagram and self._beacon is not None:
+            self._have_queue.append((command.chunks, command.gone))
+            if self._have_flush is None:
+                wait = self._have_sent_at + 1 / HAVE_PER_SECOND - time.monotonic()
+                loop = asyncio.get_running_loop()
+                self._have_flush = loop.call_later(max(wait, 0.0), self._send_haves)
+        if not command.endpoints:
+            return
+        self.have_counts["posted"] += len(command.endpoints)
         body = json.dumps(encode_have(self.node_id, command.chunks, command.gone)).encode()
 
         async def post(endpoint: str) -> None:
@@ -1007,6 +1036,24 @@ class Site:
                     pass
 
         await asyncio.gather(*(post(e) for e in command.endpoints))
+
+    def _send_haves(self) -> None:
+        """The queued have-notices, in order, as few signed datagrams as fit them."""
+        self._have_flush = None
+        queued, self._have_queue = self._have_queue, []
+        if self._beacon is None or not queued:
+            return
+        runs: list[tuple[tuple[tuple[str, int, int], ...], bool]] = []
+        for chunks, gone in queued:  # a chunk stored then lost must end up gone
+            if runs and runs[-1][1] == gone:
+                runs[-1] = (runs[-1][0] + chunks, gone)
+            else:
+                runs.append((chunks, gone))
+        for chunks, gone in runs:
+            for beat in self.core.have_beats(chunks, gone):
+                self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
+                self.have_counts["datagrams_sent"] += 1
+        self._have_sent_at = time.monotonic()
 
     # -- machine records ---------------------------------------------------------------------
 
@@ -1136,6 +1183,7 @@ class Site:
         doc["rejected"] = self.rejections.snapshot()
         doc["rejected_manifests"] = dict(self.rejected_manifests)
         doc["membership"] = self.membership_status()
+        doc["have_notices"] = dict(self.have_counts)
         doc["machine_records"] = {
             "digest": self.records.digest(),
             "machines": [

@@ -26,7 +26,14 @@ from imaging.catalog import Catalog, CatalogEntry
 from imaging.control import Control, ControlEntry, Effective, effective
 from imaging.manifest import Manifest
 from peer.core.heartbeat import INTERVAL as BEAT_INTERVAL
-from peer.core.heartbeat import Heartbeat, beat_every, hello_version, member_timeout
+from peer.core.heartbeat import (
+    HaveBeat,
+    Heartbeat,
+    beat_every,
+    hello_version,
+    member_timeout,
+    pack_chunks,
+)
 from peer.core.membership import Membership
 from peer.core.offer_check import RogueServers, SeenOffer, check_offers
 from peer.core.ranking import Candidate, elect_responders, rendezvous_rank
@@ -106,7 +113,8 @@ class Announce:
 
     chunks: tuple[tuple[str, int, int], ...]  # (manifest id, index, chunk count)
     gone: bool
-    endpoints: tuple[str, ...]
+    endpoints: tuple[str, ...]  # to post it to, each: members that do not hear datagrams
+    datagram: bool = False  # and multicast it as HaveBeat datagrams (`have_beats`)
 
 
 @dataclass(frozen=True)
@@ -265,6 +273,8 @@ class SiteCore:
         self._records_pulled: dict[str, tuple[str, float]] = {}  # node -> (digest, when)
         self.boot = ""  # random per run, named in heartbeats (the adapter sets it)
         self._beat_seq = 0
+        # The adapter's heartbeat socket is open: have-notices go out as datagrams.
+        self.datagrams = False
         self._last_beat: tuple[float, int, str] | None = None  # (sent at, every, version)
 
     # -- what this peer is and says ----------------------------------------------------
@@ -323,6 +333,7 @@ class SiteCore:
             offers_seen=self.offers_seen,
             responders=list(self.responders),
             records_digest=self.records_digest,
+            have_datagrams=self.datagrams,
         )
 
     def heartbeat_due(self, now: float, address: str) -> bool:
@@ -351,6 +362,27 @@ class SiteCore:
             http_port=self.settings.http_port, can_answer_pxe=self.settings.can_answer_pxe,
             votes=tuple(self.responders[:MAX_RESPONDERS]), version=version, every=every,
         )  # fmt: skip
+
+    def have_beats(self, chunks: tuple[tuple[str, int, int], ...], gone: bool
+                   ) -> list[HaveBeat]:  # fmt: skip
+        """An Announce's chunks as have datagrams (the adapter signs and multicasts
+        them), numbered in this peer's heartbeat sequence."""
+        beats = []
+        for run in pack_chunks(self.settings.site, chunks):
+            self._beat_seq += 1
+            beats.append(HaveBeat(
+                self.node_id, self.settings.site, self.boot, self._beat_seq,
+                int(self.wall * 1000), gone, run,
+            ))  # fmt: skip
+        return beats
+
+    def datagrams_missed(self, node_id: str) -> None:
+        """Some of a member's datagrams went by unseen (a gap in its sequence): one may
+        have been a have-notice, so read its hello (all its holdings) in the next round."""
+        endpoint = self.endpoint_of.get(node_id)
+        state = self.endpoints.get(endpoint) if endpoint is not None else None
+        if state is not None and state.member == node_id:
+            state.polled_version = ""
 
     def heartbeat_received(self, beat: Heartbeat, now: float) -> None:
         """A member's heartbeat that the gate verified: it is live; poll its hello if
@@ -706,9 +738,9 @@ class SiteCore:
         else:
             self.counters.lan_bytes_in += nbytes
             self.counters.chunks_from_lan += 1
-        self.chunk_present(sha)
+        self.chunk_present(sha, now)
 
-    def chunk_present(self, sha: str) -> None:
+    def chunk_present(self, sha: str, now: float) -> None:
         """A chunk is in the store (fetched, or put there by the CLI): set its bits
         everywhere and tell the site."""
         notices = []
@@ -717,7 +749,7 @@ class SiteCore:
                 held.bitmap.set(index)
                 notices.append((manifest_id, index, held.bitmap.size))
         if notices:
-            self._pending.append(Announce(tuple(notices), False, self._live_endpoints()))
+            self._pending.append(self._announce(tuple(notices), False, now))
 
     def chunk_failed(self, fetch: Fetch, reason: str, now: float) -> None:
         """A fetch ended without a stored chunk. `reason` is one of: corrupt (the bytes
@@ -782,7 +814,7 @@ class SiteCore:
             log.warning("chunk %s in the store is corrupt or missing; fetching it again",
                         sha[:16])  # fmt: skip
         if gone:
-            self._pending.append(Announce(tuple(gone), True, self._live_endpoints()))
+            self._pending.append(self._announce(tuple(gone), True, now))
 
     def quota_refused(self, now: float) -> None:
         if now >= self._quota_paused_until:
@@ -839,6 +871,24 @@ class SiteCore:
             log.warning("%s", rogue.warning())
 
     # -- the clock -----------------------------------------------------------------------------
+
+    def _announce(self, chunks: tuple[tuple[str, int, int], ...], gone: bool, now: float
+                  ) -> Announce:  # fmt: skip
+        """Multicast when our socket is open; post to each member that would not hear
+        it: an older peer, or one whose heartbeats do not reach us (we take the link to
+        be symmetric; the 30 s hello refresh covers a member it is not for)."""
+        if not self.datagrams:
+            return Announce(chunks, gone, self._live_endpoints())
+        post = set()
+        for node, endpoint in self.endpoint_of.items():
+            hello, state = self.membership.get(node), self.endpoints.get(endpoint)
+            hears = (
+                hello is not None and hello.have_datagrams and state is not None
+                and state.member == node and not state.needs_poll(now)
+            )  # fmt: skip
+            if not hears:
+                post.add(endpoint)
+        return Announce(chunks, gone, tuple(sorted(post)), datagram=True)
 
     def _live_endpoints(self) -> tuple[str, ...]:
         return tuple(sorted(set(self.endpoint_of.values())))

@@ -123,6 +123,9 @@ class Hello:
     # a vote counts, and that it never unseats a working responder).
     responders: list[str] = field(default_factory=list)
     records_digest: str = ""  # digest of the imaging records it holds ("" for none)
+    # It reads have-notices from the site's link (peer/core/heartbeat.py, HaveBeat), so
+    # a peer that multicasts them need not also post each one to it over HTTP.
+    have_datagrams: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -149,6 +152,7 @@ class Hello:
             "offers_seen": self.offers_seen,
             "responders": self.responders,
             "records_digest": self.records_digest,
+            "have_datagrams": self.have_datagrams,
         }
 
 
@@ -259,6 +263,7 @@ def hello_from_json(obj: object) -> Hello:
             _optional(obj, "responders", list, []), NODE_ID, MAX_RESPONDERS, "responders"
         ),
         records_digest=records_digest,  # type: ignore[arg-type]
+        have_datagrams=bool(_optional(obj, "have_datagrams", bool, False)),
     )
 
 

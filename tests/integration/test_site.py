@@ -195,6 +195,13 @@ def test_four_peers_get_the_image_with_each_chunk_crossing_the_wan_once(
         assert lan_in == 3 * big.stored_bytes  # each peer's share of the others' WAN chunks
         assert sum(c["lan_bytes_out"] for c in counters) == lan_in
         assert all(c["bad_chunks_received"] == 0 for c in counters)
+        # Have-notices went out as one datagram each, heard by every other peer, not as
+        # a post to each (peer/core/heartbeat.py, HaveBeat).
+        notices = [st["have_notices"] for st in statuses]
+        sent = sum(x["datagrams_sent"] for x in notices)
+        assert sent >= n, notices
+        assert all(x["datagrams_heard"] > 0 for x in notices), notices
+        assert sum(x["posted"] for x in notices) <= sent, notices
         # Every peer sees the whole site holding the image, and the CLI shows it.
         for st in statuses:
             [image] = [i for i in st["images"] if i["manifest_id"] == big.manifest_id]

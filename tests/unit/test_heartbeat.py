@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from imaging.signing import SigningKey
 from peer.core import heartbeat
-from peer.core.heartbeat import Heartbeat, HeartbeatGate, HeartbeatRefused, parse
+from peer.core.heartbeat import HaveBeat, Heartbeat, HeartbeatGate, HeartbeatRefused, parse
 from peer.core.identity import node_id_of
+from peer.core.wire import HaveNotice
 
 OURS = "0000000000000001"
 SITE = "store-42"
@@ -204,3 +205,103 @@ def test_the_period_travels_signed_and_an_older_peers_heartbeat_means_every_seco
     payload = json.dumps(doc, separators=(",", ":")).encode()
     datagram = heartbeat.MAGIC + SENDER.sign(heartbeat.DOMAIN + payload) + payload
     assert gate().check(datagram, 100.0, NOW_MS).every == 1
+
+
+# -- have-notices as datagrams --------------------------------------------------------
+
+M1, M2 = "1" * 64, "2" * 64
+
+
+def have(seq: int, *chunks: tuple[str, int, int], gone: bool = False,
+         boot: str = "aaaaaaaaaaaaaaaa", node: str = SENDER_ID) -> HaveBeat:  # fmt: skip
+    return HaveBeat(node, SITE, boot, seq, NOW_MS, gone, chunks)
+
+
+def test_a_members_have_datagram_is_its_notice_in_its_heartbeat_sequence() -> None:
+    g = gate()
+    g.check(beat(1).sign(SENDER), 100.0, NOW_MS)
+    notice = have(2, (M1, 3, 16), (M2, 0, 4), (M1, 7, 16))
+    got = g.check(notice.sign(SENDER), 100.1, NOW_MS)
+    assert isinstance(got, HaveBeat)
+    assert got.notice() == HaveNotice(SENDER_ID, ((M1, 3, 16), (M1, 7, 16), (M2, 0, 4)))
+    assert g.last_missed == 0
+    # One counter for both kinds: an older number of either is a replay.
+    assert refused(g, have(1, (M1, 3, 16)).sign(SENDER)) == "replay"
+    assert refused(g, beat(2).sign(SENDER)) == "replay"
+    assert g.check(have(3, (M1, 4, 16), gone=True).sign(SENDER), 100.2, NOW_MS).gone
+
+
+def test_a_have_datagram_signs_only_as_one_and_never_with_a_heartbeats_signature() -> None:
+    assert refused(gate(), have(1, (M1, 0, 16)).sign(make_key())) == "bad signature"
+    notice = have(1, (M1, 0, 16)).sign(SENDER)
+    assert refused(gate(), notice.replace(b'"gone":false', b'"gone":true')) == "bad signature"
+    # The same payload signed as a heartbeat (another domain) does not pass as a notice.
+    payload = have(1, (M1, 0, 16)).payload()
+    crossed = heartbeat.HAVE_MAGIC + SENDER.sign(heartbeat.DOMAIN + payload) + payload
+    assert refused(gate(), crossed) == "bad signature"
+    # A stranger's notice is refused without offering an endpoint (only beats name one).
+    stranger = make_key()
+    with pytest.raises(HeartbeatRefused) as exc:
+        gate().check(have(1, (M1, 0, 16), node=node_id_of(stranger.public_key)).sign(stranger),
+                     100.0, NOW_MS)  # fmt: skip
+    assert exc.value.reason == "unknown node" and exc.value.heartbeat is None
+
+
+def test_a_gap_in_a_members_sequence_is_counted_as_missed_datagrams() -> None:
+    g = gate()
+    g.check(beat(1).sign(SENDER), 100.0, NOW_MS)
+    g.check(beat(4).sign(SENDER), 101.0, NOW_MS)
+    assert g.last_missed == 2
+    g.check(have(5, (M1, 0, 16)).sign(SENDER), 101.1, NOW_MS)
+    assert g.last_missed == 0
+    g.check(beat(1, boot="bbbbbbbbbbbbbbbb").sign(SENDER), 102.0, NOW_MS)  # restarted
+    assert g.last_missed == 0
+    fresh = gate()  # nothing heard before: nothing known to be missed
+    fresh.check(beat(9).sign(SENDER), 100.0, NOW_MS)
+    assert fresh.last_missed == 0
+
+
+def test_many_chunks_are_packed_into_datagrams_that_each_fit() -> None:
+    chunks = tuple((M1 if i % 3 else M2, i, 400_000) for i in range(300_000, 300_600))
+    runs = heartbeat.pack_chunks("x" * 64, chunks)
+    assert len(runs) > 1 and tuple(c for run in runs for c in run) == chunks
+    for run in runs:
+        longest = HaveBeat("f" * 16, "x" * 64, "f" * 16, heartbeat.MAX_SEQ, heartbeat.MAX_T,
+                           True, run)  # fmt: skip
+        assert len(longest.sign(SENDER)) <= heartbeat.MAX_DATAGRAM
+    assert heartbeat.pack_chunks(SITE, ((M1, 0, 1),)) == [((M1, 0, 1),)]
+
+
+def test_parse_have_refuses_every_field_out_of_shape() -> None:
+    good = json.loads(have(1, (M1, 3, 16)).payload())
+    bad_values = {
+        "gone": [0, "no", None],
+        "have": [[], None, {}, [[M1, 16]], [[M1, 16, []]], [[M1, 16, [16]]], [[M1, 16, [-1]]],
+                 [[M1, 0, [0]]], [[M1, 2**21, [0]]], [[M1, 16, [True]]], [[M1, True, [0]]],
+                 [["A" * 64, 16, [0]]], [["1" * 63, 16, [0]]], [[M1, 16, [1.0]]],
+                 [[M1, 16, 3]]],
+        "seq": [-1, 2**60],
+        "node": ["0" * 15],
+    }  # fmt: skip
+    for name, values in bad_values.items():
+        for value in values:
+            payload = json.dumps({**good, name: value}).encode()
+            with pytest.raises(HeartbeatRefused) as exc:
+                heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + payload)
+            assert exc.value.reason == "malformed", (name, value)
+    extra = json.dumps({**good, "every": 1}).encode()
+    with pytest.raises(HeartbeatRefused):
+        heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + extra)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(max_size=1400))
+def test_no_have_datagram_counts_without_the_key(data: bytes) -> None:
+    g = gate()
+    head = have(1, (M1, 0, 16)).sign(SENDER)[:69]
+    for datagram in (heartbeat.HAVE_MAGIC + data, head + data):
+        try:
+            got = g.check(datagram, 100.0, NOW_MS)
+        except HeartbeatRefused:
+            continue
+        pytest.fail(f"counted without the member's signature: {got}")

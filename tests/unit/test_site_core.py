@@ -3,6 +3,8 @@ quota pauses and the DHCP-snooping verdict, with no socket, file or real clock."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from imaging.catalog import Catalog, CatalogEntry
@@ -698,3 +700,59 @@ def test_a_responder_leaves_the_view_on_the_default_timeout_whatever_period_it_c
     assert c.membership.live(1.0 + PEER_TIMEOUT + 0.1) == []
     c.heartbeat_received(slow_beat(2), 10.0)  # it says 5 s; a responder gets the default
     assert c.membership.live(10.0 + PEER_TIMEOUT + 0.1) == []
+
+
+# -- have-notices by datagram -----------------------------------------------------------
+
+
+def datagram_site() -> tuple[SiteCore, FetchChunk]:
+    """Us with our heartbeat socket open, P1 (hears datagrams, beating) holding chunk 0 at
+    .11 and P2 (an older peer, beating, holding all) at .12; and a fetch of chunk 0."""
+    c = wanting_core(has_origin=False, static_peers=("10.88.0.11:8080", "10.88.0.12:8080"))
+    c.datagrams = True
+    new = replace(peer_hello(P1, have=(0,)), have_datagrams=True)
+    old = replace(peer_hello(P2, have=(0, 1, 2, 3)), address="10.88.0.12")
+    run_round(c, 3.0, new, old)
+    fetch = next(f for f in chunk_fetches(c.tick(3.1, WALL)) if f.fetch.job.index == 0)
+    for node in (P1, P2):
+        c.heartbeat_received(beat(node, 1), 3.1)
+    return c, fetch
+
+
+def test_a_stored_chunk_is_multicast_and_posted_only_to_members_that_would_not_hear_it() -> None:
+    c, fetch = datagram_site()
+    c.chunk_stored(fetch.fetch, 100, 3.2)
+    [announce] = [x for x in c.tick(3.3, WALL) if isinstance(x, Announce)]
+    assert announce.datagram and announce.endpoints == ("10.88.0.12:8080",)
+    # Numbered in our heartbeat sequence, after the heartbeats sent so far.
+    sent = c.heartbeat(3.4, "10.88.0.10").seq
+    [datagram] = c.have_beats(announce.chunks, announce.gone)
+    assert datagram.seq == sent + 1 and datagram.chunks == ((MID, 0, 4),)
+    # P1's heartbeats stop counting: it may not hear ours either, so it is posted to.
+    c.chunk_lost(fetch.fetch.job.ref.sha256, 3.1 + 2.6)
+    [gone] = [x for x in c.tick(3.1 + 2.6, WALL) if isinstance(x, Announce)]
+    assert gone.gone and gone.endpoints == ("10.88.0.11:8080", "10.88.0.12:8080")
+    # Without a socket, every member is posted to and nothing is multicast.
+    c.datagrams = False
+    c.chunk_stored(fetch.fetch, 100, 6.0)
+    [plain] = [x for x in c.tick(6.1, WALL) if isinstance(x, Announce)]
+    assert not plain.datagram and plain.endpoints == ("10.88.0.11:8080", "10.88.0.12:8080")
+
+
+def test_a_member_whose_datagrams_went_missing_is_read_in_the_next_round() -> None:
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    c.heartbeat_received(beat(P1, 1), 1.0)
+    polls(c, 1.1)
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    c.heartbeat_received(beat(P1, 2), 2.0)
+    assert polls(c, 2.1) == ()
+    c.datagrams_missed(P1)  # a have-notice may have been among them
+    c.heartbeat_received(beat(P1, 5), 3.0)
+    assert polls(c, 3.1) == (endpoint,)
+    c.hello_received(endpoint, peer_hello(P1), 3.2)
+    assert polls(c, 4.1) == ()
+    c.datagrams_missed(P2)  # not a member here: nothing to read
+    assert polls(c, 5.1) == ()

@@ -42,6 +42,15 @@ def test_hello_round_trips_with_its_bitmaps() -> None:
     assert hello.endpoint == "10.88.0.10:8080"
 
 
+def test_a_hello_says_whether_its_peer_reads_have_datagrams_and_an_older_one_does_not() -> None:
+    assert parse_hello(raw(a_hello(have_datagrams=True))).have_datagrams
+    older = a_hello()
+    del older["have_datagrams"]
+    assert not parse_hello(raw(older)).have_datagrams
+    with pytest.raises(WireError):
+        parse_hello(raw(a_hello(have_datagrams=1)))
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
