@@ -66,12 +66,17 @@ ENDPOINT_EXPIRY = 300.0  # a discovered endpoint silent this long is forgotten
 MAX_DYNAMIC_ENDPOINTS = 256  # discovered (not --peer) endpoints kept at once
 # Heartbeats (peer/core/heartbeat.py) keep a member live between hello polls. A member
 # whose heartbeats count is polled only when its heartbeat says its hello changed, or
-# every HELLO_REFRESH; a member without a counted heartbeat for BEAT_STALE is polled
-# every round, as every member was before heartbeats (and still is where multicast
-# does not reach: loopback, other subnets).
+# every HELLO_REFRESH while it fetches from the WAN (its hello's counters show how far a
+# slow transfer got: takeover reads them) and every IDLE_REFRESH else (have-notices
+# carry its new chunks, and a lost one shows as a gap in its datagrams); a member
+# without a counted heartbeat for BEAT_STALE is polled every round, as every member
+# was before heartbeats (and still is where multicast does not reach: loopback, other
+# subnets). IDLE_REFRESH stays well under ENDPOINT_EXPIRY: one failed refresh must not
+# forget a member's endpoint.
 BEAT_STALE = 2.5
 BEAT_SLACK = 0.1  # a timer that wakes a little early still sends on its period
 HELLO_REFRESH = 30.0
+IDLE_REFRESH = 120.0
 CHANGED_POLLS_PER_ROUND = 12  # members polled because their hello changed, per round
 PROBE_FIRST = SETTLE_SECONDS + 3
 RECORDS_PULL_SECONDS = 3.0  # at most one pull of a peer's machine records this often
@@ -199,6 +204,7 @@ class Endpoint:
     beat_every: int = 1  # seconds between its heartbeats, as its last one said
     asked_version: str = ""  # beat_version when the last poll was sent
     polled_version: str = ""  # asked_version of the last poll answered
+    refresh: float = HELLO_REFRESH  # re-read an unchanged hello this often
 
     def needs_poll(self, now: float) -> bool:
         """Polled every round: never answered, or its heartbeats do not count (stale
@@ -212,7 +218,7 @@ class Endpoint:
 
     def changed(self, now: float) -> bool:
         assert self.last_ok is not None
-        return self.beat_version != self.polled_version or now - self.last_ok > HELLO_REFRESH
+        return self.beat_version != self.polled_version or now - self.last_ok > self.refresh
 
 
 class SiteCore:
@@ -555,6 +561,7 @@ class SiteCore:
             if state.member != hello.node_id:
                 state.member, state.beat_at = hello.node_id, None
             state.polled_version = state.asked_version
+            state.refresh = HELLO_REFRESH if hello.fetching else IDLE_REFRESH
         if hello.node_id == self.node_id:
             # Our own address (e.g. listed in --peer): stop polling it.
             self.endpoints.pop(endpoint, None)

@@ -83,7 +83,7 @@ class Limits:
     takeover_after: float = 45.0
     # Bytes read from the origin count as progress in steps of this part of a chunk: a
     # liar creeping a byte at a time must not buy a takeover period per byte. An honest
-    # owner is re-read (hello) at least every 30 s (site_core.HELLO_REFRESH), so one
+    # owner is re-read (hello) at least every 30 s while it fetches (HELLO_REFRESH), so one
     # step per 30 s, 512 KiB of a 4 MiB chunk, is ~140 kbit/s per WAN transfer: below
     # that an owner looks stuck, as every owner did before bytes counted.
     progress_step: float = 1 / 8

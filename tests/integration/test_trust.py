@@ -6,7 +6,8 @@ namespaces (tests/integration/site_lab.py):
   have-notice or get a peer struck;
 - an enrolled peer that lies about its start and votes for itself does not displace the
   working responder;
-- a peer request captured on the wire and sent again is refused;
+- a peer request captured on the wire and sent again is refused, and so is a have
+  datagram sent again or altered;
 - an assignment made on any peer reaches every peer and survives a restart of all;
 - a store that trusts an enroll key but is not enrolled refuses to start, and one that
   trusts none is a site of one.
@@ -20,10 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import TCP
+from scapy.layers.inet import TCP, UDP
 from scapy.utils import rdpcap
 
 from imaging.signing import load_signing_key
+from peer.adapters.heartbeat import GROUP
+from peer.core.heartbeat import HAVE_MAGIC
 from peer.core.peer_auth import AUTH_HEADER, WINDOW_MS, parse_auth, sign_request
 from tests.enrollment import enroll
 from tests.integration.site_lab import (
@@ -250,10 +253,24 @@ def send_raw(peer_from: Peer, ip: str, request: bytes) -> int:
     return int(result.stdout)
 
 
+def drop_site_multicast(lab: SiteLab) -> None:
+    """The store's switch stops forwarding the site's multicast (as between subnets):
+    heartbeats and have datagrams no longer arrive, so peers poll and post to each other."""
+    ns = lab.site_ns
+    ns.run("nft", "add", "table", "bridge", "pxepeer_test")
+    ns.run("nft", "add", "chain", "bridge", "pxepeer_test", "passing",
+           "{ type filter hook forward priority 0; }")  # fmt: skip
+    ns.run("nft", "add", "rule", "bridge", "pxepeer_test", "passing",
+           "ip", "daddr", GROUP, "drop")  # fmt: skip
+    time.sleep(3)  # heartbeats already heard stop counting (BEAT_STALE)
+
+
 def test_a_captured_peer_request_sent_again_later_is_refused(
     tmp_path: Path, image: BuiltImage
 ) -> None:
     with site_lab(tmp_path, image.pub, 3) as lab:
+        lab.wait_up()
+        drop_site_multicast(lab)  # so have-notices are posted, signed, over HTTP
         pcap = tmp_path / "lan.pcap"
         dump = lab.site_ns.popen("tcpdump", "-i", "br0", "-s", "0", "-U", "-w", str(pcap),
                                  "tcp port 8080", stderr=subprocess.DEVNULL)  # fmt: skip
@@ -281,6 +298,65 @@ def test_a_captured_peer_request_sent_again_later_is_refused(
         time.sleep(max(0.0, (made_ms + WINDOW_MS) / 1000 + 1 - time.time()))
         assert send_raw(attacker, ip, request) == 403
         assert lab.status(target)["membership"]["refused"].get("stale", 0) >= 1
+
+
+def captured_have_datagrams(pcap: Path) -> list[bytes]:
+    """Every have datagram (PXHV1) in a capture, in the order sent."""
+    return [
+        bytes(packet[UDP].payload) for packet in rdpcap(str(pcap))
+        if UDP in packet and bytes(packet[UDP].payload).startswith(HAVE_MAGIC)
+    ]  # fmt: skip
+
+
+def send_datagram(peer_from: Peer, ip: str, datagram: bytes) -> None:
+    script = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        f"s.sendto(sys.stdin.buffer.read(),({ip!r},{HTTP_PORT}))\n"
+    )
+    subprocess.run(peer_from.ns.exec_argv(PXEPEER[0], "-c", script), input=datagram,
+                   capture_output=True, check=True)  # fmt: skip
+
+
+def test_a_captured_have_datagram_sent_again_or_altered_is_not_counted(
+    tmp_path: Path, image: BuiltImage
+) -> None:
+    with site_lab(tmp_path, image.pub, 3) as lab:
+        pcap = tmp_path / "lan.pcap"
+        dump = lab.site_ns.popen("tcpdump", "-i", "br0", "-s", "0", "-U", "-w", str(pcap),
+                                 "udp port 8080", stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            image.publish(lab.origin_dir)
+            lab.wait_complete(image.manifest_id, timeout=120)
+            time.sleep(1)
+        finally:
+            stop_process(dump)
+        datagrams = captured_have_datagrams(pcap)
+        assert datagrams, "no have datagram was captured"
+        sent = sum(lab.status(p)["have_notices"]["datagrams_sent"] for p in lab.peers)
+        assert len(datagrams) == sent  # the notices went by datagram, each once
+        assert all(lab.status(p)["have_notices"]["posted"] == 0 for p in lab.peers)
+        replayed = datagrams[-1]
+        sender = json.loads(replayed[len(HAVE_MAGIC) + 64 :])["node"]
+        target = next(p for p in lab.peers if lab.status(p)["node_id"] != sender)
+        attacker = next(p for p in lab.peers if p is not target)
+
+        def refused() -> dict[str, int]:
+            return lab.status(target)["rejected"].get("heartbeat", {})
+
+        before = refused()
+        send_datagram(attacker, target.ip, replayed)  # again: not newer than the last seen
+        altered = replayed.replace(b'"gone":false', b'"gone":true')  # "it lost them"
+        assert altered != replayed
+        send_datagram(attacker, target.ip, altered)
+        lab.wait_until("both refused", lambda: (
+            refused().get("replay", 0) > before.get("replay", 0)
+            and refused().get("bad signature", 0) > before.get("bad signature", 0)
+        ), 10)  # fmt: skip
+        # Nothing it holds was forgotten: the whole site still shows complete.
+        n = len(image.chunks)
+        [held] = [i for i in lab.status(target)["images"] if i["manifest_id"] == image.manifest_id]
+        assert {tuple(v) for v in held["chunks"].values()} == {(n, n)}
 
 
 def records_of(lab: SiteLab, peer: Peer) -> dict[str, dict]:

@@ -13,6 +13,9 @@ from peer.core.heartbeat import Heartbeat
 from peer.core.site_core import (
     CHANGED_POLLS_PER_ROUND,
     CLAIM_LOST_SECONDS,
+    ENDPOINT_EXPIRY,
+    HELLO_REFRESH,
+    IDLE_REFRESH,
     MAX_DYNAMIC_ENDPOINTS,
     MAX_LAN_ATTEMPTS,
     PEER_TIMEOUT,
@@ -470,21 +473,31 @@ def test_a_member_whose_heartbeats_count_is_polled_only_when_its_hello_changes()
     assert c.membership.live(21.0 + PEER_TIMEOUT + 0.1) == []
 
 
-def test_a_stale_hello_is_read_again_even_when_nothing_changed() -> None:
+@pytest.mark.parametrize(
+    ("fetching", "refresh"), [(["e" * 64], HELLO_REFRESH), ([], IDLE_REFRESH)]
+)
+def test_a_stale_hello_is_read_again_even_when_nothing_changed(
+    fetching: list[str], refresh: float
+) -> None:
+    """Every 30 s while the member fetches from the WAN (takeover reads how far it got in
+    its counters), every 120 s when it does not."""
     c = core()
     endpoint = "10.88.0.11:8080"
+    hello = replace(peer_hello(P1), fetching=fetching)
     polls(c, 0.0)
-    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    c.hello_received(endpoint, hello, 0.5)
     c.heartbeat_received(beat(P1, 1), 1.0)
     polls(c, 1.1)
-    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    c.hello_received(endpoint, hello, 1.2)
     due = []
-    for second in range(2, 40):
+    for second in range(2, 2 * int(refresh) + 10):
         c.heartbeat_received(beat(P1, second), float(second))
         if polls(c, second + 0.1):
             due.append(second)
-            c.hello_received(endpoint, peer_hello(P1), second + 0.2)
-    assert due == [32]  # HELLO_REFRESH (30 s) after the last read
+            c.hello_received(endpoint, hello, second + 0.2)
+    first = int(1.2 + refresh) + 1
+    assert due == [first, int(first + 0.2 + refresh) + 1]
+    assert IDLE_REFRESH < ENDPOINT_EXPIRY / 2  # a failed refresh never forgets a member
 
 
 def test_heartbeats_count_only_for_the_member_an_endpoint_answered_for() -> None:
