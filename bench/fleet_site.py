@@ -26,7 +26,10 @@ commands it returns:
 - FetchChunk: a flow on the fluid transport model below; `chunk_stored` when it ends,
   `chunk_failed` with the adapter's reasons ("unreachable" for a departed holder,
   "not found" for a stale claim, "timeout" past the adapter's whole-transfer deadline).
-- Announce: a have-notice (or gone-notice) delivered to each named endpoint's core.
+- Announce: have-notices (or gone-notices) as the core built them (`have_beats`), sent
+  once (multicast) and delivered to every other live peer that admitted the sender, as
+  the adapter's `_send_haves` / `_on_heartbeat` do; and posted to each named endpoint
+  (members that would not hear the datagram; none here once heartbeats count).
 
 Transport is a flow-level (fluid) model, not packets: the site's WAN link is shared
 equally by its WAN transfers (processor sharing); each LAN transfer runs at
@@ -277,7 +280,9 @@ class SiteSim:
         self.peers: list[_Peer] = []
         self.by_endpoint: dict[str, _Peer] = {}
         # "heartbeat": datagrams sent (one multicast each); "heartbeat_rx": deliveries.
+        # "have_datagram": have/gone datagrams sent (one multicast each); "have"/"gone": posts.
         self.control = {"heartbeat": 0, "heartbeat_rx": 0, "hello": 0, "have": 0, "gone": 0,
+                        "have_datagram": 0,
                         "catalog_origin": 0, "catalog_peer": 0, "manifest_origin": 0,
                         "manifest_peer": 0}  # fmt: skip
         self.failures: dict[str, int] = {}
@@ -333,6 +338,7 @@ class SiteSim:
                          static_peers=static, alone=self.spec.peers == 1),
             now=now, wall=WALL0 + now,
         )  # fmt: skip
+        core.datagrams = True  # its heartbeat socket is open: have-notices are multicast
         p = _Peer(idx, node_id, address, core, now)
         self.peers.append(p)
         self.by_endpoint[p.endpoint] = p
@@ -472,12 +478,15 @@ class SiteSim:
         self._wake(p, now)
 
     def _announce(self, p: _Peer, c: Announce) -> None:
+        heard = []
+        if c.datagram:
+            beats = p.core.have_beats(c.chunks, c.gone)
+            self.control["have_datagram"] += len(beats)
+            heard = [q for q in self.peers if q is not p and q.alive and p.node_id in q.gate]
         self.control["gone" if c.gone else "have"] += len(c.endpoints)
+        posted = [self.by_endpoint.get(e) for e in c.endpoints]
         notice = HaveNotice(p.node_id, c.chunks, c.gone)
-        for e in c.endpoints:
-            q = self.by_endpoint.get(e)
-            if q is None or not q.alive:
-                continue
+        for q in {id(q): q for q in heard + posted if q is not None and q.alive}.values():
             try:
                 if c.gone:
                     q.core.gone_received(notice)
