@@ -311,7 +311,16 @@ class SiteCore:
         return self.settled(now) and self.hears_site(now) and self.node_id in self.responders
 
     def wan_ok(self, now: float) -> bool:
+        """Whether to try the origin now (its back-off has passed)."""
         return self.settings.has_origin and now >= self._origin_backoff_until
+
+    def wan_healthy(self) -> bool:
+        """Whether the origin answered our last request: what our hello says and what we
+        own WAN chunks by. Not `wan_ok`, which turns true each time a back-off ends: said
+        in hellos, that flapped every few seconds through an outage, and each flip had
+        every member read our hello (site-wide O(N^2) polls, bench/many_peers.py). A
+        failing origin is probed by the catalog poll at the back-off's pace."""
+        return self.settings.has_origin and not self._origin_failures
 
     def origin_bytes_read(self, total: int) -> None:
         """The adapter's running count of bytes read from the origin (Counters.wan_read;
@@ -331,7 +340,7 @@ class SiteCore:
             started=self.started_wall,
             can_answer_pxe=self.settings.can_answer_pxe,
             catalog_serial=self.catalog.serial if self.catalog else 0,
-            wan_ok=self.wan_ok(now),
+            wan_ok=self.wan_healthy(),
             holdings={m: p.bitmap for m, p in self.images.items()},
             wants=self.wanted_ids(now),
             counters=dict(vars(self.counters)),
@@ -969,7 +978,7 @@ class SiteCore:
         if (
             self.settings.has_origin
             and not self._catalog_in_flight
-            and now >= self._next_catalog_poll
+            and (now >= self._next_catalog_poll or self._origin_failures)
             and self.wan_ok(now)
         ):
             self._catalog_in_flight = True
@@ -1034,7 +1043,7 @@ class SiteCore:
         if not jobs:
             return []
         # Before the view has settled every peer would think it owns every chunk.
-        wan_ok = self.wan_ok(now) and self.settled(now)
+        wan_ok = self.wan_healthy() and self.settled(now)
         to_origin = {sha for sha, n in self._lan_attempts.items() if n >= MAX_LAN_ATTEMPTS}
         lan_failed = self._lied_about & {job.ref.sha256 for job in jobs}
         serial = self.catalog.serial if self.catalog else 0

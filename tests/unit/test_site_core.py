@@ -9,7 +9,7 @@ import pytest
 
 from imaging.catalog import Catalog, CatalogEntry
 from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest
-from peer.core.heartbeat import Heartbeat
+from peer.core.heartbeat import Heartbeat, hello_version
 from peer.core.site_core import (
     CHANGED_POLLS_PER_ROUND,
     CLAIM_LOST_SECONDS,
@@ -268,6 +268,26 @@ def test_origin_failures_back_off_and_recover() -> None:
     assert not c.wan_ok(27.9) and c.wan_ok(28.1)  # capped at 8 s
     c.origin_ok()
     assert c.wan_ok(20.0)
+
+
+def test_through_an_outage_our_hello_says_wan_down_once_not_at_every_back_off() -> None:
+    """Each flip of the hello's wan_ok has every member read our hello: it must change
+    when the origin fails and when it answers again, not each time a back-off ends."""
+    c = wanting_core(catalog_poll_seconds=15.0)
+    versions = set()
+    for t in range(9, 60):
+        if t % 3 == 0:  # a retry every 3 s, each failing
+            c.origin_failed("timeout", float(t))
+        hello = c.hello(float(t), "10.88.0.10")
+        assert not hello.wan_ok
+        versions.add(hello_version(hello))
+    assert len(versions) == 1
+    # The origin is probed at the back-off's pace (the catalog poll), not every 15 s.
+    c.origin_failed("timeout", 100.0)
+    assert not [x for x in c.tick(101.0, WALL) if isinstance(x, FetchCatalog)]
+    assert [x.source for x in c.tick(108.1, WALL) if isinstance(x, FetchCatalog)] == [ORIGIN]
+    c.origin_ok()
+    assert c.hello(109.0, "10.88.0.10").wan_ok
 
 
 def test_a_refused_manifest_is_asked_for_again_only_after_a_growing_pause() -> None:
