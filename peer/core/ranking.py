@@ -47,10 +47,12 @@ def elect_responders(
     responders each live peer says it follows (its hello; this peer's own included).
 
     Nothing a peer says about itself can move a working responder:
-    1. A responder this peer followed keeps the role while it is live and capable. Only
-       its death (silence for the peer timeout) or its own word that it can no longer
-       answer PXE frees the slot; a newcomer, a claim of seniority, or any number of
-       votes never does.
+    1. A responder this peer followed keeps the role while it is live and capable and
+       follows itself (its own vote names it). Only its death (silence for the peer
+       timeout) or its own word (it can no longer answer PXE, or it follows another)
+       frees the slot; a newcomer, a claim of seniority, or any number of others' votes
+       never does. Without "follows itself" a peer that elected B before B had heard
+       the site, while B chose C, followed a B that never answered, for good.
     2. A free slot after a failover goes to the capable peer with the lowest node id.
        Node ids are derived from keys, so all peers with the same view pick the same
        one, and lying gains nothing: a peer's place in that order is fixed by its key.
@@ -61,7 +63,11 @@ def elect_responders(
        moves nobody else (rule 1).
     """
     capable = {c.node_id for c in candidates if c.can_answer_pxe}
-    kept = [n for n in previous if n in capable][:count]
+
+    def answers(node: str) -> bool:
+        return votes is None or node not in votes or node in votes[node]
+
+    kept = [n for n in previous if n in capable and answers(n)][:count]
     support: Counter[str] = Counter()
     if not previous and votes:
         for named in votes.values():

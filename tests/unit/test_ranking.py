@@ -66,3 +66,14 @@ def test_a_responder_that_says_it_can_no_longer_answer_frees_its_slot() -> None:
 
 def test_no_capable_peer_means_no_responder() -> None:
     assert elect_responders([Candidate("a", False)]) == []
+
+
+def test_a_responder_that_follows_another_is_not_followed_for_ever() -> None:
+    """Seen with 30 peers starting a second apart: p0 elected p1 (the lowest id it knew);
+    p1, hearing more of the site, followed "a". p0 kept p1, which never answered."""
+    peers = [Candidate("a", True), Candidate("p1", True), Candidate("p0", True)]
+    votes = {"a": ["a"], "p1": ["a"], "p0": ["p1"]}
+    assert elect_responders(peers, previous=["p1"], votes=votes) == ["a"]
+    # Its own word is the only one that counts: others' votes cannot unseat it.
+    votes = {"a": ["a"], "p1": ["p1"], "p0": ["a"]}
+    assert elect_responders(peers, previous=["p1"], votes=votes) == ["p1"]
