@@ -18,9 +18,11 @@ the usual WAN. For each N:
   and bytes both ways on its bridge port: heartbeats, have-notices, mDNS, catalog polls).
   The growth column is per-peer cost at N over per-peer cost at the smallest N: flat is
   linear site-wide; growing with N is what the issue asks to fix.
-- *failover*: the responder is SIGKILLed; the time until every live peer names one new
-  responder, against the failover bound (peer timeout 6 s + one heartbeat round; the
-  bound the election tests hold, < 10 s).
+- *failover*: the responder is SIGKILLed; the time until every live peer follows one
+  new responder, against the failover bound (peer timeout 6 s + one heartbeat round;
+  the bound the election tests hold, < 10 s). Taken from the peers' own log lines
+  ("PXE responder(s) now ..."): status reads of N peers, each listing N peers, load the
+  same two cores and only say when to look.
 
 The reference measured in the same run is the smallest N.
 
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -77,10 +80,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from tests.integration.site_lab import SiteLab, WanShape, lab_skip_reason, pxepeer, site_lab
+from tests.integration.site_lab import (
+    Peer,
+    SiteLab,
+    WanShape,
+    lab_skip_reason,
+    pxepeer,
+    site_lab,
+)
 
 PXE = ("--dhcp", "proxy", "--catalog-poll", "15")  # every peer a PXE candidate; the default poll
 FAILOVER_BOUND_S = 10.0
@@ -156,6 +167,21 @@ def wait(lab: SiteLab, what: str, check: Callable[[], T | None], timeout: float,
     return got[-1]
 
 
+FOLLOWS = re.compile(
+    r"^(\S+ \S+) INFO pxepeer\.site: PXE responder\(s\) now \['([0-9a-f]{16})'\]", re.M
+)
+
+
+def followed_at(peer: Peer, node: str, after: float) -> float | None:
+    """The wall time of the peer's last log line saying it now follows `node`, if one
+    came after `after` (a peer that followed `node` all along has none: None)."""
+    times = [
+        datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for stamp, named in FOLLOWS.findall(peer.log_text()) if named == node
+    ]  # fmt: skip
+    return max((t for t in times if t >= after), default=None)
+
+
 def run(n: int, work: Path, trust: Path, idle_s: float, discovery: str) -> Row:
     with site_lab(work, trust, n, extra_args=PXE, start=False,
                   static_peers=discovery in ("both", "static"),
@@ -189,11 +215,16 @@ def run(n: int, work: Path, trust: Path, idle_s: float, discovery: str) -> Row:
         [responder] = wait(lab, "a responder", lambda: converged(lab, everyone), 60, 0.5)
         victim = next(p for p in lab.peers if p.node_id == responder)
         victim.kill9()
-        killed = time.monotonic()
+        killed = time.time()
         rest = [i for i in everyone if lab.peers[i] is not victim]
-        wait(lab, "a new responder", lambda: (r := converged(lab, rest)) and r != (responder,),
-             120, 0.0)  # fmt: skip
-        failover = time.monotonic() - killed
+        # Each peer logs when it follows a new responder: the failover is the last of
+        # those lines, not when N status reads (each a big document, on the same two
+        # cores) happen to see it. The status reads only say when to look.
+        [new] = wait(lab, "a new responder",
+                     lambda: (r := converged(lab, rest)) and r != (responder,) and r,
+                     120, 1.0)  # fmt: skip
+        switched = [followed_at(lab.peers[i], new, killed) for i in rest]
+        failover = max(t for t in switched if t is not None) - killed
 
     return Row(
         peers=n,

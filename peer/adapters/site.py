@@ -1091,10 +1091,15 @@ class Site:
                 runs[-1] = (runs[-1][0] + chunks, gone)
             else:
                 runs.append((chunks, gone))
-        for chunks, gone in runs:
-            for beat in self.core.have_beats(chunks, gone):
-                self._beacon.send(beat.sign(self.identity.key), [(GROUP, self.config.http_port)])
-                self.have_counts["datagrams_sent"] += 1
+        try:
+            for chunks, gone in runs:
+                for beat in self.core.have_beats(chunks, gone):
+                    datagram = beat.sign(self.identity.key)
+                    self._beacon.send(datagram, [(GROUP, self.config.http_port)])
+                    self.have_counts["datagrams_sent"] += 1
+        except Exception:  # a timer callback: nobody else would see it (the hello repairs)
+            self.command_failures["HaveDatagram"] = self.command_failures.get("HaveDatagram", 0) + 1
+            log.exception("sending have datagrams failed")
         self._have_sent_at = time.monotonic()
 
     # -- machine records ---------------------------------------------------------------------

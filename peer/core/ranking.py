@@ -47,12 +47,13 @@ def elect_responders(
     responders each live peer says it follows (its hello; this peer's own included).
 
     Nothing a peer says about itself can move a working responder:
-    1. A responder this peer followed keeps the role while it is live and capable and
-       follows itself (its own vote names it). Only its death (silence for the peer
-       timeout) or its own word (it can no longer answer PXE, or it follows another)
-       frees the slot; a newcomer, a claim of seniority, or any number of others' votes
-       never does. Without "follows itself" a peer that elected B before B had heard
-       the site, while B chose C, followed a B that never answered, for good.
+    1. A responder this peer followed keeps the role while it is live and capable.
+       Only its death (silence for the peer timeout) or its own word frees the slot:
+       it can no longer answer PXE, or it follows others (its vote names them and not
+       itself), whom we then follow in its place if they are live, capable and follow
+       themselves. A newcomer, a claim of seniority, or any number of others' votes
+       never does. Without the hand-over, a peer that elected B before B had heard the
+       site, while B chose C, followed a B that never answered, for good.
     2. A free slot after a failover goes to the capable peer with the lowest node id.
        Node ids are derived from keys, so all peers with the same view pick the same
        one, and lying gains nothing: a peer's place in that order is fixed by its key.
@@ -63,11 +64,23 @@ def elect_responders(
        moves nobody else (rule 1).
     """
     capable = {c.node_id for c in candidates if c.can_answer_pxe}
+    known = votes or {}
 
-    def answers(node: str) -> bool:
-        return votes is None or node not in votes or node in votes[node]
+    def handed_to(node: str) -> list[str]:
+        """Whom `node` follows instead of itself; [] if it follows itself or has not
+        chosen yet (a peer that just started votes for nobody)."""
+        named = known.get(node, ())
+        return [] if not named or node in named else list(named)
 
-    kept = [n for n in previous if n in capable and answers(n)][:count]
+    kept: list[str] = []
+    for node in previous:
+        if node not in capable:
+            continue
+        heirs = handed_to(node)
+        if not heirs:
+            kept.append(node)
+        kept += [h for h in heirs if h in capable and not handed_to(h) and h not in kept]
+    kept = kept[:count]
     support: Counter[str] = Counter()
     if not previous and votes:
         for named in votes.values():

@@ -255,6 +255,7 @@ class SiteCore:
         self.rogues = RogueServers()  # non-members offering a boot file (offer_check.py)
         self._origin_backoff_until = 0.0
         self._origin_failures = 0
+        self._origin_reason = ""
         self._manifest_retry: dict[str, tuple[float, float]] = {}  # id -> (retry at, pause)
         self._manifests_in_flight: set[str] = set()
         self._catalog_in_flight = False
@@ -521,6 +522,7 @@ class SiteCore:
         if self._origin_failures:
             log.info("origin reachable again")
         self._origin_failures = 0
+        self._origin_reason = ""
         self._origin_backoff_until = 0.0
 
     def origin_failed(self, reason: str, now: float) -> None:
@@ -530,7 +532,12 @@ class SiteCore:
         delay = min(2.0 ** min(self._origin_failures, 3), ORIGIN_BACKOFF_MAX)
         self._origin_backoff_until = now + delay
         self.counters.wan_failures += 1
-        log.warning("origin: %s (retry in %.0f s)", reason, delay)
+        # Once per outage and per new reason: the catalog poll probes a failing origin
+        # every few seconds, and a day-long outage must not fill the log.
+        if self._origin_failures == 1 or reason != self._origin_reason:
+            log.warning("origin: %s (retrying every %.0f s or less)", reason,
+                        ORIGIN_BACKOFF_MAX)  # fmt: skip
+        self._origin_reason = reason
 
     # -- endpoints and membership ------------------------------------------------------------
 

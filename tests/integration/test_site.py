@@ -472,7 +472,8 @@ def test_download_completes_through_five_percent_loss_and_a_thirty_second_outage
         assert_verified(lab, mid)
         for p in lab.peers:
             assert_chunk_files_match_names(p)
-        assert any("origin" in p.log_text() and "retry in" in p.log_text() for p in lab.peers)
+        assert any("origin" in p.log_text() and "retrying every" in p.log_text() for p in lab.peers)
+        assert any("origin reachable again" in p.log_text() for p in lab.peers)
         counters = [self_counters(lab.status(p)) for p in lab.peers]
         assert all(c["wan_failures"] > 0 for c in counters)
         assert set(lab.chunk_gets()) == set(mid.chunks)

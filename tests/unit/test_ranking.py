@@ -68,12 +68,19 @@ def test_no_capable_peer_means_no_responder() -> None:
     assert elect_responders([Candidate("a", False)]) == []
 
 
-def test_a_responder_that_follows_another_is_not_followed_for_ever() -> None:
+def test_a_responder_that_follows_another_hands_its_followers_over() -> None:
     """Seen with 30 peers starting a second apart: p0 elected p1 (the lowest id it knew);
-    p1, hearing more of the site, followed "a". p0 kept p1, which never answered."""
-    peers = [Candidate("a", True), Candidate("p1", True), Candidate("p0", True)]
-    votes = {"a": ["a"], "p1": ["a"], "p0": ["p1"]}
-    assert elect_responders(peers, previous=["p1"], votes=votes) == ["a"]
-    # Its own word is the only one that counts: others' votes cannot unseat it.
-    votes = {"a": ["a"], "p1": ["p1"], "p0": ["a"]}
+    p1, hearing more of the site, followed "c". p0 kept p1, which never answered."""
+    peers = [Candidate("c", True), Candidate("a", True), Candidate("p1", True),
+             Candidate("p0", True)]  # fmt: skip
+    votes = {"c": ["c"], "a": [], "p1": ["c"], "p0": ["p1"]}
+    assert elect_responders(peers, previous=["p1"], votes=votes) == ["c"]  # not "a"
+    # Only its own word counts: others' votes cannot unseat it...
+    votes = {"c": ["c"], "a": ["c"], "p1": ["p1"], "p0": ["c"]}
     assert elect_responders(peers, previous=["p1"], votes=votes) == ["p1"]
+    # ...nor the silence of a peer that has not chosen yet (it just started).
+    votes = {"c": ["c"], "a": [], "p1": [], "p0": ["p1"]}
+    assert elect_responders(peers, previous=["p1"], votes=votes) == ["p1"]
+    # Handed to a peer that follows yet another: the slot is free, the lowest id takes it.
+    votes = {"c": ["p0"], "a": [], "p1": ["c"], "p0": ["p1"]}
+    assert elect_responders(peers, previous=["p1"], votes=votes) == ["a"]
