@@ -217,7 +217,7 @@ from bench.fleet_site import (
 
 GIB = 1 << 30
 PER_MINUTE = ("heartbeat", "heartbeat_rx", "hello", "catalog_origin", "catalog_peer")
-PER_CHUNK = ("have", "gone", "have_datagram")
+PER_CHUNK = ("have", "gone", "have_datagram", "have_datagram_rx")
 PER_DOWNLOAD = ("manifest_origin", "manifest_peer")
 MBIT = 1e6 / 8  # bytes per second
 

@@ -280,9 +280,10 @@ class SiteSim:
         self.peers: list[_Peer] = []
         self.by_endpoint: dict[str, _Peer] = {}
         # "heartbeat": datagrams sent (one multicast each); "heartbeat_rx": deliveries.
-        # "have_datagram": have/gone datagrams sent (one multicast each); "have"/"gone": posts.
+        # "have_datagram": have/gone datagrams sent (one multicast each), "_rx" deliveries
+        # of them to members that admitted the sender; "have"/"gone": posts.
         self.control = {"heartbeat": 0, "heartbeat_rx": 0, "hello": 0, "have": 0, "gone": 0,
-                        "have_datagram": 0,
+                        "have_datagram": 0, "have_datagram_rx": 0,
                         "catalog_origin": 0, "catalog_peer": 0, "manifest_origin": 0,
                         "manifest_peer": 0}  # fmt: skip
         self.failures: dict[str, int] = {}
@@ -395,7 +396,7 @@ class SiteSim:
             h.catalog_serial, h.wan_ok,
             {m: ChunkBitmap(b.size, bytearray(b.bits)) for m, b in h.holdings.items()},
             list(h.wants), dict(vars(p.core.counters)), list(h.fetching), h.offers_seen,
-            list(h.responders), h.records_digest,
+            list(h.responders), h.records_digest, h.have_datagrams,
         )  # fmt: skip
 
     # -- carrying out commands -----------------------------------------------------------
@@ -483,6 +484,7 @@ class SiteSim:
             beats = p.core.have_beats(c.chunks, c.gone)
             self.control["have_datagram"] += len(beats)
             heard = [q for q in self.peers if q is not p and q.alive and p.node_id in q.gate]
+            self.control["have_datagram_rx"] += len(beats) * len(heard)
         self.control["gone" if c.gone else "have"] += len(c.endpoints)
         posted = [self.by_endpoint.get(e) for e in c.endpoints]
         notice = HaveNotice(p.node_id, c.chunks, c.gone)
