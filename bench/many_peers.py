@@ -65,6 +65,25 @@ Measured 2026-11-30 on the 2-core development VM:
   restores them. On a loaded host (load 10-25) N = 25 converged 9.95 / 4.27 s, 788
   kB/min per peer, failover 24.7 s (a single status request timing out fails a
   convergence check, so under load that is an upper bound).
+- 2026-12-01 (main 8eab14f: have-notices as datagrams, idle hellos re-read every 120 s,
+  `wan_ok` in hellos only changing when the origin fails or answers again, the election
+  hand-over), quiet host, `--peers 10 100 --idle-s 30`, failover from the peers' logs:
+
+  | N | converge s (launch/ready) | failover s | CPU s/min | RSS MiB | pkts/min | kB/min |
+  |---|---|---|---|---|---|---|
+  | 10 | 6.07 / 4.06 | 5.74 | 0.42 (max 0.46) | 87.3 | 844 | 221.3 |
+  | 100 | 9.84 / 4.79 | 6.16 | 0.80 (max 1.08) | 89.6 | 2637 | 729.0 |
+
+  N = 100 now runs on this host (load ~65 while the last peers start, ~9 once idle).
+  What this bench found on the way: (1) every origin back-off ending flipped the hello's
+  `wan_ok` and each flip had all members poll that hello: at N = 30 idle, 517 hello
+  GETs a minute per peer; N = 50 idle went from 1.09 CPU s/min and 2,200 kB/min per
+  peer to 0.56 and 404 (a catalog-less origin, as here, fails every poll; so does any
+  origin outage). (2) With 30 peers starting a second apart, p0 elected p1 before p1
+  had heard the site, p1 chose another, and p0 followed the silent p1 for good: the
+  view never converged (ranking.py now hands p1's followers to whom p1 follows). Per
+  peer, idle cost still grows with N (heartbeats heard, N / period, and hello refreshes,
+  N / 120 s): 1.9x the CPU and 3.3x the traffic of N = 10 for 10x the peers.
 """
 
 from __future__ import annotations

@@ -1279,19 +1279,27 @@ def _records_adversarial() -> list[bytes]:
 # --- heartbeats (peer/core/heartbeat.py) ------------------------------------------------
 
 
-def _heartbeat_build() -> Parser:
+def _site_datagram_build(parse: str) -> Parser:
+    """A parser of the site link's signed datagrams (peer/core/heartbeat.py), used as the
+    site does next: the gate, with the sender as a member, checks it, and a have-notice
+    is then read as one."""
     hb = importlib.import_module("peer.core.heartbeat")
     _, node = _throwaway_keys()
     node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
 
     def use(parsed: Any, data: bytes) -> None:
-        # What the site does next: the gate, with the sender as a member, checks it.
         gate = hb.HeartbeatGate("0" * 16, "lab", lambda _node, ours: ours)
         gate.admit(node_id, node.public_key)
         with contextlib.suppress(hb.HeartbeatRefused):
             gate.check(data, 1.0, parsed[0].sent_ms)
+        if hasattr(parsed[0], "notice"):
+            parsed[0].notice()
 
-    return Parser(hb.parse, (hb.HeartbeatRefused,), use=use)
+    return Parser(getattr(hb, parse), (hb.HeartbeatRefused,), use=use)
+
+
+def _heartbeat_build() -> Parser:
+    return _site_datagram_build("parse")
 
 
 @cache
@@ -1308,7 +1316,8 @@ def heartbeat_samples() -> list[bytes]:
 
 
 def mutate_heartbeat(base: bytes, rng: Random) -> bytes:
-    """The JSON payload mutated behind the magic and signature, which stay as they were."""
+    """The JSON payload mutated behind the magic and signature, which stay as they were
+    (heartbeats and have datagrams alike: 5-byte magic, 64-byte signature)."""
     head = len(b"PXHB1") + 64
     return base[:head] + mutate_json(base[head:], rng)
 
@@ -1324,19 +1333,7 @@ def _heartbeat_adversarial() -> list[bytes]:
 
 
 def _have_datagram_build() -> Parser:
-    hb = importlib.import_module("peer.core.heartbeat")
-    _, node = _throwaway_keys()
-    node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
-
-    def use(parsed: Any, data: bytes) -> None:
-        # What the site does next: the gate checks it, then the core applies its notice.
-        gate = hb.HeartbeatGate("0" * 16, "lab", lambda _node, ours: ours)
-        gate.admit(node_id, node.public_key)
-        with contextlib.suppress(hb.HeartbeatRefused):
-            gate.check(data, 1.0, parsed[0].sent_ms)
-        parsed[0].notice()
-
-    return Parser(hb.parse_have, (hb.HeartbeatRefused,), use=use)
+    return _site_datagram_build("parse_have")
 
 
 @cache
@@ -1350,11 +1347,6 @@ def have_datagram_samples() -> list[bytes]:
                     ((_hex64("a"), 0, 13), (_hex64("b"), 1023, 1024), (_hex64("a"), 12, 13))),
     ]  # fmt: skip
     return [n.sign(node) for n in notices]
-
-
-def mutate_have_datagram(base: bytes, rng: Random) -> bytes:
-    head = len(b"PXHV1") + 64
-    return base[:head] + mutate_json(base[head:], rng)
 
 
 def _have_datagram_adversarial() -> list[bytes]:
@@ -1397,7 +1389,7 @@ TARGETS: tuple[Target, ...] = (
     Target("heartbeat", "peer.core.heartbeat:parse", _heartbeat_build, heartbeat_samples,
            mutate_heartbeat, _heartbeat_adversarial, max_random=1400),
     Target("have-datagram", "peer.core.heartbeat:parse_have", _have_datagram_build,
-           have_datagram_samples, mutate_have_datagram, _have_datagram_adversarial,
+           have_datagram_samples, mutate_heartbeat, _have_datagram_adversarial,
            max_random=1400),
 )  # fmt: skip
 

@@ -92,6 +92,14 @@ class HeartbeatRefused(ValueError):
         self.heartbeat = heartbeat
 
 
+def _signed(magic: bytes, domain: bytes, payload: bytes, key: SigningKey) -> bytes:
+    """magic, the signature over domain + payload, payload: one unfragmented datagram."""
+    datagram = magic + key.sign(domain + payload) + payload
+    if len(datagram) > MAX_DATAGRAM:
+        raise ValueError(f"{magic.decode()} datagram of {len(datagram)} bytes")
+    return datagram
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     node_id: str
@@ -114,11 +122,7 @@ class Heartbeat:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def sign(self, key: SigningKey) -> bytes:
-        payload = self.payload()
-        datagram = MAGIC + key.sign(DOMAIN + payload) + payload
-        if len(datagram) > MAX_DATAGRAM:
-            raise ValueError(f"heartbeat of {len(datagram)} bytes")
-        return datagram
+        return _signed(MAGIC, DOMAIN, self.payload(), key)
 
 
 @dataclass(frozen=True)
@@ -145,11 +149,7 @@ class HaveBeat:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def sign(self, key: SigningKey) -> bytes:
-        payload = self.payload()
-        datagram = HAVE_MAGIC + key.sign(HAVE_DOMAIN + payload) + payload
-        if len(datagram) > MAX_DATAGRAM:
-            raise ValueError(f"have datagram of {len(datagram)} bytes")
-        return datagram
+        return _signed(HAVE_MAGIC, HAVE_DOMAIN, self.payload(), key)
 
     def notice(self) -> HaveNotice:
         return HaveNotice(self.node_id, self.chunks, self.gone)

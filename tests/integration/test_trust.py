@@ -191,6 +191,21 @@ def sys_executable() -> str:
     return PXEPEER[0]
 
 
+def capture_swarm(lab: SiteLab, image: BuiltImage, tmp_path: Path, bpf: str) -> Path:
+    """A capture off the site's bridge (`bpf` filter) while the image is published and
+    swarmed to every peer."""
+    pcap = tmp_path / "lan.pcap"
+    dump = lab.site_ns.popen("tcpdump", "-i", "br0", "-s", "0", "-U", "-w", str(pcap), bpf,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        image.publish(lab.origin_dir)
+        lab.wait_complete(image.manifest_id, timeout=120)
+        time.sleep(1)
+    finally:
+        stop_process(dump)
+    return pcap
+
+
 def captured_have_posts(pcap: Path) -> list[tuple[str, bytes]]:
     """(destination IP, the whole HTTP request) of every have-notice POST in a capture."""
     flows: dict[tuple, bytearray] = {}
@@ -271,16 +286,7 @@ def test_a_captured_peer_request_sent_again_later_is_refused(
     with site_lab(tmp_path, image.pub, 3) as lab:
         lab.wait_up()
         drop_site_multicast(lab)  # so have-notices are posted, signed, over HTTP
-        pcap = tmp_path / "lan.pcap"
-        dump = lab.site_ns.popen("tcpdump", "-i", "br0", "-s", "0", "-U", "-w", str(pcap),
-                                 "tcp port 8080", stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            image.publish(lab.origin_dir)
-            lab.wait_complete(image.manifest_id, timeout=120)
-            time.sleep(1)
-        finally:
-            stop_process(dump)
-        captured = captured_have_posts(pcap)
+        captured = captured_have_posts(capture_swarm(lab, image, tmp_path, "tcp port 8080"))
         assert captured, "no have-notice was captured"
         ip, request = oldest_still_fresh(captured)
         made_ms = request_time_ms(request)
@@ -322,16 +328,7 @@ def test_a_captured_have_datagram_sent_again_or_altered_is_not_counted(
     tmp_path: Path, image: BuiltImage
 ) -> None:
     with site_lab(tmp_path, image.pub, 3) as lab:
-        pcap = tmp_path / "lan.pcap"
-        dump = lab.site_ns.popen("tcpdump", "-i", "br0", "-s", "0", "-U", "-w", str(pcap),
-                                 "udp port 8080", stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            image.publish(lab.origin_dir)
-            lab.wait_complete(image.manifest_id, timeout=120)
-            time.sleep(1)
-        finally:
-            stop_process(dump)
-        datagrams = captured_have_datagrams(pcap)
+        datagrams = captured_have_datagrams(capture_swarm(lab, image, tmp_path, "udp port 8080"))
         assert datagrams, "no have datagram was captured"
         sent = sum(lab.status(p)["have_notices"]["datagrams_sent"] for p in lab.peers)
         assert len(datagrams) == sent  # the notices went by datagram, each once

@@ -466,6 +466,19 @@ def polls(c: SiteCore, now: float) -> tuple[str, ...]:
     return poll.endpoints
 
 
+def beating_member() -> tuple[SiteCore, str]:
+    """Us and P1 (at the endpoint returned), whose heartbeat (seq 1, at 1.0) counts and
+    whose hello we read at its version (1.2): from then on it is polled only on change."""
+    c = core()
+    endpoint = "10.88.0.11:8080"
+    polls(c, 0.0)
+    c.hello_received(endpoint, peer_hello(P1), 0.5)
+    c.heartbeat_received(beat(P1, 1), 1.0)
+    polls(c, 1.1)
+    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    return c, endpoint
+
+
 def test_a_member_whose_heartbeats_count_is_polled_only_when_its_hello_changes() -> None:
     c = core()
     endpoint = "10.88.0.11:8080"
@@ -582,13 +595,7 @@ def test_heartbeats_do_not_cut_the_back_off_of_an_endpoint_that_sent_garbage() -
 
 
 def test_a_member_back_from_an_outage_is_read_the_round_after_a_counted_heartbeat() -> None:
-    c = core()
-    endpoint = "10.88.0.11:8080"
-    polls(c, 0.0)
-    c.hello_received(endpoint, peer_hello(P1), 0.5)
-    c.heartbeat_received(beat(P1, 1), 1.0)
-    polls(c, 1.1)
-    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    c, endpoint = beating_member()
     # Its heartbeats stop (a restart shorter than the peer timeout): polled every round,
     # every poll fails, and the polls back off.
     now = 3.7
@@ -773,13 +780,7 @@ def test_a_stored_chunk_is_multicast_and_posted_only_to_members_that_would_not_h
 
 
 def test_a_member_whose_datagrams_went_missing_is_read_in_the_next_round() -> None:
-    c = core()
-    endpoint = "10.88.0.11:8080"
-    polls(c, 0.0)
-    c.hello_received(endpoint, peer_hello(P1), 0.5)
-    c.heartbeat_received(beat(P1, 1), 1.0)
-    polls(c, 1.1)
-    c.hello_received(endpoint, peer_hello(P1), 1.2)
+    c, endpoint = beating_member()
     c.heartbeat_received(beat(P1, 2), 2.0)
     assert polls(c, 2.1) == ()
     c.datagrams_missed(P1)  # a have-notice may have been among them
