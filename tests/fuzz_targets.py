@@ -1302,17 +1302,21 @@ def _heartbeat_build() -> Parser:
     return _site_datagram_build("parse")
 
 
-@cache
-def heartbeat_samples() -> list[bytes]:
+def _signed_site_datagrams(make: Callable[[Any, str], list[Any]]) -> list[bytes]:
+    """`make(heartbeat module, node id)`'s datagrams, signed by a throwaway node key."""
     hb = importlib.import_module("peer.core.heartbeat")
     _, node = _throwaway_keys()
     node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
-    beats = [
+    return [item.sign(node) for item in make(hb, node_id)]
+
+
+@cache
+def heartbeat_samples() -> list[bytes]:
+    return _signed_site_datagrams(lambda hb, node_id: [
         hb.Heartbeat(node_id, "lab", "a" * 16, 1, NOW * 1000, 8080, True, (), "0" * 16),
         hb.Heartbeat(node_id, "store-42", "b" * 16, 2**40, NOW * 1000, 1, False,
                      (node_id, "f" * 16), "1" * 16),
-    ]  # fmt: skip
-    return [b.sign(node) for b in beats]
+    ])  # fmt: skip
 
 
 def mutate_heartbeat(base: bytes, rng: Random) -> bytes:
@@ -1338,15 +1342,11 @@ def _have_datagram_build() -> Parser:
 
 @cache
 def have_datagram_samples() -> list[bytes]:
-    hb = importlib.import_module("peer.core.heartbeat")
-    _, node = _throwaway_keys()
-    node_id = importlib.import_module("peer.core.identity").node_id_of(node.public_key)
-    notices = [
+    return _signed_site_datagrams(lambda hb, node_id: [
         hb.HaveBeat(node_id, "lab", "a" * 16, 1, NOW * 1000, False, ((_hex64("a"), 3, 13),)),
         hb.HaveBeat(node_id, "store-42", "b" * 16, 2**40, NOW * 1000, True,
                     ((_hex64("a"), 0, 13), (_hex64("b"), 1023, 1024), (_hex64("a"), 12, 13))),
-    ]  # fmt: skip
-    return [n.sign(node) for n in notices]
+    ])  # fmt: skip
 
 
 def _have_datagram_adversarial() -> list[bytes]:

@@ -76,9 +76,7 @@ def elect_responders(
     for node in previous:
         if node not in capable:
             continue
-        heirs = handed_to(node)
-        if not heirs:
-            kept.append(node)
+        heirs = handed_to(node) or [node]
         kept += [h for h in heirs if h in capable and not handed_to(h) and h not in kept]
     kept = kept[:count]
     support: Counter[str] = Counter()

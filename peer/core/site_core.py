@@ -899,7 +899,7 @@ class SiteCore:
                   ) -> Announce:  # fmt: skip
         """Multicast when our socket is open; post to each member that would not hear
         it: an older peer, or one whose heartbeats do not reach us (we take the link to
-        be symmetric; the 30 s hello refresh covers a member it is not for)."""
+        be symmetric; the hello refresh, IDLE_REFRESH, covers a member it is not for)."""
         if not self.datagrams:
             return Announce(chunks, gone, self._live_endpoints())
         post = set()

@@ -292,6 +292,16 @@ def test_parse_have_refuses_every_field_out_of_shape() -> None:
     extra = json.dumps({**good, "every": 1}).encode()
     with pytest.raises(HeartbeatRefused):
         heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + extra)
+    payload = have(1, (M1, 3, 16)).payload()
+    for token in (b"1e999", b"NaN", b'"\\ud800"'):
+        bad = payload.replace(b"[3]", b"[" + token + b"]")
+        assert bad != payload
+        with pytest.raises(HeartbeatRefused) as exc:
+            heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + bad)
+        assert exc.value.reason == "malformed", token
+    with pytest.raises(HeartbeatRefused) as exc:
+        heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + b"[" * 2000)
+    assert exc.value.reason == "oversize"
 
 
 @settings(max_examples=300, deadline=None, database=None)

@@ -84,3 +84,10 @@ def test_a_responder_that_follows_another_hands_its_followers_over() -> None:
     # Handed to a peer that follows yet another: the slot is free, the lowest id takes it.
     votes = {"c": ["p0"], "a": [], "p1": ["c"], "p0": ["p1"]}
     assert elect_responders(peers, previous=["p1"], votes=votes) == ["a"]
+
+
+def test_with_two_responders_a_hand_over_to_the_other_one_keeps_a_single_copy() -> None:
+    peers = [Candidate("a", True), Candidate("b", True), Candidate("c", True)]
+    votes = {"a": ["b"], "b": ["b", "c"], "c": ["b", "c"]}  # "a" handed its slot to "b"
+    # "b" once (not twice: the second slot is free and goes by node id, rule 2).
+    assert elect_responders(peers, count=2, previous=["a", "b"], votes=votes) == ["a", "b"]
