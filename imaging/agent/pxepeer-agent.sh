@@ -454,6 +454,7 @@ message=
 manifest='' name='' version='' disk_size=0 disk_sha='' chunk_size=0 nchunks=0 ndata=0
 data_bytes=0 signer=''
 job_secret=''     # the job's secret from the plan: sent back with reports, never printed
+job_server=''     # the peer that handed out job_secret (reports to another are refused)
 plan_method=POST # GET once the server said 405 (an older pxepeer)
 
 finish() { # finish: reboot into the new disk, or power off, or (tests) exit
@@ -477,6 +478,13 @@ finish() { # finish: reboot into the new disk, or power off, or (tests) exit
 
 report() { # report: one progress POST to the responder (best effort, never fatal)
     [ -n "$server" ] && [ -n "$mac" ] || return 0
+    if [ -n "$job_secret" ] && [ -n "$manifest" ] && [ "$server" != "$job_server" ]; then
+        # The job's secret is the planning peer's, and another peer answers now (it died
+        # and $server was rediscovered): that peer refuses the secret, so the run would
+        # end untold. Get a job there. Asked once per server, not on every report.
+        job_server=$server
+        rejoin || log "$server hands out no plan for $manifest: not told"
+    fi
     body="state=$state
 manifest=${manifest:-}
 image=${name:-${image:-}} ${version:-}
@@ -516,11 +524,7 @@ final_report() {
             log "no peer took the final report: the site may image this machine again"
             return 0
         fi
-        if rediscover; then
-            rejoin || log "$server hands out no plan for $manifest: not told"
-        else
-            sleep 3
-        fi
+        rediscover || sleep 3 # a new $server: report's first call gets a job there
     done
 }
 
@@ -535,7 +539,7 @@ rejoin() { # rejoin: a job at $server for this run's manifest; its secret in job
             [ "$plan_manifest" = "$manifest" ] && echo "$plan_job"
     ) || return 1
     [ -n "$secret" ] || return 1
-    job_secret=$secret
+    job_secret=$secret job_server=$server
 }
 
 fail() { # fail REASON: the one way a run ends badly
@@ -618,7 +622,7 @@ fetch_plan() {
         [ "$plan_method" = POST ] && set -- --post-data ''
         if timeout 30 wget -q -O "$RUN/plan" "$@" "$url" 2>"$RUN/plan.err"; then
             if parse_plan "$RUN/plan"; then
-                job_secret=$plan_job
+                job_secret=$plan_job job_server=$server
                 return 0
             fi
             why="the plan from $server is malformed"

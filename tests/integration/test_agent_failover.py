@@ -108,6 +108,35 @@ def test_a_final_report_the_planning_peer_cannot_take_goes_to_the_peer_elected_a
         assert not any("/v1/chunks/" in r for r in successor.requests)
 
 
+def test_a_run_whose_planning_peer_dies_before_the_manifest_reports_to_its_successor(
+    lab: Lab,
+) -> None:
+    """The responder is killed right after it hands out the plan (tests/lab/test_faults.py
+    caught this): the agent finds the peer elected in its place while fetching the signed
+    manifest, and images from it. Its reports must go there with a job of that peer's:
+    sent with the dead peer's secret they were refused, and the machine was never
+    recorded as imaged, so its next boot would image it again."""
+    lab.server.silent_after_plan = True
+    other_secret = "5ecc0550" + "0" * 24
+    successor = Server(lab.server.store, lab.server.library)
+    render = lab.plan_for(lab.manifest)
+    successor.plan = lambda url, method: render(url, method).replace(SECRET, other_secret)
+    with serving(successor):
+        bin_dir, _ = _stub_discover(lab, successor.url)
+        result = lab.run_agent(
+            env={"PXEPEER_IFACE": "eth0", "PATH": f"{bin_dir}:{lab.work / 'applets'}"}
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "answers PXE now" in result.stdout
+        assert lab.disk.read_bytes()[: len(lab.image)] == lab.image
+        # A job there when the first report found it, and a fresh plan when the chunks
+        # the dead peer's plan named failed: not a job per report.
+        assert successor.plan_methods == ["POST", "POST"]
+        assert successor.reports, result.stdout
+        assert {job for _, job in successor.reports} == {other_secret}
+        assert any("state=done" in body for body, _ in successor.reports)
+
+
 def test_a_final_report_nobody_takes_does_not_hold_a_finished_machine(lab: Lab) -> None:
     """No peer answers reports and none is elected in its place: the machine is still
     done (its disk verified), and says the site may image it again."""

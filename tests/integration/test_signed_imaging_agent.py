@@ -84,6 +84,7 @@ class Server:
     plan: Callable[[str, str], str] = lambda url, method: ""  # (base URL, method) -> text
     allow_post: bool = True
     gone_after_plan: bool = False  # answer plans and chunks, then nothing to reports
+    silent_after_plan: bool = False  # answer the plan, then nothing at all (killed)
     plan_methods: list[str] = field(default_factory=list)
     reports: list[tuple[str, str | None]] = field(default_factory=list)  # body, job header
     requests: list[str] = field(default_factory=list)
@@ -99,6 +100,14 @@ class Server:
         @web.middleware
         async def record(request: web.Request, handler):
             self.requests.append(f"{request.method} {request.path}")
+            if (
+                self.silent_after_plan
+                and self.plan_methods
+                and request.path != "/v1/imaging/plan"
+                and request.transport is not None
+            ):
+                request.transport.close()  # no answer at all, as from a killed peer
+                raise ConnectionResetError("gone")
             return await handler(request)
 
         app.middlewares.append(record)
