@@ -26,6 +26,8 @@ commands it returns:
 - FetchChunk: a flow on the fluid transport model below; `chunk_stored` when it ends,
   `chunk_failed` with the adapter's reasons ("unreachable" for a departed holder,
   "not found" for a stale claim, "timeout" past the adapter's whole-transfer deadline).
+  A fetch from a peer still receiving the chunk (the core's cut-through relay) ends no
+  sooner than that peer's own fetch, and fails with it.
 - Announce: have-notices (or gone-notices) as the core built them (`have_beats`), sent
   once (multicast) and delivered to every other live peer that admitted the sender, as
   the adapter's `_send_haves` / `_on_heartbeat` do; and posted to each named endpoint
@@ -231,6 +233,7 @@ class _Flow:
     __slots__ = (
         "active",
         "cmd",
+        "dependents",
         "dst",
         "fid",
         "left",
@@ -239,7 +242,9 @@ class _Flow:
         "src",
         "stamp",
         "start",
+        "upstream",
         "version",
+        "waiting",
         "wan_done_virtual",
     )  # fmt: skip
 
@@ -254,6 +259,13 @@ class _Flow:
         self.wan_done_virtual = 0.0
         self.active = True
         self.fid = 0  # creation order: flows are visited in it (deterministic runs)
+        # Cut-through: a flow from a peer still receiving the chunk (`upstream` is that
+        # peer's flow) cannot end before it; one whose bytes are across waits for it
+        # (`waiting`) and fails with it. Its NIC share is freed when its own bytes are
+        # done, a little early: the real stream trickles at the upstream's pace.
+        self.upstream: _Flow | None = None
+        self.dependents: list[_Flow] = []
+        self.waiting = False
 
 
 def _fid(f: _Flow) -> int:
@@ -481,13 +493,13 @@ class SiteSim:
     def _announce(self, p: _Peer, c: Announce) -> None:
         heard = []
         if c.datagram:
-            beats = p.core.have_beats(c.chunks, c.gone)
+            beats = p.core.have_beats(c.chunks, c.gone, c.arriving)
             self.control["have_datagram"] += len(beats)
             heard = [q for q in self.peers if q is not p and q.alive and p.node_id in q.gate]
             self.control["have_datagram_rx"] += len(beats) * len(heard)
         self.control["gone" if c.gone else "have"] += len(c.endpoints)
         posted = [self.by_endpoint.get(e) for e in c.endpoints]
-        notice = HaveNotice(p.node_id, c.chunks, c.gone)
+        notice = HaveNotice(p.node_id, c.chunks, c.gone, c.arriving)
         for q in {id(q): q for q in heard + posted if q is not None and q.alive}.values():
             try:
                 if c.gone:
@@ -539,10 +551,20 @@ class SiteSim:
             self._push(now + CONNECT_TIMEOUT, _FAIL, p, (c, "unreachable"))
             return
         held = q.core.images.get(c.fetch.job.manifest_id)
+        upstream = None
         if held is None or c.fetch.job.index not in held.bitmap:
-            self._push(now + LAN_RTT, _FAIL, p, (c, "not found"))
-            return
+            sha = c.fetch.job.ref.sha256
+            upstream = next(
+                (u for u in sorted(q.down, key=_fid) if u.cmd.fetch.job.ref.sha256 == sha),
+                None,
+            )
+            if upstream is None:  # neither held nor arriving there
+                self._push(now + LAN_RTT, _FAIL, p, (c, "not found"))
+                return
         f = _Flow(c, p, q, now)
+        if upstream is not None:
+            f.upstream = upstream
+            upstream.dependents.append(f)
         self.seq += 1
         f.fid = self.seq
         q.up.add(f)
@@ -592,18 +614,48 @@ class SiteSim:
         self._lan_update(f.src.up | f.dst.down)
 
     def _stored(self, f: _Flow) -> None:
+        if f.upstream is not None and f.upstream.active:
+            f.waiting = True  # across, but its source has not verified its own copy
+            return
         p = f.dst
+        if not p.alive:
+            return
         p.core.chunk_stored(f.cmd.fetch, f.size, self.now)
         p.version += 1
         if p.done_at is None and p.core.images[self.mid].complete:
             p.done_at = self.now
         self._wake(p, self.now)
+        for d in f.dependents:
+            d.upstream = None
+            if d.waiting:
+                d.waiting = False
+                self._stored(d)
+        f.dependents = []
+
+    def _upstream_failed(self, f: _Flow) -> None:
+        """`f` ended without a stored chunk: the streams relayed from it are cut."""
+        for d in f.dependents:
+            d.upstream = None
+            if d.active:
+                d.active = False
+                assert d.src is not None
+                d.src.up.discard(d)
+                d.dst.down.discard(d)
+                self._lan_update(d.src.up | d.dst.down)
+            elif not d.waiting:
+                continue
+            d.waiting = False
+            self._upstream_failed(d)
+            self._failed(d.dst, d.cmd, "unreachable")
+        f.dependents = []
 
     def _failed(self, p: _Peer, c: FetchChunk, reason: str) -> None:
         if not p.alive:
             return
         self.failures[reason] = self.failures.get(reason, 0) + 1
         p.core.chunk_failed(c.fetch, reason, self.now)
+        if c.fetch.source != ORIGIN:
+            p.core.arrival_failed(c.fetch)  # as the adapter: its relays are told
         p.version += 1
         self._wake(p, self.now)
 
@@ -625,9 +677,12 @@ class SiteSim:
             self._wan_reschedule()
             for f in sorted(p.down, key=_fid):
                 self._lan_end(f)
+                self._upstream_failed(f)
             for f in sorted(p.up, key=_fid):  # the requester's connection is reset
-                self._lan_end(f)
-                self._failed(f.dst, f.cmd, "unreachable")
+                if f.active:
+                    self._lan_end(f)
+                    self._upstream_failed(f)
+                    self._failed(f.dst, f.cmd, "unreachable")
             self._push(self.now + self.spec.join_delay, _JOIN)
         self._schedule_leave()
 
@@ -668,6 +723,7 @@ class SiteSim:
                 if a.active:
                     self.lan_timeouts += 1
                     self._lan_end(a)
+                    self._upstream_failed(a)
                     self._failed(a.dst, a.cmd, "timeout")
             elif kind == _WAN:
                 if a == self.wan_version:

@@ -338,6 +338,7 @@ class Daemon:
             on_chunk_served=self._count_served,
             on_chunk_lost=self.site.chunk_lost,
             lan_limit=self.lan_limit,
+            arrivals=self.site.arrivals,
         )
         app = build_app(context)
         app[METRICS] = self.metrics

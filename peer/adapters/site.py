@@ -49,6 +49,7 @@ from imaging.control import (
 )
 from imaging.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest
 from imaging.signing import PublicKey, SignatureError, TrustedKeys
+from peer.adapters.arrivals import Arrival, Arrivals
 from peer.adapters.discovery import MdnsDiscovery
 from peer.adapters.heartbeat import GROUP, HeartbeatSocket
 from peer.adapters.origin import OriginClient, OriginError
@@ -161,16 +162,22 @@ def _set_lowat(sock: socket.socket | None, nbytes: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
 
 
-async def read_chunk_body(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+async def read_chunk_body(
+    resp: aiohttp.ClientResponse, cap: int, on_piece: Callable[[bytes], None] | None = None
+) -> bytes:
     """read_capped for a chunk, woken per CHUNK_LOWAT. The mark is kept well under what
     is still to come (a mark above it would wait out the read timeout on a kept-alive
     connection) and set back to 1 for the connection's next use (it goes back to the
-    pool as the last byte is read, so the socket is held from the start)."""
+    pool as the last byte is read, so the socket is held from the start). `on_piece`
+    sees each piece as it comes (the relay of a chunk still arriving)."""
     length = resp.content_length
     transport = resp.connection.transport if resp.connection is not None else None
     sock = transport.get_extra_info("socket") if transport is not None else None
     if length is None or length > cap or length <= 2 * CHUNK_LOWAT or sock is None:
-        return await read_capped(resp, cap)
+        data = await read_capped(resp, cap)
+        if on_piece is not None:
+            on_piece(data)
+        return data
     parts, total = [], 0
     try:
         while total < length:
@@ -183,6 +190,8 @@ async def read_chunk_body(resp: aiohttp.ClientResponse, cap: int) -> bytes:
             if total > cap:
                 raise Oversize(f"more than {cap} bytes")
             parts.append(piece)
+            if on_piece is not None:
+                on_piece(piece)
     finally:
         _set_lowat(sock, 1)
     if total != length:
@@ -254,7 +263,11 @@ class Site:
         self._beacon: HeartbeatSocket | None = None
         # Have-notices waiting for the next datagram: at most HAVE_PER_SECOND go out, so
         # a peer storing chunks fast stays within what every receiver checks per member.
-        self._have_queue: list[tuple[tuple[tuple[str, int, int], ...], bool]] = []
+        # (chunks, gone, arriving) to multicast, in order
+        self._have_queue: list[tuple[tuple[tuple[str, int, int], ...], bool, bool]] = []
+        # Chunks being received over the LAN: the HTTP chunk route relays them as they
+        # arrive (cut-through, peer/adapters/arrivals.py).
+        self.arrivals = Arrivals()
         self._have_flush: asyncio.TimerHandle | None = None
         self._have_sent_at = -1e9
         # How have-notices travelled (status "have_notices"): by datagram or by post.
@@ -966,9 +979,16 @@ class Site:
                 self.core.chunk_failed(fetch, "quota", time.monotonic())
                 return
         stored = False
+        sha = fetch.job.ref.sha256
+        # Over the LAN, the chunk is relayed to the site as it arrives (the core has
+        # announced it); from the origin it is not (a WAN-paced relay would hold up LAN
+        # fetches, and the WAN owner's chunk reaches the site as soon as it lands).
+        arrival = (
+            self.arrivals.begin(sha, command.size) if fetch.source != ORIGIN else None
+        )
         try:
             began = time.monotonic()
-            data, reason = await self._chunk_bytes(command)
+            data, reason = await self._chunk_bytes(command, arrival)
             if data is None:
                 self.core.chunk_failed(fetch, reason, time.monotonic())
                 self._chunk_fetch_ended(command, began, reason)
@@ -988,9 +1008,14 @@ class Site:
                 await asyncio.sleep(5)  # a full disk: do not spin
                 return
             stored = True
+            if arrival is not None:
+                self.arrivals.end(sha, arrival, True)  # verified: relays send the rest
             self.core.chunk_stored(fetch, len(data), time.monotonic())
             self._chunk_fetch_ended(command, began, "")
         finally:
+            if arrival is not None and not stored:
+                self.arrivals.end(sha, arrival, False)  # relays cut their responses
+                self.core.arrival_failed(fetch)
             if self.quota.limit:
                 # On the store thread, like reserve: the two must not interleave.
                 self._store_thread.submit(self.quota.release, command.size, stored)
@@ -1004,7 +1029,9 @@ class Site:
         except Exception:
             log.exception("chunk fetch hook failed")
 
-    async def _chunk_bytes(self, command: FetchChunk) -> tuple[bytes | None, str]:
+    async def _chunk_bytes(
+        self, command: FetchChunk, arrival: Arrival | None = None
+    ) -> tuple[bytes | None, str]:
         sha, size = command.fetch.job.ref.sha256, command.size
         if command.fetch.source == ORIGIN:
             assert self.origin is not None
@@ -1027,7 +1054,8 @@ class Site:
                     return None, "not found"
                 if resp.status != 200:
                     return None, "bad status"
-                return await read_chunk_body(resp, size), ""
+                on_piece = arrival.add if arrival is not None else None
+                return await read_chunk_body(resp, size, on_piece), ""
         except Oversize:
             return None, "oversize"
         except TimeoutError:
@@ -1051,7 +1079,7 @@ class Site:
         every member on the link hears, and over HTTP to each one that would not."""
         assert self._control is not None
         if command.datagram and self._beacon is not None:
-            self._have_queue.append((command.chunks, command.gone))
+            self._have_queue.append((command.chunks, command.gone, command.arriving))
             if self._have_flush is None:
                 wait = self._have_sent_at + 1 / HAVE_PER_SECOND - time.monotonic()
                 loop = asyncio.get_running_loop()
@@ -1085,15 +1113,15 @@ class Site:
         queued, self._have_queue = self._have_queue, []
         if self._beacon is None or not queued:
             return
-        runs: list[tuple[tuple[tuple[str, int, int], ...], bool]] = []
-        for chunks, gone in queued:  # a chunk stored then lost must end up gone
-            if runs and runs[-1][1] == gone:
-                runs[-1] = (runs[-1][0] + chunks, gone)
+        runs: list[tuple[tuple[tuple[str, int, int], ...], bool, bool]] = []
+        for chunks, gone, arriving in queued:  # a chunk stored then lost must end up gone
+            if runs and runs[-1][1:] == (gone, arriving):
+                runs[-1] = (runs[-1][0] + chunks, gone, arriving)
             else:
-                runs.append((chunks, gone))
+                runs.append((chunks, gone, arriving))
         try:
-            for chunks, gone in runs:
-                for beat in self.core.have_beats(chunks, gone):
+            for chunks, gone, arriving in runs:
+                for beat in self.core.have_beats(chunks, gone, arriving):
                     datagram = beat.sign(self.identity.key)
                     self._beacon.send(datagram, [(GROUP, self.config.http_port)])
                     self.have_counts["datagrams_sent"] += 1
@@ -1231,6 +1259,8 @@ class Site:
         doc["rejected_manifests"] = dict(self.rejected_manifests)
         doc["membership"] = self.membership_status()
         doc["have_notices"] = dict(self.have_counts)
+        # Chunks served while they were still arriving here (cut-through relay).
+        doc["relayed_arriving"] = {**self.arrivals.counts, "arriving_now": len(self.arrivals)}
         doc["machine_records"] = {
             "digest": self.records.digest(),
             "machines": [

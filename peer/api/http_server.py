@@ -18,6 +18,7 @@ from aiohttp import web
 
 from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
+from peer.adapters.arrivals import Arrival, ArrivalFailed, Arrivals
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.dashboard import add_dashboard_routes
 from peer.api.imaging_api import MachineFacts, machine_facts
@@ -55,6 +56,9 @@ MAC = re.compile(r"^([0-9a-f]{2}[:-]){5}[0-9a-f]{2}$")
 WRITE_SLICE = 1 << 20
 # Under a --lan-rate cap responses go out in pieces this size, each waiting its turn.
 CAPPED_SLICE = 64 * 1024
+# A chunk relayed as it arrives is cut when its own fetch brings no byte for this long
+# (that fetch has its own deadline too): the receiver then asks another source.
+ARRIVAL_STALL_SECONDS = 10.0
 # A unified kernel image (kernel, initrd and command line in one signed PE) is the
 # machine's kernel stage: it is the one file the firmware loads.
 ROLE_STAGE = {"kernel": Stage.KERNEL, "initrd": Stage.INITRD, "uki": Stage.KERNEL}
@@ -76,6 +80,8 @@ class HttpContext:
     # --lan-rate: one bucket for everything this peer serves to peers and machines
     # (chunks and image files); None or a rate of 0 now: no cap, chunks go by sendfile.
     lan_limit: ScheduledBucket | None = None
+    # Chunks being received now, served as they arrive (cut-through; the site's).
+    arrivals: Arrivals | None = None
 
 
 def _lan_rate(ctx: HttpContext) -> float:
@@ -431,8 +437,13 @@ async def first_stage(request: web.Request) -> web.StreamResponse:
 async def chunk(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     sha = request.match_info["sha256"]
-    if not SHA256_HEX.match(sha) or not ctx.store.has_chunk(sha):
+    if not SHA256_HEX.match(sha):
         raise web.HTTPNotFound()
+    if not ctx.store.has_chunk(sha):
+        arrival = ctx.arrivals.get(sha) if ctx.arrivals is not None else None
+        if arrival is None:
+            raise web.HTTPNotFound()
+        return await _arriving_chunk(request, ctx, arrival)
     # Sent as stored (sendfile): the receiver hashes every chunk before keeping it, and
     # re-hashing 4 MiB here per request would halve what a peer can serve.
     with contextlib.suppress(OSError):
@@ -440,6 +451,31 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     if _lan_rate(ctx) <= 0:
         return web.FileResponse(ctx.store.chunk_path(sha), headers={"Cache-Control": "immutable"})
     return await _capped_chunk(request, ctx, sha)
+
+
+async def _arriving_chunk(
+    request: web.Request, ctx: HttpContext, arrival: Arrival
+) -> web.StreamResponse:
+    """A chunk still arriving here, relayed as it comes (peer/adapters/arrivals.py): its
+    last bytes only once our copy is verified. If our fetch fails the response is cut
+    short, and the receiver asks another source."""
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = arrival.size
+    await response.prepare(request)
+    ctx.on_chunk_served(arrival.size)
+    try:
+        async for piece in arrival.stream(ARRIVAL_STALL_SECONDS):
+            await _write(response, piece, ctx)
+    except ArrivalFailed:
+        if ctx.arrivals is not None:
+            ctx.arrivals.counts["cut"] += 1
+        if request.transport is not None:
+            request.transport.close()  # short of Content-Length: the receiver sees a cut
+        return response
+    await response.write_eof()
+    if ctx.arrivals is not None:
+        ctx.arrivals.counts["relayed"] += 1
+    return response
 
 
 async def _capped_chunk(request: web.Request, ctx: HttpContext, sha: str) -> web.StreamResponse:

@@ -79,6 +79,9 @@ FIELDS_V1 = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes
 # ours ("fields") and polls us every round instead: through an upgrade the view holds.
 FIELDS = FIELDS_V1 | {"every"}
 HAVE_FIELDS = frozenset({"node", "site", "boot", "seq", "t", "gone", "have"})
+# A notice that the sender is receiving chunks now, and relays them as they arrive
+# (cut-through): the same fields and "arriving": true.
+ARRIVING_FIELDS = HAVE_FIELDS | {"arriving"}
 
 
 class HeartbeatRefused(ValueError):
@@ -136,6 +139,7 @@ class HaveBeat:
     sent_ms: int
     gone: bool
     chunks: tuple[tuple[str, int, int], ...]  # (manifest id, index, image's chunk count)
+    arriving: bool = False  # receiving these now (never with gone): ask it for them
 
     def payload(self) -> bytes:
         groups: dict[tuple[str, int], list[int]] = {}
@@ -146,13 +150,15 @@ class HaveBeat:
             "t": self.sent_ms, "gone": self.gone,
             "have": [[m, size, indices] for (m, size), indices in groups.items()],
         }  # fmt: skip
+        if self.arriving:
+            doc["arriving"] = True
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def sign(self, key: SigningKey) -> bytes:
         return _signed(HAVE_MAGIC, HAVE_DOMAIN, self.payload(), key)
 
     def notice(self) -> HaveNotice:
-        return HaveNotice(self.node_id, self.chunks, self.gone)
+        return HaveNotice(self.node_id, self.chunks, self.gone, self.arriving)
 
 
 def hello_version(hello: Hello) -> str:
@@ -229,11 +235,14 @@ def parse_have(datagram: bytes) -> tuple[HaveBeat, bytes, bytes]:
     """(have-notice, signature, signed bytes) of a datagram, its signature not yet
     checked. Each image's chunk count is bounded here and checked against our manifest
     where it is applied (SiteCore.have_received)."""
-    doc, signature, payload = _split(datagram, HAVE_MAGIC, (HAVE_FIELDS,))
+    doc, signature, payload = _split(datagram, HAVE_MAGIC, (HAVE_FIELDS, ARRIVING_FIELDS))
     node, site, boot, seq, sent = _sender(doc)
     gone, groups = doc["gone"], doc["have"]
     if type(gone) is not bool or not isinstance(groups, list) or not groups:
         raise HeartbeatRefused("malformed", "have")
+    arriving = "arriving" in doc
+    if arriving and (doc["arriving"] is not True or gone):
+        raise HeartbeatRefused("malformed", "arriving")
     chunks = []
     for group in groups:
         if not (isinstance(group, list) and len(group) == 3):
@@ -249,7 +258,7 @@ def parse_have(datagram: bytes) -> tuple[HaveBeat, bytes, bytes]:
             if type(index) is not int or not 0 <= index < size:
                 raise HeartbeatRefused("malformed", "index")
             chunks.append((manifest_id, index, size))
-    have = HaveBeat(node, site, boot, seq, sent, gone, tuple(chunks))
+    have = HaveBeat(node, site, boot, seq, sent, gone, tuple(chunks), arriving)
     return have, signature, HAVE_DOMAIN + payload
 
 
@@ -260,7 +269,7 @@ def pack_chunks(site: str, chunks: tuple[tuple[str, int, int], ...]
     runs: list[tuple[tuple[str, int, int], ...]] = []
     run: list[tuple[str, int, int]] = []
     for chunk in chunks:
-        probe = HaveBeat("0" * 16, site, "0" * 16, MAX_SEQ, MAX_T, False, (*run, chunk))
+        probe = HaveBeat("0" * 16, site, "0" * 16, MAX_SEQ, MAX_T, False, (*run, chunk), True)
         if run and len(probe.payload()) + len(HAVE_MAGIC) + SIGNATURE_BYTES > MAX_DATAGRAM:
             runs.append(tuple(run))
             run = []

@@ -81,6 +81,11 @@ CHANGED_POLLS_PER_ROUND = 12  # members polled because their hello changed, per 
 PROBE_FIRST = SETTLE_SECONDS + 3
 RECORDS_PULL_SECONDS = 3.0  # at most one pull of a peer's machine records this often
 RECORDS_PULL_MAX = 120.0  # ... backing off to this while pulls bring nothing new
+# A member's word that it is receiving a chunk (and relays it as it arrives) is believed
+# this long at most: its have-notice (stored) or gone-notice (failed) normally ends it
+# sooner, and a lost one must not leave a source that never completes.
+ARRIVING_SECONDS = 30.0
+MAX_ARRIVING = 4096  # (chunk, member) claims held at once: a flood cannot grow it further
 
 
 # -- commands --------------------------------------------------------------------------
@@ -120,6 +125,7 @@ class Announce:
     gone: bool
     endpoints: tuple[str, ...]  # to post it to, each: members that do not hear datagrams
     datagram: bool = False  # and multicast it as HaveBeat datagrams (`have_beats`)
+    arriving: bool = False  # not stored yet: being received, relayed as it arrives
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,9 @@ class SiteCore:
         self._lan_attempts: dict[str, int] = {}  # sha -> failed LAN fetches
         self._lied_about: set[str] = set()  # chunks a holder claimed and could not send
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
+        # Chunks members are receiving now and relay as they arrive (cut-through):
+        # (manifest id, index) -> {node: believed until}.
+        self._arriving: dict[tuple[str, int], dict[str, float]] = {}
         self._pending: list[Command] = []
         self.membership_running = True  # the adapter's heartbeat loop is alive
         self.records_digest = ""  # of the machine records this peer holds (the adapter sets it)
@@ -379,8 +388,8 @@ class SiteCore:
             votes=tuple(self.responders[:MAX_RESPONDERS]), version=version, every=every,
         )  # fmt: skip
 
-    def have_beats(self, chunks: tuple[tuple[str, int, int], ...], gone: bool
-                   ) -> list[HaveBeat]:  # fmt: skip
+    def have_beats(self, chunks: tuple[tuple[str, int, int], ...], gone: bool,
+                   arriving: bool = False) -> list[HaveBeat]:  # fmt: skip
         """An Announce's chunks as have datagrams (the adapter signs and multicasts
         them), numbered in this peer's heartbeat sequence."""
         beats = []
@@ -388,7 +397,7 @@ class SiteCore:
             self._beat_seq += 1
             beats.append(HaveBeat(
                 self.node_id, self.settings.site, self.boot, self._beat_seq,
-                int(self.wall * 1000), gone, run,
+                int(self.wall * 1000), gone, run, arriving,
             ))  # fmt: skip
         return beats
 
@@ -672,6 +681,13 @@ class SiteCore:
                 continue  # an image we have no manifest for: its next hello says it all
             if size != held.bitmap.size or index >= size:
                 raise WireError("chunk count mismatch")
+            if notice.arriving:
+                if index not in held.bitmap and self._note_arriving(
+                    notice.node_id, (manifest_id, index), now
+                ):
+                    news += 1
+                continue
+            self._end_arriving(notice.node_id, (manifest_id, index))
             if (
                 self.membership.note_chunk(notice.node_id, manifest_id, index, size)
                 and index not in held.bitmap
@@ -679,10 +695,42 @@ class SiteCore:
                 news += 1
         return news
 
+    def _note_arriving(self, node: str, key: tuple[str, int], now: float) -> bool:
+        claims = self._arriving.get(key)
+        if claims is None:
+            if len(self._arriving) >= MAX_ARRIVING:
+                return False
+            claims = self._arriving[key] = {}
+        news = node not in claims
+        claims[node] = now + ARRIVING_SECONDS
+        return news
+
+    def _end_arriving(self, node: str, key: tuple[str, int]) -> None:
+        claims = self._arriving.get(key)
+        if claims is not None:
+            claims.pop(node, None)
+            if not claims:
+                del self._arriving[key]
+
+    def arriving_sources(self, now: float) -> dict[tuple[str, int], list[str]]:
+        """Members receiving each chunk now, to relay it from as it arrives; claims past
+        their time (a lost have- or gone-notice) and of members gone are dropped."""
+        out: dict[tuple[str, int], list[str]] = {}
+        for key, claims in list(self._arriving.items()):
+            for node, until in list(claims.items()):
+                if now >= until or self.membership.get(node) is None:
+                    del claims[node]
+            if claims:
+                out[key] = list(claims)
+            else:
+                del self._arriving[key]
+        return out
+
     def gone_received(self, notice: HaveNotice) -> None:
         if self.membership.get(notice.node_id) is None:
             raise WireError("not a member")
         for manifest_id, index, _ in notice.chunks:
+            self._end_arriving(notice.node_id, (manifest_id, index))
             self.membership.drop_claim(notice.node_id, manifest_id, index)
 
     def records_fetch_done(self, node_id: str, new: int = 0, now: float | None = None) -> None:
@@ -807,6 +855,7 @@ class SiteCore:
         # so the claim stays disbelieved for a while, not just until then.
         self._claims_lost[(node, sha)] = now + CLAIM_LOST_SECONDS
         self.membership.drop_claim(node, fetch.job.manifest_id, fetch.job.index)
+        self._end_arriving(node, (fetch.job.manifest_id, fetch.job.index))
         if reason in LIES:
             self._lied_about.add(sha)
         if reason == "corrupt":
@@ -822,6 +871,14 @@ class SiteCore:
                 "peer %s failed chunk %s (%s)%s", node, sha[:16], reason,
                 " - peer shunned" if shunned else "",
             )  # fmt: skip
+
+    def arrival_failed(self, fetch: Fetch) -> None:
+        """A chunk we said was arriving (relayed as it comes) will not: a gone-notice
+        ends the claim at once, so nobody asks us for it until it expires."""
+        held = self.images.get(fetch.job.manifest_id)
+        if self.datagrams and held is not None:
+            chunk = ((fetch.job.manifest_id, fetch.job.index, held.bitmap.size),)
+            self._pending.append(Announce(chunk, True, (), datagram=True))
 
     def chunk_lost(self, sha: str, now: float, evicted: bool = False) -> None:
         """A chunk in our store turned out corrupt or missing (found while serving or
@@ -1044,7 +1101,7 @@ class SiteCore:
             state.asked_version = state.beat_version
         return tuple(due)
 
-    def _plan_fetches(self, now: float, live: list[Hello]) -> list[FetchChunk]:
+    def _plan_fetches(self, now: float, live: list[Hello]) -> list[Command]:
         shunned = {h.node_id for h in live if self.reputation.is_shunned(h.node_id, now)}
         jobs = self.missing_jobs(now)
         if not jobs:
@@ -1057,14 +1114,25 @@ class SiteCore:
         planned = self.planner.plan(
             jobs, live, shunned, wan_ok, now, serial,
             excluded=set(self._claims_lost), to_origin=to_origin, lan_failed=lan_failed,
+            arriving=self.arriving_sources(now),
         )  # fmt: skip
-        out = []
+        out: list[Command] = []
+        relayed = []
         for fetch in planned:
             endpoint = None if fetch.source == ORIGIN else self.endpoint_of.get(fetch.source)
             if fetch.source != ORIGIN and endpoint is None:
                 continue
             self.planner.started(fetch)
             out.append(FetchChunk(fetch, endpoint, fetch.job.ref.size))
+            held = self.images.get(fetch.job.manifest_id)
+            if fetch.source != ORIGIN and held is not None:
+                relayed.append((fetch.job.manifest_id, fetch.job.index, held.bitmap.size))
+        if relayed and self.datagrams:
+            # Chunks coming over the LAN are served to the site as they arrive: say so,
+            # and the peers whose turn is next ask us instead of waiting for the whole
+            # chunk (a store-and-forward hop per doubling was most of the LAN tail).
+            # By datagram only: a member that does not hear them waits for the have.
+            out.append(Announce(tuple(relayed), False, (), datagram=True, arriving=True))
         return out
 
     def next_deadline(self, now: float) -> float:

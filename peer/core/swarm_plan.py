@@ -235,6 +235,7 @@ class SwarmPlanner:
         excluded: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
         to_origin: frozenset[str] | set[str] = frozenset(),
         lan_failed: frozenset[str] | set[str] = frozenset(),
+        arriving: dict[tuple[str, int], list[str]] | None = None,
     ) -> list[Fetch]:
         """New fetches to start now (the caller marks them in flight with `started`).
 
@@ -242,7 +243,9 @@ class SwarmPlanner:
         to fetch from the origin whoever holds or owns them; `lan_failed` the chunks a
         holder already failed to deliver: once no believable holder is left, this peer
         fetches those from the origin itself rather than wait for a WAN owner (which
-        may be the very peer that lied about holding it)."""
+        may be the very peer that lied about holding it). `arriving` names the members
+        receiving a chunk over the LAN now, by (manifest id, index): they serve it as it
+        arrives (cut-through), so they are sources too, after its holders."""
         fetches: list[Fetch] = []
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
@@ -276,16 +279,24 @@ class SwarmPlanner:
                 ).to_bytes(len(bm.bits), "big")
         excluded_shas = {sha for _, sha in excluded}
 
+        source_ids = {h.node_id for h in sources}
+        receiving_of: dict[str, set[str]] = {}  # sha -> members relaying it as it arrives
+
         def holders_now(job: ChunkJob) -> list[str]:
             sha, index = job.ref.sha256, job.index
             byte, mask = index >> 3, 0x80 >> (index & 7)
-            return [
+            held = [
                 node
                 for node, bits, size in bits_of.get(job.manifest_id, ())
                 if index < size
                 and bits[byte] & mask
                 and (sha not in excluded_shas or (node, sha) not in excluded)
             ]
+            relays = receiving_of[sha] = {
+                node for node in (arriving or {}).get((job.manifest_id, index), ())
+                if node in source_ids and node not in held and (node, sha) not in excluded
+            }  # fmt: skip
+            return held + sorted(relays)
 
         holders_of: dict[str, list[str] | None] = {}  # None: held somewhere, not listed yet
         window_pos: dict[str, int] = {}  # sha -> place among the image's unheld chunks
@@ -336,7 +347,8 @@ class SwarmPlanner:
             if holders:
                 if lan >= self.limits.lan_in_flight:
                     continue
-                turn = self.relay_turn(job, holders, sources, now, catalog_serial, excluded)
+                turn = self.relay_turn(job, holders, sources, now, catalog_serial, excluded,
+                                       receiving_of.get(sha, set()))  # fmt: skip
                 if turn is None:
                     continue
                 # Our turn decides which holder we prefer, so the peers whose turn it is
@@ -394,6 +406,7 @@ class SwarmPlanner:
         self, job: ChunkJob, holders: list[str], live: list[Hello], now: float,
         catalog_serial: int = 0,
         excluded: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
+        receiving: frozenset[str] | set[str] = frozenset(),
     ) -> int | None:  # fmt: skip
         """This peer's place among the peers that want the chunk and lack it (rendezvous
         on the chunk), when it is its turn to fetch it over the LAN; None to wait.
@@ -401,7 +414,9 @@ class SwarmPlanner:
         Its turn comes while that place is below holders x `relay_fanout`, or once the
         holders have not grown for `relay_wait` (whoever was chosen is slow or gone).
         A peer on an older catalog counts as wanting, as for WAN ownership; a peer whose
-        claim to the chunk we disbelieve (`excluded`) does not: it said it had it."""
+        claim to the chunk we disbelieve (`excluded`) does not: it said it had it, nor
+        does one `receiving` it now (it took its turn, and is counted among the holders:
+        it relays the chunk as it arrives)."""
         sha = job.ref.sha256
         seen, since = self.relay_since.get(sha, (0, now))
         if len(holders) != seen:
@@ -412,6 +427,8 @@ class SwarmPlanner:
 
         def wants_it(h: Hello) -> bool:
             if h.node_id == self.node_id or (h.node_id, sha) in excluded:
+                return False
+            if h.node_id in receiving:
                 return False
             bm = h.holdings.get(manifest_id)
             if bm is not None and index < bm.size and bm.bits[byte] & mask:

@@ -163,6 +163,9 @@ class HaveNotice:
     node_id: str
     chunks: tuple[tuple[str, int, int], ...]  # (manifest id, index, image's chunk count)
     gone: bool = False  # these chunks left the sender's store (corrupt, evicted)
+    # Not stored yet: the sender is receiving them and serves them as they arrive
+    # (cut-through relay, peer/adapters/arrivals.py). Only ever sent by datagram.
+    arriving: bool = False
 
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...]) -> object:

@@ -202,6 +202,8 @@ def test_four_peers_get_the_image_with_each_chunk_crossing_the_wan_once(
         assert sent >= n, notices
         assert all(x["datagrams_heard"] > 0 for x in notices), notices
         assert sum(x["posted"] for x in notices) <= sent, notices
+        relays = [st["relayed_arriving"] for st in statuses]
+        print("relayed while arriving:", relays)
         # Every peer sees the whole site holding the image, and the CLI shows it.
         for st in statuses:
             [image] = [i for i in st["images"] if i["manifest_id"] == big.manifest_id]

@@ -4,6 +4,7 @@ forgeries, replays and floods are refused by reason and cost a bounded number of
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -229,6 +230,25 @@ def test_a_members_have_datagram_is_its_notice_in_its_heartbeat_sequence() -> No
     assert refused(g, have(1, (M1, 3, 16)).sign(SENDER)) == "replay"
     assert refused(g, beat(2).sign(SENDER)) == "replay"
     assert g.check(have(3, (M1, 4, 16), gone=True).sign(SENDER), 100.2, NOW_MS).gone
+
+
+def test_an_arriving_notice_is_its_own_kind_and_signed_as_such() -> None:
+    """Cut-through: "receiving these now" rides the same datagram, marked; the mark is
+    signed (an "arriving" turned into a have, or back, fails the signature) and never
+    comes with gone."""
+    g = gate()
+    arriving = HaveBeat(SENDER_ID, SITE, "aaaaaaaaaaaaaaaa", 1, NOW_MS, False, ((M1, 3, 16),), True)
+    got = g.check(arriving.sign(SENDER), 100.0, NOW_MS)
+    assert isinstance(got, HaveBeat) and got.arriving and got.notice().arriving
+    signed = replace(arriving, seq=2).sign(SENDER)
+    assert refused(g, signed.replace(b',"arriving":true', b"")) == "bad signature"
+    assert not g.check(have(3, (M1, 3, 16)).sign(SENDER), 100.1, NOW_MS).arriving
+    good = json.loads(arriving.payload())
+    for bad in ({**good, "arriving": False}, {**good, "arriving": 1},
+                {**good, "gone": True}):  # fmt: skip
+        with pytest.raises(HeartbeatRefused) as exc:
+            heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + json.dumps(bad).encode())
+        assert exc.value.reason == "malformed", bad
 
 
 def test_a_have_datagram_signs_only_as_one_and_never_with_a_heartbeats_signature() -> None:

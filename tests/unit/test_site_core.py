@@ -11,6 +11,7 @@ from imaging.catalog import Catalog, CatalogEntry
 from imaging.manifest import BootSpec, ChunkRef, FileEntry, ImageKind, Manifest
 from peer.core.heartbeat import Heartbeat, hello_version
 from peer.core.site_core import (
+    ARRIVING_SECONDS,
     CHANGED_POLLS_PER_ROUND,
     CLAIM_LOST_SECONDS,
     ENDPOINT_EXPIRY,
@@ -770,7 +771,7 @@ def test_a_stored_chunk_is_multicast_and_posted_only_to_members_that_would_not_h
     assert datagram.seq == sent + 1 and datagram.chunks == ((MID, 0, 4),)
     # P1's heartbeats stop counting: it may not hear ours either, so it is posted to.
     c.chunk_lost(fetch.fetch.job.ref.sha256, 3.1 + 2.6)
-    [gone] = [x for x in c.tick(3.1 + 2.6, WALL) if isinstance(x, Announce)]
+    [gone] = [x for x in c.tick(3.1 + 2.6, WALL) if isinstance(x, Announce) and x.gone]
     assert gone.gone and gone.endpoints == ("10.88.0.11:8080", "10.88.0.12:8080")
     # Without a socket, every member is posted to and nothing is multicast.
     c.datagrams = False
@@ -790,3 +791,46 @@ def test_a_member_whose_datagrams_went_missing_is_read_in_the_next_round() -> No
     assert polls(c, 4.1) == ()
     c.datagrams_missed(P2)  # not a member here: nothing to read
     assert polls(c, 5.1) == ()
+
+
+# -- cut-through: chunks relayed as they arrive --------------------------------------------
+
+
+def test_a_chunk_fetched_over_the_lan_is_announced_as_arriving_by_datagram_only() -> None:
+    c = wanting_core(has_origin=False, static_peers=("10.88.0.11:8080",))
+    c.datagrams = True
+    run_round(c, 3.0, replace(peer_hello(P1, have=(0, 1, 2, 3)), have_datagrams=True))
+    commands = c.tick(3.1, WALL)
+    fetches = chunk_fetches(commands)
+    [arriving] = [x for x in commands if isinstance(x, Announce)]
+    assert arriving.arriving and arriving.datagram and not arriving.gone
+    assert arriving.endpoints == ()  # a member that hears no datagram waits for the have
+    assert sorted(arriving.chunks) == sorted((MID, f.fetch.job.index, 4) for f in fetches)
+    [beat] = c.have_beats(arriving.chunks, False, True)
+    assert beat.arriving and beat.notice().arriving
+    # The fetch fails: a gone-notice ends the claim at every member.
+    c.chunk_failed(fetches[0].fetch, "unreachable", 3.2)
+    c.arrival_failed(fetches[0].fetch)
+    [gone] = [x for x in c.tick(3.3, WALL) if isinstance(x, Announce) and x.gone]
+    assert gone.chunks == ((MID, fetches[0].fetch.job.index, 4),) and gone.datagram
+
+
+def test_a_member_receiving_a_chunk_we_lack_is_a_source_until_it_says_otherwise() -> None:
+    c = wanting_core(has_origin=False, static_peers=("10.88.0.11:8080", "10.88.0.12:8080"))
+    run_round(c, 3.0, peer_hello(P1, have=(0,)), replace(peer_hello(P2), address="10.88.0.12"))
+    assert c.have_received(HaveNotice(P2, ((MID, 0, 4),), arriving=True), 3.1) == 1
+    assert c.arriving_sources(3.1) == {(MID, 0): [P2]}
+    assert c.have_received(HaveNotice(P2, ((MID, 0, 4),), arriving=True), 3.2) == 0  # known
+    # Its have ends the claim (it holds the chunk now), as does its gone-notice.
+    c.have_received(HaveNotice(P2, ((MID, 0, 4),)), 3.3)
+    assert c.arriving_sources(3.3) == {}
+    c.have_received(HaveNotice(P2, ((MID, 1, 4),), arriving=True), 3.4)
+    c.gone_received(HaveNotice(P2, ((MID, 1, 4),), gone=True))
+    assert c.arriving_sources(3.4) == {}
+    # A claim whose end went unheard lapses on its own.
+    c.have_received(HaveNotice(P2, ((MID, 2, 4),), arriving=True), 4.0)
+    assert c.arriving_sources(4.0 + ARRIVING_SECONDS - 0.1) == {(MID, 2): [P2]}
+    assert c.arriving_sources(4.0 + ARRIVING_SECONDS) == {}
+    # Not a member: refused, as any notice.
+    with pytest.raises(WireError):
+        c.have_received(HaveNotice("f" * 16, ((MID, 3, 4),), arriving=True), 4.1)

@@ -194,6 +194,34 @@ def test_a_chunk_one_peer_holds_is_relayed_as_a_tree_not_a_star() -> None:
     assert sources == sorted(["n0", second])
 
 
+def test_a_peer_receiving_a_chunk_is_a_source_and_opens_the_next_turns() -> None:
+    """Cut-through: the peer relaying a chunk as it arrives counts as a holder. With n0
+    holding it and `second` receiving it from n0, two more peers (not one, as when
+    `second` must store it first) start now, and `second` no longer takes a turn."""
+    nodes = [f"n{i}" for i in range(8)]
+    second = next(n for n, f in site_plan(nodes, {"n0": [0]}, 1).items() if f)
+    fetchers = {}
+    for node in nodes:
+        if node in ("n0", second):
+            continue
+        live = [hello(x, [0] if x == "n0" else [], 1) for x in nodes if x != node]
+        planned = SwarmPlanner(node).plan(
+            jobs(1), live, set(), True, 0.0, arriving={(MID, 0): [second]}
+        )
+        if planned:
+            fetchers[node] = planned[0].source
+    assert len(fetchers) == 2
+    assert sorted(fetchers.values()) == sorted(["n0", second])
+    # A receiving peer we disbelieve (it failed us) or that holds it already is not
+    # counted twice, and a non-member's claim is no source at all.
+    me = next(n for n in nodes if n not in ("n0", second) and n not in fetchers)
+    live = [hello(x, [0] if x == "n0" else [], 1) for x in nodes if x != me]
+    assert SwarmPlanner(me).plan(
+        jobs(1), live, set(), True, 0.0, excluded={(second, jobs(1)[0].ref.sha256)},
+        arriving={(MID, 0): [second, "stranger"]},
+    ) == []  # fmt: skip
+
+
 def test_the_relay_gate_opens_when_the_holders_stop_growing() -> None:
     """A chosen peer that never fetches (slow, gone, lying) must not stall the chunk."""
     nodes = [f"n{i}" for i in range(8)]

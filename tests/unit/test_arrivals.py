@@ -1,0 +1,138 @@
+"""Cut-through relay (peer/adapters/arrivals.py and the chunk route): a chunk still
+arriving here is served as it comes, over a real aiohttp server on loopback, with its
+last HOLD_BACK bytes sent only once our copy is verified and stored; when our own fetch
+fails the response is cut short, so the receiver never holds a whole chunk we did not
+verify, and sees an unreachable source rather than a corrupt one."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from peer.adapters.arrivals import HOLD_BACK, Arrival, ArrivalFailed, Arrivals
+from peer.adapters.site import read_chunk_body
+from peer.api.http_server import HttpContext, build_app
+from peer.core.boot_progress import BootProgress
+from peer.store.content_store import ContentStore
+
+CHUNK = os.urandom(3 * HOLD_BACK + 1000)
+SHA = hashlib.sha256(CHUNK).hexdigest()
+
+
+async def drain(arrival: Arrival, into: list[bytes], timeout: float = 5.0) -> None:
+    async for piece in arrival.stream(timeout):
+        into.append(bytes(piece))
+
+
+def test_the_stream_follows_the_pieces_and_holds_back_the_tail_until_stored() -> None:
+    async def main() -> None:
+        arrival = Arrival(len(CHUNK))
+        got: list[bytes] = []
+        reader = asyncio.create_task(drain(arrival, got))
+        arrival.add(CHUNK[:HOLD_BACK])
+        await asyncio.sleep(0.01)
+        assert b"".join(got) == CHUNK[:HOLD_BACK]  # as it came
+        arrival.add(CHUNK[HOLD_BACK:])
+        await asyncio.sleep(0.01)
+        # Every byte is here, but not verified: the last HOLD_BACK wait.
+        assert b"".join(got) == CHUNK[: len(CHUNK) - HOLD_BACK]
+        assert not reader.done()
+        arrival.end(stored=True)
+        await asyncio.wait_for(reader, 1)
+        assert b"".join(got) == CHUNK
+
+    asyncio.run(main())
+
+
+def test_a_failed_arrival_or_a_stalled_one_ends_the_stream_short() -> None:
+    async def main() -> None:
+        arrival = Arrival(len(CHUNK))
+        arrival.add(CHUNK[:1000])
+        got: list[bytes] = []
+        reader = asyncio.create_task(drain(arrival, got))
+        await asyncio.sleep(0.01)
+        arrival.end(stored=False)
+        with pytest.raises(ArrivalFailed):
+            await reader
+        assert b"".join(got) == CHUNK[:1000]
+        stalled = Arrival(len(CHUNK))
+        with pytest.raises(ArrivalFailed, match="no byte"):
+            await drain(stalled, [], timeout=0.05)
+        assert stalled.readers == 0
+
+    asyncio.run(main())
+
+
+def test_only_a_chunk_still_arriving_is_offered() -> None:
+    async def main() -> None:
+        arrivals = Arrivals()
+        arrival = arrivals.begin(SHA, len(CHUNK))
+        assert arrivals.get(SHA) is arrival and len(arrivals) == 1
+        arrivals.end(SHA, arrival, stored=False)
+        assert arrivals.get(SHA) is None and len(arrivals) == 0
+
+    asyncio.run(main())
+
+
+async def relay(tmp_path: Path, check) -> None:
+    """The chunk route of a peer whose `arrivals` the test drives, on loopback."""
+    arrivals = Arrivals()
+    context = HttpContext(
+        store=ContentStore(tmp_path / "store"), library=None,  # type: ignore[arg-type]
+        progress=BootProgress(), boot_source=None, boot_default="local",
+        menu_timeout_ms=0, status=dict, arrivals=arrivals,
+    )  # fmt: skip
+    runner = web.AppRunner(build_app(context))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await check(session, f"http://127.0.0.1:{port}/v1/chunks/{SHA}", arrivals)
+    finally:
+        await runner.cleanup()
+
+
+def test_a_peer_serves_a_chunk_while_it_arrives_and_completes_it_once_verified(
+    tmp_path: Path,
+) -> None:
+    async def check(session: aiohttp.ClientSession, url: str, arrivals: Arrivals) -> None:
+        async with session.get(url) as resp:
+            assert resp.status == 404  # neither held nor arriving
+        arrival = arrivals.begin(SHA, len(CHUNK))
+        arrival.add(CHUNK[: len(CHUNK) // 2])
+        async with session.get(url) as resp:
+            assert resp.status == 200 and resp.content_length == len(CHUNK)
+            first = await resp.content.readexactly(len(CHUNK) // 2)  # before the rest came
+            assert first == CHUNK[: len(CHUNK) // 2]
+            arrival.add(CHUNK[len(CHUNK) // 2 :])
+            arrivals.end(SHA, arrival, stored=True)
+            rest = await read_chunk_body(resp, len(CHUNK))
+        assert first + rest == CHUNK
+        assert arrivals.counts == {"relayed": 1, "cut": 0}
+
+    asyncio.run(relay(tmp_path, check))
+
+
+def test_a_relay_whose_own_fetch_fails_cuts_the_response_before_the_last_bytes(
+    tmp_path: Path,
+) -> None:
+    async def check(session: aiohttp.ClientSession, url: str, arrivals: Arrivals) -> None:
+        arrival = arrivals.begin(SHA, len(CHUNK))
+        async with session.get(url) as resp:
+            arrival.add(CHUNK)  # every byte, but it will fail its hash here
+            got = await resp.content.readexactly(len(CHUNK) - HOLD_BACK)
+            assert got == CHUNK[: len(CHUNK) - HOLD_BACK]
+            arrivals.end(SHA, arrival, stored=False)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.content.read()
+        assert arrivals.counts == {"relayed": 0, "cut": 1}
+
+    asyncio.run(relay(tmp_path, check))
