@@ -111,6 +111,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -236,8 +237,37 @@ def chunk_timeline(lab: SiteLab, image: BuiltImage, start: float, done: list[flo
     }
 
 
+def lan_trouble(lab: SiteLab) -> dict:
+    """LAN fetches that failed, by reason (the peers' warnings; unreachable sources are
+    not warned about, so `failures` counts them all), and chunks relayed as they arrived."""
+    reasons: Counter[str] = Counter()
+    out = {"failures": 0, "relayed": 0, "cut": 0}
+    for p in lab.peers:
+        text = p.log_text()
+        reasons.update(re.findall(r"failed chunk \w+ \(([^)]+)\)", text))
+        reasons["corrupt"] += text.count("sent a corrupt chunk")
+        reasons["shunned"] += text.count("peer shunned")
+        st = lab.try_status(p)
+        if st:
+            [me] = [x for x in st["peers"] if x["self"]]
+            out["failures"] += me["counters"].get("lan_failures", 0)
+            relayed = st.get("relayed_arriving", {})
+            out["relayed"] += relayed.get("relayed", 0)
+            out["cut"] += relayed.get("cut", 0)
+            out["stalled"] = out.get("stalled", 0) + relayed.get("stalled", 0)
+            reasons.update({f"lan:{k}": v for k, v in st.get("lan_failures", {}).items()})
+    samples = [line for p in lab.peers for line in p.log_text().splitlines()
+               if "relayed chunk" in line or "after its last byte" in line
+               or ") after " in line]  # fmt: skip
+    samples.sort(key=lambda line: line[:23])
+    samples = samples[:40]
+    return {**out, "warned": {k: v for k, v in reasons.items() if v}, "samples": samples}
+
+
 def print_timeline(tl: dict) -> None:
     s = tl["summary"]
+    if "lan" in s:
+        print(f"    LAN: {s['lan']}")
     print(
         f"    start -> first chunk request {s['first_chunk_request_s']:.2f} s; WAN phase "
         f"{s['wan_phase_s']:.2f} s (busy {s['wan_busy_s']:.2f} s, "
@@ -341,6 +371,7 @@ def bench_one(work: Path, image: BuiltImage, n: int, args: argparse.Namespace, n
             r.bytes_sent for r in lab.requests() if r.time >= start and not r.chunk
         )
         timeline = chunk_timeline(lab, image, start, done)
+        timeline["summary"]["lan"] = lan_trouble(lab)
         naive_s = None
         if naive:
             blob = lab.origin_dir / "image.bin"

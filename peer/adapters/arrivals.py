@@ -7,19 +7,22 @@ Store-and-forward cost the swarm a whole chunk time per doubling hop (a 4 MiB ch
 off the WAN took ~4 s to reach 32 peers. Relayed as it arrives, a hop costs a notice.
 
 Nothing unverified is kept or vouched for: the relay serves the bytes as they come but
-holds back the chunk's last `HOLD_BACK` bytes until its own copy has hashed right and
-been stored. A downstream peer therefore never gets a whole chunk this peer has not
-verified; when the relay's own fetch fails (a cut upstream, a corrupt chunk) every
-downstream response is cut short, which the receiver treats as an unreachable source
-(no strike: the relay did not lie) and fetches the chunk elsewhere.
+holds back the chunk's last `HOLD_BACK` bytes until its own copy has hashed right (not
+until it is on disk: an fsync under load can take seconds, and relays waiting on it
+were cut as stalled). A downstream peer therefore never gets a whole chunk this peer
+has not verified; when the relay's own fetch fails (a cut upstream, a corrupt chunk)
+every downstream response is cut short, which the receiver treats as an unreachable
+source (no strike: the relay did not lie) and fetches the chunk elsewhere. A verified
+chunk is served from memory until it is in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
-HOLD_BACK = 64 * 1024  # bytes kept until the chunk is verified and stored
+HOLD_BACK = 64 * 1024  # bytes kept until the chunk is verified
 
 
 class ArrivalFailed(Exception):
@@ -33,33 +36,44 @@ class Arrival:
         self.size = size
         self.pieces: list[bytes] = []
         self.received = 0
-        self.state = "arriving"  # then "stored" or "failed"
+        self.state = "arriving"  # then "verified" (hashed right) or "failed"
         self._changed = asyncio.Event()
+        self._version = 0  # bumped on every change: a reader checks it before it sleeps
         self.readers = 0  # responses streaming from it now
+        self.last_at = time.monotonic()  # when the last piece came
 
     def add(self, piece: bytes) -> None:
         self.pieces.append(piece)
         self.received += len(piece)
+        self.last_at = time.monotonic()
         self._wake()
 
-    def end(self, stored: bool) -> None:
-        self.state = "stored" if stored else "failed"
+    def verified(self) -> None:
+        """Every byte is here and hashes to the chunk's SHA-256: release the tail."""
+        self.state = "verified"
         self._wake()
+
+    def fail(self) -> None:
+        if self.state == "arriving":
+            self.state = "failed"
+            self._wake()
 
     def _wake(self) -> None:
+        self._version += 1
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
     async def stream(self, timeout: float) -> AsyncIterator[memoryview]:
-        """The chunk's bytes as they come, the last HOLD_BACK only once it is stored.
+        """The chunk's bytes as they come, the last HOLD_BACK only once verified.
         Raises ArrivalFailed when it fails, or when no byte comes for `timeout` s."""
         sent = index = piece_start = 0  # pieces[index] starts at piece_start
         self.readers += 1
         try:
             while True:
+                seen = self._version
                 if self.state == "failed":
                     raise ArrivalFailed("the relay's own fetch failed")
-                limit = self.size if self.state == "stored" else self.size - HOLD_BACK
+                limit = self.size if self.state == "verified" else self.size - HOLD_BACK
                 while index < len(self.pieces):
                     piece = self.pieces[index]
                     lo, hi = sent - piece_start, min(len(piece), limit - piece_start)
@@ -72,6 +86,11 @@ class Arrival:
                     index += 1
                 if sent >= self.size:
                     return
+                if self._version != seen:
+                    # It changed while a piece was being written (the reader is
+                    # suspended at each yield): the event for that change has fired
+                    # already, and waiting on the next one would miss it.
+                    continue
                 try:
                     await asyncio.wait_for(self._changed.wait(), timeout)
                 except TimeoutError:
@@ -86,18 +105,22 @@ class Arrivals:
     def __init__(self) -> None:
         self._by_sha: dict[str, Arrival] = {}
         # Responses relayed while their chunk arrived: whole, and cut (our fetch failed).
-        self.counts = {"relayed": 0, "cut": 0}
+        # "stalled": our fetch brought no byte for a while, and the response was cut.
+        self.counts = {"relayed": 0, "cut": 0, "stalled": 0}
 
     def begin(self, sha: str, size: int) -> Arrival:
         arrival = self._by_sha[sha] = Arrival(size)
         return arrival
 
     def get(self, sha: str) -> Arrival | None:
+        """A chunk arriving, or verified and not yet in the store (it is fsynced)."""
         arrival = self._by_sha.get(sha)
-        return arrival if arrival is not None and arrival.state == "arriving" else None
+        return arrival if arrival is not None and arrival.state != "failed" else None
 
-    def end(self, sha: str, arrival: Arrival, stored: bool) -> None:
-        arrival.end(stored)
+    def end(self, sha: str, arrival: Arrival) -> None:
+        """The fetch is over (the chunk stored, or not): one never verified fails, and
+        the relayed responses still reading it are cut."""
+        arrival.fail()
         if self._by_sha.get(sha) is arrival:
             del self._by_sha[sha]
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import secrets
@@ -154,6 +156,10 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
 # is woken per 256 KiB instead of per few segments, about half the CPU of a LAN chunk
 # receive here (bench/site_distribution.py; 32 peers swarming share 2 cores).
 CHUNK_LOWAT = 256 * 1024
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _set_lowat(sock: socket.socket | None, nbytes: int) -> None:
@@ -989,13 +995,36 @@ class Site:
         try:
             began = time.monotonic()
             data, reason = await self._chunk_bytes(command, arrival)
+            body_at = time.monotonic()
+            if data is None and arrival is not None:
+                log.info(
+                    "chunk %s from %s failed (%s) after %.2f s: %d of %d bytes, last %.2f s ago",
+                    sha[:16], fetch.source, reason, body_at - began, arrival.received,
+                    arrival.size, body_at - arrival.last_at,
+                )  # fmt: skip
             if data is None:
                 self.core.chunk_failed(fetch, reason, time.monotonic())
                 self._chunk_fetch_ended(command, began, reason)
                 return
+            hashed = False
+            if arrival is not None:
+                # Verified off the store thread (it may be fsyncing earlier chunks), and
+                # the relayed responses get their last bytes now, not after the disk.
+                digest = await loop.run_in_executor(None, _sha256_hex, data)
+                if digest != sha:
+                    self.core.chunk_failed(fetch, "corrupt", time.monotonic())
+                    self._chunk_fetch_ended(command, began, "corrupt")
+                    return
+                arrival.verified()
+                hashed = True
+                late = time.monotonic() - arrival.last_at
+                if late > 1.0:
+                    log.info("chunk %s verified %.2f s after its last byte (body %.2f s)",
+                             sha[:16], late, body_at - arrival.last_at)  # fmt: skip
             try:
                 await loop.run_in_executor(
-                    self._store_thread, self.store.put_chunk, data, fetch.job.ref.sha256
+                    self._store_thread,
+                    functools.partial(self.store.put_chunk, data, sha, hashed=hashed),
                 )
             except ChunkCorrupt:
                 self.core.chunk_failed(fetch, "corrupt", time.monotonic())
@@ -1008,13 +1037,12 @@ class Site:
                 await asyncio.sleep(5)  # a full disk: do not spin
                 return
             stored = True
-            if arrival is not None:
-                self.arrivals.end(sha, arrival, True)  # verified: relays send the rest
             self.core.chunk_stored(fetch, len(data), time.monotonic())
             self._chunk_fetch_ended(command, began, "")
         finally:
+            if arrival is not None:
+                self.arrivals.end(sha, arrival)  # unverified: relays cut their responses
             if arrival is not None and not stored:
-                self.arrivals.end(sha, arrival, False)  # relays cut their responses
                 self.core.arrival_failed(fetch)
             if self.quota.limit:
                 # On the store thread, like reserve: the two must not interleave.
@@ -1261,6 +1289,7 @@ class Site:
         doc["have_notices"] = dict(self.have_counts)
         # Chunks served while they were still arriving here (cut-through relay).
         doc["relayed_arriving"] = {**self.arrivals.counts, "arriving_now": len(self.arrivals)}
+        doc["lan_failures"] = dict(self.core.lan_failure_reasons)
         doc["machine_records"] = {
             "digest": self.records.digest(),
             "machines": [

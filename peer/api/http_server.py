@@ -56,9 +56,10 @@ MAC = re.compile(r"^([0-9a-f]{2}[:-]){5}[0-9a-f]{2}$")
 WRITE_SLICE = 1 << 20
 # Under a --lan-rate cap responses go out in pieces this size, each waiting its turn.
 CAPPED_SLICE = 64 * 1024
-# A chunk relayed as it arrives is cut when its own fetch brings no byte for this long
-# (that fetch has its own deadline too): the receiver then asks another source.
-ARRIVAL_STALL_SECONDS = 10.0
+# A chunk relayed as it arrives is cut when its own fetch brings no byte for this long:
+# the receiver then asks another source. Under the receiver's 10 s read timeout, so a
+# relay whose upstream stalls is cut (unreachable: no strike), not timed out (a strike).
+ARRIVAL_STALL_SECONDS = 5.0
 # A unified kernel image (kernel, initrd and command line in one signed PE) is the
 # machine's kernel stage: it is the one file the firmware loads.
 ROLE_STAGE = {"kernel": Stage.KERNEL, "initrd": Stage.INITRD, "uki": Stage.KERNEL}
@@ -463,12 +464,17 @@ async def _arriving_chunk(
     response.content_length = arrival.size
     await response.prepare(request)
     ctx.on_chunk_served(arrival.size)
+    sent = 0
     try:
         async for piece in arrival.stream(ARRIVAL_STALL_SECONDS):
             await _write(response, piece, ctx)
-    except ArrivalFailed:
+            sent += len(piece)
+    except ArrivalFailed as exc:
         if ctx.arrivals is not None:
-            ctx.arrivals.counts["cut"] += 1
+            ctx.arrivals.counts["cut" if arrival.state == "failed" else "stalled"] += 1
+        log.info("relayed chunk %s cut at %d of %d bytes (%d arrived, last %.2f s ago, %s): %s",
+                 request.match_info["sha256"][:16], sent, arrival.size, arrival.received,
+                 time.monotonic() - arrival.last_at, arrival.state, exc)  # fmt: skip
         if request.transport is not None:
             request.transport.close()  # short of Content-Length: the receiver sees a cut
         return response

@@ -280,6 +280,7 @@ class SiteCore:
         # Chunks members are receiving now and relay as they arrive (cut-through):
         # (manifest id, index) -> {node: believed until}.
         self._arriving: dict[tuple[str, int], dict[str, float]] = {}
+        self.lan_failure_reasons: dict[str, int] = {}  # failed LAN fetches by reason
         self._pending: list[Command] = []
         self.membership_running = True  # the adapter's heartbeat loop is alive
         self.records_digest = ""  # of the machine records this peer holds (the adapter sets it)
@@ -844,6 +845,7 @@ class SiteCore:
             return
         node = fetch.source
         self.counters.lan_failures += 1
+        self.lan_failure_reasons[reason] = self.lan_failure_reasons.get(reason, 0) + 1
         if reason == "unreachable":
             # The holder is down or restarting, not lying: membership will drop it if it
             # stays silent. Not asked for this chunk for a little while, and the chunk

@@ -117,13 +117,20 @@ class ContentStore:
     def has_chunk(self, sha256: str) -> bool:
         return self.chunk_path(sha256).is_file()
 
-    def put_chunk(self, data: bytes, expected_sha256: str | None = None) -> tuple[str, bool]:
+    def put_chunk(
+        self, data: bytes, expected_sha256: str | None = None, *, hashed: bool = False
+    ) -> tuple[str, bool]:
         """Store `data` under its hash; returns (sha256, newly_stored).
 
         With expected_sha256 the data is refused (StoreError) unless it hashes to it:
         this is where bytes from the network are checked before they touch the cache.
+        `hashed`: the caller has just hashed `data` to expected_sha256 itself (a relayed
+        chunk is verified before it is stored, so the relay need not wait for the disk).
         """
-        sha = hashlib.sha256(data).hexdigest()
+        if hashed and expected_sha256 is not None:
+            sha = expected_sha256
+        else:
+            sha = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None and sha != expected_sha256:
             raise ChunkCorrupt(f"chunk hashes to {sha[:16]}, expected {expected_sha256[:16]}")
         path = self.chunk_path(sha)

@@ -1,6 +1,6 @@
 """Cut-through relay (peer/adapters/arrivals.py and the chunk route): a chunk still
 arriving here is served as it comes, over a real aiohttp server on loopback, with its
-last HOLD_BACK bytes sent only once our copy is verified and stored; when our own fetch
+last HOLD_BACK bytes sent only once our copy is verified; when our own fetch
 fails the response is cut short, so the receiver never holds a whole chunk we did not
 verify, and sees an unreachable source rather than a corrupt one."""
 
@@ -30,7 +30,7 @@ async def drain(arrival: Arrival, into: list[bytes], timeout: float = 5.0) -> No
         into.append(bytes(piece))
 
 
-def test_the_stream_follows_the_pieces_and_holds_back_the_tail_until_stored() -> None:
+def test_the_stream_follows_the_pieces_and_holds_back_the_tail_until_verified() -> None:
     async def main() -> None:
         arrival = Arrival(len(CHUNK))
         got: list[bytes] = []
@@ -43,8 +43,27 @@ def test_the_stream_follows_the_pieces_and_holds_back_the_tail_until_stored() ->
         # Every byte is here, but not verified: the last HOLD_BACK wait.
         assert b"".join(got) == CHUNK[: len(CHUNK) - HOLD_BACK]
         assert not reader.done()
-        arrival.end(stored=True)
+        arrival.verified()
         await asyncio.wait_for(reader, 1)
+        assert b"".join(got) == CHUNK
+
+    asyncio.run(main())
+
+
+def test_a_change_while_the_reader_writes_a_piece_is_not_missed() -> None:
+    """The chunk is verified while the relay is still writing the piece before the
+    tail (the reader is suspended at its yield): the tail must follow at once. It did
+    not, and 5 s later every such relay was cut as stalled (bench/site_distribution.py
+    at N = 32: 77 stalls, and a cut cascading down each chain)."""
+
+    async def main() -> None:
+        arrival = Arrival(len(CHUNK))
+        arrival.add(CHUNK)
+        got: list[bytes] = []
+        async for piece in arrival.stream(0.5):
+            got.append(bytes(piece))
+            if arrival.state == "arriving":
+                arrival.verified()
         assert b"".join(got) == CHUNK
 
     asyncio.run(main())
@@ -57,7 +76,7 @@ def test_a_failed_arrival_or_a_stalled_one_ends_the_stream_short() -> None:
         got: list[bytes] = []
         reader = asyncio.create_task(drain(arrival, got))
         await asyncio.sleep(0.01)
-        arrival.end(stored=False)
+        arrival.fail()
         with pytest.raises(ArrivalFailed):
             await reader
         assert b"".join(got) == CHUNK[:1000]
@@ -69,13 +88,19 @@ def test_a_failed_arrival_or_a_stalled_one_ends_the_stream_short() -> None:
     asyncio.run(main())
 
 
-def test_only_a_chunk_still_arriving_is_offered() -> None:
+def test_a_chunk_is_offered_while_it_arrives_and_once_verified_until_stored() -> None:
     async def main() -> None:
         arrivals = Arrivals()
         arrival = arrivals.begin(SHA, len(CHUNK))
         assert arrivals.get(SHA) is arrival and len(arrivals) == 1
-        arrivals.end(SHA, arrival, stored=False)
+        arrival.verified()  # hashed right, the store still writing it: still offered
+        assert arrivals.get(SHA) is arrival
+        arrivals.end(SHA, arrival)  # stored: the store serves it now
         assert arrivals.get(SHA) is None and len(arrivals) == 0
+        assert arrival.state == "verified"  # not failed: its readers get the rest
+        failed = arrivals.begin(SHA, len(CHUNK))
+        arrivals.end(SHA, failed)  # over, never verified
+        assert failed.state == "failed" and arrivals.get(SHA) is None
 
     asyncio.run(main())
 
@@ -113,10 +138,10 @@ def test_a_peer_serves_a_chunk_while_it_arrives_and_completes_it_once_verified(
             first = await resp.content.readexactly(len(CHUNK) // 2)  # before the rest came
             assert first == CHUNK[: len(CHUNK) // 2]
             arrival.add(CHUNK[len(CHUNK) // 2 :])
-            arrivals.end(SHA, arrival, stored=True)
+            arrival.verified()
             rest = await read_chunk_body(resp, len(CHUNK))
         assert first + rest == CHUNK
-        assert arrivals.counts == {"relayed": 1, "cut": 0}
+        assert arrivals.counts == {"relayed": 1, "cut": 0, "stalled": 0}
 
     asyncio.run(relay(tmp_path, check))
 
@@ -130,9 +155,9 @@ def test_a_relay_whose_own_fetch_fails_cuts_the_response_before_the_last_bytes(
             arrival.add(CHUNK)  # every byte, but it will fail its hash here
             got = await resp.content.readexactly(len(CHUNK) - HOLD_BACK)
             assert got == CHUNK[: len(CHUNK) - HOLD_BACK]
-            arrivals.end(SHA, arrival, stored=False)
+            arrivals.end(SHA, arrival)  # never verified
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.content.read()
-        assert arrivals.counts == {"relayed": 0, "cut": 1}
+        assert arrivals.counts == {"relayed": 0, "cut": 1, "stalled": 0}
 
     asyncio.run(relay(tmp_path, check))
