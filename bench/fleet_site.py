@@ -565,6 +565,8 @@ class SiteSim:
         if upstream is not None:
             f.upstream = upstream
             upstream.dependents.append(f)
+        p.core.chunk_arriving(c.fetch)  # the holder answered: relayed as it arrives
+        self._wake(p, now)
         self.seq += 1
         f.fid = self.seq
         q.up.add(f)

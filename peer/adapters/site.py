@@ -1082,7 +1082,11 @@ class Site:
                     return None, "not found"
                 if resp.status != 200:
                     return None, "bad status"
-                on_piece = arrival.add if arrival is not None else None
+                on_piece = None
+                if arrival is not None:
+                    on_piece = arrival.add
+                    self.core.chunk_arriving(command.fetch)
+                    self._wake.set()  # the driver sends the notice now
                 return await read_chunk_body(resp, size, on_piece), ""
         except Oversize:
             return None, "oversize"

@@ -1119,23 +1119,26 @@ class SiteCore:
             arriving=self.arriving_sources(now),
         )  # fmt: skip
         out: list[Command] = []
-        relayed = []
         for fetch in planned:
             endpoint = None if fetch.source == ORIGIN else self.endpoint_of.get(fetch.source)
             if fetch.source != ORIGIN and endpoint is None:
                 continue
             self.planner.started(fetch)
             out.append(FetchChunk(fetch, endpoint, fetch.job.ref.size))
-            held = self.images.get(fetch.job.manifest_id)
-            if fetch.source != ORIGIN and held is not None:
-                relayed.append((fetch.job.manifest_id, fetch.job.index, held.bitmap.size))
-        if relayed and self.datagrams:
-            # Chunks coming over the LAN are served to the site as they arrive: say so,
-            # and the peers whose turn is next ask us instead of waiting for the whole
-            # chunk (a store-and-forward hop per doubling was most of the LAN tail).
-            # By datagram only: a member that does not hear them waits for the have.
-            out.append(Announce(tuple(relayed), False, (), datagram=True, arriving=True))
         return out
+
+    def chunk_arriving(self, fetch: Fetch) -> None:
+        """A holder has begun to send us a chunk over the LAN (it answered 200): we
+        serve it to the site as it arrives, so say so, and the peers whose turn is next
+        ask us instead of waiting for the whole chunk (a store-and-forward hop per
+        doubling was most of the LAN tail). Said only once the bytes flow: a claim made
+        at plan time was wrong whenever the holder then failed us, and peers asking us
+        for it got "not found". By datagram only: a member that does not hear them
+        waits for the have."""
+        held = self.images.get(fetch.job.manifest_id)
+        if self.datagrams and held is not None and fetch.source != ORIGIN:
+            chunk = ((fetch.job.manifest_id, fetch.job.index, held.bitmap.size),)
+            self._pending.append(Announce(chunk, False, (), datagram=True, arriving=True))
 
     def next_deadline(self, now: float) -> float:
         """When `tick` next has something to do unprompted (events prompt it too)."""
