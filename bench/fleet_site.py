@@ -493,13 +493,13 @@ class SiteSim:
     def _announce(self, p: _Peer, c: Announce) -> None:
         heard = []
         if c.datagram:
-            beats = p.core.have_beats(c.chunks, c.gone, c.arriving)
+            beats = p.core.have_beats(c.chunks, c.gone, c.arriving, c.source)
             self.control["have_datagram"] += len(beats)
             heard = [q for q in self.peers if q is not p and q.alive and p.node_id in q.gate]
             self.control["have_datagram_rx"] += len(beats) * len(heard)
         self.control["gone" if c.gone else "have"] += len(c.endpoints)
         posted = [self.by_endpoint.get(e) for e in c.endpoints]
-        notice = HaveNotice(p.node_id, c.chunks, c.gone, c.arriving)
+        notice = HaveNotice(p.node_id, c.chunks, c.gone, c.arriving, c.source)
         for q in {id(q): q for q in heard + posted if q is not None and q.alive}.values():
             try:
                 if c.gone:

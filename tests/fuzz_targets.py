@@ -1346,6 +1346,9 @@ def have_datagram_samples() -> list[bytes]:
         hb.HaveBeat(node_id, "lab", "a" * 16, 1, NOW * 1000, False, ((_hex64("a"), 3, 13),)),
         hb.HaveBeat(node_id, "store-42", "b" * 16, 2**40, NOW * 1000, True,
                     ((_hex64("a"), 0, 13), (_hex64("b"), 1023, 1024), (_hex64("a"), 12, 13))),
+        # "arriving": relayed as it comes (cut-through)
+        hb.HaveBeat(node_id, "lab", "c" * 16, 7, NOW * 1000, False, ((_hex64("c"), 5, 9),),
+                    True, "0123456789abcdef"),
     ])  # fmt: skip
 
 

@@ -269,8 +269,8 @@ class Site:
         self._beacon: HeartbeatSocket | None = None
         # Have-notices waiting for the next datagram: at most HAVE_PER_SECOND go out, so
         # a peer storing chunks fast stays within what every receiver checks per member.
-        # (chunks, gone, arriving) to multicast, in order
-        self._have_queue: list[tuple[tuple[tuple[str, int, int], ...], bool, bool]] = []
+        # (chunks, (gone, arriving, source)) to multicast, in order
+        self._have_queue: list[tuple[tuple[tuple[str, int, int], ...], tuple[bool, bool, str]]] = []
         # Chunks being received over the LAN: the HTTP chunk route relays them as they
         # arrive (cut-through, peer/adapters/arrivals.py).
         self.arrivals = Arrivals()
@@ -1111,7 +1111,8 @@ class Site:
         every member on the link hears, and over HTTP to each one that would not."""
         assert self._control is not None
         if command.datagram and self._beacon is not None:
-            self._have_queue.append((command.chunks, command.gone, command.arriving))
+            kind = (command.gone, command.arriving, command.source)
+            self._have_queue.append((command.chunks, kind))
             if self._have_flush is None:
                 wait = self._have_sent_at + 1 / HAVE_PER_SECOND - time.monotonic()
                 loop = asyncio.get_running_loop()
@@ -1145,15 +1146,15 @@ class Site:
         queued, self._have_queue = self._have_queue, []
         if self._beacon is None or not queued:
             return
-        runs: list[tuple[tuple[tuple[str, int, int], ...], bool, bool]] = []
-        for chunks, gone, arriving in queued:  # a chunk stored then lost must end up gone
-            if runs and runs[-1][1:] == (gone, arriving):
-                runs[-1] = (runs[-1][0] + chunks, gone, arriving)
+        runs: list[tuple[tuple[tuple[str, int, int], ...], tuple[bool, bool, str]]] = []
+        for chunks, kind in queued:  # a chunk stored then lost must end up gone
+            if runs and runs[-1][1] == kind:
+                runs[-1] = (runs[-1][0] + chunks, kind)
             else:
-                runs.append((chunks, gone, arriving))
+                runs.append((chunks, kind))
         try:
-            for chunks, gone, arriving in runs:
-                for beat in self.core.have_beats(chunks, gone, arriving):
+            for chunks, (gone, arriving, source) in runs:
+                for beat in self.core.have_beats(chunks, gone, arriving, source):
                     datagram = beat.sign(self.identity.key)
                     self._beacon.send(datagram, [(GROUP, self.config.http_port)])
                     self.have_counts["datagrams_sent"] += 1

@@ -80,8 +80,9 @@ FIELDS_V1 = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes
 FIELDS = FIELDS_V1 | {"every"}
 HAVE_FIELDS = frozenset({"node", "site", "boot", "seq", "t", "gone", "have"})
 # A notice that the sender is receiving chunks now, and relays them as they arrive
-# (cut-through): the same fields and "arriving": true.
-ARRIVING_FIELDS = HAVE_FIELDS | {"arriving"}
+# (cut-through): the same fields, "arriving": true and "from": the member sending them
+# (every peer counts how many each source feeds, and spreads the next ones).
+ARRIVING_FIELDS = HAVE_FIELDS | {"arriving", "from"}
 
 
 class HeartbeatRefused(ValueError):
@@ -140,6 +141,7 @@ class HaveBeat:
     gone: bool
     chunks: tuple[tuple[str, int, int], ...]  # (manifest id, index, image's chunk count)
     arriving: bool = False  # receiving these now (never with gone): ask it for them
+    source: str = ""  # with arriving: the member they come from
 
     def payload(self) -> bytes:
         groups: dict[tuple[str, int], list[int]] = {}
@@ -151,14 +153,14 @@ class HaveBeat:
             "have": [[m, size, indices] for (m, size), indices in groups.items()],
         }  # fmt: skip
         if self.arriving:
-            doc["arriving"] = True
+            doc["arriving"], doc["from"] = True, self.source
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def sign(self, key: SigningKey) -> bytes:
         return _signed(HAVE_MAGIC, HAVE_DOMAIN, self.payload(), key)
 
     def notice(self) -> HaveNotice:
-        return HaveNotice(self.node_id, self.chunks, self.gone, self.arriving)
+        return HaveNotice(self.node_id, self.chunks, self.gone, self.arriving, self.source)
 
 
 def hello_version(hello: Hello) -> str:
@@ -240,8 +242,11 @@ def parse_have(datagram: bytes) -> tuple[HaveBeat, bytes, bytes]:
     gone, groups = doc["gone"], doc["have"]
     if type(gone) is not bool or not isinstance(groups, list) or not groups:
         raise HeartbeatRefused("malformed", "have")
-    arriving = "arriving" in doc
-    if arriving and (doc["arriving"] is not True or gone):
+    arriving, source = "arriving" in doc, doc.get("from", "")
+    if arriving and (
+        doc["arriving"] is not True or gone
+        or not (isinstance(source, str) and NODE_ID.fullmatch(source)) or source == node
+    ):  # fmt: skip
         raise HeartbeatRefused("malformed", "arriving")
     chunks = []
     for group in groups:
@@ -258,7 +263,7 @@ def parse_have(datagram: bytes) -> tuple[HaveBeat, bytes, bytes]:
             if type(index) is not int or not 0 <= index < size:
                 raise HeartbeatRefused("malformed", "index")
             chunks.append((manifest_id, index, size))
-    have = HaveBeat(node, site, boot, seq, sent, gone, tuple(chunks), arriving)
+    have = HaveBeat(node, site, boot, seq, sent, gone, tuple(chunks), arriving, source)
     return have, signature, HAVE_DOMAIN + payload
 
 
@@ -269,7 +274,8 @@ def pack_chunks(site: str, chunks: tuple[tuple[str, int, int], ...]
     runs: list[tuple[tuple[str, int, int], ...]] = []
     run: list[tuple[str, int, int]] = []
     for chunk in chunks:
-        probe = HaveBeat("0" * 16, site, "0" * 16, MAX_SEQ, MAX_T, False, (*run, chunk), True)
+        probe = HaveBeat("0" * 16, site, "0" * 16, MAX_SEQ, MAX_T, False, (*run, chunk), True,
+                         "0" * 16)  # fmt: skip
         if run and len(probe.payload()) + len(HAVE_MAGIC) + SIGNATURE_BYTES > MAX_DATAGRAM:
             runs.append(tuple(run))
             run = []

@@ -126,6 +126,7 @@ class Announce:
     endpoints: tuple[str, ...]  # to post it to, each: members that do not hear datagrams
     datagram: bool = False  # and multicast it as HaveBeat datagrams (`have_beats`)
     arriving: bool = False  # not stored yet: being received, relayed as it arrives
+    source: str = ""  # with arriving: the member sending them to us
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,8 @@ class SiteCore:
         self._lied_about: set[str] = set()  # chunks a holder claimed and could not send
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
         # Chunks members are receiving now and relay as they arrive (cut-through):
-        # (manifest id, index) -> {node: believed until}.
-        self._arriving: dict[tuple[str, int], dict[str, float]] = {}
+        # (manifest id, index) -> {node: (believed until, the member it comes from)}.
+        self._arriving: dict[tuple[str, int], dict[str, tuple[float, str]]] = {}
         self.lan_failure_reasons: dict[str, int] = {}  # failed LAN fetches by reason
         self._pending: list[Command] = []
         self.membership_running = True  # the adapter's heartbeat loop is alive
@@ -390,7 +391,7 @@ class SiteCore:
         )  # fmt: skip
 
     def have_beats(self, chunks: tuple[tuple[str, int, int], ...], gone: bool,
-                   arriving: bool = False) -> list[HaveBeat]:  # fmt: skip
+                   arriving: bool = False, source: str = "") -> list[HaveBeat]:  # fmt: skip
         """An Announce's chunks as have datagrams (the adapter signs and multicasts
         them), numbered in this peer's heartbeat sequence."""
         beats = []
@@ -398,7 +399,7 @@ class SiteCore:
             self._beat_seq += 1
             beats.append(HaveBeat(
                 self.node_id, self.settings.site, self.boot, self._beat_seq,
-                int(self.wall * 1000), gone, run, arriving,
+                int(self.wall * 1000), gone, run, arriving, source,
             ))  # fmt: skip
         return beats
 
@@ -684,7 +685,7 @@ class SiteCore:
                 raise WireError("chunk count mismatch")
             if notice.arriving:
                 if index not in held.bitmap and self._note_arriving(
-                    notice.node_id, (manifest_id, index), now
+                    notice.node_id, (manifest_id, index), notice.source, now
                 ):
                     news += 1
                 continue
@@ -696,14 +697,14 @@ class SiteCore:
                 news += 1
         return news
 
-    def _note_arriving(self, node: str, key: tuple[str, int], now: float) -> bool:
+    def _note_arriving(self, node: str, key: tuple[str, int], source: str, now: float) -> bool:
         claims = self._arriving.get(key)
         if claims is None:
             if len(self._arriving) >= MAX_ARRIVING:
                 return False
             claims = self._arriving[key] = {}
         news = node not in claims
-        claims[node] = now + ARRIVING_SECONDS
+        claims[node] = (now + ARRIVING_SECONDS, source)
         return news
 
     def _end_arriving(self, node: str, key: tuple[str, int]) -> None:
@@ -713,16 +714,17 @@ class SiteCore:
             if not claims:
                 del self._arriving[key]
 
-    def arriving_sources(self, now: float) -> dict[tuple[str, int], list[str]]:
-        """Members receiving each chunk now, to relay it from as it arrives; claims past
-        their time (a lost have- or gone-notice) and of members gone are dropped."""
-        out: dict[tuple[str, int], list[str]] = {}
+    def arriving_sources(self, now: float) -> dict[tuple[str, int], list[tuple[str, str]]]:
+        """Members receiving each chunk now, to relay it from as it arrives, each with the
+        member it comes from; claims past their time (a lost have- or gone-notice) and
+        of members gone are dropped."""
+        out: dict[tuple[str, int], list[tuple[str, str]]] = {}
         for key, claims in list(self._arriving.items()):
-            for node, until in list(claims.items()):
+            for node, (until, _) in list(claims.items()):
                 if now >= until or self.membership.get(node) is None:
                     del claims[node]
             if claims:
-                out[key] = list(claims)
+                out[key] = [(node, source) for node, (_, source) in claims.items()]
             else:
                 del self._arriving[key]
         return out
@@ -1138,7 +1140,9 @@ class SiteCore:
         held = self.images.get(fetch.job.manifest_id)
         if self.datagrams and held is not None and fetch.source != ORIGIN:
             chunk = ((fetch.job.manifest_id, fetch.job.index, held.bitmap.size),)
-            self._pending.append(Announce(chunk, False, (), datagram=True, arriving=True))
+            self._pending.append(
+                Announce(chunk, False, (), datagram=True, arriving=True, source=fetch.source)
+            )
 
     def next_deadline(self, now: float) -> float:
         """When `tick` next has something to do unprompted (events prompt it too)."""

@@ -32,11 +32,13 @@ Rules, in order:
 3. Otherwise wait: someone else is fetching it.
 
 A chunk few peers hold is relayed as a tree, not a star: of the peers that want it and
-lack it, ranked by rendezvous on the chunk, only as many as there are holders fetch it
-at once, each from a different holder (`relay_fanout` per holder). Every hop doubles
-the holders, so the last chunk off the WAN reaches N peers in log2(N) chunk times
-instead of N - 1 shares of one holder's uplink. If the holders stop growing for
-`relay_wait` seconds (a chosen peer is slow or gone), every peer that lacks it may ask.
+lack it, ranked by rendezvous on the chunk, only as many fetch it at once as its
+sources have free feeds (`relay_fanout` each), the t-th taking the t-th free feed.
+A peer receiving a chunk over the LAN serves it as it arrives (cut-through): its
+"arriving" notice names the member feeding it, so every peer counts each source's
+feeds alike, and the tree grows by a notice per level instead of a chunk time. If the
+sources stop growing for `relay_wait` seconds (a chosen peer is slow or gone), every
+peer that lacks it may ask.
 
 A holder that failed to deliver a chunk (404, timeout, more bytes than the chunk) has
 lost its claim to it (`excluded`), and a chunk that failed over the LAN too often
@@ -78,7 +80,11 @@ class Limits:
     # Two, not one: while one lands and the next owner's request crosses the WAN, the
     # other keeps the link busy.
     site_wan_window: int = 2
-    relay_fanout: int = 1  # peers fetching a chunk at once per holder (0: no limit)
+    # Peers fetching a chunk at once from each holder (0: no limit). Two: relayed as it
+    # arrives, a chunk flows at the pace of the slowest uplink above it, so a source
+    # feeding many held every chain below it to a fraction of its link; one would grow
+    # the tree a peer per notice, two doubles it per notice at half the link each.
+    relay_fanout: int = 2
     relay_wait: float = 2.0
     takeover_after: float = 45.0
     # Bytes read from the origin count as progress in steps of this part of a chunk: a
@@ -235,7 +241,7 @@ class SwarmPlanner:
         excluded: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
         to_origin: frozenset[str] | set[str] = frozenset(),
         lan_failed: frozenset[str] | set[str] = frozenset(),
-        arriving: dict[tuple[str, int], list[str]] | None = None,
+        arriving: dict[tuple[str, int], list[tuple[str, str]]] | None = None,
     ) -> list[Fetch]:
         """New fetches to start now (the caller marks them in flight with `started`).
 
@@ -244,8 +250,9 @@ class SwarmPlanner:
         holder already failed to deliver: once no believable holder is left, this peer
         fetches those from the origin itself rather than wait for a WAN owner (which
         may be the very peer that lied about holding it). `arriving` names the members
-        receiving a chunk over the LAN now, by (manifest id, index): they serve it as it
-        arrives (cut-through), so they are sources too, after its holders."""
+        receiving a chunk over the LAN now, by (manifest id, index), each with the
+        member it comes from: they serve it as it arrives (cut-through), so they are
+        sources too, and each source feeds at most `relay_fanout` of them at once."""
         fetches: list[Fetch] = []
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
@@ -281,6 +288,7 @@ class SwarmPlanner:
 
         source_ids = {h.node_id for h in sources}
         receiving_of: dict[str, set[str]] = {}  # sha -> members relaying it as it arrives
+        feeding_of: dict[str, dict[str, int]] = {}  # sha -> source -> members it feeds
 
         def holders_now(job: ChunkJob) -> list[str]:
             sha, index = job.ref.sha256, job.index
@@ -292,10 +300,15 @@ class SwarmPlanner:
                 and bits[byte] & mask
                 and (sha not in excluded_shas or (node, sha) not in excluded)
             ]
+            claims = (arriving or {}).get((job.manifest_id, index), ())
             relays = receiving_of[sha] = {
-                node for node in (arriving or {}).get((job.manifest_id, index), ())
+                node for node, _ in claims
                 if node in source_ids and node not in held and (node, sha) not in excluded
             }  # fmt: skip
+            feeding = feeding_of[sha] = {}
+            for node, upstream in claims:
+                if node in source_ids:
+                    feeding[upstream] = feeding.get(upstream, 0) + 1
             return held + sorted(relays)
 
         holders_of: dict[str, list[str] | None] = {}  # None: held somewhere, not listed yet
@@ -347,15 +360,21 @@ class SwarmPlanner:
             if holders:
                 if lan >= self.limits.lan_in_flight:
                     continue
+                # Each source's free feeds, in an order every peer computes alike: the
+                # peer whose turn is t takes the t-th, so the peers starting now spread
+                # over the sources with room instead of all asking the first.
+                order = rendezvous_rank(sha, holders)
+                fanout, feeding = self.limits.relay_fanout, feeding_of.get(sha, {})
+                free = [n for n in order for _ in range(fanout - feeding.get(n, 0))]
                 turn = self.relay_turn(job, holders, sources, now, catalog_serial, excluded,
-                                       receiving_of.get(sha, set()))  # fmt: skip
+                                       receiving_of.get(sha, set()),
+                                       len(free) if fanout else None)  # fmt: skip
                 if turn is None:
                     continue
-                # Our turn decides which holder we prefer, so the peers whose turn it is
-                # spread over the holders instead of all asking the first.
-                order = rendezvous_rank(sha, holders)
+                preferred = free[turn] if turn < len(free) else order[turn % len(order)]
                 holders.sort(key=lambda n: (
                     self.load(n) + planned_load.get(n, 0),
+                    n != preferred,
                     (order.index(n) - turn) % len(order),
                 ))  # fmt: skip
                 best = holders[0]
@@ -407,12 +426,14 @@ class SwarmPlanner:
         catalog_serial: int = 0,
         excluded: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
         receiving: frozenset[str] | set[str] = frozenset(),
+        slots: int | None = None,
     ) -> int | None:  # fmt: skip
         """This peer's place among the peers that want the chunk and lack it (rendezvous
         on the chunk), when it is its turn to fetch it over the LAN; None to wait.
 
-        Its turn comes while that place is below holders x `relay_fanout`, or once the
-        holders have not grown for `relay_wait` (whoever was chosen is slow or gone).
+        Its turn comes while that place is below `slots` (holders x `relay_fanout` when
+        not given: the feeds the holders have free), or once the holders have not grown
+        for `relay_wait` (whoever was chosen is slow or gone).
         A peer on an older catalog counts as wanting, as for WAN ownership; a peer whose
         claim to the chunk we disbelieve (`excluded`) does not: it said it had it, nor
         does one `receiving` it now (it took its turn, and is counted among the holders:
@@ -442,7 +463,10 @@ class SwarmPlanner:
         # Our place is how many wanting peers outweigh us. Counting stops once it is
         # past our turn, so a peer far down the ranking looks at a few peers, not all
         # of them, for each of the thousands of chunks it waits on.
-        slots = len(holders) * fanout
+        if slots is None:
+            slots = len(holders) * fanout
+        if slots <= 0:
+            return None
         ours = rendezvous_weight(sha, self.node_id)
         turn = 0
         counted: set[str] = set()

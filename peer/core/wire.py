@@ -166,6 +166,7 @@ class HaveNotice:
     # Not stored yet: the sender is receiving them and serves them as they arrive
     # (cut-through relay, peer/adapters/arrivals.py). Only ever sent by datagram.
     arriving: bool = False
+    source: str = ""  # with arriving: the member sending them to the sender
 
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...]) -> object:

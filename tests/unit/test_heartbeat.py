@@ -237,15 +237,21 @@ def test_an_arriving_notice_is_its_own_kind_and_signed_as_such() -> None:
     signed (an "arriving" turned into a have, or back, fails the signature) and never
     comes with gone."""
     g = gate()
-    arriving = HaveBeat(SENDER_ID, SITE, "aaaaaaaaaaaaaaaa", 1, NOW_MS, False, ((M1, 3, 16),), True)
+    feeder = "f" * 16
+    arriving = HaveBeat(SENDER_ID, SITE, "aaaaaaaaaaaaaaaa", 1, NOW_MS, False, ((M1, 3, 16),),
+                        True, feeder)  # fmt: skip
     got = g.check(arriving.sign(SENDER), 100.0, NOW_MS)
-    assert isinstance(got, HaveBeat) and got.arriving and got.notice().arriving
+    assert isinstance(got, HaveBeat) and got.arriving and got.notice().source == feeder
     signed = replace(arriving, seq=2).sign(SENDER)
-    assert refused(g, signed.replace(b',"arriving":true', b"")) == "bad signature"
+    plain = signed.replace(b',"arriving":true,"from":"' + feeder.encode() + b'"', b"")
+    assert plain != signed and refused(g, plain) == "bad signature"
+    assert refused(g, signed.replace(feeder.encode(), b"e" * 16)) == "bad signature"
     assert not g.check(have(3, (M1, 3, 16)).sign(SENDER), 100.1, NOW_MS).arriving
     good = json.loads(arriving.payload())
-    for bad in ({**good, "arriving": False}, {**good, "arriving": 1},
-                {**good, "gone": True}):  # fmt: skip
+    without_source = {k: v for k, v in good.items() if k != "from"}
+    for bad in ({**good, "arriving": False}, {**good, "arriving": 1}, {**good, "gone": True},
+                without_source, {**good, "from": "F" * 16}, {**good, "from": SENDER_ID},
+                {**good, "from": 7}):  # fmt: skip
         with pytest.raises(HeartbeatRefused) as exc:
             heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + json.dumps(bad).encode())
         assert exc.value.reason == "malformed", bad

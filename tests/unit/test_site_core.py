@@ -810,8 +810,9 @@ def test_a_chunk_fetched_over_the_lan_is_announced_as_arriving_by_datagram_only(
     assert arriving.arriving and arriving.datagram and not arriving.gone
     assert arriving.endpoints == ()  # a member that hears no datagram waits for the have
     assert arriving.chunks == ((MID, fetches[0].fetch.job.index, 4),)
-    [beat] = c.have_beats(arriving.chunks, False, True)
-    assert beat.arriving and beat.notice().arriving
+    assert arriving.source == fetches[0].fetch.source == P1  # who feeds us: counted
+    [beat] = c.have_beats(arriving.chunks, False, True, arriving.source)
+    assert beat.arriving and beat.notice().arriving and beat.notice().source == P1
     # The fetch fails: a gone-notice ends the claim at every member.
     c.chunk_failed(fetches[0].fetch, "unreachable", 3.2)
     c.arrival_failed(fetches[0].fetch)
@@ -822,9 +823,9 @@ def test_a_chunk_fetched_over_the_lan_is_announced_as_arriving_by_datagram_only(
 def test_a_member_receiving_a_chunk_we_lack_is_a_source_until_it_says_otherwise() -> None:
     c = wanting_core(has_origin=False, static_peers=("10.88.0.11:8080", "10.88.0.12:8080"))
     run_round(c, 3.0, peer_hello(P1, have=(0,)), replace(peer_hello(P2), address="10.88.0.12"))
-    assert c.have_received(HaveNotice(P2, ((MID, 0, 4),), arriving=True), 3.1) == 1
-    assert c.arriving_sources(3.1) == {(MID, 0): [P2]}
-    assert c.have_received(HaveNotice(P2, ((MID, 0, 4),), arriving=True), 3.2) == 0  # known
+    assert c.have_received(HaveNotice(P2, ((MID, 0, 4),), arriving=True, source=P1), 3.1) == 1
+    assert c.arriving_sources(3.1) == {(MID, 0): [(P2, P1)]}
+    assert c.have_received(HaveNotice(P2, ((MID, 0, 4),), arriving=True, source=P1), 3.2) == 0
     # Its have ends the claim (it holds the chunk now), as does its gone-notice.
     c.have_received(HaveNotice(P2, ((MID, 0, 4),)), 3.3)
     assert c.arriving_sources(3.3) == {}
@@ -832,8 +833,8 @@ def test_a_member_receiving_a_chunk_we_lack_is_a_source_until_it_says_otherwise(
     c.gone_received(HaveNotice(P2, ((MID, 1, 4),), gone=True))
     assert c.arriving_sources(3.4) == {}
     # A claim whose end went unheard lapses on its own.
-    c.have_received(HaveNotice(P2, ((MID, 2, 4),), arriving=True), 4.0)
-    assert c.arriving_sources(4.0 + ARRIVING_SECONDS - 0.1) == {(MID, 2): [P2]}
+    c.have_received(HaveNotice(P2, ((MID, 2, 4),), arriving=True, source=P1), 4.0)
+    assert c.arriving_sources(4.0 + ARRIVING_SECONDS - 0.1) == {(MID, 2): [(P2, P1)]}
     assert c.arriving_sources(4.0 + ARRIVING_SECONDS) == {}
     # Not a member: refused, as any notice.
     with pytest.raises(WireError):

@@ -182,22 +182,24 @@ def test_a_peers_wan_share_is_its_fetches_over_the_chunks_open_site_wide() -> No
 
 
 def test_a_chunk_one_peer_holds_is_relayed_as_a_tree_not_a_star() -> None:
-    """With one holder only one of the peers lacking the chunk fetches it (the holder's
-    uplink is not split seven ways); two holders feed two peers, one each."""
+    """With one holder only `relay_fanout` (2) of the peers lacking the chunk fetch it
+    (the holder's uplink is not split seven ways); three holders feed the five left,
+    none more than two."""
     nodes = [f"n{i}" for i in range(8)]
     planned = site_plan(nodes, {"n0": [0]}, 1)
     fetchers = {node: f for node, f in planned.items() if f}
-    [(second, fetched)] = fetchers.items()
-    assert fetched == [(0, "n0")]
-    planned = site_plan(nodes, {"n0": [0], second: [0]}, 1)
-    sources = sorted(src for f in planned.values() for _, src in f)
-    assert sources == sorted(["n0", second])
+    assert sorted(f for fs in fetchers.values() for f in fs) == [(0, "n0"), (0, "n0")]
+    held = {"n0": [0], **{node: [0] for node in fetchers}}
+    planned = site_plan(nodes, held, 1)
+    sources = [src for f in planned.values() for _, src in f]
+    assert len(sources) == 5 and max(sources.count(h) for h in held) <= 2
 
 
 def test_a_peer_receiving_a_chunk_is_a_source_and_opens_the_next_turns() -> None:
-    """Cut-through: the peer relaying a chunk as it arrives counts as a holder. With n0
-    holding it and `second` receiving it from n0, two more peers (not one, as when
-    `second` must store it first) start now, and `second` no longer takes a turn."""
+    """Cut-through: a peer relaying a chunk as it arrives counts as a source, and each
+    source feeds at most two at once. With n0 holding it and `second` receiving it from
+    n0, n0 has one feed free and `second` two: three more peers start now (one, when
+    `second` had to store it first), and `second` no longer takes a turn."""
     nodes = [f"n{i}" for i in range(8)]
     second = next(n for n, f in site_plan(nodes, {"n0": [0]}, 1).items() if f)
     fetchers = {}
@@ -206,19 +208,18 @@ def test_a_peer_receiving_a_chunk_is_a_source_and_opens_the_next_turns() -> None
             continue
         live = [hello(x, [0] if x == "n0" else [], 1) for x in nodes if x != node]
         planned = SwarmPlanner(node).plan(
-            jobs(1), live, set(), True, 0.0, arriving={(MID, 0): [second]}
+            jobs(1), live, set(), True, 0.0, arriving={(MID, 0): [(second, "n0")]}
         )
         if planned:
             fetchers[node] = planned[0].source
-    assert len(fetchers) == 2
-    assert sorted(fetchers.values()) == sorted(["n0", second])
-    # A receiving peer we disbelieve (it failed us) or that holds it already is not
-    # counted twice, and a non-member's claim is no source at all.
+    assert sorted(fetchers.values()) == sorted(["n0", second, second])
+    # A receiving peer we disbelieve (it failed us) is no source, nor is a non-member;
+    # n0's feed to `second` still counts.
     me = next(n for n in nodes if n not in ("n0", second) and n not in fetchers)
     live = [hello(x, [0] if x == "n0" else [], 1) for x in nodes if x != me]
     assert SwarmPlanner(me).plan(
         jobs(1), live, set(), True, 0.0, excluded={(second, jobs(1)[0].ref.sha256)},
-        arriving={(MID, 0): [second, "stranger"]},
+        arriving={(MID, 0): [(second, "n0"), ("stranger", "n0")]},
     ) == []  # fmt: skip
 
 
@@ -232,7 +233,7 @@ def test_the_relay_gate_opens_when_the_holders_stop_growing() -> None:
         if not SwarmPlanner(node, limits).plan(
             jobs(1), [h for h in live if h.node_id != node], set(), True, 0.0)
     ]  # fmt: skip
-    assert len(waiting) == 6
+    assert len(waiting) == 5  # two of the seven fetch from n0 (relay_fanout)
     planner = SwarmPlanner(waiting[0], limits)
     others = [h for h in live if h.node_id != waiting[0]]
     assert planner.plan(jobs(1), others, set(), True, 10.0) == []
