@@ -472,7 +472,7 @@ async def _arriving_chunk(
     except ArrivalFailed as exc:
         if ctx.arrivals is not None:
             ctx.arrivals.counts["cut" if arrival.state == "failed" else "stalled"] += 1
-        log.info("relayed chunk %s cut at %d of %d bytes (%d arrived, last %.2f s ago, %s): %s",
+        log.debug("relayed chunk %s cut at %d of %d bytes (%d arrived, last %.2f s ago, %s): %s",
                  request.match_info["sha256"][:16], sent, arrival.size, arrival.received,
                  time.monotonic() - arrival.last_at, arrival.state, exc)  # fmt: skip
         if request.transport is not None:
