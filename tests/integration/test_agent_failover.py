@@ -79,6 +79,22 @@ def test_without_an_interface_to_ask_on_the_agent_keeps_its_server(lab: Lab) -> 
     assert "answers PXE now" not in result.stdout
 
 
+def _image_with_successor(lab: Lab, secret: str) -> tuple[Server, str]:
+    """Run the agent while a second peer, the one elected after the planning peer, answers
+    PXE discovery and hands out plans with its own job `secret`; (that peer, stdout)."""
+    successor = Server(lab.server.store, lab.server.library)
+    render = lab.plan_for(lab.manifest)
+    successor.plan = lambda url, method: render(url, method).replace(SECRET, secret)
+    with serving(successor):
+        bin_dir, _ = _stub_discover(lab, successor.url)
+        result = lab.run_agent(
+            env={"PXEPEER_IFACE": "eth0", "PATH": f"{bin_dir}:{lab.work / 'applets'}"}
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lab.disk.read_bytes()[: len(lab.image)] == lab.image
+    return successor, result.stdout
+
+
 def test_a_final_report_the_planning_peer_cannot_take_goes_to_the_peer_elected_after_it(
     lab: Lab,
 ) -> None:
@@ -88,24 +104,15 @@ def test_a_final_report_the_planning_peer_cannot_take_goes_to_the_peer_elected_a
     for the same signed manifest) and reports done to it with that job's secret."""
     lab.server.gone_after_plan = True
     other_secret = "0ddba11" + "0" * 25
-    successor = Server(lab.server.store, lab.server.library)
-    render = lab.plan_for(lab.manifest)
-    successor.plan = lambda url, method: render(url, method).replace(SECRET, other_secret)
-    with serving(successor):
-        bin_dir, _ = _stub_discover(lab, successor.url)
-        result = lab.run_agent(
-            env={"PXEPEER_IFACE": "eth0", "PATH": f"{bin_dir}:{lab.work / 'applets'}"}
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "PXEPEER-IMAGING: done" in result.stdout
-        assert lab.disk.read_bytes()[: len(lab.image)] == lab.image
-        assert lab.server.reports == []  # it heard none of them
-        assert successor.plan_methods == ["POST"]  # a job of its own, not a preview
-        [(body, job)] = [r for r in successor.reports if "state=done" in r[0]]
-        assert job == other_secret
-        assert f"manifest={lab.manifest.manifest_id}" in body
-        # The disk was written from the first peer only: the successor served no chunk.
-        assert not any("/v1/chunks/" in r for r in successor.requests)
+    successor, out = _image_with_successor(lab, other_secret)
+    assert "PXEPEER-IMAGING: done" in out
+    assert lab.server.reports == []  # it heard none of them
+    assert successor.plan_methods == ["POST"]  # a job of its own, not a preview
+    [(body, job)] = [r for r in successor.reports if "state=done" in r[0]]
+    assert job == other_secret
+    assert f"manifest={lab.manifest.manifest_id}" in body
+    # The disk was written from the first peer only: the successor served no chunk.
+    assert not any("/v1/chunks/" in r for r in successor.requests)
 
 
 def test_a_run_whose_planning_peer_dies_before_the_manifest_reports_to_its_successor(
@@ -118,23 +125,14 @@ def test_a_run_whose_planning_peer_dies_before_the_manifest_reports_to_its_succe
     recorded as imaged, so its next boot would image it again."""
     lab.server.silent_after_plan = True
     other_secret = "5ecc0550" + "0" * 24
-    successor = Server(lab.server.store, lab.server.library)
-    render = lab.plan_for(lab.manifest)
-    successor.plan = lambda url, method: render(url, method).replace(SECRET, other_secret)
-    with serving(successor):
-        bin_dir, _ = _stub_discover(lab, successor.url)
-        result = lab.run_agent(
-            env={"PXEPEER_IFACE": "eth0", "PATH": f"{bin_dir}:{lab.work / 'applets'}"}
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "answers PXE now" in result.stdout
-        assert lab.disk.read_bytes()[: len(lab.image)] == lab.image
-        # A job there when the first report found it, and a fresh plan when the chunks
-        # the dead peer's plan named failed: not a job per report.
-        assert successor.plan_methods == ["POST", "POST"]
-        assert successor.reports, result.stdout
-        assert {job for _, job in successor.reports} == {other_secret}
-        assert any("state=done" in body for body, _ in successor.reports)
+    successor, out = _image_with_successor(lab, other_secret)
+    assert "answers PXE now" in out
+    # A job there when the first report found it, and a fresh plan when the chunks the
+    # dead peer's plan named failed: not a job per report.
+    assert successor.plan_methods == ["POST", "POST"]
+    assert successor.reports, out
+    assert {job for _, job in successor.reports} == {other_secret}
+    assert any("state=done" in body for body, _ in successor.reports)
 
 
 def test_a_final_report_nobody_takes_does_not_hold_a_finished_machine(lab: Lab) -> None:
