@@ -23,6 +23,10 @@ import time
 from collections.abc import AsyncIterator
 
 HOLD_BACK = 64 * 1024  # bytes kept until the chunk is verified
+# How long a failed arrival answers "withdrawn": as long as a peer may believe our
+# arriving claim without hearing its end (site_core.ARRIVING_SECONDS).
+WITHDRAWN_SECONDS = 30.0
+MAX_WITHDRAWN = 1024
 
 
 class ArrivalFailed(Exception):
@@ -104,6 +108,10 @@ class Arrivals:
 
     def __init__(self) -> None:
         self._by_sha: dict[str, Arrival] = {}
+        # Chunks whose arrival failed lately, by when: a peer that heard "arriving" but
+        # not yet our gone-notice may still ask, and must hear "withdrawn", not "not
+        # found" (a strike against an honest relay).
+        self._failed: dict[str, float] = {}
         # Responses relayed while their chunk arrived: whole, and cut (our fetch failed).
         # "stalled": our fetch brought no byte for a while, and the response was cut.
         self.counts = {"relayed": 0, "cut": 0, "stalled": 0}
@@ -121,8 +129,18 @@ class Arrivals:
         """The fetch is over (the chunk stored, or not): one never verified fails, and
         the relayed responses still reading it are cut."""
         arrival.fail()
+        if arrival.state == "failed":
+            now = time.monotonic()
+            self._failed = {k: t for k, t in self._failed.items() if now - t < WITHDRAWN_SECONDS}
+            if len(self._failed) < MAX_WITHDRAWN:
+                self._failed[sha] = now
         if self._by_sha.get(sha) is arrival:
             del self._by_sha[sha]
+
+    def withdrawn(self, sha: str) -> bool:
+        """Did we say this chunk was arriving, and then fail to get it, lately?"""
+        when = self._failed.get(sha)
+        return when is not None and time.monotonic() - when < WITHDRAWN_SECONDS
 
     def __len__(self) -> int:
         return len(self._by_sha)

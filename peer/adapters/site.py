@@ -1080,6 +1080,10 @@ class Site:
             ) as resp:
                 if resp.status == 404:
                     return None, "not found"
+                if resp.status == 503:
+                    # A relay whose own fetch of it failed (its gone-notice is on the
+                    # way): like a cut relayed response, no lie.
+                    return None, "unreachable"
                 if resp.status != 200:
                     return None, "bad status"
                 on_piece = None

@@ -443,6 +443,13 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     if not ctx.store.has_chunk(sha):
         arrival = ctx.arrivals.get(sha) if ctx.arrivals is not None else None
         if arrival is None:
+            if ctx.arrivals is not None and ctx.arrivals.withdrawn(sha):
+                # We said it was arriving and then failed to get it: the asker has not
+                # heard our gone-notice yet. Not "not found", which counts as a lie.
+                raise web.HTTPServiceUnavailable(
+                    text="withdrawn: this peer failed to receive the chunk\n",
+                    headers={"X-Pxepeer-Error": "withdrawn"},
+                )
             raise web.HTTPNotFound()
         return await _arriving_chunk(request, ctx, arrival)
     # Sent as stored (sendfile): the receiver hashes every chunk before keeping it, and

@@ -161,3 +161,20 @@ def test_a_relay_whose_own_fetch_fails_cuts_the_response_before_the_last_bytes(
         assert arrivals.counts == {"relayed": 0, "cut": 1, "stalled": 0}
 
     asyncio.run(relay(tmp_path, check))
+
+
+def test_a_chunk_whose_arrival_failed_is_withdrawn_not_missing(tmp_path: Path) -> None:
+    """A peer that heard our "arriving" and not yet our gone-notice may still ask: it is
+    told "withdrawn" (503, which the site counts as an unreachable source), not "not
+    found", which strikes a holder that lied. tests/integration/test_site.py's corrupt
+    peer test caught honest relays struck this way."""
+
+    async def check(session: aiohttp.ClientSession, url: str, arrivals: Arrivals) -> None:
+        arrivals.end(SHA, arrivals.begin(SHA, len(CHUNK)))  # our fetch of it failed
+        async with session.get(url) as resp:
+            assert resp.status == 503 and resp.headers["X-Pxepeer-Error"] == "withdrawn"
+        other = "0" * 64
+        async with session.get(url.replace(SHA, other)) as resp:
+            assert resp.status == 404  # never said to be arriving here
+
+    asyncio.run(relay(tmp_path, check))
