@@ -43,7 +43,6 @@ class Arrival:
         self.state = "arriving"  # then "verified" (hashed right) or "failed"
         self._changed = asyncio.Event()
         self._version = 0  # bumped on every change: a reader checks it before it sleeps
-        self.readers = 0  # responses streaming from it now
         self.last_at = time.monotonic()  # when the last piece came
 
     def add(self, piece: bytes) -> None:
@@ -71,36 +70,32 @@ class Arrival:
         """The chunk's bytes as they come, the last HOLD_BACK only once verified.
         Raises ArrivalFailed when it fails, or when no byte comes for `timeout` s."""
         sent = index = piece_start = 0  # pieces[index] starts at piece_start
-        self.readers += 1
-        try:
-            while True:
-                seen = self._version
-                if self.state == "failed":
-                    raise ArrivalFailed("the relay's own fetch failed")
-                limit = self.size if self.state == "verified" else self.size - HOLD_BACK
-                while index < len(self.pieces):
-                    piece = self.pieces[index]
-                    lo, hi = sent - piece_start, min(len(piece), limit - piece_start)
-                    if hi > lo:
-                        yield memoryview(piece)[lo:hi]
-                        sent = piece_start + hi
-                    if sent < piece_start + len(piece):
-                        break  # the rest is held back
-                    piece_start += len(piece)
-                    index += 1
-                if sent >= self.size:
-                    return
-                if self._version != seen:
-                    # It changed while a piece was being written (the reader is
-                    # suspended at each yield): the event for that change has fired
-                    # already, and waiting on the next one would miss it.
-                    continue
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout)
-                except TimeoutError:
-                    raise ArrivalFailed(f"no byte for {timeout:.0f} s") from None
-        finally:
-            self.readers -= 1
+        while True:
+            seen = self._version
+            if self.state == "failed":
+                raise ArrivalFailed("the relay's own fetch failed")
+            limit = self.size if self.state == "verified" else self.size - HOLD_BACK
+            while index < len(self.pieces):
+                piece = self.pieces[index]
+                lo, hi = sent - piece_start, min(len(piece), limit - piece_start)
+                if hi > lo:
+                    yield memoryview(piece)[lo:hi]
+                    sent = piece_start + hi
+                if sent < piece_start + len(piece):
+                    break  # the rest is held back
+                piece_start += len(piece)
+                index += 1
+            if sent >= self.size:
+                return
+            if self._version != seen:
+                # It changed while a piece was being written (the reader is
+                # suspended at each yield): the event for that change has fired
+                # already, and waiting on the next one would miss it.
+                continue
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                raise ArrivalFailed(f"no byte for {timeout:.0f} s") from None
 
 
 class Arrivals:

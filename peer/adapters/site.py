@@ -995,13 +995,6 @@ class Site:
         try:
             began = time.monotonic()
             data, reason = await self._chunk_bytes(command, arrival)
-            body_at = time.monotonic()
-            if data is None and arrival is not None:
-                log.debug(
-                    "chunk %s from %s failed (%s) after %.2f s: %d of %d bytes, last %.2f s ago",
-                    sha[:16], fetch.source, reason, body_at - began, arrival.received,
-                    arrival.size, body_at - arrival.last_at,
-                )  # fmt: skip
             if data is None:
                 self.core.chunk_failed(fetch, reason, time.monotonic())
                 self._chunk_fetch_ended(command, began, reason)
@@ -1017,10 +1010,6 @@ class Site:
                     return
                 arrival.verified()
                 hashed = True
-                late = time.monotonic() - arrival.last_at
-                if late > 1.0:  # the relays below us wait on this: worth knowing why
-                    log.debug("chunk %s verified %.2f s after its last byte (body %.2f s)",
-                              sha[:16], late, body_at - arrival.last_at)  # fmt: skip
             try:
                 await loop.run_in_executor(
                     self._store_thread,

@@ -441,9 +441,10 @@ async def chunk(request: web.Request) -> web.StreamResponse:
     if not SHA256_HEX.match(sha):
         raise web.HTTPNotFound()
     if not ctx.store.has_chunk(sha):
-        arrival = ctx.arrivals.get(sha) if ctx.arrivals is not None else None
-        if arrival is None:
-            if ctx.arrivals is not None and ctx.arrivals.withdrawn(sha):
+        arrivals = ctx.arrivals
+        arrival = arrivals.get(sha) if arrivals is not None else None
+        if arrival is None or arrivals is None:
+            if arrivals is not None and arrivals.withdrawn(sha):
                 # We said it was arriving and then failed to get it: the asker has not
                 # heard our gone-notice yet. Not "not found", which counts as a lie.
                 raise web.HTTPServiceUnavailable(
@@ -451,7 +452,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
                     headers={"X-Pxepeer-Error": "withdrawn"},
                 )
             raise web.HTTPNotFound()
-        return await _arriving_chunk(request, ctx, arrival)
+        return await _arriving_chunk(request, ctx, arrivals, arrival)
     # Sent as stored (sendfile): the receiver hashes every chunk before keeping it, and
     # re-hashing 4 MiB here per request would halve what a peer can serve.
     with contextlib.suppress(OSError):
@@ -462,7 +463,7 @@ async def chunk(request: web.Request) -> web.StreamResponse:
 
 
 async def _arriving_chunk(
-    request: web.Request, ctx: HttpContext, arrival: Arrival
+    request: web.Request, ctx: HttpContext, arrivals: Arrivals, arrival: Arrival
 ) -> web.StreamResponse:
     """A chunk still arriving here, relayed as it comes (peer/adapters/arrivals.py): its
     last bytes only once our copy is verified. If our fetch fails the response is cut
@@ -477,8 +478,7 @@ async def _arriving_chunk(
             await _write(response, piece, ctx)
             sent += len(piece)
     except ArrivalFailed as exc:
-        if ctx.arrivals is not None:
-            ctx.arrivals.counts["cut" if arrival.state == "failed" else "stalled"] += 1
+        arrivals.counts["cut" if arrival.state == "failed" else "stalled"] += 1
         log.debug("relayed chunk %s cut at %d of %d bytes (%d arrived, last %.2f s ago, %s): %s",
                  request.match_info["sha256"][:16], sent, arrival.size, arrival.received,
                  time.monotonic() - arrival.last_at, arrival.state, exc)  # fmt: skip
@@ -486,8 +486,7 @@ async def _arriving_chunk(
             request.transport.close()  # short of Content-Length: the receiver sees a cut
         return response
     await response.write_eof()
-    if ctx.arrivals is not None:
-        ctx.arrivals.counts["relayed"] += 1
+    arrivals.counts["relayed"] += 1
     return response
 
 
