@@ -1,6 +1,6 @@
-"""Chunks this peer is receiving over the LAN, readable while they arrive: the relay
-half of cut-through (peer/core/swarm_plan.py counts a member receiving a chunk as one
-of its sources).
+"""Chunks this peer is receiving, readable while they arrive: the relay half of
+cut-through (peer/core/swarm_plan.py counts a member receiving a chunk as one of its
+sources).
 
 Store-and-forward cost the swarm a whole chunk time per doubling hop (a 4 MiB chunk at
 100 Mbit/s is 0.34 s, ~0.75 s a hop with the store, hash and notice): the last chunk
@@ -14,19 +14,43 @@ has not verified; when the relay's own fetch fails (a cut upstream, a corrupt ch
 every downstream response is cut short, which the receiver treats as an unreachable
 source (no strike: the relay did not lie) and fetches the chunk elsewhere. A verified
 chunk is served from memory until it is in the store.
+
+A chunk coming from the origin is relayed too, once it is due within `WAN_RELAY_LEAD`
+seconds at the rate it is coming: the site then spreads each chunk while the WAN still
+carries it, and the LAN's work is done beside the WAN's instead of after it (at 32
+peers on 2 cores, the LAN tail after the last WAN chunk was ~3 s of CPU-bound fan-out).
+Said any earlier, a slow WAN would hold LAN requests open for longer than their
+deadline; a relayed response is therefore also cut (unreachable, no strike) once it
+has taken `RELAY_SHARE` of the receiver's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 
 HOLD_BACK = 64 * 1024  # bytes kept until the chunk is verified
+# Bytes/s below which a LAN chunk transfer has timed out (a strike against the holder).
+CHUNK_MIN_RATE = 256 * 1024
+# A relayed response is cut once it has run this part of the receiver's deadline: an
+# honest relay behind a slowing upstream never costs its receivers a timeout (a strike).
+RELAY_SHARE = 0.75
+# A chunk from the origin is offered to the site once it is due within this many
+# seconds at the rate it comes; the rate is judged after `RATE_AFTER` seconds.
+WAN_RELAY_LEAD = 5.0
+RATE_AFTER = 0.5
 # How long a failed arrival answers "withdrawn": as long as a peer may believe our
 # arriving claim without hearing its end (site_core.ARRIVING_SECONDS).
 WITHDRAWN_SECONDS = 30.0
 MAX_WITHDRAWN = 1024
+
+
+def transfer_deadline(size: int) -> float:
+    """Seconds a receiver allows a whole LAN chunk transfer: a holder dribbling one
+    byte a second must lose the chunk, not hold it for hours."""
+    return 10.0 + size / CHUNK_MIN_RATE
 
 
 class ArrivalFailed(Exception):
@@ -41,15 +65,33 @@ class Arrival:
         self.pieces: list[bytes] = []
         self.received = 0
         self.state = "arriving"  # then "verified" (hashed right) or "failed"
+        self.announced = False  # the site was told it may ask us for it now
+        # Hashed as it comes: the last piece in, the chunk is verified at once, and each
+        # relay hop costs no wait for a whole-chunk hash.
+        self._sha256 = hashlib.sha256()
         self._changed = asyncio.Event()
         self._version = 0  # bumped on every change: a reader checks it before it sleeps
-        self.last_at = time.monotonic()  # when the last piece came
+        self.began = self.last_at = time.monotonic()  # began; the last piece came
 
     def add(self, piece: bytes) -> None:
         self.pieces.append(piece)
         self.received += len(piece)
+        self._sha256.update(piece)
         self.last_at = time.monotonic()
         self._wake()
+
+    def hexdigest(self) -> str:
+        """SHA-256 of every byte added so far."""
+        return self._sha256.hexdigest()
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until the last byte at the rate bytes have come since the fetch
+        began (its round trip included: the guess errs late); None before `RATE_AFTER`
+        s or the first byte."""
+        elapsed = now - self.began
+        if elapsed < RATE_AFTER or not self.received:
+            return None
+        return (self.size - self.received) * elapsed / self.received
 
     def verified(self) -> None:
         """Every byte is here and hashes to the chunk's SHA-256: release the tail."""
@@ -66,9 +108,12 @@ class Arrival:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
-    async def stream(self, timeout: float) -> AsyncIterator[memoryview]:
+    async def stream(
+        self, timeout: float, deadline: float | None = None
+    ) -> AsyncIterator[memoryview]:
         """The chunk's bytes as they come, the last HOLD_BACK only once verified.
-        Raises ArrivalFailed when it fails, or when no byte comes for `timeout` s."""
+        Raises ArrivalFailed when it fails, when no byte comes for `timeout` s, or
+        when it is not all sent by `deadline` (monotonic)."""
         sent = index = piece_start = 0  # pieces[index] starts at piece_start
         while True:
             seen = self._version
@@ -92,9 +137,16 @@ class Arrival:
                 # suspended at each yield): the event for that change has fired
                 # already, and waiting on the next one would miss it.
                 continue
+            wait = timeout
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise ArrivalFailed("too slow: past the receiver's deadline")
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await asyncio.wait_for(self._changed.wait(), wait)
             except TimeoutError:
+                if wait < timeout:
+                    raise ArrivalFailed("too slow: past the receiver's deadline") from None
                 raise ArrivalFailed(f"no byte for {timeout:.0f} s") from None
 
 
@@ -108,7 +160,8 @@ class Arrivals:
         # found" (a strike against an honest relay).
         self._failed: dict[str, float] = {}
         # Responses relayed while their chunk arrived: whole, and cut (our fetch failed).
-        # "stalled": our fetch brought no byte for a while, and the response was cut.
+        # "stalled": our fetch brought no byte for a while, or too slowly for the
+        # receiver's deadline, and the response was cut.
         self.counts = {"relayed": 0, "cut": 0, "stalled": 0}
 
     def begin(self, sha: str, size: int) -> Arrival:

@@ -99,9 +99,12 @@ class OriginClient:
     async def _get(
         self, path: str, max_bytes: int, headers: dict[str, str] | None = None,
         absent_ok: bool = False, read_timeout: float = 30.0,
+        on_piece: Callable[[bytes], None] | None = None,
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """GET one document of at most `max_bytes`: a broken or hostile origin (or a
-        proxy in front of it) that sends more is cut off, not buffered."""
+        proxy in front of it) that sends more is cut off, not buffered. `on_piece`
+        sees each piece of a 200's body as it comes (unverified: a relay holds back
+        the end until the whole has hashed right)."""
         url = f"{self.base_url}/{path}"
         self.stats.requests += 1
         sent = time.monotonic()
@@ -131,6 +134,8 @@ class OriginClient:
                         raise OriginError(f"{url}: more than {max_bytes} bytes")
                     parts.append(piece)
                     self.stats.bytes += len(piece)
+                    if on_piece is not None:
+                        on_piece(piece)
                     self.follow_schedule()
                     # Charged as the link carries it (headers too): see wire_bytes.
                     wait = self.bucket.delay_for(wire_bytes(len(piece)), time.monotonic())
@@ -180,5 +185,7 @@ class OriginClient:
         return (await self._get(manifest_path(manifest_id), max_bytes,
                                 read_timeout=DOC_READ_TIMEOUT))[1]  # fmt: skip
 
-    async def fetch_chunk(self, sha256: str, size: int) -> bytes:
-        return (await self._get(chunk_path(sha256), size))[1]
+    async def fetch_chunk(
+        self, sha256: str, size: int, on_piece: Callable[[bytes], None] | None = None
+    ) -> bytes:
+        return (await self._get(chunk_path(sha256), size, on_piece=on_piece))[1]

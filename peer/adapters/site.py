@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import secrets
@@ -51,7 +50,7 @@ from imaging.control import (
 )
 from imaging.manifest import MAX_MANIFEST_BYTES, ManifestError, SignedManifest
 from imaging.signing import PublicKey, SignatureError, TrustedKeys
-from peer.adapters.arrivals import Arrival, Arrivals
+from peer.adapters.arrivals import WAN_RELAY_LEAD, Arrival, Arrivals, transfer_deadline
 from peer.adapters.discovery import MdnsDiscovery
 from peer.adapters.heartbeat import GROUP, HeartbeatSocket
 from peer.adapters.origin import OriginClient, OriginError
@@ -97,7 +96,7 @@ from peer.core.wire import (
     encode_have,
     parse_hello,
 )
-from peer.store.content_store import ChunkCorrupt, ContentStore, StoreError
+from peer.store.content_store import ContentStore, StoreError
 from peer.store.node_identity import NodeIdentity
 from peer.store.quota import Quota
 from peer.store.record_store import RecordStore
@@ -112,7 +111,6 @@ MAX_CATALOG_BYTES = 1 << 20
 STORE_SCAN_SECONDS = 2.0
 HELLO_TIMEOUT = 2.0
 ROUND_TIMEOUT = 3.0  # a heartbeat round never waits longer, however many endpoints hang
-CHUNK_MIN_RATE = 256 * 1024  # bytes/s below which a LAN chunk transfer has timed out
 HEARTBEAT_TASK = "heartbeat"
 BEACON_TASK = "heartbeat-send"
 
@@ -156,10 +154,6 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
 # is woken per 256 KiB instead of per few segments, about half the CPU of a LAN chunk
 # receive here (bench/site_distribution.py; 32 peers swarming share 2 cores).
 CHUNK_LOWAT = 256 * 1024
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _set_lowat(sock: socket.socket | None, nbytes: int) -> None:
@@ -986,12 +980,10 @@ class Site:
                 return
         stored = False
         sha = fetch.job.ref.sha256
-        # Over the LAN, the chunk is relayed to the site as it arrives (the core has
-        # announced it); from the origin it is not (a WAN-paced relay would hold up LAN
-        # fetches, and the WAN owner's chunk reaches the site as soon as it lands).
-        arrival = (
-            self.arrivals.begin(sha, command.size) if fetch.source != ORIGIN else None
-        )
+        # Relayed to the site as it arrives (peer/adapters/arrivals.py), once the core
+        # has announced it: over the LAN as soon as the holder answers, from the origin
+        # once the chunk is due soon.
+        arrival = self.arrivals.begin(sha, command.size)
         try:
             began = time.monotonic()
             data, reason = await self._chunk_bytes(command, arrival)
@@ -999,26 +991,19 @@ class Site:
                 self.core.chunk_failed(fetch, reason, time.monotonic())
                 self._chunk_fetch_ended(command, began, reason)
                 return
-            hashed = False
-            if arrival is not None:
-                # Verified off the store thread (it may be fsyncing earlier chunks), and
-                # the relayed responses get their last bytes now, not after the disk.
-                digest = await loop.run_in_executor(None, _sha256_hex, data)
-                if digest != sha:
-                    self.core.chunk_failed(fetch, "corrupt", time.monotonic())
-                    self._chunk_fetch_ended(command, began, "corrupt")
-                    return
-                arrival.verified()
-                hashed = True
-            try:
-                await loop.run_in_executor(
-                    self._store_thread,
-                    functools.partial(self.store.put_chunk, data, sha, hashed=hashed),
-                )
-            except ChunkCorrupt:
+            # Verified before the store (it may be fsyncing earlier chunks): the relayed
+            # responses get their last bytes now, not after the disk. Every byte read
+            # passed through the arrival, which hashed it as it came.
+            if arrival.received != len(data) or arrival.hexdigest() != sha:
                 self.core.chunk_failed(fetch, "corrupt", time.monotonic())
                 self._chunk_fetch_ended(command, began, "corrupt")
                 return
+            arrival.verified()
+            try:
+                await loop.run_in_executor(
+                    self._store_thread,
+                    functools.partial(self.store.put_chunk, data, sha, hashed=True),
+                )
             except (StoreError, OSError) as exc:
                 log.error("cannot store chunk: %s", exc)
                 self.core.chunk_failed(fetch, "disk", time.monotonic())
@@ -1029,9 +1014,8 @@ class Site:
             self.core.chunk_stored(fetch, len(data), time.monotonic())
             self._chunk_fetch_ended(command, began, "")
         finally:
-            if arrival is not None:
-                self.arrivals.end(sha, arrival)  # unverified: relays cut their responses
-            if arrival is not None and not stored:
+            self.arrivals.end(sha, arrival)  # unverified: relays cut their responses
+            if arrival.announced and not stored:
                 self.core.arrival_failed(fetch)
             if self.quota.limit:
                 # On the store thread, like reserve: the two must not interleave.
@@ -1047,19 +1031,26 @@ class Site:
             log.exception("chunk fetch hook failed")
 
     async def _chunk_bytes(
-        self, command: FetchChunk, arrival: Arrival | None = None
+        self, command: FetchChunk, arrival: Arrival
     ) -> tuple[bytes | None, str]:
         sha, size = command.fetch.job.ref.sha256, command.size
         if command.fetch.source == ORIGIN:
             assert self.origin is not None
+
+            def on_wan_piece(piece: bytes) -> None:
+                arrival.add(piece)
+                if arrival.announced:
+                    return
+                due = arrival.due_in(time.monotonic())
+                if due is not None and due <= WAN_RELAY_LEAD:
+                    self._arriving(command, arrival)
+
             try:
-                return await self.origin.fetch_chunk(sha, size), ""
+                return await self.origin.fetch_chunk(sha, size, on_wan_piece), ""
             except OriginError as exc:
                 return None, f"origin: {exc}"
         assert self._transfers is not None and command.endpoint is not None
-        # A deadline for the whole transfer, not only between reads: a holder dribbling
-        # one byte a second must lose the chunk, not hold it for hours.
-        deadline = 10.0 + size / CHUNK_MIN_RATE
+        deadline = transfer_deadline(size)
         path = f"/v1/chunks/{sha}"
         headers, _ = self._signed("GET", path, to=command.fetch.source)
         try:
@@ -1075,18 +1066,20 @@ class Site:
                     return None, "unreachable"
                 if resp.status != 200:
                     return None, "bad status"
-                on_piece = None
-                if arrival is not None:
-                    on_piece = arrival.add
-                    self.core.chunk_arriving(command.fetch)
-                    self._wake.set()  # the driver sends the notice now
-                return await read_chunk_body(resp, size, on_piece), ""
+                self._arriving(command, arrival)
+                return await read_chunk_body(resp, size, arrival.add), ""
         except Oversize:
             return None, "oversize"
         except TimeoutError:
             return None, "timeout"
         except (aiohttp.ClientError, OSError, ValueError):
             return None, "unreachable"
+
+    def _arriving(self, command: FetchChunk, arrival: Arrival) -> None:
+        """The site may ask us for this chunk while it arrives: the core says so."""
+        arrival.announced = True
+        self.core.chunk_arriving(command.fetch)
+        self._wake.set()  # the driver sends the notice now
 
     def _reserve(self, size: int, protected: set[str]) -> tuple[bool, list[str]]:
         """On the store thread: make room for a chunk, and take the list of what that

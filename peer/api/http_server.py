@@ -18,7 +18,13 @@ from aiohttp import web
 
 from imaging.manifest import FileEntry, Manifest, ManifestError, SignedManifest
 from imaging.plan import PlanError, imager_cmdline
-from peer.adapters.arrivals import Arrival, ArrivalFailed, Arrivals
+from peer.adapters.arrivals import (
+    RELAY_SHARE,
+    Arrival,
+    ArrivalFailed,
+    Arrivals,
+    transfer_deadline,
+)
 from peer.api.byte_range import RangeNotSatisfiable, parse_range
 from peer.api.dashboard import add_dashboard_routes
 from peer.api.imaging_api import MachineFacts, machine_facts
@@ -474,7 +480,10 @@ async def _arriving_chunk(
     ctx.on_chunk_served(arrival.size)
     sent = 0
     try:
-        async for piece in arrival.stream(ARRIVAL_STALL_SECONDS):
+        # Cut before the receiver would time out on us (a strike): a relay behind a
+        # slowing upstream is an unreachable source, not a lying one.
+        deadline = time.monotonic() + RELAY_SHARE * transfer_deadline(arrival.size)
+        async for piece in arrival.stream(ARRIVAL_STALL_SECONDS, deadline):
             await _write(response, piece, ctx)
             sent += len(piece)
     except ArrivalFailed as exc:

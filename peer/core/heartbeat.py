@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from imaging import strict_json
 from imaging.signing import PublicKey, SignatureError, SigningKey
+from peer.core.swarm_plan import ORIGIN
 from peer.core.wire import HEX64, MAX_CHUNKS, MAX_RESPONDERS, NODE_ID, SITE_TEXT, HaveNotice, Hello
 
 MAGIC = b"PXHB1"
@@ -80,8 +81,8 @@ FIELDS_V1 = frozenset({"node", "site", "boot", "seq", "t", "port", "pxe", "votes
 FIELDS = FIELDS_V1 | {"every"}
 HAVE_FIELDS = frozenset({"node", "site", "boot", "seq", "t", "gone", "have"})
 # A notice that the sender is receiving chunks now, and relays them as they arrive
-# (cut-through): the same fields, "arriving": true and "from": the member sending them
-# (every peer counts how many each source feeds, and spreads the next ones).
+# (cut-through): the same fields, "arriving": true and "from": the member sending them,
+# or "origin" (every peer counts how many each source feeds, and spreads the next ones).
 ARRIVING_FIELDS = HAVE_FIELDS | {"arriving", "from"}
 
 
@@ -141,7 +142,7 @@ class HaveBeat:
     gone: bool
     chunks: tuple[tuple[str, int, int], ...]  # (manifest id, index, image's chunk count)
     arriving: bool = False  # receiving these now (never with gone): ask it for them
-    source: str = ""  # with arriving: the member they come from
+    source: str = ""  # with arriving: the member they come from, or ORIGIN
 
     def payload(self) -> bytes:
         groups: dict[tuple[str, int], list[int]] = {}
@@ -245,7 +246,8 @@ def parse_have(datagram: bytes) -> tuple[HaveBeat, bytes, bytes]:
     arriving, source = "arriving" in doc, doc.get("from", "")
     if arriving and (
         doc["arriving"] is not True or gone
-        or not (isinstance(source, str) and NODE_ID.fullmatch(source)) or source == node
+        or not (isinstance(source, str) and (NODE_ID.fullmatch(source) or source == ORIGIN))
+        or source == node
     ):  # fmt: skip
         raise HeartbeatRefused("malformed", "arriving")
     chunks = []

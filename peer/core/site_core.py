@@ -126,7 +126,7 @@ class Announce:
     endpoints: tuple[str, ...]  # to post it to, each: members that do not hear datagrams
     datagram: bool = False  # and multicast it as HaveBeat datagrams (`have_beats`)
     arriving: bool = False  # not stored yet: being received, relayed as it arrives
-    source: str = ""  # with arriving: the member sending them to us
+    source: str = ""  # with arriving: the member sending them to us, or ORIGIN
 
 
 @dataclass(frozen=True)
@@ -1130,15 +1130,16 @@ class SiteCore:
         return out
 
     def chunk_arriving(self, fetch: Fetch) -> None:
-        """A holder has begun to send us a chunk over the LAN (it answered 200): we
-        serve it to the site as it arrives, so say so, and the peers whose turn is next
-        ask us instead of waiting for the whole chunk (a store-and-forward hop per
-        doubling was most of the LAN tail). Said only once the bytes flow: a claim made
-        at plan time was wrong whenever the holder then failed us, and peers asking us
-        for it got "not found". By datagram only: a member that does not hear them
-        waits for the have."""
+        """We serve this chunk to the site as it arrives (peer/adapters/arrivals.py), so
+        say so, and the peers whose turn is next ask us instead of waiting for the whole
+        chunk (a store-and-forward hop per doubling was most of the LAN tail). The
+        adapter calls this once the bytes flow: over the LAN when the holder answered
+        (a claim made at plan time was wrong whenever the holder then failed us, and
+        peers asking us for it got "not found"), from the origin once the chunk is due
+        within seconds. By datagram only: a member that does not hear them waits for
+        the have."""
         held = self.images.get(fetch.job.manifest_id)
-        if self.datagrams and held is not None and fetch.source != ORIGIN:
+        if self.datagrams and held is not None:
             chunk = ((fetch.job.manifest_id, fetch.job.index, held.bitmap.size),)
             self._pending.append(
                 Announce(chunk, False, (), datagram=True, arriving=True, source=fetch.source)

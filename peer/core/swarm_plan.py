@@ -36,7 +36,9 @@ lack it, ranked by rendezvous on the chunk, only as many fetch it at once as its
 sources have free feeds (`relay_fanout` each), the t-th taking the t-th free feed.
 A peer receiving a chunk over the LAN serves it as it arrives (cut-through): its
 "arriving" notice names the member feeding it, so every peer counts each source's
-feeds alike, and the tree grows by a notice per level instead of a chunk time. If the
+feeds alike, and the tree grows by a notice per level instead of a chunk time. Its WAN
+owner does the same once the chunk is due within seconds, so the tree forms while the
+WAN still carries the chunk (its window and WAN share count it until it is held). If the
 sources stop growing for `relay_wait` seconds (a chosen peer is slow or gone), every
 peer that lacks it may ask.
 
@@ -250,9 +252,9 @@ class SwarmPlanner:
         holder already failed to deliver: once no believable holder is left, this peer
         fetches those from the origin itself rather than wait for a WAN owner (which
         may be the very peer that lied about holding it). `arriving` names the members
-        receiving a chunk over the LAN now, by (manifest id, index), each with the
-        member it comes from: they serve it as it arrives (cut-through), so they are
-        sources too, and each source feeds at most `relay_fanout` of them at once."""
+        receiving a chunk now, by (manifest id, index), each with the member it comes
+        from (or ORIGIN): they serve it as it arrives (cut-through), so they are sources
+        too, and each source feeds at most `relay_fanout` of them at once."""
         fetches: list[Fetch] = []
         lan = sum(1 for s in self.in_flight.values() if s != ORIGIN)
         wan = len(self.in_flight) - lan
@@ -331,7 +333,10 @@ class SwarmPlanner:
             if anywhere:
                 holders_of.setdefault(sha, None)
             else:
-                holders_of[sha] = []
+                # Held nowhere, but members may be receiving it from the origin: they
+                # relay it as it comes. It is still on the WAN, and in its window.
+                coming = arriving is not None and (job.manifest_id, index) in arriving
+                holders_of[sha] = holders_now(job) if coming else []
                 window_pos[sha] = unheld.get(job.manifest_id, 0)
                 unheld[job.manifest_id] = window_pos[sha] + 1
         window = self.limits.site_wan_window or len(missing)

@@ -9,13 +9,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from peer.adapters.arrivals import HOLD_BACK, Arrival, ArrivalFailed, Arrivals
+from peer.adapters.arrivals import (
+    HOLD_BACK,
+    RATE_AFTER,
+    Arrival,
+    ArrivalFailed,
+    Arrivals,
+    transfer_deadline,
+)
 from peer.adapters.site import read_chunk_body
 from peer.api.http_server import HttpContext, build_app
 from peer.core.boot_progress import BootProgress
@@ -83,6 +91,50 @@ def test_a_failed_arrival_or_a_stalled_one_ends_the_stream_short() -> None:
         stalled = Arrival(len(CHUNK))
         with pytest.raises(ArrivalFailed, match="no byte"):
             await drain(stalled, [], timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_an_arrival_hashes_as_it_comes_and_says_when_it_is_due() -> None:
+    """The chunk is verified the moment its last piece is in (each relay hop then
+    costs no whole-chunk hash), and a chunk from the origin is offered to the site
+    once it is due within seconds at the rate it comes."""
+    arrival = Arrival(len(CHUNK))
+    arrival.began = 100.0
+    assert arrival.due_in(100.0 + RATE_AFTER) is None  # no byte yet: no rate
+    arrival.add(CHUNK[:1000])
+    arrival.add(CHUNK[1000 : len(CHUNK) // 2])
+    assert arrival.due_in(100.0 + RATE_AFTER / 2) is None  # too soon to judge
+    assert arrival.due_in(102.0) == pytest.approx(2.0 * (len(CHUNK) - len(CHUNK) // 2)
+                                                  / (len(CHUNK) // 2))  # fmt: skip
+    arrival.add(CHUNK[len(CHUNK) // 2 :])
+    assert arrival.hexdigest() == SHA and arrival.due_in(102.0) == 0
+
+
+def test_a_relayed_stream_is_cut_at_its_deadline_while_bytes_still_trickle() -> None:
+    """Bytes that keep coming, too slowly for the receiver's deadline: the relay cuts
+    the response first (the receiver sees an unreachable source, not a timeout, which
+    would strike an honest relay behind a slowing upstream)."""
+
+    async def main() -> None:
+        arrival = Arrival(len(CHUNK))
+
+        async def trickle() -> None:
+            for i in range(100):
+                arrival.add(CHUNK[i * 100 : (i + 1) * 100])
+                await asyncio.sleep(0.02)
+
+        feeder = asyncio.create_task(trickle())
+        got: list[bytes] = []
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ArrivalFailed, match="too slow"):
+            async for piece in arrival.stream(5.0, deadline=time.monotonic() + 0.2):
+                got.append(bytes(piece))
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert got and not feeder.done()
+        feeder.cancel()
+        # A 4 MiB chunk: the receiver allows 26 s; the relay's cut comes well before.
+        assert transfer_deadline(4 << 20) == 26.0
 
     asyncio.run(main())
 
@@ -175,5 +227,27 @@ def test_a_chunk_whose_arrival_failed_is_withdrawn_not_missing(tmp_path: Path) -
         other = "0" * 64
         async with session.get(url.replace(SHA, other)) as resp:
             assert resp.status == 404  # never said to be arriving here
+
+    asyncio.run(relay(tmp_path, check))
+
+
+def test_a_relayed_response_is_cut_before_the_receiver_would_time_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk route cuts a relayed response once it has run RELAY_SHARE of the
+    receiver's deadline (scaled down here: 2 % of 10.75 s)."""
+    monkeypatch.setattr("peer.api.http_server.RELAY_SHARE", 0.02)
+
+    async def check(session: aiohttp.ClientSession, url: str, arrivals: Arrivals) -> None:
+        arrival = arrivals.begin(SHA, len(CHUNK))
+        arrival.add(CHUNK[:1000])
+        async with session.get(url) as resp:
+            assert resp.status == 200
+            for i in range(1, 40):  # a byte every 20 ms: never a stall, never done
+                arrival.add(CHUNK[i * 1000 : (i + 1) * 1000])
+                await asyncio.sleep(0.02)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.content.read()
+        assert arrivals.counts == {"relayed": 0, "cut": 0, "stalled": 1}
 
     asyncio.run(relay(tmp_path, check))

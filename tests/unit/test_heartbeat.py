@@ -14,6 +14,7 @@ from imaging.signing import SigningKey
 from peer.core import heartbeat
 from peer.core.heartbeat import HaveBeat, Heartbeat, HeartbeatGate, HeartbeatRefused, parse
 from peer.core.identity import node_id_of
+from peer.core.swarm_plan import ORIGIN
 from peer.core.wire import HaveNotice
 
 OURS = "0000000000000001"
@@ -247,10 +248,14 @@ def test_an_arriving_notice_is_its_own_kind_and_signed_as_such() -> None:
     assert plain != signed and refused(g, plain) == "bad signature"
     assert refused(g, signed.replace(feeder.encode(), b"e" * 16)) == "bad signature"
     assert not g.check(have(3, (M1, 3, 16)).sign(SENDER), 100.1, NOW_MS).arriving
+    # A chunk coming from the origin: "from" names it, not a member.
+    wan = replace(arriving, seq=4, source=ORIGIN)
+    assert g.check(wan.sign(SENDER), 100.2, NOW_MS).notice().source == ORIGIN
     good = json.loads(arriving.payload())
     without_source = {k: v for k, v in good.items() if k != "from"}
     for bad in ({**good, "arriving": False}, {**good, "arriving": 1}, {**good, "gone": True},
                 without_source, {**good, "from": "F" * 16}, {**good, "from": SENDER_ID},
+                {**good, "from": "Origin"}, {**good, "from": "nginx"},
                 {**good, "from": 7}):  # fmt: skip
         with pytest.raises(HeartbeatRefused) as exc:
             heartbeat.parse_have(heartbeat.HAVE_MAGIC + b"\0" * 64 + json.dumps(bad).encode())

@@ -820,6 +820,23 @@ def test_a_chunk_fetched_over_the_lan_is_announced_as_arriving_by_datagram_only(
     assert gone.chunks == ((MID, fetches[0].fetch.job.index, 4),) and gone.datagram
 
 
+def test_a_chunk_coming_from_the_origin_is_announced_as_arriving_from_it() -> None:
+    """The adapter says so once the chunk is due within seconds: the notice names the
+    origin as its source, and a failed WAN fetch ends the claim as a LAN one does."""
+    c = wanting_core()
+    c.datagrams = True
+    run_round(c, 3.0)
+    [fetch, *_] = [f.fetch for f in chunk_fetches(c.tick(3.1, WALL))]
+    assert fetch.source == ORIGIN
+    c.chunk_arriving(fetch)
+    [arriving] = [x for x in c.tick(3.2, WALL) if isinstance(x, Announce)]
+    assert arriving.arriving and arriving.datagram and arriving.source == ORIGIN
+    c.chunk_failed(fetch, "origin: cut", 3.3)
+    c.arrival_failed(fetch)
+    [gone] = [x for x in c.tick(3.4, WALL) if isinstance(x, Announce) and x.gone]
+    assert gone.chunks == arriving.chunks
+
+
 def test_a_member_receiving_a_chunk_we_lack_is_a_source_until_it_says_otherwise() -> None:
     c = wanting_core(has_origin=False, static_peers=("10.88.0.11:8080", "10.88.0.12:8080"))
     run_round(c, 3.0, peer_hello(P1, have=(0,)), replace(peer_hello(P2), address="10.88.0.12"))

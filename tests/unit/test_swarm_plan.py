@@ -223,6 +223,27 @@ def test_a_peer_receiving_a_chunk_is_a_source_and_opens_the_next_turns() -> None
     ) == []  # fmt: skip
 
 
+def test_a_chunk_still_coming_from_the_origin_is_relayed_by_its_wan_owner() -> None:
+    """Nobody holds chunk 0 yet; its WAN owner says it is receiving it from the origin:
+    two peers (its feeds) ask it now, the rest wait their turn, and nobody else goes to
+    the origin for it. It is still on the WAN: the window still counts it."""
+    nodes = [f"n{i}" for i in range(8)]
+    limits = Limits(wan_in_flight=100, site_wan_window=2)
+    owner = rendezvous_rank(jobs(1)[0].ref.sha256, nodes)[0]
+    fetched: dict[str, list[tuple[int, str]]] = {}
+    for node in nodes:
+        if node == owner:
+            continue
+        planner = SwarmPlanner(node, limits)
+        live = [hello(x) for x in nodes if x != node]
+        plan = planner.plan(jobs(8), live, set(), True, 0.0,
+                            arriving={(MID, 0): [(owner, ORIGIN)]})  # fmt: skip
+        fetched[node] = [(f.job.index, f.source) for f in plan if f.job.index == 0]
+        assert planner.wan_open == 2  # chunks 0 and 1: the WAN carries both
+        assert all(f.job.index == 1 for f in plan if f.source == ORIGIN)
+    assert sorted(f for fs in fetched.values() for f in fs) == [(0, owner), (0, owner)]
+
+
 def test_the_relay_gate_opens_when_the_holders_stop_growing() -> None:
     """A chosen peer that never fetches (slow, gone, lying) must not stall the chunk."""
     nodes = [f"n{i}" for i in range(8)]
