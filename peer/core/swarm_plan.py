@@ -333,9 +333,12 @@ class SwarmPlanner:
             if anywhere:
                 holders_of.setdefault(sha, None)
             else:
-                # Held nowhere, but members may be receiving it from the origin: they
-                # relay it as it comes. It is still on the WAN, and in its window.
-                coming = arriving is not None and (job.manifest_id, index) in arriving
+                # Held nowhere, but members may be receiving it from the origin (and
+                # from each other below it): they relay it as it comes. A chunk nobody
+                # says comes from the origin cannot be arriving anywhere; such claims
+                # are ignored. It is still on the WAN, and in its window.
+                claims = (arriving or {}).get((job.manifest_id, index), ())
+                coming = any(source == ORIGIN for _, source in claims)
                 holders_of[sha] = holders_now(job) if coming else []
                 window_pos[sha] = unheld.get(job.manifest_id, 0)
                 unheld[job.manifest_id] = window_pos[sha] + 1

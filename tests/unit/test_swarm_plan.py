@@ -242,6 +242,15 @@ def test_a_chunk_still_coming_from_the_origin_is_relayed_by_its_wan_owner() -> N
         assert planner.wan_open == 2  # chunks 0 and 1: the WAN carries both
         assert all(f.job.index == 1 for f in plan if f.source == ORIGIN)
     assert sorted(f for fs in fetched.values() for f in fs) == [(0, owner), (0, owner)]
+    # A claim to be receiving from a member a chunk that no member holds, and nobody
+    # gets from the origin, is false: chunk 0 stays the WAN owner's to fetch.
+    for me in nodes:
+        if me in (owner, "n7"):
+            continue
+        live = [hello(x) for x in nodes if x != me]
+        plan = SwarmPlanner(me, limits).plan(jobs(8), live, set(), True, 0.0,
+                                             arriving={(MID, 0): [(owner, "n7")]})  # fmt: skip
+        assert [f for f in plan if f.job.index == 0] == []
 
 
 def test_the_relay_gate_opens_when_the_holders_stop_growing() -> None:
