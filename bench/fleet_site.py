@@ -81,6 +81,8 @@ WAN_RTT = 0.04  # s
 HELLO_TIMEOUT = 2.0  # a poll of a departed peer fails after this
 CONNECT_TIMEOUT = 3.0  # a chunk request to a departed holder fails after this
 CHUNK_MIN_RATE = 256 * 1024  # LAN deadline: 10 s + size / this
+RELAY_SHARE = 0.75  # a relayed response is cut at this part of the LAN deadline
+WAN_RELAY_LEAD = 5.0  # a chunk from the origin is relayed once due within this many s
 
 
 def site_bound(size: int, peers: int, wan: float, lan: float, chunk: int = CHUNK) -> float:
@@ -173,6 +175,7 @@ class SiteResult:
     wall_s: float
     refused_notices: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    relay_cuts: int = 0  # relayed responses cut before their deadline (as unreachable)
 
     @property
     def chunks(self) -> int:
@@ -232,6 +235,7 @@ class _Peer:
 class _Flow:
     __slots__ = (
         "active",
+        "announced",
         "cmd",
         "dependents",
         "dst",
@@ -266,6 +270,7 @@ class _Flow:
         self.upstream: _Flow | None = None
         self.dependents: list[_Flow] = []
         self.waiting = False
+        self.announced = False  # a WAN flow the site was told it may relay from
 
 
 def _fid(f: _Flow) -> int:
@@ -273,7 +278,8 @@ def _fid(f: _Flow) -> int:
 
 
 # event kinds
-_TICK, _ROUND, _DOC, _LAN_DONE, _LAN_TIMEOUT, _WAN, _FAIL, _LEAVE, _JOIN, _BEAT = range(10)
+(_TICK, _ROUND, _DOC, _LAN_DONE, _LAN_TIMEOUT, _WAN, _FAIL, _LEAVE, _JOIN, _BEAT, _WAN_DUE,
+ _RELAY_CUT) = range(12)
 
 
 class SiteSim:
@@ -311,6 +317,7 @@ class SiteSim:
         self.first_wan: float | None = None
         self.leaves = self.joins = 0
         self.lan_timeouts = 0
+        self.relay_cuts = 0  # relayed responses cut at RELAY_SHARE of their deadline
         # WAN processor sharing: every WAN flow gets rate W/n; `virtual` is the bytes each
         # flow has received since t=0 (a flow ends when virtual reaches its own target).
         self.wan_flows: dict[_Flow, float] = {}
@@ -531,6 +538,22 @@ class SiteSim:
             target = self.wan_heap[0][0]
             rate = self.spec.wan_bps / len(self.wan_flows)
             self._push(self.now + max(0.0, target - self.virtual) / rate, _WAN, self.wan_version)
+            # As the adapter: a WAN chunk is offered to the site once it is due within
+            # WAN_RELAY_LEAD s (every flow gets the same rate: the nearest is first).
+            due = [f.wan_done_virtual for f in self.wan_flows if not f.announced]
+            if due:
+                wait = max(0.0, min(due) - self.virtual - WAN_RELAY_LEAD * rate) / rate
+                self._push(self.now + wait, _WAN_DUE, self.wan_version)
+
+    def _wan_due(self) -> None:
+        self._wan_advance()
+        lead = WAN_RELAY_LEAD * self.spec.wan_bps / len(self.wan_flows)
+        for f in self.wan_flows:
+            if not f.announced and f.wan_done_virtual - self.virtual <= lead + 1e-6:
+                f.announced = True
+                f.dst.core.chunk_arriving(f.cmd.fetch)
+                self._wake(f.dst, self.now)
+        self._wan_reschedule()
 
     def _start_fetch(self, p: _Peer, c: FetchChunk) -> None:
         now = self.now
@@ -542,6 +565,7 @@ class SiteSim:
             f.wan_done_virtual = self.virtual + c.size
             self.wan_flows[f] = self.virtual
             self.seq += 1
+            f.fid = self.seq
             heapq.heappush(self.wan_heap, (f.wan_done_virtual, self.seq, f))
             p.wan.add(f)
             self._wan_reschedule()
@@ -554,10 +578,10 @@ class SiteSim:
         upstream = None
         if held is None or c.fetch.job.index not in held.bitmap:
             sha = c.fetch.job.ref.sha256
-            upstream = next(
-                (u for u in sorted(q.down, key=_fid) if u.cmd.fetch.job.ref.sha256 == sha),
-                None,
+            relaying = sorted(q.down, key=_fid) + sorted(
+                (u for u in q.wan if u.announced), key=_fid
             )
+            upstream = next((u for u in relaying if u.cmd.fetch.job.ref.sha256 == sha), None)
             if upstream is None:  # neither held nor arriving there
                 self._push(now + LAN_RTT, _FAIL, p, (c, "not found"))
                 return
@@ -565,6 +589,8 @@ class SiteSim:
         if upstream is not None:
             f.upstream = upstream
             upstream.dependents.append(f)
+            # The relay cuts its response before the receiver would time out on it.
+            self._push(now + RELAY_SHARE * (10.0 + c.size / CHUNK_MIN_RATE), _RELAY_CUT, f)
         p.core.chunk_arriving(c.fetch)  # the holder answered: relayed as it arrives
         self._wake(p, now)
         self.seq += 1
@@ -616,7 +642,7 @@ class SiteSim:
         self._lan_update(f.src.up | f.dst.down)
 
     def _stored(self, f: _Flow) -> None:
-        if f.upstream is not None and f.upstream.active:
+        if f.upstream is not None and (f.upstream.active or f.upstream.waiting):
             f.waiting = True  # across, but its source has not verified its own copy
             return
         p = f.dst
@@ -671,10 +697,11 @@ class SiteSim:
             p.left_at = self.now
             self.leaves += 1
             self._wan_advance()
-            for f in list(p.wan):  # the origin sent these bytes for nothing
+            for f in sorted(p.wan, key=_fid):  # the origin sent these bytes for nothing
                 f.active = False
                 del self.wan_flows[f]
                 self.wasted += int(min(f.size, self.virtual - (f.wan_done_virtual - f.size)))
+                self._upstream_failed(f)
             p.wan.clear()
             self._wan_reschedule()
             for f in sorted(p.down, key=_fid):
@@ -730,6 +757,19 @@ class SiteSim:
             elif kind == _WAN:
                 if a == self.wan_version:
                     self._wan_done()
+            elif kind == _WAN_DUE:
+                if a == self.wan_version:
+                    self._wan_due()
+            elif kind == _RELAY_CUT:
+                if a.upstream is not None and (a.active or a.waiting):
+                    self.relay_cuts += 1
+                    a.upstream.dependents.remove(a)
+                    a.upstream = None
+                    if a.active:
+                        self._lan_end(a)
+                    a.active = a.waiting = False
+                    self._upstream_failed(a)
+                    self._failed(a.dst, a.cmd, "unreachable")
             elif kind == _FAIL:
                 if isinstance(b[0], FetchChunk):
                     self._failed(a, b[0], b[1])
@@ -780,6 +820,7 @@ class SiteSim:
             wall_s=time.perf_counter() - started,
             refused_notices=self.refused_notices,
             failures=dict(self.failures),
+            relay_cuts=self.relay_cuts,
         )
 
 
