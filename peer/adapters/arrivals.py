@@ -173,11 +173,13 @@ class Arrivals:
         arrival = self._by_sha.get(sha)
         return arrival if arrival is not None and arrival.state != "failed" else None
 
-    def end(self, sha: str, arrival: Arrival) -> None:
+    def end(self, sha: str, arrival: Arrival, stored: bool = True) -> None:
         """The fetch is over (the chunk stored, or not): one never verified fails, and
-        the relayed responses still reading it are cut."""
+        the relayed responses still reading it are cut. One verified and not stored
+        (a full disk) is withdrawn too: its readers finish from memory, but we said we
+        held it, and a late asker must not hear "not found" (a strike)."""
         arrival.fail()
-        if arrival.state == "failed":
+        if arrival.state == "failed" or not stored:
             now = time.monotonic()
             self._failed = {k: t for k, t in self._failed.items() if now - t < WITHDRAWN_SECONDS}
             if len(self._failed) < MAX_WITHDRAWN:

@@ -978,7 +978,7 @@ class Site:
                 self.core.quota_refused(time.monotonic())
                 self.core.chunk_failed(fetch, "quota", time.monotonic())
                 return
-        stored = False
+        verified = stored = disk_full = False
         sha = fetch.job.ref.sha256
         # Relayed to the site as it arrives (peer/adapters/arrivals.py), once the core
         # has announced it: over the LAN as soon as the holder answers, from the origin
@@ -991,14 +991,18 @@ class Site:
                 self.core.chunk_failed(fetch, reason, time.monotonic())
                 self._chunk_fetch_ended(command, began, reason)
                 return
-            # Verified before the store (it may be fsyncing earlier chunks): the relayed
-            # responses get their last bytes now, not after the disk. Every byte read
-            # passed through the arrival, which hashed it as it came.
+            # Every byte read passed through the arrival, which hashed it as it came.
             if arrival.received != len(data) or arrival.hexdigest() != sha:
                 self.core.chunk_failed(fetch, "corrupt", time.monotonic())
                 self._chunk_fetch_ended(command, began, "corrupt")
                 return
+            # Ours now, before the store has it (an fsync under load takes a second):
+            # the relayed responses get their last bytes, and the site hears we hold
+            # it; it is served from memory until it is written.
             arrival.verified()
+            verified = True
+            self.core.chunk_stored(fetch, len(data), time.monotonic(), settled=False)
+            self._wake.set()
             try:
                 await loop.run_in_executor(
                     self._store_thread,
@@ -1006,20 +1010,24 @@ class Site:
                 )
             except (StoreError, OSError) as exc:
                 log.error("cannot store chunk: %s", exc)
-                self.core.chunk_failed(fetch, "disk", time.monotonic())
+                self.core.store_failed(fetch, time.monotonic())
                 self._chunk_fetch_ended(command, began, "disk")
-                await asyncio.sleep(5)  # a full disk: do not spin
+                disk_full = True
                 return
             stored = True
-            self.core.chunk_stored(fetch, len(data), time.monotonic())
+            self.core.chunk_settled(sha)
             self._chunk_fetch_ended(command, began, "")
         finally:
-            self.arrivals.end(sha, arrival)  # unverified: relays cut their responses
-            if arrival.announced and not stored:
+            # Unverified: relays cut their responses. Not stored: late askers hear
+            # "withdrawn" until our gone-notice reaches them.
+            self.arrivals.end(sha, arrival, stored)
+            if arrival.announced and not verified:
                 self.core.arrival_failed(fetch)
             if self.quota.limit:
                 # On the store thread, like reserve: the two must not interleave.
                 self._store_thread.submit(self.quota.release, command.size, stored)
+        if disk_full:
+            await asyncio.sleep(5)  # a full disk: do not spin
 
     def _chunk_fetch_ended(self, command: FetchChunk, began: float, reason: str) -> None:
         if self.on_chunk_fetch is None:

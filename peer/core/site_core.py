@@ -174,10 +174,13 @@ class HeldImage:
     manifest: Manifest
     bitmap: ChunkBitmap
     index_of: dict[str, list[int]] = field(default_factory=dict)  # sha -> indexes
+    # Held (verified, announced, served from memory) but not yet in the store: the image
+    # is not offered as complete until they are (boot files and disks read the store).
+    unsettled: set[int] = field(default_factory=set)
 
     @property
     def complete(self) -> bool:
-        return self.bitmap.complete()
+        return self.bitmap.complete() and not self.unsettled
 
 
 @dataclass
@@ -798,7 +801,12 @@ class SiteCore:
         self._manifests_in_flight.discard(manifest_id)
         self._manifest_retry[manifest_id] = (now + HEARTBEAT_SECONDS, MANIFEST_RETRY_FIRST / 2)
 
-    def chunk_stored(self, fetch: Fetch, nbytes: int, now: float) -> None:
+    def chunk_stored(self, fetch: Fetch, nbytes: int, now: float, settled: bool = True) -> None:
+        """A fetched chunk is ours: it hashed right. `settled` False: the store is still
+        writing it (the adapter serves it from memory meanwhile): the site may count on
+        it now, so the next chunk's WAN owner starts and its relays ask us a store's
+        time sooner (a second under load at 32 peers), and `chunk_settled` or
+        `store_failed` follows."""
         sha = fetch.job.ref.sha256
         self.planner.finished(fetch, True)
         self._lan_attempts.pop(sha, None)
@@ -812,38 +820,54 @@ class SiteCore:
         else:
             self.counters.lan_bytes_in += nbytes
             self.counters.chunks_from_lan += 1
-        self.chunk_present(sha, now)
+        self.chunk_present(sha, now, settled)
 
-    def chunk_present(self, sha: str, now: float) -> None:
-        """A chunk is in the store (fetched, or put there by the CLI): set its bits
-        everywhere and tell the site."""
+    def chunk_present(self, sha: str, now: float, settled: bool = True) -> None:
+        """A chunk is in the store (fetched, or put there by the CLI), or on its way
+        there (`settled` False): set its bits everywhere and tell the site."""
         notices = []
         for manifest_id, held in self.images.items():
             for index in held.index_of.get(sha, ()):
                 held.bitmap.set(index)
+                if not settled:
+                    held.unsettled.add(index)
                 notices.append((manifest_id, index, held.bitmap.size))
         if notices:
             self._pending.append(self._announce(tuple(notices), False, now))
 
+    def chunk_settled(self, sha: str) -> None:
+        """The store has a chunk announced before it was written."""
+        for held in self.images.values():
+            for index in held.index_of.get(sha, ()):
+                held.unsettled.discard(index)
+
+    def store_failed(self, fetch: Fetch, now: float) -> None:
+        """A chunk announced before it was written could not be written (a full disk):
+        it is not ours after all. Its bits go (a gone-notice), it is wanted again, and
+        fetching pauses as after any failed store."""
+        self.chunk_settled(fetch.job.ref.sha256)
+        if now >= self._disk_paused_until:
+            log.warning("cannot store chunks (disk full?): not downloading for %.0f s",
+                        DISK_PAUSE)  # fmt: skip
+        self._disk_paused_until = now + DISK_PAUSE
+        self.chunk_lost(fetch.job.ref.sha256, now, evicted=True)
+
+
     def chunk_failed(self, fetch: Fetch, reason: str, now: float) -> None:
         """A fetch ended without a stored chunk. `reason` is one of: corrupt (the bytes
         failed their hash), not found, oversize, timeout, unreachable, bad status,
-        origin (the origin failed), disk (we could not store it), quota, cancelled."""
+        origin (the origin failed), quota, cancelled. (A chunk that could not be
+        stored was ours already: `store_failed`.)"""
         sha = fetch.job.ref.sha256
         self.planner.finished(fetch, False)
-        if reason == "disk":
-            if now >= self._disk_paused_until:
-                log.warning("cannot store chunks (disk full?): not downloading for %.0f s",
-                            DISK_PAUSE)  # fmt: skip
-            self._disk_paused_until = now + DISK_PAUSE
         if fetch.source == ORIGIN:
             if reason == "corrupt":
                 self.counters.bad_chunks_received += 1
                 log.error("origin sent a chunk that does not match %s; discarded", sha[:16])
-            elif reason not in ("disk", "quota", "cancelled"):
+            elif reason not in ("quota", "cancelled"):
                 self.origin_failed(reason, now)
             return
-        if reason in ("disk", "quota", "cancelled"):
+        if reason in ("quota", "cancelled"):
             return
         node = fetch.source
         self.counters.lan_failures += 1

@@ -152,6 +152,14 @@ def test_a_chunk_is_offered_while_it_arrives_and_once_verified_until_stored() ->
         failed = arrivals.begin(SHA, len(CHUNK))
         arrivals.end(SHA, failed)  # over, never verified
         assert failed.state == "failed" and arrivals.get(SHA) is None
+        # Verified, announced as held, and then the store could not write it: its
+        # readers finish from memory, a late asker hears "withdrawn".
+        other = "1" * 64
+        unwritten = arrivals.begin(other, len(CHUNK))
+        unwritten.verified()
+        assert not arrivals.withdrawn(other)
+        arrivals.end(other, unwritten, stored=False)
+        assert unwritten.state == "verified" and arrivals.withdrawn(other)
 
     asyncio.run(main())
 
