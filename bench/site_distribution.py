@@ -103,6 +103,24 @@ last chunk's spread fell to ~2 s (a single run without cut-through that afternoo
 Mbit/s while busy against 19.2 at N = 8). Before the tree limit, a holder fed up to six
 relays at once and each chain below it ran at that share of its uplink (2.8 s tails).
 
+Then chunks coming from the origin were relayed too, once due within 5 s; chunks hash as
+they arrive (a hop releases its last 64 KiB the moment its last piece is in), and a
+verified chunk is announced before the store writes it (served from memory meanwhile:
+the next WAN owner and the relays start a store's time sooner, 0.11 s median and up to
+0.75 s at N = 32). The LAN tail after the last WAN chunk fell from 2.9-3.2 s to 0.4-0.9
+s at N = 32. Quiet host, 2026-12-01, `--peers 8 32 --reps 3 --no-naive` on 0d94a29:
+
+    N  bound s  payload bound s  pxepeer s (runs)          ratio  payload ratio  WAN/S  CPU busy
+    8   29.5     30.6            29.8 (29.5 29.8 29.9)      1.01    0.97          1.002   0.17
+   32   30.2     31.3            31.4 (31.1 31.4 31.6)      1.04    1.00          1.009   0.68
+
+Below the payload bound at N = 8: the bound charges one chunk's WAN time (p/W, 1.7 s)
+to fill a store-and-forward pipeline, which relaying from the WAN hides. What is left
+at N = 32: 0.2-0.5 s before the first chunk request, the WAN phase at 18.0-18.6 Mbit/s
+while busy (19.9-20.6 by nginx's clock at N = 8: its end is up to ~1 MB early) as each
+window slot passes to the next chunk's owner on a host whose 32 peers share 2 cores, and
+0.4-0.9 s of tail.
+
 Where the time went before (N=8 timeline, 38.0 s): every peer fetched its owned chunks
 at once (16 transfers in flight at 1/8 of the rate each), so no chunk landed before
 23 s and the LAN had nothing to relay until then; ownership by rendezvous is uneven, so

@@ -364,6 +364,7 @@ class SiteCore:
             responders=list(self.responders),
             records_digest=self.records_digest,
             have_datagrams=self.datagrams,
+            relays=self.datagrams,
         )
 
     def heartbeat_due(self, now: float, address: str) -> bool:
@@ -1161,13 +1162,22 @@ class SiteCore:
         (a claim made at plan time was wrong whenever the holder then failed us, and
         peers asking us for it got "not found"), from the origin once the chunk is due
         within seconds. By datagram only: a member that does not hear them waits for
-        the have."""
+        the have. Not while a member that hears datagrams cannot read these (an older
+        peer: it would count each as malformed): the site relays store-and-forward
+        until it is upgraded."""
         held = self.images.get(fetch.job.manifest_id)
-        if self.datagrams and held is not None:
+        if self.datagrams and held is not None and self._all_read_relays():
             chunk = ((fetch.job.manifest_id, fetch.job.index, held.bitmap.size),)
             self._pending.append(
                 Announce(chunk, False, (), datagram=True, arriving=True, source=fetch.source)
             )
+
+    def _all_read_relays(self) -> bool:
+        for node in self.endpoint_of:
+            hello = self.membership.get(node)
+            if hello is not None and hello.have_datagrams and not hello.relays:
+                return False
+        return True
 
     def next_deadline(self, now: float) -> float:
         """When `tick` next has something to do unprompted (events prompt it too)."""

@@ -126,6 +126,10 @@ class Hello:
     # It reads have-notices from the site's link (peer/core/heartbeat.py, HaveBeat), so
     # a peer that multicasts them need not also post each one to it over HTTP.
     have_datagrams: bool = False
+    # It reads "arriving" have datagrams (cut-through, from members and from the origin):
+    # a peer from before them refuses them as malformed, so none are sent while one is
+    # in the view (SiteCore.chunk_arriving).
+    relays: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -153,6 +157,7 @@ class Hello:
             "responders": self.responders,
             "records_digest": self.records_digest,
             "have_datagrams": self.have_datagrams,
+            "relays": self.relays,
         }
 
 
@@ -268,6 +273,7 @@ def hello_from_json(obj: object) -> Hello:
         ),
         records_digest=records_digest,  # type: ignore[arg-type]
         have_datagrams=bool(_optional(obj, "have_datagrams", bool, False)),
+        relays=bool(_optional(obj, "relays", bool, False)),
     )
 
 

@@ -799,7 +799,8 @@ def test_a_member_whose_datagrams_went_missing_is_read_in_the_next_round() -> No
 def test_a_chunk_fetched_over_the_lan_is_announced_as_arriving_by_datagram_only() -> None:
     c = wanting_core(has_origin=False, static_peers=("10.88.0.11:8080",))
     c.datagrams = True
-    run_round(c, 3.0, replace(peer_hello(P1, have=(0, 1, 2, 3)), have_datagrams=True))
+    holder = replace(peer_hello(P1, have=(0, 1, 2, 3)), have_datagrams=True, relays=True)
+    run_round(c, 3.0, holder)
     fetches = chunk_fetches(c.tick(3.1, WALL))
     assert fetches
     # Said once the holder answers (a claim at plan time was wrong whenever it then
@@ -818,6 +819,11 @@ def test_a_chunk_fetched_over_the_lan_is_announced_as_arriving_by_datagram_only(
     c.arrival_failed(fetches[0].fetch)
     [gone] = [x for x in c.tick(3.3, WALL) if isinstance(x, Announce) and x.gone]
     assert gone.chunks == ((MID, fetches[0].fetch.job.index, 4),) and gone.datagram
+    # A member that hears datagrams but not these (an older peer, which would refuse
+    # each as malformed): none are sent while it is in the view.
+    run_round(c, 4.0, replace(holder, relays=False))
+    c.chunk_arriving(fetches[1].fetch)
+    assert not [x for x in c.tick(4.1, WALL) if isinstance(x, Announce) and x.arriving]
 
 
 def test_a_chunk_coming_from_the_origin_is_announced_as_arriving_from_it() -> None:

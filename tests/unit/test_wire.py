@@ -51,6 +51,15 @@ def test_a_hello_says_whether_its_peer_reads_have_datagrams_and_an_older_one_doe
         parse_hello(raw(a_hello(have_datagrams=1)))
 
 
+def test_a_hello_says_whether_its_peer_reads_arriving_notices() -> None:
+    assert parse_hello(raw(a_hello(relays=True))).relays
+    older = a_hello(have_datagrams=True)
+    older.pop("relays", None)
+    assert not parse_hello(raw(older)).relays  # from before cut-through
+    with pytest.raises(WireError):
+        parse_hello(raw(a_hello(relays="yes")))
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
