@@ -477,7 +477,6 @@ async def _arriving_chunk(
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = arrival.size
     await response.prepare(request)
-    ctx.on_chunk_served(arrival.size)
     sent = 0
     try:
         # Cut before the receiver would time out on us (a strike): a relay behind a
@@ -494,6 +493,8 @@ async def _arriving_chunk(
         if request.transport is not None:
             request.transport.close()  # short of Content-Length: the receiver sees a cut
         return response
+    finally:
+        ctx.on_chunk_served(sent)  # what went out, not the chunk's size: a cut sent less
     await response.write_eof()
     arrivals.counts["relayed"] += 1
     return response

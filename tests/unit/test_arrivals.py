@@ -164,13 +164,15 @@ def test_a_chunk_is_offered_while_it_arrives_and_once_verified_until_stored() ->
     asyncio.run(main())
 
 
-async def relay(tmp_path: Path, check) -> None:
-    """The chunk route of a peer whose `arrivals` the test drives, on loopback."""
+async def relay(tmp_path: Path, check, served: list[int] | None = None) -> None:
+    """The chunk route of a peer whose `arrivals` the test drives, on loopback; the
+    bytes it counts as served go to `served`."""
     arrivals = Arrivals()
     context = HttpContext(
         store=ContentStore(tmp_path / "store"), library=None,  # type: ignore[arg-type]
         progress=BootProgress(), boot_source=None, boot_default="local",
         menu_timeout_ms=0, status=dict, arrivals=arrivals,
+        on_chunk_served=(served if served is not None else []).append,
     )  # fmt: skip
     runner = web.AppRunner(build_app(context))
     await runner.setup()
@@ -202,7 +204,9 @@ def test_a_peer_serves_a_chunk_while_it_arrives_and_completes_it_once_verified(
         assert first + rest == CHUNK
         assert arrivals.counts == {"relayed": 1, "cut": 0, "stalled": 0}
 
-    asyncio.run(relay(tmp_path, check))
+    served: list[int] = []
+    asyncio.run(relay(tmp_path, check, served))
+    assert served == [len(CHUNK)]
 
 
 def test_a_relay_whose_own_fetch_fails_cuts_the_response_before_the_last_bytes(
@@ -219,7 +223,9 @@ def test_a_relay_whose_own_fetch_fails_cuts_the_response_before_the_last_bytes(
                 await resp.content.read()
         assert arrivals.counts == {"relayed": 0, "cut": 1, "stalled": 0}
 
-    asyncio.run(relay(tmp_path, check))
+    served: list[int] = []
+    asyncio.run(relay(tmp_path, check, served))
+    assert served == [len(CHUNK) - HOLD_BACK]  # what went out before the cut
 
 
 def test_a_chunk_whose_arrival_failed_is_withdrawn_not_missing(tmp_path: Path) -> None:
