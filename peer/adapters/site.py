@@ -1016,6 +1016,7 @@ class Site:
                 return
             stored = True
             self.core.chunk_settled(sha)
+            self._wake.set()  # a fetch held back while the store was behind may start
             self._chunk_fetch_ended(command, began, "")
         finally:
             # Unverified: relays cut their responses. Not stored: late askers hear

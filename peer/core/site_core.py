@@ -56,6 +56,10 @@ QUOTA_PAUSE = 30.0
 # After a chunk could not be stored (a full disk): no downloads for this long, so a peer
 # does not fetch chunks only to throw them away, then it tries again (room may be back).
 DISK_PAUSE = 5.0
+# Chunks verified and announced but not yet written (`chunk_stored(settled=False)`): at
+# this many no new fetch starts, so a disk slower than the LAN holds a few chunks in
+# memory, not the image.
+MAX_UNSETTLED = 8
 MAX_LAN_ATTEMPTS = 3  # failed LAN fetches of one chunk before it comes from the origin
 # Failures that prove a holder's claim false (a timeout may be congestion; these are not):
 # once every holder of a chunk has lied about it, it comes from the origin at once.
@@ -278,6 +282,7 @@ class SiteCore:
         self._probe_in_flight = False
         self._quota_paused_until = 0.0
         self._disk_paused_until = 0.0
+        self._unsettled: set[str] = set()  # chunks announced, the store still writing them
         self._lan_attempts: dict[str, int] = {}  # sha -> failed LAN fetches
         self._lied_about: set[str] = set()  # chunks a holder claimed and could not send
         self._claims_lost: dict[tuple[str, str], float] = {}  # (node, sha) -> until
@@ -827,6 +832,8 @@ class SiteCore:
         """A chunk is in the store (fetched, or put there by the CLI), or on its way
         there (`settled` False): set its bits everywhere and tell the site."""
         notices = []
+        if not settled:
+            self._unsettled.add(sha)
         for manifest_id, held in self.images.items():
             for index in held.index_of.get(sha, ()):
                 held.bitmap.set(index)
@@ -838,6 +845,7 @@ class SiteCore:
 
     def chunk_settled(self, sha: str) -> None:
         """The store has a chunk announced before it was written."""
+        self._unsettled.discard(sha)
         for held in self.images.values():
             for index in held.index_of.get(sha, ()):
                 held.unsettled.discard(index)
@@ -1096,7 +1104,11 @@ class SiteCore:
                 self._manifests_in_flight.add(manifest_id)
                 commands.append(FetchManifest(manifest_id, peers, try_origin))
 
-        if not self.quota_paused(now) and now >= self._disk_paused_until:
+        if (
+            not self.quota_paused(now)
+            and now >= self._disk_paused_until
+            and len(self._unsettled) < MAX_UNSETTLED
+        ):
             commands.extend(self._plan_fetches(now, live))
 
         if (

@@ -10,7 +10,7 @@ not offered as complete until its chunks are written."""
 
 from __future__ import annotations
 
-from peer.core.site_core import DISK_PAUSE, Announce
+from peer.core.site_core import DISK_PAUSE, MAX_UNSETTLED, Announce
 from tests.unit.test_site_core import (
     P1,
     WALL,
@@ -61,6 +61,23 @@ def test_an_image_is_complete_only_once_its_last_chunks_are_written() -> None:
     assert held.bitmap.complete() and not held.complete  # one chunk still being written
     c.chunk_settled(fetches[1].fetch.job.ref.sha256)
     assert held.complete
+
+
+def test_no_fetch_starts_while_the_store_is_behind_by_max_unsettled_chunks() -> None:
+    """A disk slower than the LAN: verified chunks wait in memory for the store, and at
+    MAX_UNSETTLED of them fetching stops until the store catches up."""
+    c = wanting_core(has_origin=False)
+    run_round(c, 3.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    fetches = chunk_fetches(c.tick(3.1, WALL))
+    for f in fetches:
+        c.chunk_stored(f.fetch, 100, 3.2, settled=False)
+    for i in range(MAX_UNSETTLED - len(fetches)):  # chunks of other images, say
+        c.chunk_present(f"{100 + i:064x}", 3.2, settled=False)
+    c.chunk_lost(fetches[0].fetch.job.ref.sha256, 3.3)  # wanted again, and held by P1
+    run_round(c, 4.0, peer_hello(P1, have=(0, 1, 2, 3)))
+    assert not chunk_fetches(c.tick(4.1, WALL))
+    c.chunk_settled(fetches[1].fetch.job.ref.sha256)
+    assert chunk_fetches(c.tick(4.2, WALL))
 
 
 def test_other_failures_do_not_pause_downloads() -> None:
