@@ -416,6 +416,27 @@ class ReadSession:
             return self._data_packet(block)
         return packets[index]
 
+    def lockstep_window(self) -> tuple[int, int, float] | None:
+        """What an outside fast path (pxe/_lockstep.c) may do in `lockstep`'s place:
+        `(last_sent, last_block, until)`, meaning an ACK of `last_sent` (low 16 bits), while
+        `last_sent < last_block` and before `until`, is answered with DATA `last_sent + 1`,
+        and so on from there. None when `lockstep` would decline every datagram. The
+        fast path reports back through `lockstep_advanced`."""
+        if self._next_ack is None:
+            return None
+        return self._last_sent, self.last_block, self._lockstep_until
+
+    def lockstep_advanced(self, last_sent: int, now: float) -> None:
+        """A fast path answered ACKs in `lockstep`'s place up to DATA `last_sent`, the last
+        one at `now`: the state moves on as that many `lockstep` calls would have moved it."""
+        if self._next_ack is None or not self._last_sent < last_sent <= self.last_block:
+            raise ValueError(f"block {last_sent} is outside the lock-step window")
+        self._acked = last_sent - 1
+        self._tries = 0
+        self._last_sent = last_sent
+        self.deadline = now + self.timeout
+        self._next_ack = _HEADER.pack(Opcode.ACK, last_sent & 0xFFFF)
+
     def tick(self, now: float) -> list[bytes]:
         """Retransmit what is unacknowledged once `deadline` has passed; give up after
         `retries` attempts."""

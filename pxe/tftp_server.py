@@ -151,6 +151,7 @@ class TftpStats:
     malformed_dropped: int = 0  # the sum of `dropped`
     errors_sent: int = 0
     worker_processes: int = 0  # ready ones; the pool starts with the first transfer
+    fast_path_workers: int = 0  # ready ones answering lock-step ACKs in C (pxe/_lockstep.c)
     dropped: dict[str, int] = field(default_factory=dict)  # datagrams dropped, by reason
 
 
@@ -232,6 +233,7 @@ class _Active:
     session: ReadSession
     close_file: Callable[[], None]
     on_progress: ProgressHook | None = None
+    file_fd: int = -1  # the file's descriptor, for the C fast path; -1 without one
     errors_sent: int = 0
     cancelled: bool = False
     cancel_reason: str = SHUTTING_DOWN
@@ -384,7 +386,8 @@ def _worker_main(control_fd: int) -> int:
     control = socket.socket(fileno=control_fd)
     epoll = select.epoll()
     epoll.register(control.fileno(), select.EPOLLIN)
-    control.send(json.dumps({"op": "ready"}).encode())
+    lockstep = _lockstep_module()
+    control.send(json.dumps({"op": "ready", "fast": lockstep is not None}).encode())
 
     def progress(key: int, acked: int) -> None:
         with contextlib.suppress(OSError):
@@ -394,18 +397,18 @@ def _worker_main(control_fd: int) -> int:
         with contextlib.suppress(OSError):
             control.send(json.dumps(asdict(report)).encode())
 
-    mux = _Multiplexer(epoll, progress, report)
-    poll, readable, control_fd = epoll.poll, mux.readable, control.fileno()
+    mux = _Multiplexer(epoll, progress, report, lockstep)
+    wait, readable, control_fd = mux.wait, mux.readable, control.fileno()
     stopping = False
 
     def pending(own: int) -> bool:
-        return any(fd != own for fd, _ in poll(0))
+        return any(fd != own for fd, _ in epoll.poll(0))
 
     while not stopping:
         single = mux.single()
         if single is not None:
             mux.run_single(single, pending)
-        for fd, _ in poll(mux.poll_timeout()):
+        for fd in wait(mux.poll_timeout()):
             if readable(fd):
                 continue
             if fd == control_fd:
@@ -416,7 +419,10 @@ def _worker_main(control_fd: int) -> int:
                 message = json.loads(data) if data else {"op": "stop"}
                 if message["op"] == "cancel" and not fds:
                     mux.cancel(message["key"], message["reason"])
+                elif message["op"] == "spin" and not fds:
+                    mux.spin = bool(message["on"])
                 elif message["op"] == "start" and len(fds) == 3:
+                    mux.spin = bool(message.get("spin"))
                     mux.start(_active_from_message(message, *fds))
                 else:
                     for extra in fds:
@@ -428,6 +434,18 @@ def _worker_main(control_fd: int) -> int:
     return 0
 
 
+def _lockstep_module() -> Any:
+    """The C fast path (pxe/_lockstep.c), or None where it was not built (no compiler at
+    install time) or PXEPEER_TFTP_PURE_PYTHON is set (to test and measure the Python loop)."""
+    if os.environ.get("PXEPEER_TFTP_PURE_PYTHON"):
+        return None
+    try:
+        from pxe import _lockstep  # optional: compiled at install (setup.py)
+    except ImportError:
+        return None
+    return _lockstep
+
+
 @dataclass(eq=False)
 class _Carried:
     """One transfer in a `_Multiplexer`, with what its loop keeps between datagrams."""
@@ -436,6 +454,10 @@ class _Carried:
     began: float
     reported: int = 0
     reported_at: float = -PROGRESS_INTERVAL
+    # The C fast path's side of a lock-step transfer (pxe._lockstep.Transfer), and how
+    # many of its steps the session has taken in (`_Multiplexer._pull`).
+    fast: Any = None
+    steps_seen: int = 0
 
 
 class _Multiplexer:
@@ -445,18 +467,33 @@ class _Multiplexer:
     shared by every transfer that became readable meanwhile. Retransmission timers are a
     sweep every `SWEEP_INTERVAL` over the transfers whose deadline passed, so they fire up
     to that late (the timeout is whole seconds); a transfer's packets never wait for it.
+
+    With the C fast path (`lockstep` is pxe._lockstep), the lock-step ACKs are answered in
+    C, in the epoll wait itself (`Pump.wait`) or in the blocking loop (`Transfer.serve`);
+    what C declines comes back here held by its Transfer. The session stays the one state:
+    whatever handles a fast transfer first takes in what C did (`_pull`) and afterwards
+    hands C the session's new window (`_push`).
     """
 
     SWEEP_INTERVAL = 0.05
     LOOK_INTERVAL = 0.005  # how often `run_single` asks whether the epoll has news
+    # With the C fast path and `spin` set, `run_single` polls its socket this long before
+    # it blocks: the wake-up of an idle CPU per block is most of a round trip with a near
+    # client (one curl on loopback: 2.5x the throughput). It stops itself for clients
+    # slower than that (pxe/_lockstep.c); the server sets `spin` only while a core is
+    # spare for it (`TftpServer._tell_spin`): with every core busy it costs throughput.
+    SPIN = 50e-6
 
     def __init__(
         self, epoll: select.epoll, on_progress: ProgressHook,
-        on_report: Callable[[_Active, _Report], None],
+        on_report: Callable[[_Active, _Report], None], lockstep: Any = None,
     ):  # fmt: skip
         self._epoll = epoll
         self._on_progress = on_progress
         self._on_report = on_report
+        self._lockstep = lockstep
+        self._pump = lockstep.Pump(epoll.fileno()) if lockstep is not None else None
+        self.spin = False  # see SPIN; the server says (start and "spin" messages)
         self._by_fd: dict[int, _Carried] = {}  # transfer socket fd -> transfer
         self._strays: dict[int, _Active] = {}  # twin socket fd -> transfer
         self._by_key: dict[int, _Carried] = {}
@@ -472,17 +509,48 @@ class _Multiplexer:
             self._sweep(now)
         return max(0.0, self._next_sweep - now)
 
+    def wait(self, timeout: float) -> list[int]:
+        """The descriptors that need this loop, waiting at most `timeout` seconds (negative:
+        for ever); with the C fast path, lock-step ACKs are answered meanwhile."""
+        if self._pump is not None:
+            return self._pump.wait(timeout)
+        return [fd for fd, _ in self._epoll.poll(timeout)]
+
     def start(self, active: _Active) -> None:
         now = time.monotonic()
         active.sock.setblocking(False)
         carried = _Carried(active, now)
+        session = active.session
+        if self._pump is not None and session.windowsize == 1 and active.file_fd >= 0:
+            carried.fast = self._lockstep.Transfer(
+                active.sock.fileno(), active.file_fd, session.blksize, session.size
+            )
         self._by_key[active.key] = carried
         self._by_fd[active.sock.fileno()] = carried
         self._strays[active.twin.fileno()] = active
         self._epoll.register(active.sock.fileno(), select.EPOLLIN)
         self._epoll.register(active.twin.fileno(), select.EPOLLIN)
-        self._send(carried, active.session.start(now))
+        self._send(carried, session.start(now))
+        if carried.fast is not None and not session.done:
+            self._push(carried)
+            self._pump.add(carried.fast)
         self._end_if_done(carried)
+
+    def _pull(self, carried: _Carried) -> None:
+        """Take what the C fast path did into the session (before anything else reads or
+        changes the session)."""
+        fast = carried.fast
+        if fast is not None and fast.steps != carried.steps_seen:
+            carried.steps_seen = fast.steps
+            carried.active.session.lockstep_advanced(fast.last_sent, fast.stepped_at)
+
+    def _push(self, carried: _Carried) -> None:
+        """Hand the C fast path the session's lock-step window (after it changed)."""
+        window = carried.active.session.lockstep_window()
+        if window is None:
+            carried.fast.disarm()
+        else:
+            carried.fast.arm(*window, carried.reported_at + PROGRESS_INTERVAL)
 
     def readable(self, fd: int) -> bool:
         """Handle `fd` if it is one of ours; False if it is not."""
@@ -494,10 +562,27 @@ class _Multiplexer:
             _answer_stray(active)
             return True
         try:
-            self._step(carried)
+            if carried.fast is not None:
+                self._step_fast(carried)
+            else:
+                self._step(carried)
         except Exception as exc:  # a bug costs this transfer, never the worker
             self._crashed(carried, exc)
         return True
+
+    def _step_fast(self, carried: _Carried) -> None:
+        """What the C fast path held for this transfer: a datagram it declined, or the
+        socket's error."""
+        self._pull(carried)
+        try:
+            data = carried.fast.take()
+        except OSError as exc:
+            self._socket_failed(carried, exc)
+            return
+        if data is not None:
+            self._handle(carried, data, time.monotonic())
+        if not carried.active.session.done:
+            self._push(carried)
 
     def single(self) -> _Carried | None:
         """The transfer, when this worker carries exactly one."""
@@ -511,6 +596,9 @@ class _Multiplexer:
         measured). Returns when `pending(fd)` (asked every `LOOK_INTERVAL`) says the epoll
         has news besides this socket (a new transfer, a cancel, a stray), after
         `SWEEP_INTERVAL` of silence (for the sweep), or when the transfer has ended."""
+        if carried.fast is not None:
+            self._run_single_fast(carried)
+            return
         active = carried.active
         sock, session = active.sock, active.session
         recv, send, lockstep, monotonic = sock.recv, sock.send, session.lockstep, time.monotonic
@@ -553,7 +641,37 @@ class _Multiplexer:
             if not session.done:
                 sock.setblocking(False)
 
+    def _run_single_fast(self, carried: _Carried) -> None:
+        """`run_single` with the loop in C (`Transfer.serve`, which asks the epoll itself)."""
+        active, fast = carried.active, carried.fast
+        sock, session = active.sock, active.session
+        lockstep = self._lockstep
+        try:
+            sock.setblocking(True)
+            _set_timer(sock, self.SWEEP_INTERVAL)
+            while True:
+                spin = self.SPIN if self.spin else 0.0
+                code = fast.serve(self._epoll.fileno(), self.LOOK_INTERVAL, spin)
+                self._pull(carried)
+                if code == lockstep.REPORT:
+                    carried.reported = session.bytes_acknowledged
+                    carried.reported_at = fast.stepped_at
+                    self._on_progress(active.key, carried.reported)
+                elif code == lockstep.HELD:
+                    self._step_fast(carried)
+                    if session.done:
+                        return
+                else:  # QUIET (time for the sweep) or LOOK (the epoll has news)
+                    return
+                self._push(carried)
+        except Exception as exc:  # a bug costs this transfer, never the worker
+            self._crashed(carried, exc)
+        finally:
+            if not session.done:
+                sock.setblocking(False)
+
     def _socket_failed(self, carried: _Carried, exc: OSError) -> None:
+        self._pull(carried)
         if isinstance(exc, ConnectionRefusedError):
             # ICMP port unreachable on the connected socket: the client has gone away.
             carried.active.session.client_gone("client port closed")
@@ -611,12 +729,23 @@ class _Multiplexer:
         self._end_if_done(carried)
 
     def _sweep(self, now: float) -> None:
-        """Retransmit for (or fail) every transfer whose deadline has passed."""
+        """Retransmit for (or fail) every transfer whose deadline has passed; report the
+        progress of those the C fast path moved on."""
         self._next_sweep = now + self.SWEEP_INTERVAL
-        for carried in [c for c in self._by_key.values() if now >= c.active.session.deadline]:
+        for carried in list(self._by_key.values()):
+            session = carried.active.session
             try:
-                self._send(carried, carried.active.session.tick(now))
-                self._end_if_done(carried)
+                if carried.fast is not None:
+                    self._pull(carried)
+                    acked = session.bytes_acknowledged
+                    if acked != carried.reported and now - carried.reported_at >= PROGRESS_INTERVAL:
+                        carried.reported, carried.reported_at = acked, now
+                        self._on_progress(carried.active.key, acked)
+                if now >= session.deadline:
+                    self._send(carried, session.tick(now))
+                    self._end_if_done(carried)
+                if carried.fast is not None and not session.done:
+                    self._push(carried)
             except Exception as exc:
                 self._crashed(carried, exc)
 
@@ -631,6 +760,7 @@ class _Multiplexer:
         carried = self._by_key.get(key)
         if carried is None:
             return
+        self._pull(carried)
         carried.active.cancel_reason = reason
         for packet in carried.active.session.cancel(reason):
             with contextlib.suppress(OSError):
@@ -654,6 +784,8 @@ class _Multiplexer:
         if not session.done:
             return
         self._by_key.pop(active.key, None)
+        if carried.fast is not None:
+            self._pump.discard(active.sock.fileno())
         for sock, table in ((active.sock, self._by_fd), (active.twin, self._strays)):
             table.pop(sock.fileno(), None)
             with contextlib.suppress(OSError, ValueError):
@@ -686,7 +818,9 @@ def _active_from_message(
         read_at, message["size"], options, message["retries"], message["max_seconds"]
     )
     client = (message["client"][0], message["client"][1])
-    return _Active(message["key"], sock, twin, client, session, lambda: os.close(file_fd))
+    return _Active(
+        message["key"], sock, twin, client, session, lambda: os.close(file_fd), file_fd=file_fd
+    )
 
 
 class _Worker:
@@ -698,6 +832,7 @@ class _Worker:
     ):  # fmt: skip
         self.keys: set[int] = set()
         self.alive = True
+        self.fast = False  # it answers lock-step ACKs in C (says its "ready")
         self._loop = loop
         self._on_report = on_report
         self._on_progress = on_progress
@@ -738,6 +873,11 @@ class _Worker:
         with contextlib.suppress(OSError):
             self.control.send(json.dumps({"op": "cancel", "key": key, "reason": reason}).encode())
 
+    def set_spin(self, on: bool) -> None:
+        """May a lone transfer spin before it blocks (`_Multiplexer.SPIN`)?"""
+        with contextlib.suppress(OSError):
+            self.control.send(json.dumps({"op": "spin", "on": on}).encode())
+
     def _readable(self) -> None:
         while self.alive:
             try:
@@ -752,6 +892,7 @@ class _Worker:
             report = json.loads(data)
             op = report.pop("op", None)
             if op == "ready":
+                self.fast = bool(report.get("fast"))
                 if not self.ready.done():
                     self.ready.set_result(True)
                     self._on_state()
@@ -897,6 +1038,8 @@ class TftpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workers: list[_Worker] = []
         self._worker_failures = 0
+        self._spin_transfers = max(1, (os.cpu_count() or 1) // 2)  # see `_tell_spin`
+        self._spin = True  # what the workers were last told
         self._started = False
         self._stopping = False
         self._last_bug_log = -_ERROR_LOG_INTERVAL
@@ -936,7 +1079,7 @@ class TftpServer:
             await asyncio.to_thread(thread.join, 5.0)
         for worker in workers:
             await worker.wait(5.0)
-        self.stats.worker_processes = 0
+        self.stats.worker_processes = self.stats.fast_path_workers = 0
         await asyncio.sleep(0)  # let the threads' last reports run
         self._started = False
 
@@ -1045,6 +1188,7 @@ class TftpServer:
         self._running[key] = _Running(opened.client, opened.filename, opened.size, opened.options)
         self.stats.transfers_started += 1
         self.stats.active = len(self._running)
+        self._tell_spin()
         self._emit(TftpEvent(opened.client, opened.filename, TftpEventKind.STARTED, 0))
         worker = self._pick_worker() if opened.file_fd is not None else None
         if worker is not None:
@@ -1054,6 +1198,7 @@ class TftpServer:
                 "blksize": opened.options.blksize, "windowsize": opened.options.windowsize,
                 "timeout": opened.options.timeout, "acknowledged": opened.options.acknowledged,
                 "retries": self.limits.retries, "max_seconds": self.limits.transfer_deadline,
+                "spin": self._spin,
             }  # fmt: skip
             try:
                 worker.submit(message, [opened.sock.fileno(), opened.twin.fileno(), opened.file_fd])
@@ -1133,11 +1278,23 @@ class TftpServer:
                 break
         return min(self._ready_workers(), key=lambda w: len(w.keys), default=None)
 
+    def _tell_spin(self) -> None:
+        """Let a lone transfer spin (`_Multiplexer.SPIN`) while this server carries at most
+        one transfer per two cores (the client may be on this host, and so may its other
+        work); beyond that a spin takes a core another transfer needs."""
+        spin = self.stats.active <= self._spin_transfers
+        if spin != self._spin:
+            self._spin = spin
+            for worker in self._ready_workers():
+                worker.set_spin(spin)
+
     def _ready_workers(self) -> list[_Worker]:
         return [w for w in self._workers if w.alive and w.ready.done() and w.ready.result()]
 
     def _count_workers(self) -> None:
-        self.stats.worker_processes = len(self._ready_workers())
+        ready = self._ready_workers()
+        self.stats.worker_processes = len(ready)
+        self.stats.fast_path_workers = sum(w.fast for w in ready)
 
     def _refuse(
         self, client: tuple[str, int], filename: str, code: ErrorCode, message: str,
@@ -1203,6 +1360,7 @@ class TftpServer:
             return
         stats = self.stats
         stats.active = len(self._running)
+        self._tell_spin()
         kind = TftpEventKind(report.outcome)
         if kind is TftpEventKind.COMPLETED:
             stats.transfers_completed += 1

@@ -34,7 +34,7 @@ Status = Callable[[], Mapping[str, object]]
 
 # Integer stats fields that are levels, not running counts.
 GAUGES = ("open", "waiting_for_headers", "clients", "open_files_limit", "active",
-          "worker_processes")  # fmt: skip
+          "worker_processes", "fast_path_workers")  # fmt: skip
 # Stats fields that are counts by reason (other mappings, e.g. limits, are settings).
 BY_REASON = ("dropped", "rejected", "refused", "closed", "evicted")
 # Stats fields whose generic name (pxepeer_<server>_<field>) broke the conventions:

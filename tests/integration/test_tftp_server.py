@@ -41,6 +41,7 @@ from pxe.tftp_server import DEFAULT_WORKERS, TftpEvent, TftpEventKind, TftpServe
 from tests.netns import Netns, can_use_netns, link, namespaces
 
 REPO = Path(__file__).resolve().parents[2]
+PURE_PYTHON = "PXEPEER_TFTP_PURE_PYTHON"  # workers without the C fast path
 LOCALHOST = "127.0.0.1"
 ROLLOVER_SIZE = 512 * 65536 + 512 * 100 + 77  # > 32 MiB: block numbers wrap at blksize 512
 
@@ -132,13 +133,26 @@ def boot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", params=["workers", "threads"])
+@pytest.fixture(scope="module", params=["workers", "python-workers", "threads"])
 def server(request: pytest.FixtureRequest, boot_dir: Path) -> Iterator[ServerThread]:
-    """Each test runs against worker processes (the default) and threads of one process."""
-    running = ServerThread(boot_dir, workers=None if request.param == "workers" else 0)
+    """Each test runs against worker processes (the default: lock-step ACKs answered in C),
+    worker processes without the C fast path (as where it could not be built), and
+    threads of one process."""
+    threads = request.param == "threads"
+    running = ServerThread(boot_dir, workers=0 if threads else None)
+    pure = request.param == "python-workers"
     try:
-        if request.param == "workers":
-            running.warm_up(DEFAULT_WORKERS)
+        if not threads:
+            # Workers start with the first transfer and read this then.
+            os.environ.pop(PURE_PYTHON, None)
+            if pure:
+                os.environ[PURE_PYTHON] = "1"
+            try:
+                running.warm_up(DEFAULT_WORKERS)
+            finally:
+                os.environ.pop(PURE_PYTHON, None)
+            fast = running.stats()["fast_path_workers"]
+            assert fast == (0 if pure else DEFAULT_WORKERS)
         yield running
     finally:
         running.stop()
@@ -439,7 +453,8 @@ def test_huge_and_silly_option_values_are_clamped_or_ignored(server: ServerThrea
 def test_status_fields_the_daemon_shows_are_present(server: ServerThread) -> None:
     stats = server.stats()
     for name in ("requests", "transfers_completed", "transfers_failed", "bytes_sent",
-                 "malformed_dropped", "errors_sent", "worker_processes"):  # fmt: skip
+                 "malformed_dropped", "errors_sent", "worker_processes",
+                 "fast_path_workers"):  # fmt: skip
         assert isinstance(stats[name], int)
     assert stats["transfers_completed"] > 0 and stats["bytes_sent"] > 0
     # Dropped datagrams by reason: short fixed labels, for labelled metrics.

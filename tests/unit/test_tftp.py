@@ -783,3 +783,50 @@ def test_lockstep_leaves_the_last_ack_and_the_transfer_deadline_to_receive() -> 
     session.receive(encode_ack(3), 9.5)
     assert session.lockstep(encode_ack(4), 9.6) is None  # the last block's ACK
     assert session.receive(encode_ack(4), 9.6) == [] and session.outcome is Outcome.COMPLETED
+
+
+def test_an_outside_fast_path_moves_the_session_as_lockstep_would() -> None:
+    # What pxe/_lockstep.c does: take the window, answer ACKs itself, report the last block
+    # sent and when. The session must end up where as many `lockstep` calls leave it.
+    data = payload(8 * 70_000 + 3)
+    options = negotiate({"blksize": "8"}, len(data))
+    stepped, advanced = session_for(data, options), session_for(data, options)
+    for session in (stepped, advanced):
+        session.start(0.0)
+        session.receive(encode_ack(0), 0.0)
+    assert advanced.lockstep_window() == (1, 70_001, float("inf"))
+    for block in range(1, 66_000):  # past the rollover
+        assert stepped.lockstep(encode_ack(block & 0xFFFF), 2.5) is not None
+    advanced.lockstep_advanced(66_000, 2.5)
+    assert advanced.lockstep_window() == stepped.lockstep_window() == (66_000, 70_001, float("inf"))
+    assert (advanced.deadline, advanced.bytes_acknowledged) == (
+        stepped.deadline, stepped.bytes_acknowledged)  # fmt: skip
+    # From here both go on identically, by either path, through the end.
+    for block in range(66_000, 70_002):
+        ack = encode_ack(block & 0xFFFF)
+        assert (advanced.lockstep(ack, 3.0) or advanced.receive(ack, 3.0)) == (
+            stepped.lockstep(ack, 3.0) or stepped.receive(ack, 3.0))  # fmt: skip
+    assert advanced.outcome is stepped.outcome is Outcome.COMPLETED
+
+
+def test_no_fast_path_window_while_lockstep_would_decline_everything() -> None:
+    data = payload(512 * 4)
+    session = session_for(data, negotiate({"tsize": "0"}, len(data)))
+    session.start(0.0)
+    assert session.lockstep_window() is None  # the OACK is outstanding
+    session.receive(encode_ack(0), 0.0)
+    assert session.lockstep_window() == (1, 5, float("inf"))
+    with pytest.raises(ValueError, match="outside the lock-step window"):
+        session.lockstep_advanced(6, 0.1)  # past the last block
+    with pytest.raises(ValueError, match="outside the lock-step window"):
+        session.lockstep_advanced(1, 0.1)  # not ahead of what was sent
+    windowed = session_for(data, negotiate({"windowsize": "2"}, len(data)))
+    windowed.start(0.0)
+    windowed.receive(encode_ack(0), 0.0)
+    assert windowed.lockstep_window() is None
+    timed = ReadSession(lambda o, n: data[o : o + n], len(data), negotiate({}, len(data)),
+                        max_seconds=10.0)  # fmt: skip
+    timed.start(0.0)
+    assert timed.lockstep_window() == (1, 5, 9.0)  # one timeout before the transfer's end
+    session.cancel("stop")
+    assert session.lockstep_window() is None
