@@ -36,6 +36,9 @@ for tool in "${!need[@]}"; do
   missing+=("${need[$tool]}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# Python's headers build the TFTP server's C fast path (without them it runs in Python).
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' ||
+  missing+=(python3-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -47,7 +50,7 @@ fi
 venv=${PXEPEER_VENV:-/var/cache/pxepeer-lab/venv}
 stamp="$venv/.pxepeer-pyproject.sha256"
 # A venv named by PXEPEER_VENV that already runs pxepeer (e.g. the test suite's) is used
-# as it is; the default one is (re)made whenever pyproject.toml changes.
+# as it is; the default one is (re)made whenever pyproject.toml or setup.py's C changes.
 usable() {
   [ -n "${PXEPEER_VENV:-}" ] && "$venv/bin/python" -c 'import peer.serve, peer.daemon' 2>/dev/null
 }
@@ -61,7 +64,8 @@ if [ ! -x "$venv/bin/python" ] || { ! sha256sum -c --status "$stamp" 2>/dev/null
     exit 1
   fi
   rm -f "$log"
-  sha256sum "$PWD/pyproject.toml" >"$stamp"
+  # setup.py builds the C fast path in place: a changed one needs a new install too.
+  sha256sum "$PWD/pyproject.toml" "$PWD/setup.py" "$PWD/pxe/_lockstep.c" >"$stamp"
 fi
 
 # The Python side removes everything it made (it handles Ctrl-C, TERM and HUP itself).

@@ -81,8 +81,35 @@ sends), 2026-12-01 01:05 on a quiet host, `--size-mib 16 --reps 3 --clients 1 4 
 |      32 |            60.3 |    84.3 |  1.40 |   1.40 |      57.2 |    49.4 |  0.86 |
 
 So for UEFI machines (EDK2 asks windowsize 4; tftpd-hpa ignores it) pxepeer is ahead at
-every count; for block-by-block clients (curl here; SeaBIOS's PXE ROM, iPXE) it is
+every count; for block-by-block clients (curl here; SeaBIOS's PXE ROM, iPXE) it was
 0.7-0.9x, the per-block cost above.
+
+2026-12-02, the lock-step step in C (pxe/_lockstep.c), a quiet host (load < 1 at the
+start), `--size-mib 16 --reps 5 --clients 1 4 16 32`, then the same with
+PXEPEER_TFTP_PURE_PYTHON=1 (the Python loop, as before) right after it:
+
+| clients | C: hpa | pxepeer | ratio | paired | Python: hpa | pxepeer | ratio | paired |
+|--------:|-------:|--------:|------:|-------:|------------:|--------:|------:|-------:|
+|       1 |   15.8 |    34.9 |  2.21 |   2.21 |        18.9 |    19.3 |  1.02 |   1.03 |
+|       4 |  127.3 |   140.4 |  1.10 |   1.09 |       140.8 |   113.4 |  0.81 |   0.84 |
+|      16 |   95.0 |   100.9 |  1.06 |   1.07 |        93.6 |    83.6 |  0.89 |   0.88 |
+|      32 |   98.2 |   110.7 |  1.13 |   1.12 |        91.4 |    81.6 |  0.89 |   0.89 |
+
+Spread of the 5 runs (C): 1 client 25.5-47.2 against 14.5-17.5; 4 clients 119.0-148.5
+against 103.3-136.0; 16 clients 99.9-115.8 against 91.3-99.0; 32 clients 105.2-115.2
+against 92.8-103.3. Server CPU per block, each server in a cgroup of its own (cpuacct),
+the same session: tftpd-hpa ~9.5-11.6 µs at 4 clients and ~12.6-13.1 at 16; pxepeer with
+C ~8.3-9.3 at both. Three things, each measured alone with this bench:
+- The step in C: 16 and 32 clients 0.85-0.89x -> 1.06-1.17x (it is the CPU).
+- A lone transfer follows its client's packets to their CPU (SO_INCOMING_CPU, checked
+  every 5 ms): with 4 clients the workers stayed wherever they were (0 migrations: a
+  task that wakes every 30 µs is always cache-hot) and each block crossed CPUs; 0.77x
+  as placed, 1.11x moved (median of 7). Doing the same for a worker with several
+  transfers changed nothing (1.09/1.15x against 1.13/1.17x), so it does not.
+- A lone transfer spins 50 µs before blocking while the server has at most one
+  transfer per two cores: one client 1.0x -> 2.2-2.8x (a blocked worker pays an idle
+  CPU's wake-up per block, ~40 of an ~85 µs round trip). Spinning with 4 clients on 2
+  cores cost throughput (0.53-0.88 s against 0.46-0.72 s per round), hence the limit.
 
 Earlier designs, same bench: one asyncio endpoint per packet was never tried (~30 µs per
 datagram measured in LIBRARY-NOTES.md); an epoll pump thread reached ~0.6-0.8x with four

@@ -249,6 +249,10 @@ static PyObject *Transfer_arm(Transfer *t, PyObject *args)
         return NULL;
     if (refuse_if_busy(t->busy))
         return NULL;
+    if (t->chunk == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Transfer not initialised");
+        return NULL;
+    }
     if (last_block != t->last_block || last_sent < 0 || last_sent > last_block) {
         PyErr_SetString(PyExc_ValueError, "window does not fit this transfer");
         return NULL;
