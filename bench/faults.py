@@ -76,6 +76,21 @@ points at the lab's WAN path rather than at pxepeer, but a standalone check (a t
 across 4 cuts of site_lab's WAN) recovered every time, so it is not shown either way:
 it did not recur in the 2 reps after it.
 
+2026-12-02 at d7e5113 (WAN cut-through, the TFTP step in C), a quiet host, the
+defaults, `sudo python -m bench.faults --reps 3 --timeout 500`: all 3 reps completed.
+
+| rep | calm s | faults s | ratio | WAN/S | kills | cuts | ENOSPC | crashes | corrupt | verify ok |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| 0 | 92.2 | 207.8 | 2.25x | 1.518 | 20 | 2 | 19 | 0 | 0 | 10/10 |
+| 1 | 86.7 | 132.8 | 1.53x | 1.147 | 13 | 1 | 22 | 0 | 0 | 10/10 |
+| 2 | 86.8 | 137.3 | 1.58x | 1.139 | 13 | 1 | 24 | 0 | 0 | 10/10 |
+
+Median 1.58x. Rep 0 ran past the second cut (150-180 s), and its 20 kills cut 29.4 MiB
+of chunk GETs short (a killed WAN fetcher's chunk starts again from its first byte, and
+the peers relaying it lose it too); 5 chunks went out whole twice, and the full-disk peer
+fetched 38.8 MiB from the origin once it had room. Reps 1 and 2: 5.8 and 13.1 MiB cut
+short, 2 and 0 chunks twice, 14.0 and 43.0 MiB for the full-disk peer.
+
 Before 48329b8 (a full-disk peer kept fetching chunks only to throw them away), one run
 in a working tree that also held another engineer's unfinished swarm_plan changes:
 146.0 s against 86.9 s, WAN/S 1.216, 89 ENOSPC lines (about two 4 MiB LAN chunks a
