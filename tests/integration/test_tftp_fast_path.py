@@ -70,6 +70,17 @@ class Pair:
         else:
             self.fast.arm(*window, float("inf"))
 
+    def started_in_pump(self, epoll: select.epoll) -> _lockstep.Pump:
+        """The transfer started without options (DATA 1 at once, received here) and
+        handed to a Pump on `epoll`, as a worker with several transfers holds it."""
+        self.send_start()
+        assert self.client.recv(600)[:4] == b"\x00\x03\x00\x01"
+        self.push()
+        pump = _lockstep.Pump(epoll.fileno())
+        epoll.register(self.server.fileno(), select.EPOLLIN)
+        pump.add(self.fast)
+        return pump
+
     def close(self) -> None:
         self.client.close()
         self.server.close()
@@ -140,12 +151,7 @@ def test_everything_but_the_awaited_ack_is_held_for_python_unchanged(
     make_pair, epoll: select.epoll
 ) -> None:
     pair = make_pair(bytes(512 * 10), {})
-    pair.send_start()  # no options: DATA 1 at once
-    assert pair.client.recv(600)[:4] == b"\x00\x03\x00\x01"
-    pump = _lockstep.Pump(epoll.fileno())
-    epoll.register(pair.server.fileno(), select.EPOLLIN)
-    pair.push()
-    pump.add(pair.fast)
+    pump = pair.started_in_pump(epoll)
     declined = [
         encode_ack(0),  # a stale ACK
         encode_ack(2),  # one from the future
@@ -179,12 +185,7 @@ def test_the_last_timeout_before_the_transfers_deadline_is_left_to_python(
     make_pair, epoll: select.epoll
 ) -> None:
     pair = make_pair(bytes(512 * 10), {}, max_seconds=0.0)  # its deadline is already past
-    pair.send_start()
-    pair.client.recv(600)
-    pair.push()
-    pump = _lockstep.Pump(epoll.fileno())
-    epoll.register(pair.server.fileno(), select.EPOLLIN)
-    pump.add(pair.fast)
+    pump = pair.started_in_pump(epoll)
     pair.client.send(encode_ack(1))
     assert pump.wait(1.0) == [pair.server.fileno()]
     assert pair.fast.take() == encode_ack(1) and pair.fast.steps == 0
@@ -194,12 +195,7 @@ def test_a_closed_client_port_comes_back_as_connection_refused(
     make_pair, epoll: select.epoll
 ) -> None:
     pair = make_pair(bytes(512 * 10), {})
-    pair.send_start()
-    pair.client.recv(600)
-    pair.push()
-    pump = _lockstep.Pump(epoll.fileno())
-    epoll.register(pair.server.fileno(), select.EPOLLIN)
-    pump.add(pair.fast)
+    pump = pair.started_in_pump(epoll)
     pair.client.send(encode_ack(1))
     pair.client.close()  # DATA 2 meets a closed port: ICMP port unreachable
     ready = pump.wait(1.0) or pump.wait(1.0)
@@ -215,13 +211,8 @@ def test_a_file_that_shrank_since_it_was_opened_is_left_to_python(
     make_pair, epoll: select.epoll, tmp_path: Path
 ) -> None:
     pair = make_pair(bytes(512 * 1000), {})
-    pair.send_start()
-    pair.client.recv(600)
-    pair.push()
-    os.truncate(tmp_path / "file0", 512 * 100)
-    pump = _lockstep.Pump(epoll.fileno())
-    epoll.register(pair.server.fileno(), select.EPOLLIN)
-    pump.add(pair.fast)
+    pump = pair.started_in_pump(epoll)
+    os.truncate(tmp_path / "file0", 512 * 100)  # C reads ahead only at the next ACK
     pair.client.send(encode_ack(1))
     assert pump.wait(1.0) == [pair.server.fileno()]
     assert pair.fast.take() == encode_ack(1) and pair.fast.steps == 0
