@@ -236,10 +236,16 @@ def start_fleet(tmp_path: Path, procs: list[subprocess.Popen]) -> Fleet:
     headers = {"Authorization": f"Bearer {token}"}
     wan = {"source": "wan"}
     fetches = {"source": "wan", "result": "stored"}
+    # A chunk counts as verified before the store has written it (it is announced and
+    # served from memory meanwhile) and its fetch is timed once it is stored: wait for both.
     wait(
         "every peer holds the image",
-        lambda: all(peer_sample(p, "pxepeer_chunks_verified_total", headers, **wan) == 2
-                    for p in ports),
+        lambda: all(
+            peer_sample(p, "pxepeer_chunks_verified_total", headers, **wan) == 2
+            and peer_sample(p, "pxepeer_chunk_fetch_duration_seconds_count", headers, **fetches)
+            == 2
+            for p in ports
+        ),
         20, logs,
     )  # fmt: skip
     fleet = Fleet(tmp_path, ports, prom_port, logs, token)
